@@ -1,0 +1,213 @@
+"""Benchmark `bncompile fold` on a ResNet-50-sized model (about 25.5M parameters, 53 BatchNormalization).
+
+Prints: fold time without the check (load + passes, then serialization and save separately), peak
+memory (process RSS growth in a fresh subprocess, and Python allocations from tracemalloc) against
+the model's size, and onnxruntime latency of the folded model against the same network built without
+BN (conv with bias), measured interleaved. Weights are random and seeded.
+
+    python benchmarks/bench_fold.py [--runs 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def resnet50(*, with_bn: bool, seed: int = 0) -> onnx.ModelProto:
+    """ResNet-50 v1 (bottleneck, stride in the 3x3). With BN: conv without bias + BN; without: the
+    same weights with each BN folded by plain NumPy into a conv with bias (what an exporter writes)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    count = [0]
+
+    def name(base):
+        count[0] += 1
+        return f"{base}{count[0]}"
+
+    def conv(x, c_in, c_out, k, stride=1, relu=True):
+        n = name("conv")
+        w = (rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2.0 / (c_in * k * k))).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, n + "_w"))
+        ins = [x, n + "_w"]
+        bn_params = (rng.uniform(0.5, 1.5, c_out) * rng.choice([-1, 1], c_out) * 0.5,
+                     rng.standard_normal(c_out) * 0.1, rng.standard_normal(c_out) * 0.1,
+                     rng.uniform(0.5, 2.0, c_out))
+        if not with_bn:  # the same layer with BN folded by plain NumPy, as an exporter would
+            gamma, beta, mean, var = bn_params
+            k_ = gamma / np.sqrt(var + 1e-5)
+            w = (w * k_[:, None, None, None]).astype(np.float32)
+            inits[-1] = numpy_helper.from_array(w, n + "_w")
+            inits.append(numpy_helper.from_array((beta - mean * k_).astype(np.float32), n + "_b"))
+            ins.append(n + "_b")
+        pad = k // 2
+        nodes.append(helper.make_node("Conv", ins, [n], name=n, strides=[stride, stride],
+                                      pads=[pad] * 4, kernel_shape=[k, k]))
+        y = n
+        if with_bn:
+            b = name("bn")
+            pn = [f"{b}_{p}" for p in ("scale", "B", "mean", "var")]
+            for p, arr in zip(pn, bn_params):
+                inits.append(numpy_helper.from_array(arr.astype(np.float32), p))
+            nodes.append(helper.make_node("BatchNormalization", [y, *pn], [b], name=b, epsilon=1e-5))
+            y = b
+        if relu:
+            r = name("relu")
+            nodes.append(helper.make_node("Relu", [y], [r], name=r))
+            y = r
+        return y
+
+    x = "input"
+    y = conv(x, 3, 64, 7, 2)
+    p = name("pool")
+    nodes.append(helper.make_node("MaxPool", [y], [p], name=p, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    y, c_in = p, 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            s = stride if i == 0 else 1
+            h = conv(y, c_in, width, 1)
+            h = conv(h, width, width, 3, s)
+            h = conv(h, width, width * 4, 1, relu=False)
+            sc = conv(y, c_in, width * 4, 1, s, relu=False) if i == 0 else y
+            a = name("add")
+            nodes.append(helper.make_node("Add", [h, sc], [a], name=a))
+            r = name("relu")
+            nodes.append(helper.make_node("Relu", [a], [r], name=r))
+            y, c_in = r, width * 4
+    gp = name("gap")
+    nodes.append(helper.make_node("GlobalAveragePool", [y], [gp], name=gp))
+    fl = name("flatten")
+    nodes.append(helper.make_node("Flatten", [gp], [fl], name=fl))
+    inits.append(numpy_helper.from_array(rng.standard_normal((1000, 2048), dtype=np.float32) * 0.02, "fc_w"))
+    inits.append(numpy_helper.from_array(np.zeros(1000, np.float32) + 0.01, "fc_b"))
+    nodes.append(helper.make_node("Gemm", [fl, "fc_w", "fc_b"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "resnet50", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 3, 224, 224])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], producer_name="bench_fold")
+    model.ir_version = 8
+    return model
+
+
+_CHILD = r"""
+import json, resource, sys, time, tracemalloc, psutil, os
+from bncompile.fold import fold
+import bncompile.passes.fold_batchnorm, bncompile.passes.fold_constants, onnx_ir
+fold(sys.argv[2], check=False)                      # warm up imports and code paths
+proc = psutil.Process()
+rss0 = proc.memory_info().rss
+peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+mode = sys.argv[3]
+if mode == "trace":
+    tracemalloc.start()
+t = time.perf_counter()
+r = fold(sys.argv[1], check=False)
+t_fold = time.perf_counter() - t
+t = time.perf_counter()
+proto = r.model if mode != "save" else None
+t_proto = time.perf_counter() - t
+t = time.perf_counter()
+if mode == "save":
+    r.save(sys.argv[4])
+t_save = time.perf_counter() - t
+out = {"fold_s": t_fold, "to_proto_s": t_proto, "save_s": t_save, "folded": len(r.report.folded),
+       "left": len(r.report.left)}
+if mode == "trace":
+    out["tracemalloc_peak"] = tracemalloc.get_traced_memory()[1]
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["rss_peak_delta"] = peak - rss0
+    out["rss_note"] = "" if peak > peak_before else "peak not above the import-time peak"
+print(json.dumps(out))
+"""
+
+
+def child(args):
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"benchmark child failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def latency(a_path, b_path, runs, threads):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    # no spin-waiting: an idle session's spinning threads would steal the 2 cores from the other
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sa = ort.InferenceSession(a_path, so, providers=["CPUExecutionProvider"])
+    sb = ort.InferenceSession(b_path, so, providers=["CPUExecutionProvider"])
+    x = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    for _ in range(3):
+        sa.run(None, x)
+        sb.run(None, x)
+    ta, tb = [], []
+    for i in range(runs):
+        pair = [(sa, ta), (sb, tb)] if i % 2 == 0 else [(sb, tb), (sa, ta)]
+        for s, acc in pair:
+            t = time.perf_counter()
+            s.run(None, x)
+            acc.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as d:
+        bn_path, nobn_path = os.path.join(d, "r50_bn.onnx"), os.path.join(d, "r50_nobn.onnx")
+        tiny_path = os.path.join(d, "tiny.onnx")
+        m = resnet50(with_bn=True)
+        n_params = sum(int(np.prod(t.dims)) for t in m.graph.initializer)
+        n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+        onnx.save(m, bn_path)
+        onnx.save(resnet50(with_bn=False), nobn_path)
+        tiny = helper.make_model(helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])], "tiny",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])],
+            [numpy_helper.from_array(np.full((2, 2, 1, 1), 0.3, np.float32), "w")]
+            + [numpy_helper.from_array(np.array([0.5, 1.5], np.float32), n) for n in "sbmv"]),
+            opset_imports=[helper.make_opsetid("", 15)])
+        tiny.ir_version = 8
+        onnx.save(tiny, tiny_path)
+        size = os.path.getsize(bn_path)
+        print(f"model: ResNet-50-sized, {n_params / 1e6:.1f}M parameters, {n_bn} BatchNormalization, "
+              f"{size / 2**20:.1f} MiB on disk")
+
+        mem = child([bn_path, tiny_path, "rss"])
+        trace = child([bn_path, tiny_path, "trace"])
+        saved = child([bn_path, tiny_path, "save", os.path.join(d, "r50_folded.onnx")])
+        print(f"fold (load + passes, no check): {mem['fold_s']:.3f} s; folded {mem['folded']}, left {mem['left']}")
+        print(f"  + to onnx.ModelProto: {mem['to_proto_s']:.3f} s;  or + save to file: {saved['save_s']:.3f} s")
+        if mem.get("rss_peak_delta") is not None:
+            print(f"peak memory (RSS growth, fold + to_proto): {mem['rss_peak_delta'] / 2**20:.1f} MiB = "
+                  f"{mem['rss_peak_delta'] / size:.2f}x model size")
+        if saved.get("rss_peak_delta") is not None:
+            print(f"peak memory (RSS growth, fold + save):     {saved['rss_peak_delta'] / 2**20:.1f} MiB = "
+                  f"{saved['rss_peak_delta'] / size:.2f}x model size")
+        print(f"peak Python allocations (tracemalloc, fold + to_proto): {trace['tracemalloc_peak'] / 2**20:.1f} MiB = "
+              f"{trace['tracemalloc_peak'] / size:.2f}x model size")
+
+        folded_path = os.path.join(d, "r50_folded.onnx")
+        t_f, t_n = latency(folded_path, nobn_path, args.runs, args.threads)
+        print(f"onnxruntime latency (batch 1, {args.threads} threads, default optimizations, median of "
+              f"{args.runs} interleaved): folded {t_f * 1e3:.2f} ms, built without BN {t_n * 1e3:.2f} ms, "
+              f"ratio {t_f / t_n:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

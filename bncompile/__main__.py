@@ -1,0 +1,3 @@
+from bncompile.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""The one module that imports TVM: lazily, with the version pin and the 0.27 API shims.
+
+Everything else in bncompile reaches TVM through :func:`tvm` (the module) and the helpers here,
+so ``import bncompile`` and the commands that do not compile never pay TVM's import time
+(about 2 s). The facts the shims rely on are in ``../shared/docs/tvm-0.27.md``:
+
+* targets are dicts (``{"kind": "llvm", "mcpu": ...}``); ``mcpu="native"`` silently builds for
+  generic, so the host CPU comes from ``tvm.target.codegen.llvm_get_system_cpu()``; a bare
+  ``"cuda"`` falls back to sm_50, so CUDA targets always carry an ``arch`` (sm_90 by default);
+* apache-tvm-ffi 0.1.15.x segfaults when IR is serialized; 0.1.14.post1 is required;
+* numpy buffers handed straight to a compiled function must be 64-byte aligned.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+
+from bncompile.errors import UnsupportedError
+
+log = logging.getLogger(__name__)
+
+TVM_VERSION = "0.27.0"
+TVM_FFI_VERSION = "0.1.14.post1"
+DEFAULT_CUDA_ARCH = "sm_90"
+ALIGNMENT = 64
+
+
+@functools.lru_cache(maxsize=None)
+def tvm():
+    """Import and return the ``tvm`` module, raising UnsupportedError when it is missing or mismatched."""
+    try:
+        ffi = importlib.import_module("tvm_ffi")
+    except ImportError as err:
+        raise UnsupportedError(
+            "TVM is not installed: `pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1` "
+            f"({err})") from None
+    ffi_version = getattr(ffi, "__version__", "?")
+    if not str(ffi_version).startswith("0.1.14"):
+        raise UnsupportedError(
+            f"apache-tvm-ffi {ffi_version} is installed but bncompile needs {TVM_FFI_VERSION} "
+            "(0.1.15 segfaults when TVM serializes IR): `pip install apache-tvm-ffi==0.1.14.post1`")
+    try:
+        mod = importlib.import_module("tvm")
+    except ImportError as err:
+        raise UnsupportedError(f"TVM is not installed or failed to import: {err}; "
+                               "`pip install apache-tvm==0.27.0.post1`") from None
+    version = getattr(mod, "__version__", "?")
+    if not str(version).startswith(TVM_VERSION):
+        raise UnsupportedError(f"apache-tvm {version} is installed but bncompile needs {TVM_VERSION}.x "
+                               "(its API differs): `pip install apache-tvm==0.27.0.post1`")
+    # submodules used across the project; importing them here keeps the import cost in one place
+    for name in ("tvm.te", "tvm.tirx", "tvm.s_tir", "tvm.runtime", "tvm.target"):
+        importlib.import_module(name)
+    return mod
+
+
+def te():
+    return tvm().te
+
+
+def tirx():
+    return tvm().tirx
+
+
+def s_tir():
+    return tvm().s_tir
+
+
+def available() -> bool:
+    """True when a compatible TVM can be imported."""
+    try:
+        tvm()
+        return True
+    except UnsupportedError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def host_cpu() -> str:
+    """LLVM's name for the host CPU (``znver3``...); ``"generic"`` when LLVM cannot tell."""
+    try:
+        return str(tvm().target.codegen.llvm_get_system_cpu()) or "generic"
+    except Exception:  # pragma: no cover - depends on the LLVM build
+        return "generic"
+
+
+def target_dict(target: Any = "llvm") -> dict:
+    """Normalize a target spec to TVM 0.27's dict form.
+
+    Accepts ``"llvm"`` / ``"cpu"`` (host CPU), ``"cuda"`` / ``"gpu"`` (arch sm_90), a TVM tag such as
+    ``"nvidia/nvidia-h100"`` (returned as ``{"tag": ...}``), or a dict (``kind`` required; an llvm dict
+    without ``mcpu`` gets the host CPU, a cuda dict without ``arch`` gets sm_90).
+    """
+    if isinstance(target, Mapping):
+        d = dict(target)
+        if "kind" not in d and "tag" not in d:
+            raise UnsupportedError(f"target: a dict target needs a 'kind' key, got {d!r}")
+    elif isinstance(target, str):
+        name = target.strip().lower()
+        if name in ("llvm", "cpu", "host"):
+            d = {"kind": "llvm"}
+        elif name in ("cuda", "gpu", "nvidia"):
+            d = {"kind": "cuda"}
+        elif "/" in name and " " not in name:
+            return {"tag": target.strip()}
+        else:
+            raise UnsupportedError(f"target: {target!r} is not supported; use 'llvm', 'cuda', a TVM tag "
+                                   "or a dict such as {'kind': 'cuda', 'arch': 'sm_90'} (TVM 0.27 no longer "
+                                   "parses flag strings like 'llvm -mcpu=x')")
+    else:
+        kind = getattr(getattr(target, "kind", None), "name", None)
+        if kind is None:
+            raise UnsupportedError(f"target: expected a string, dict or tvm Target, got {target!r}")
+        return dict(target.export())
+    if d.get("kind") == "llvm" and "mcpu" not in d and "mtriple" not in d:
+        d["mcpu"] = host_cpu()
+    if d.get("kind") == "cuda" and "arch" not in d:
+        d["arch"] = DEFAULT_CUDA_ARCH
+    return d
+
+
+def make_target(target: Any = "llvm"):
+    """A ``tvm.target.Target`` from any spec :func:`target_dict` accepts."""
+    T = tvm().target.Target
+    if isinstance(target, T):
+        return target
+    return T(target_dict(target))
+
+
+def target_kind(target: Any) -> str:
+    return str(make_target(target).kind.name)
+
+
+def device_for(target: Any):
+    kind = target_kind(target)
+    if kind == "llvm":
+        return tvm().cpu(0)
+    if kind == "cuda":
+        return tvm().cuda(0)
+    raise UnsupportedError(f"target: no runtime device for target kind {kind!r}")
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device can run kernels here."""
+    try:
+        return bool(tvm().cuda(0).exist)
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- tensors
+
+def is_tvm_tensor(value: Any) -> bool:
+    if not available():
+        return False
+    return isinstance(value, tvm().runtime.Tensor)
+
+
+def to_tensor(arr: np.ndarray, device):
+    """A TVM tensor holding ``arr`` on ``device``: zero-copy on CPU when ``arr`` is aligned and contiguous."""
+    rt = tvm().runtime
+    arr = np.asarray(arr)
+    if (device.dlpack_device_type() == 1 and arr.flags.c_contiguous and arr.ctypes.data % ALIGNMENT == 0
+            and arr.size > 0 and arr.flags.writeable):
+        try:
+            return rt.from_dlpack(arr)
+        except Exception:  # pragma: no cover - fall back to a copy
+            pass
+    return rt.tensor(np.ascontiguousarray(arr), device)
+
+
+def empty(shape, dtype: str, device):
+    return tvm().runtime.empty(tuple(int(s) for s in shape), dtype, device)
+
+
+def view(tensor, shape):
+    """A view of a contiguous TVM tensor with another shape (same element count, no copy)."""
+    return tensor._create_view(tuple(int(s) for s in shape))
+
+
+# --------------------------------------------------------------------------- build and checks
+
+def build(func, target: Any):
+    """Compile a (scheduled) PrimFunc or IRModule; returns the ``runtime.Executable``."""
+    return tvm().compile(func, target=make_target(target))
+
+
+def verify_memory(mod, target: Any) -> None:
+    """Run VerifyMemory on a lowered copy of ``mod`` (raises when device buffers are read on the host).
+
+    The default pipeline checks memory only after FlattenBuffer, where an unscheduled CUDA function
+    slips through as host code; this lowers the blocks first so the check is meaningful.
+    """
+    t = tvm()
+    s = t.s_tir
+    T = make_target(target)
+    if isinstance(mod, t.tirx.PrimFunc):
+        mod = t.IRModule({"main": mod})
+    host = t.target.Target(target_dict("llvm"))
+    m = t.tirx.transform.BindTarget(t.target.Target(T, host))(mod)
+    m = t.transform.Sequential([s.transform.LowerCrossThreadReduction(), s.transform.LowerInitBlock(),
+                                s.transform.ConvertBlocksToOpaque(), s.transform.LowerOpaqueBlock()])(m)
+    t.tirx.transform.VerifyMemory()(m)
+
+
+def imported_kinds(executable) -> list[str]:
+    """Kinds of the modules the host module imports (``["cuda"]`` for a correctly built CUDA kernel)."""
+    return [str(m.kind) for m in executable.mod.imports]
+
+
+def cuda_source(executable) -> str:
+    for m in executable.mod.imports:
+        if str(m.kind) == "cuda":
+            return m.inspect_source()
+    raise UnsupportedError("no cuda module in this executable (was the function scheduled for CUDA?)")
+
+
+def compile_cuda_source(source: str, *, arch: str = DEFAULT_CUDA_ARCH, fmt: str = "ptx") -> bytes:
+    """Compile CUDA C with nvcc (needs nvcc on PATH); returns the PTX/cubin bytes."""
+    t = tvm()
+    nvcc = importlib.import_module("tvm.support.nvcc")
+    with t.target.Target({"kind": "cuda", "arch": arch}):
+        return nvcc.compile_cuda(source, target_format=fmt, arch=arch, compiler="nvcc")
+
+
+__all__ = ["tvm", "te", "tirx", "s_tir", "available", "host_cpu", "target_dict", "make_target", "target_kind",
+           "device_for", "cuda_available", "is_tvm_tensor", "to_tensor", "empty", "view", "build",
+           "verify_memory", "imported_kinds", "cuda_source", "compile_cuda_source"]

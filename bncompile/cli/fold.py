@@ -1,0 +1,96 @@
+"""``bncompile fold model.onnx [-o out.onnx]``: fold inference BatchNormalization, verify, explain."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bncompile._io import atomic_output, check_input_file
+from bncompile.errors import InputError, VerificationError
+
+DESCRIPTION = (
+    "Fold inference BatchNormalization nodes into the Conv, ConvTranspose, Gemm or MatMul before "
+    "them (also through a Reshape, and with a per-channel Mul/Add after them), verify the result "
+    "in onnxruntime with all graph optimizations off, and report each BN folded or left and why. "
+    "Exit 0 ok, 1 verification failed, 2 bad input.")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="input .onnx model (external data is read lazily)")
+    parser.add_argument("-o", "--output", help="output path (default: <model>.folded.onnx beside the input)")
+    parser.add_argument("--in-place", action="store_true", help="overwrite the input model")
+    parser.add_argument("--decompose", action="store_true",
+                        help="rewrite each inference BN that cannot be folded into Mul + Add")
+    parser.add_argument("--no-fold-constants", dest="fold_constants", action="store_false",
+                        help="do not evaluate constant-only subexpressions first")
+    parser.add_argument("--no-absorb", dest="absorb_affine", action="store_false",
+                        help="do not fold a per-channel Mul/Add that follows a BN")
+    check = parser.add_mutually_exclusive_group()
+    check.add_argument("--check", type=int, default=2, metavar="N",
+                       help="number of random input sets to verify with (default 2)")
+    check.add_argument("--no-check", dest="check", action="store_const", const=0,
+                       help="skip the verification")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                        help="shape of an input with free dimensions (repeatable); a free batch "
+                             "dimension defaults to 1")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max relative error (abs error / largest |output|); default per dtype: "
+                             "float32 1e-4, float16 1e-2, bfloat16 5e-2, float64 1e-9")
+    parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                        help="save weights in <output>.data (auto: when the input had external "
+                             "data or the model exceeds 2 GB)")
+    parser.add_argument("--report", metavar="OUT.json", help="also write the report as JSON")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+
+
+def default_output(model: Path) -> Path:
+    name = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    return model.with_name(name + ".folded.onnx")
+
+
+def run(args) -> int:
+    from bncompile import onnx_utils
+    from bncompile.fold import fold
+
+    model = check_input_file(args.model)
+    if args.in_place:
+        if args.output and Path(args.output).resolve() != model.resolve():
+            raise InputError("--in-place and -o name different files: give one of them")
+        output = model
+    else:
+        output = Path(args.output) if args.output else default_output(model)
+        if output.resolve() == model.resolve():
+            raise InputError(f"output {str(output)!r} is the input: pass --in-place to overwrite it")
+    if args.check < 0:
+        raise InputError(f"--check {args.check}: give a number of random input sets >= 1, or --no-check")
+    onnx_utils.check_output_path_writable(output)
+    if args.report:
+        onnx_utils.check_output_path_writable(Path(args.report), what="report")
+    shapes = onnx_utils.parse_input_shapes(args.input_shape)
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    try:
+        result = fold(model, output=None, in_place=args.in_place, decompose=args.decompose,
+                      fold_constants=args.fold_constants, absorb_affine=args.absorb_affine,
+                      check=args.check > 0, check_runs=max(args.check, 1), seed=args.seed,
+                      input_shapes=shapes, tolerance=args.tolerance)
+    except VerificationError as err:  # nothing written; show what was done, then exit 1
+        failed = getattr(err, "result", None)
+        if failed is not None:
+            _emit(failed.report, args)
+        raise
+    t = time.perf_counter()
+    result.save(output, external_data=external)
+    result.report.seconds["save"] = round(time.perf_counter() - t, 6)
+    result.report.output = str(output)
+    _emit(result.report, args)
+    return 0
+
+
+def _emit(report, args) -> None:
+    if args.report:
+        with atomic_output(args.report, what="report") as tmp:
+            Path(tmp).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    if not args.quiet:
+        print(report.summary())

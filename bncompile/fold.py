@@ -1,0 +1,368 @@
+"""``bncompile.fold``: fold inference BatchNormalization into the layer before it, and prove it.
+
+>>> from bncompile.fold import fold
+>>> result = fold("model.onnx", output="model.folded.onnx")    # doctest: +SKIP
+>>> print(result.report.summary())                              # doctest: +SKIP
+
+Pipeline (each an onnx-ir pass in ``bncompile.passes``): constant-only subexpressions to
+initializers (``fold_constants``), then the fold (``fold_batchnorm``), then optionally
+``decompose_batchnorm`` for what could not be folded. By default the result is verified: the full
+ONNX checker, then the original and folded models run in onnxruntime with all graph optimizations
+off on seeded random inputs; a float16/bfloat16 model must also be no less accurate than the
+unfolded one against a float32 twin. A failure raises :class:`bncompile.errors.VerificationError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bncompile import onnx_utils
+from bncompile.errors import InputError, VerificationError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["fold", "FoldResult", "FoldReport", "CheckResult", "DEFAULT_TOLERANCE"]
+
+#: Default max relative error (max abs error / largest |reference| output) per output dtype.
+DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+#: A low-precision folded model may be at most this much less accurate than the unfolded one
+#: (relative factor, plus one unit of the dtype's epsilon times the output range).
+FP16_NOT_WORSE_FACTOR = 1.0
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """The numerical verification of a folded model against the original."""
+
+    runs: int
+    seed: int
+    dtype: str | None
+    tolerance: float
+    max_abs: float
+    max_rel: float
+    max_elem_rel: float
+    passed: bool
+    input_shapes: dict = dataclasses.field(default_factory=dict)
+    low_precision: dict | None = None   # {"unfolded_vs_float32": ..., "folded_vs_float32": ...}
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """Everything ``fold`` did: each BN folded (into what) or left (why), counts, error, time."""
+
+    input: str | None
+    output: str | None
+    ir_version: int
+    opset: int | None
+    nodes_before: int
+    nodes_after: int
+    ops_before: dict
+    ops_after: dict
+    batchnorms: list = dataclasses.field(default_factory=list)
+    constants_folded: list = dataclasses.field(default_factory=list)
+    decompose: bool = False
+    check: CheckResult | None = None
+    seconds: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def folded(self) -> list:
+        return [d for d in self.batchnorms if d.action == "folded"]
+
+    @property
+    def left(self) -> list:
+        return [d for d in self.batchnorms if d.action == "left"]
+
+    @property
+    def decomposed(self) -> list:
+        return [d for d in self.batchnorms if d.action == "decomposed"]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["summary"] = {"batchnorms": len(self.batchnorms), "folded": len(self.folded),
+                        "decomposed": len(self.decomposed), "left": len(self.left)}
+        return d
+
+    def summary(self) -> str:
+        """A human-readable report (what the CLI prints)."""
+        lines = []
+        src = self.input or "(in-memory model)"
+        lines.append(f"bncompile fold: {src}" + (f" -> {self.output}" if self.output else ""))
+        lines.append(f"  IR {self.ir_version}, opset {self.opset}; BatchNormalization nodes: "
+                     f"{len(self.batchnorms)} ({len(self.folded)} folded, "
+                     f"{len(self.decomposed)} decomposed, {len(self.left)} left)")
+        for d in self.batchnorms:
+            where = f" [{d.graph}]" if d.graph != "main" else ""
+            if d.action == "folded":
+                extra = f" (with {', '.join(d.absorbed)})" if d.absorbed else ""
+                lines.append(f"  folded      {d.node}{where} into {d.into}{extra}")
+            elif d.action == "decomposed":
+                lines.append(f"  decomposed  {d.node}{where} into Mul + Add (not folded: {d.reason})")
+            else:
+                lines.append(f"  left        {d.node}{where}: {d.reason}")
+        if self.constants_folded:
+            lines.append(f"  constant-folded {len(self.constants_folded)} node(s): "
+                         + ", ".join(sorted({op for op, _ in self.constants_folded})))
+        bn_b = self.ops_before.get("BatchNormalization", 0)
+        bn_a = self.ops_after.get("BatchNormalization", 0)
+        lines.append(f"  nodes: {self.nodes_before} -> {self.nodes_after} "
+                     f"(BatchNormalization {bn_b} -> {bn_a})")
+        c = self.check
+        if c is None:
+            lines.append("  check: skipped (--no-check)")
+        else:
+            verdict = "ok" if c.passed else "FAILED"
+            lines.append(f"  check: {verdict}: {c.runs} random input set(s), seed {c.seed}, "
+                         f"max abs error {c.max_abs:.3g}, max rel error {c.max_rel:.3g} "
+                         f"(tolerance {c.tolerance:g} for {c.dtype})")
+            if c.low_precision:
+                lp = c.low_precision
+                lines.append(f"  {c.dtype} accuracy vs float32 twin: unfolded {lp['unfolded_vs_float32']:.3g}, "
+                             f"folded {lp['folded_vs_float32']:.3g}")
+            if c.note:
+                lines.append(f"  note: {c.note}")
+        secs = ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items())
+        lines.append(f"  time: {secs}")
+        return "\n".join(lines)
+
+
+class FoldResult:
+    """The folded model (``.model``, an ``onnx.ModelProto``, built on first access) and its report.
+
+    ``.ir_model`` is the onnx-ir model; ``.save(path)`` writes it (external data when needed).
+    """
+
+    def __init__(self, ir_model, report: FoldReport):
+        self.ir_model = ir_model
+        self.report = report
+        self._proto = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._proto is None:
+            import onnx_ir as ir
+            self._proto = ir.serde.serialize_model(self.ir_model)
+        return self._proto
+
+    def save(self, path, *, external_data: bool | None = None) -> Path | None:
+        """Write the folded model atomically; returns the external data file written, if any."""
+        return onnx_utils.save_model_ir(self.ir_model, path, external_data=external_data)
+
+    def __repr__(self) -> str:
+        r = self.report
+        return (f"FoldResult({len(r.folded)} folded, {len(r.decomposed)} decomposed, "
+                f"{len(r.left)} left)")
+
+
+def _count_ops(model) -> collections.Counter:
+    import onnx_ir as ir
+    return collections.Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def _load(model_or_path, validate: bool):
+    """(ir model, source for the original session, original proto if in memory, path or None)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = Path(model_or_path)
+        return onnx_utils.load_model_ir(path, check=validate), path
+    if isinstance(model_or_path, onnx.ModelProto):
+        return onnx_utils.model_from_proto(model_or_path, check=validate), None
+    raise InputError(f"fold expects a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
+
+
+def fold(model_or_path, *, output=None, in_place: bool = False, decompose: bool = False,
+         fold_constants: bool = True, absorb_affine: bool = True, check: bool = True,
+         check_runs: int = 2, seed: int = 0, input_shapes: dict | None = None,
+         tolerance: float | None = None, validate: bool = True,
+         external_data: bool | None = None) -> FoldResult:
+    """Fold inference BatchNormalization nodes of a model; verify; optionally write the result.
+
+    Args (keyword-only after the model):
+        model_or_path: an ``.onnx`` path (external data read lazily) or an ``onnx.ModelProto``.
+        output: where to write the folded model (atomic; never the input unless ``in_place``).
+        decompose: rewrite each inference BN that could not be folded into Mul + Add.
+        fold_constants: first evaluate constant-only subexpressions into initializers.
+        absorb_affine: also fold a per-channel constant Mul/Add right after a folded BN.
+        check: run the ONNX checker and compare with the original in onnxruntime.
+        check_runs, seed, input_shapes: random input sets, their seed, shapes of free dims.
+        tolerance: max relative error allowed (default per dtype, :data:`DEFAULT_TOLERANCE`).
+        validate: check the input with ``onnx.checker.check_model(full_check=True)``.
+        external_data: force (True) or forbid (False) external data on save; None decides.
+
+    Raises InputError (bad input; exit 2) or VerificationError (check failed; exit 1).
+    """
+    import onnx_ir as ir
+    from bncompile.passes.decompose_batchnorm import DecomposeBatchNormPass
+    from bncompile.passes.fold_batchnorm import FoldBatchNormPass
+    from bncompile.passes.fold_constants import FoldConstantsPass
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    in_path = Path(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+    if output is not None and in_path is not None and not in_place:
+        try:
+            same = Path(output).resolve() == in_path.resolve()
+        except OSError:
+            same = False
+        if same:
+            raise InputError(f"output {str(output)!r} is the input: pass in_place=True "
+                             "(--in-place) to overwrite it, or choose another -o")
+    if check_runs < 1:
+        raise InputError(f"check_runs must be >= 1, got {check_runs}")
+    model, path = _load(model_or_path, validate)
+    seconds["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    before = _count_ops(model)
+    constants_folded: list = []
+    if fold_constants:
+        fc = FoldConstantsPass()
+        fc(model)
+        constants_folded = [list(x) for x in fc.folded]
+    fb = FoldBatchNormPass(absorb_affine=absorb_affine)
+    fb(model)
+    decisions = fb.decisions
+    if decompose:
+        dp = DecomposeBatchNormPass()
+        dp(model)
+        for key, (action, _why) in dp.results.items():
+            d = fb.by_node.get(key)
+            if d is not None and action == "decomposed" and d.action == "left":
+                d.action = "decomposed"
+    after = _count_ops(model)
+    seconds["fold"] = time.perf_counter() - t
+
+    report = FoldReport(
+        input=str(in_path) if in_path else None, output=str(output) if output else None,
+        ir_version=int(model.ir_version or 0), opset=model.opset_imports.get(""),
+        nodes_before=sum(before.values()), nodes_after=sum(after.values()),
+        ops_before=dict(sorted(before.items())), ops_after=dict(sorted(after.items())),
+        batchnorms=decisions, constants_folded=constants_folded, decompose=decompose)
+    result = FoldResult(model, report)
+
+    if check:
+        t = time.perf_counter()
+        report.check = _verify(model_or_path, path, result, check_runs=check_runs, seed=seed,
+                               input_shapes=input_shapes, tolerance=tolerance)
+        seconds["check"] = time.perf_counter() - t
+    if output is not None and (report.check is None or report.check.passed):
+        t = time.perf_counter()
+        result.save(output, external_data=external_data)
+        seconds["save"] = time.perf_counter() - t
+    report.seconds = {k: round(v, 6) for k, v in seconds.items()}
+    if report.check is not None and not report.check.passed:
+        err = VerificationError(_failure_message(report.check))
+        err.result = result  # the report of what was done, for the CLI and callers
+        raise err
+    return result
+
+
+def _failure_message(c: CheckResult) -> str:
+    if c.note and c.low_precision is None:
+        return f"verification failed: {c.note}"
+    if c.low_precision and c.max_rel <= c.tolerance:
+        lp = c.low_precision
+        return (f"verification failed: the folded {c.dtype} model is less accurate than the "
+                f"unfolded one against a float32 twin ({lp['folded_vs_float32']:.3g} > "
+                f"{lp['unfolded_vs_float32']:.3g}); keep the original model")
+    return (f"verification failed: folded model differs from the original by max rel error "
+            f"{c.max_rel:.3g} (max abs {c.max_abs:.3g}) > tolerance {c.tolerance:g} for {c.dtype}; "
+            "re-run with --no-check to keep it anyway, or report the model")
+
+
+def _verify(model_or_path, path, result: FoldResult, *, check_runs, seed, input_shapes,
+            tolerance) -> CheckResult:
+    model = result.ir_model
+    # 1. the full ONNX checker on the folded model
+    with onnx_utils.model_on_disk(model) as folded_src:
+        try:
+            if isinstance(folded_src, bytes):
+                onnx_utils.check_model(onnx.load_model_from_string(folded_src), what="folded model")
+            else:
+                onnx_utils.check_model(folded_src, what="folded model")
+        except InputError as err:
+            return CheckResult(runs=0, seed=seed, dtype=None, tolerance=0.0, max_abs=float("nan"),
+                               max_rel=float("nan"), max_elem_rel=float("nan"), passed=False,
+                               note=str(err))
+        # 2. original vs folded in onnxruntime, all optimizations off
+        if path is not None:
+            orig_src = str(path)
+            orig_proto = None
+        else:
+            orig_proto = model_or_path
+            orig_src = model_or_path.SerializeToString()
+        s_orig = onnx_utils.make_session(orig_src)
+        s_fold = onnx_utils.make_session(folded_src)
+        names_o = [(i.name, i.type) for i in s_orig.get_inputs()]
+        names_f = [(i.name, i.type) for i in s_fold.get_inputs()]
+        outs_o = [(o.name, o.type) for o in s_orig.get_outputs()]
+        outs_f = [(o.name, o.type) for o in s_fold.get_outputs()]
+        if names_o != names_f or outs_o != outs_f:
+            return CheckResult(runs=0, seed=seed, dtype=None, tolerance=0.0, max_abs=float("nan"),
+                               max_rel=float("nan"), max_elem_rel=float("nan"), passed=False,
+                               note=f"the interface changed: inputs {names_o} -> {names_f}, "
+                                    f"outputs {outs_o} -> {outs_f}")
+        types = {t for _, t in outs_o}
+        dtype = next((d for d in ("bfloat16", "float16", "float32", "float64")
+                      if f"tensor({'float' if d == 'float32' else 'double' if d == 'float64' else d})" in types),
+                     None)
+        tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dtype or "float32", 1e-4)
+        low = dtype in ("float16", "bfloat16")
+        twin = None
+        note = None
+        if low:
+            try:
+                if orig_proto is None:
+                    orig_proto = onnx_utils.load_model_proto(path, check=False)
+                if orig_proto.ByteSize() < onnx_utils.PROTO_LIMIT_BYTES:
+                    twin = onnx_utils.make_session(onnx_utils.model_to_float32(orig_proto))
+                else:
+                    note = "model too large for the float32 accuracy twin; skipped"
+            except Exception as err:  # a float32 twin ORT cannot run: report, do not fail
+                note = f"float32 twin could not run ({err}); accuracy comparison skipped"
+                twin = None
+        agg = {"max_abs": 0.0, "max_rel": 0.0, "max_elem_rel": 0.0}
+        acc = {"unfolded_vs_float32": 0.0, "folded_vs_float32": 0.0,
+               "unfolded_rms_vs_float32": 0.0, "folded_rms_vs_float32": 0.0}
+        shapes_used = {}
+        for run in range(check_runs):
+            feeds = onnx_utils.random_feeds(s_orig, seed=seed + run, input_shapes=input_shapes)
+            shapes_used = {k: list(v.shape) for k, v in feeds.items()}
+            ref = s_orig.run(None, feeds)
+            got = s_fold.run(None, feeds)
+            err = onnx_utils.compare_outputs(ref, got)
+            for k in agg:
+                agg[k] = max(agg[k], err[k])
+            if twin is not None:
+                feeds32 = {k: (v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
+                           for k, v in feeds.items()}
+                ref32 = twin.run(None, feeds32)
+                e_unf = onnx_utils.compare_outputs(ref32, ref)
+                e_fol = onnx_utils.compare_outputs(ref32, got)
+                acc["unfolded_vs_float32"] = max(acc["unfolded_vs_float32"], e_unf["max_rel"])
+                acc["folded_vs_float32"] = max(acc["folded_vs_float32"], e_fol["max_rel"])
+                acc["unfolded_rms_vs_float32"] = max(acc["unfolded_rms_vs_float32"], e_unf["rms_rel"])
+                acc["folded_rms_vs_float32"] = max(acc["folded_rms_vs_float32"], e_fol["rms_rel"])
+    passed = agg["max_rel"] <= tol
+    low_precision = None
+    if twin is not None:
+        low_precision = acc
+        eps = float(np.finfo(np.float16).eps) if dtype == "float16" else 2.0 ** -7
+        # not less accurate: allow the rounding of one output unit (half an ulp of the range)
+        limit = acc["unfolded_vs_float32"] * FP16_NOT_WORSE_FACTOR + eps / 2
+        if acc["folded_vs_float32"] > limit:
+            passed = False
+    return CheckResult(runs=check_runs, seed=seed, dtype=dtype, tolerance=tol,
+                       max_abs=agg["max_abs"], max_rel=agg["max_rel"],
+                       max_elem_rel=agg["max_elem_rel"], passed=passed, input_shapes=shapes_used,
+                       low_precision=low_precision, note=note)

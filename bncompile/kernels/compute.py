@@ -1,0 +1,481 @@
+"""Batch normalization as pure TE compute definitions (no schedule), plus their NumPy twin.
+
+One PrimFunc computes ``y`` and every variable a training step updates. The math is
+``../shared/docs/batchnorm-semantics.md``'s, with ONNX/Keras momentum (``EMA_m(v, t) = v*m + t*(1-m)``):
+
+* statistics per channel ``c`` (and per virtual batch ``g`` for ghost BN) over every other axis:
+  ``K = x[first element]`` (a shift taken from the data), ``mu' = sum(x - K)/n``,
+  ``var = sum((x - K - mu')**2)/n`` (biased). Two passes about a data shift keep the variance exact
+  when the mean is 1e4 times the std; ``y = ((x - K) - mu') * A + B`` keeps ``y`` exact there too
+  (``(x - mean)`` with a float32 ``mean = K + mu'`` would lose it to rounding of the mean).
+* ``A = rsqrt(var + eps) * r * adj_scale * gamma``, ``B = (d * adj_scale + adj_bias) * gamma + beta``,
+  with ``r = 1, d = 0`` without renorm and ``adj = (1, 0)`` without adjustment.
+* renorm: ``s = max(renorm_stddev, sqrt(eps))``, ``r = clip(sqrt(var_B + eps)/s)``,
+  ``d = clip((mu_B - renorm_mean)/s)``, rmin applied first (max), then rmax (min), d to [-dmax, dmax].
+* ghost BN: x (N, ...) is viewed as (v, N/v, ...) and sample i is in group i % (N/v); each group is
+  normalized with its own statistics; ``mu_B`` and ``var_B`` are the plain averages of the group ones.
+* Keras's fused path updates moving_variance with ``var * n/(n-1)`` (1 when n = 1).
+
+The kernel works on a *canonical view* of x (a free reshape of the contiguous array): axis 0 (the
+batch, which may be symbolic) alone, then runs of adjacent reduced (``R``) or channel (``C``) axes
+merged. One channel run gives ``(N, P, C, Q)`` (P, Q may be 1), ghost BN ``(v, G, P, C, Q)`` with the
+group axis ``G`` symbolic when the batch is. Variables are passed in their channel shape.
+Statistics are float32 whatever x's dtype (float32, float16, bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from bncompile.config import BatchNormConfig, RandomAdjustment, training_effective
+from bncompile.errors import ConfigError, UnsupportedError
+
+SYMBOLIC = "n"          # marks the symbolic (batch) extent in a KernelSpec shape
+DTYPES = ("float32", "float16", "bfloat16")
+STAT = "float32"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything a kernel's compute depends on (hashable: the compile cache key)."""
+
+    training: bool
+    shape: tuple                 # canonical x shape; ints and at most one SYMBOLIC
+    kinds: str                   # one letter per canonical axis: R reduced, C channel, G virtual-batch group
+    dtype: str = "float32"
+    epsilon: float = 1e-3
+    momentum: float = 0.99
+    renorm_momentum: float = 0.99
+    center: bool = True
+    scale: bool = True
+    renorm: bool = False
+    clipping: tuple = ()         # sorted (key, value) pairs of renorm_clipping
+    unbiased: bool = False       # Keras fused path: moving variance with n/(n-1)
+    adjustment: str | None = None  # None, "channel" (per-channel inputs) or "full" (x-shaped inputs)
+    virtual_batch_size: int | None = None
+    one_pass: bool = False       # shifted one-pass sums (sum d, sum d*d) instead of two passes
+
+    @property
+    def ghost(self) -> bool:
+        return "G" in self.kinds
+
+    @property
+    def channel_shape(self) -> tuple:
+        return tuple(s for s, k in zip(self.shape, self.kinds) if k == "C")
+
+    @property
+    def stat_shape(self) -> tuple:
+        """Shape of per-(channel, group) statistics: channel axes first, then the group axis."""
+        return self.channel_shape + tuple(s for s, k in zip(self.shape, self.kinds) if k == "G")
+
+    @property
+    def single_channel_run(self) -> bool:
+        return self.kinds in ("RRCR", "RGRCR")
+
+    def variable_names(self) -> list[str]:
+        names = (["gamma"] if self.scale else []) + (["beta"] if self.center else [])
+        names += ["moving_mean", "moving_variance"]
+        if self.renorm and self.training:
+            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+        return names
+
+    def updated_names(self) -> list[str]:
+        if not self.training:
+            return []
+        return [n for n in self.variable_names() if n not in ("gamma", "beta")]
+
+    def input_names(self) -> list[str]:
+        names = ["x"] + self.variable_names()
+        if self.training and self.adjustment:
+            names += ["adjustment_scale", "adjustment_bias"]
+        return names
+
+    def output_names(self) -> list[str]:
+        return ["y"] + [n + "_new" for n in self.updated_names()]
+
+    def adjustment_shape(self) -> tuple:
+        return self.channel_shape if self.adjustment == "channel" else self.shape
+
+
+# --------------------------------------------------------------------------- canonical view
+
+def canonical_layout(config: BatchNormConfig, input_shape: Sequence, *, training: bool
+                     ) -> tuple[tuple, str]:
+    """Canonical (shape, kinds) of x for ``config`` (see the module docstring).
+
+    ``input_shape[0]`` may be None (symbolic batch; returned as SYMBOLIC); other dims must be known.
+    """
+    shape = list(input_shape)
+    rank = len(shape)
+    res = config.resolve(rank)
+    for i, d in enumerate(shape):
+        if i == 0 and d is None:
+            continue
+        if d is None or int(d) <= 0:
+            raise ConfigError(f"input_shape: dimension {i} must be a known positive size, got {d!r}")
+    if shape[0] is None and 0 in res.axes:
+        raise ConfigError("input_shape: the batch axis 0 is normalized, so its size must be known")
+    n0 = SYMBOLIC if shape[0] is None else int(shape[0])
+    ghost = training_effective(config, training) and config.virtual_batch_size is not None
+    runs: list[list] = []          # [extent, kind] for axes 1..rank-1, merged
+    for i in range(1, rank):
+        kind = "C" if i in res.axes else "R"
+        if runs and runs[-1][1] == kind:
+            runs[-1][0] *= int(shape[i])
+        else:
+            runs.append([int(shape[i]), kind])
+    if ghost:
+        v = config.virtual_batch_size
+        if n0 != SYMBOLIC and n0 % v:
+            raise ConfigError(f"virtual_batch_size: {v} does not divide the batch size {n0}; "
+                              "use a batch that is a multiple of it")
+        head = [(v, "R"), (SYMBOLIC if n0 == SYMBOLIC else n0 // v, "G")]
+    else:
+        head = [(n0, "C" if 0 in res.axes else "R")]
+    kinds_rest = "".join(k for _, k in runs)
+    if head[0][1] == "R" and kinds_rest.count("C") == 1:
+        # pad to (..., P, C, Q) so that every single-channel layout has one form
+        if not runs or runs[0][1] == "C":
+            runs.insert(0, [1, "R"])
+        if runs[-1][1] == "C":
+            runs.append([1, "R"])
+    dims = head + [tuple(r) for r in runs]
+    return tuple(d for d, _ in dims), "".join(k for _, k in dims)
+
+
+def make_spec(config: BatchNormConfig, input_shape: Sequence, *, training: bool = True,
+              dtype: str = "float32", adjustment: str | None = None) -> KernelSpec:
+    """The KernelSpec of ``config`` applied to ``input_shape`` (None allowed for the batch)."""
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"dtype: {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    train = training_effective(config, training)
+    res = config.resolve(len(input_shape))
+    shape, kinds = canonical_layout(config, input_shape, training=train)
+    adj = None
+    if train and config.adjustment is not None:
+        if adjustment is None:
+            adjustment = "channel" if isinstance(config.adjustment, RandomAdjustment) else "full"
+        if adjustment not in ("channel", "full"):
+            raise UnsupportedError(f"adjustment: kernel mode {adjustment!r}; use 'channel' or 'full'")
+        adj = adjustment
+    clipping = tuple(sorted((config.renorm_clipping or {}).items())) if config.renorm else ()
+    return KernelSpec(training=train, shape=shape, kinds=kinds, dtype=dtype, epsilon=float(res.epsilon),
+                      momentum=float(config.momentum), renorm_momentum=float(config.renorm_momentum),
+                      center=config.center, scale=config.scale, renorm=bool(config.renorm) and train,
+                      clipping=clipping, unbiased=bool(res.fused) and train, adjustment=adj,
+                      virtual_batch_size=config.virtual_batch_size if "G" in kinds else None)
+
+
+def canonical_shape(spec: KernelSpec, x_shape: Sequence[int]) -> tuple[int, ...]:
+    """The canonical view's concrete shape for an actual x of ``x_shape``."""
+    size = int(np.prod(x_shape))
+    known = [int(s) for s in spec.shape if s != SYMBOLIC]
+    if SYMBOLIC not in spec.shape:
+        out = tuple(int(s) for s in spec.shape)
+    else:
+        rest = int(np.prod(known)) if known else 1
+        if size % rest:
+            raise ConfigError(f"x: shape {tuple(x_shape)} does not fit the compiled layout {spec.shape}")
+        out = tuple(size // rest if s == SYMBOLIC else int(s) for s in spec.shape)
+    if int(np.prod(out)) != size:
+        raise ConfigError(f"x: shape {tuple(x_shape)} does not match the compiled input shape")
+    return out
+
+
+# --------------------------------------------------------------------------- TE compute
+
+def batchnorm_te(spec: KernelSpec):
+    """TE tensors ``(inputs, outputs)`` of the kernel; ``te.create_prim_func(inputs + outputs)``.
+
+    Inputs in order: x (canonical shape, spec.dtype), the variables (channel shape, float32),
+    then adjustment_scale / adjustment_bias (channel or x shape) when the spec has an adjustment.
+    Outputs: y (x's shape and dtype), then the updated variables.
+    """
+    from bncompile import _tvm
+
+    te, tirx = _tvm.te(), _tvm.tirx()
+    f32 = lambda v: v if v.dtype == STAT else v.astype(STAT)  # noqa: E731
+    const = lambda v: tirx.const(float(v), STAT)  # noqa: E731
+    sym = te.var("n", dtype="int32")
+    shape = tuple(sym if s == SYMBOLIC else int(s) for s in spec.shape)
+    kinds = spec.kinds
+    cshape = tuple(s for s, k in zip(shape, kinds) if k == "C")
+    gshape = tuple(s for s, k in zip(shape, kinds) if k == "G")
+    rshape = tuple(s for s, k in zip(shape, kinds) if k == "R")
+    sshape = cshape + gshape
+    nc = len(cshape)
+
+    x = te.placeholder(shape, spec.dtype, name="x")
+    params = {n: te.placeholder(cshape, STAT, name=n) for n in spec.variable_names()}
+    inputs = [x] + [params[n] for n in spec.variable_names()]
+    adj = {}
+    if spec.adjustment:
+        ashape = cshape if spec.adjustment == "channel" else shape
+        adj = {n: te.placeholder(ashape, STAT, name=n) for n in ("adjustment_scale", "adjustment_bias")}
+        inputs += list(adj.values())
+
+    def xidx(stat, red):
+        ci, gi, ri = iter(stat[:nc]), iter(stat[nc:]), iter(red)
+        return tuple(next(ci) if k == "C" else next(gi) if k == "G" else next(ri) for k in kinds)
+
+    def cidx(idx):   # x index -> channel index
+        return tuple(i for i, k in zip(idx, kinds) if k == "C")
+
+    def sidx(idx):   # x index -> statistics index
+        return cidx(idx) + tuple(i for i, k in zip(idx, kinds) if k == "G")
+
+    gamma = (lambda c: params["gamma"][c]) if spec.scale else (lambda c: const(1.0))
+    beta = (lambda c: params["beta"][c]) if spec.center else (lambda c: const(0.0))
+    eps = const(spec.epsilon)
+
+    if not spec.training:
+        a = te.compute(cshape, lambda *c: te.rsqrt(params["moving_variance"][c] + eps) * gamma(c),
+                       name="scale_c")
+        y = te.compute(shape, lambda *i: ((f32(x[i]) - params["moving_mean"][cidx(i)]) * a[cidx(i)]
+                                          + beta(cidx(i))).astype(spec.dtype), name="y")
+        return inputs, [y]
+
+    def raxes(tag):
+        return [te.reduce_axis((0, s), name=f"{tag}{j}") for j, s in enumerate(rshape)]
+
+    zeros = tuple(0 for _ in rshape)
+    count = 1
+    for s in rshape:
+        count = count * s
+    cnt = tirx.Cast(STAT, count)
+    shift = te.compute(sshape, lambda *s: f32(x[xidx(s, zeros)]), name="shift")
+    r1 = raxes("r")
+    ssum = te.compute(sshape, lambda *s: te.sum(f32(x[xidx(s, r1)]) - shift[s], axis=r1), name="sum")
+    mean = te.compute(sshape, lambda *s: ssum[s] / cnt, name="mean")          # offset from shift
+    r2 = raxes("q")
+
+    def centered(s, red):
+        return (f32(x[xidx(s, red)]) - shift[s]) - mean[s]
+
+    if spec.one_pass:
+        # sum((x-K)^2)/n - mu'^2: exact enough because K is a sample of the channel, so x-K is O(std)
+        def shifted(s, red):
+            return f32(x[xidx(s, red)]) - shift[s]
+
+        sqsum = te.compute(sshape, lambda *s: te.sum(shifted(s, r2) * shifted(s, r2), axis=r2), name="sqsum")
+        var = te.compute(sshape, lambda *s: te.max(sqsum[s] / cnt - mean[s] * mean[s], const(0.0)), name="var")
+    else:
+        sqsum = te.compute(sshape, lambda *s: te.sum(centered(s, r2) * centered(s, r2), axis=r2), name="sqsum")
+        var = te.compute(sshape, lambda *s: sqsum[s] / cnt, name="var")
+
+    if gshape:
+        ng = gshape[0]
+        gcnt = tirx.Cast(STAT, ng)
+        # mean of the group means as (mean of group shifts) + (mean of offsets): both stay exact
+        g1 = te.reduce_axis((0, ng), name="g1")
+        bshift = te.compute(cshape, lambda *c: te.sum(shift[c + (g1,)] / gcnt, axis=g1), name="batch_shift")
+        g2 = te.reduce_axis((0, ng), name="g2")
+        boff = te.compute(cshape, lambda *c: te.sum(mean[c + (g2,)] / gcnt, axis=g2), name="batch_offset")
+        g3 = te.reduce_axis((0, ng), name="g3")
+        bvar = te.compute(cshape, lambda *c: te.sum(var[c + (g3,)] / gcnt, axis=g3), name="batch_var")
+        bmean_parts = lambda c: (bshift[c], boff[c])  # noqa: E731
+    else:
+        bmean_parts = lambda c: (shift[c], mean[c])  # noqa: E731
+        bvar = var
+    bmean = te.compute(cshape, lambda *c: bmean_parts(c)[0] + bmean_parts(c)[1], name="batch_mean")
+
+    m = spec.momentum
+    ema = lambda v, t, mom: v * const(mom) + t * const(1.0 - mom)  # noqa: E731
+    outputs_vars = {}
+    outputs_vars["moving_mean"] = te.compute(
+        cshape, lambda *c: ema(params["moving_mean"][c], bmean[c], m), name="moving_mean_new")
+    r_fn = d_fn = None
+    if spec.renorm:
+        clip = dict(spec.clipping)
+        bstd = te.compute(cshape, lambda *c: te.sqrt(bvar[c] + eps), name="batch_std")
+        inv_s = te.compute(cshape, lambda *c: const(1.0) / te.max(params["renorm_stddev"][c],
+                                                                   const(math.sqrt(spec.epsilon))),
+                           name="renorm_inv_s")
+
+        def r_expr(c):
+            r = bstd[c] * inv_s[c]
+            if "rmin" in clip:
+                r = te.max(r, const(clip["rmin"]))
+            if "rmax" in clip:
+                r = te.min(r, const(clip["rmax"]))
+            return r
+
+        def d_expr(c):
+            p = bmean_parts(c)
+            d = ((p[0] - params["renorm_mean"][c]) + p[1]) * inv_s[c]
+            if "dmax" in clip:
+                d = te.min(te.max(d, const(-clip["dmax"])), const(clip["dmax"]))
+            return d
+
+        rr = te.compute(cshape, r_expr, name="renorm_r")
+        dd = te.compute(cshape, d_expr, name="renorm_d")
+        r_fn, d_fn = (lambda c: rr[c]), (lambda c: dd[c])
+        rm = spec.renorm_momentum
+        mstd = te.compute(cshape, lambda *c: ema(params["moving_stddev"][c], bstd[c], m), name="moving_stddev_new")
+        outputs_vars["moving_variance"] = te.compute(
+            cshape, lambda *c: te.max(mstd[c] * mstd[c] - eps, const(0.0)), name="moving_variance_new")
+        outputs_vars["moving_stddev"] = mstd
+        outputs_vars["renorm_mean"] = te.compute(
+            cshape, lambda *c: ema(params["renorm_mean"][c], bmean[c], rm), name="renorm_mean_new")
+        outputs_vars["renorm_stddev"] = te.compute(
+            cshape, lambda *c: ema(params["renorm_stddev"][c], bstd[c], rm), name="renorm_stddev_new")
+    else:
+        if spec.unbiased:
+            if isinstance(count, int):
+                factor = const(count / (count - 1) if count > 1 else 1.0)
+            else:   # symbolic count: n/(n-1), 1 when n = 1 (max() keeps the division finite)
+                factor = tirx.Select(count > 1, cnt / te.max(cnt - const(1.0), const(1.0)), const(1.0))
+        else:
+            factor = None
+        outputs_vars["moving_variance"] = te.compute(
+            cshape, lambda *c: ema(params["moving_variance"][c],
+                                   bvar[c] * factor if factor is not None else bvar[c], m),
+            name="moving_variance_new")
+
+    def r_of(c):
+        return r_fn(c) if r_fn else None
+
+    def bias_expr(c, as_, ab_):
+        t = d_fn(c) if d_fn else None
+        if as_ is not None:
+            t = t * as_ + ab_ if t is not None else ab_
+        if t is None:
+            return beta(c)
+        return t * gamma(c) + beta(c)
+
+    if spec.adjustment == "full":
+        def inv_r(*s):
+            v = te.rsqrt(var[s] + eps)
+            r = r_of(s[:nc])
+            return v * r if r is not None else v
+
+        a = te.compute(sshape, inv_r, name="scale_c")
+
+        def y_full(*i):
+            s, c = sidx(i), cidx(i)
+            t = ((f32(x[i]) - shift[s]) - mean[s]) * a[s]
+            if d_fn:
+                t = t + d_fn(c)
+            t = t * adj["adjustment_scale"][i] + adj["adjustment_bias"][i]
+            return (t * gamma(c) + beta(c)).astype(spec.dtype)
+
+        y = te.compute(shape, y_full, name="y")
+    else:
+        chan = spec.adjustment == "channel"
+
+        def scale_expr(*s):
+            c = s[:nc]
+            v = te.rsqrt(var[s] + eps)
+            r = r_of(c)
+            if r is not None:
+                v = v * r
+            if chan:
+                v = v * adj["adjustment_scale"][c]
+            return v * gamma(c) if spec.scale else v
+
+        a = te.compute(sshape, scale_expr, name="scale_c")
+        b = te.compute(cshape, lambda *c: bias_expr(c, adj["adjustment_scale"][c] if chan else None,
+                                                    adj["adjustment_bias"][c] if chan else None),
+                       name="bias_c")
+        y = te.compute(shape, lambda *i: (((f32(x[i]) - shift[sidx(i)]) - mean[sidx(i)]) * a[sidx(i)]
+                                          + b[cidx(i)]).astype(spec.dtype), name="y")
+    outputs = [y] + [outputs_vars[n] for n in spec.updated_names()]
+    return inputs, outputs
+
+
+def prim_func(spec: KernelSpec):
+    """The unscheduled PrimFunc of ``spec`` (parameters: inputs then outputs)."""
+    from bncompile import _tvm
+
+    ins, outs = batchnorm_te(spec)
+    return _tvm.te().create_prim_func(ins + outs)
+
+
+# --------------------------------------------------------------------------- NumPy twin
+
+def batchnorm_numpy(spec: KernelSpec, x: np.ndarray, variables: dict, adjustment: tuple | None = None
+                    ) -> dict[str, np.ndarray]:
+    """The same algorithm as :func:`batchnorm_te` in NumPy (float32 statistics) on the canonical view.
+
+    ``x`` has the canonical shape, ``variables`` are channel-shaped float32 arrays, ``adjustment`` is
+    ``(scale, bias)`` in the spec's adjustment shape. Returns the outputs by name (``y``, ``<var>_new``).
+    """
+    f = np.float32
+    xs = np.asarray(x).astype(f)
+    kinds = spec.kinds
+    caxes = [i for i, k in enumerate(kinds) if k == "C"]
+    gaxes = [i for i, k in enumerate(kinds) if k == "G"]
+    raxes = tuple(i for i, k in enumerate(kinds) if k == "R")
+    bshape = tuple(xs.shape[i] if k in "CG" else 1 for i, k in enumerate(kinds))
+    cb = tuple(xs.shape[i] if k == "C" else 1 for i, k in enumerate(kinds))
+
+    def as_c(v):
+        return np.asarray(v, f).reshape(cb)
+
+    gamma = as_c(variables["gamma"]) if spec.scale else f(1)
+    beta = as_c(variables["beta"]) if spec.center else f(0)
+    eps = f(spec.epsilon)
+    cshape = spec_channel_shape = tuple(xs.shape[i] for i in caxes)  # noqa: F841
+    if not spec.training:
+        y = (xs - as_c(variables["moving_mean"])) / np.sqrt(as_c(variables["moving_variance"]) + eps) * gamma + beta
+        return {"y": y.astype(spec.dtype if spec.dtype != "bfloat16" else f)}
+    first = tuple(slice(None) if k in "CG" else slice(0, 1) for k in kinds)
+    shift = xs[first]
+    n = int(np.prod([xs.shape[i] for i in raxes]))
+    d = xs - shift
+    mean = d.sum(axis=raxes, keepdims=True, dtype=f) / f(n)
+    cen = d - mean
+    var = (cen * cen).sum(axis=raxes, keepdims=True, dtype=f) / f(n)
+    if gaxes:
+        bshift = shift.mean(axis=tuple(gaxes), keepdims=True, dtype=f)
+        boff = mean.mean(axis=tuple(gaxes), keepdims=True, dtype=f)
+        bvar = var.mean(axis=tuple(gaxes), keepdims=True, dtype=f)
+    else:
+        bshift, boff, bvar = shift, mean, var
+    bmean = bshift + boff
+    m = f(spec.momentum)
+    out = {}
+    r = d_ = None
+    if spec.renorm:
+        clip = dict(spec.clipping)
+        bstd = np.sqrt(bvar + eps)
+        inv_s = f(1) / np.maximum(as_c(variables["renorm_stddev"]), f(math.sqrt(spec.epsilon)))
+        r = bstd * inv_s
+        d_ = ((bshift - as_c(variables["renorm_mean"])) + boff) * inv_s
+        if "rmin" in clip:
+            r = np.maximum(r, f(clip["rmin"]))
+        if "rmax" in clip:
+            r = np.minimum(r, f(clip["rmax"]))
+        if "dmax" in clip:
+            d_ = np.clip(d_, f(-clip["dmax"]), f(clip["dmax"]))
+        rm = f(spec.renorm_momentum)
+        mstd = as_c(variables["moving_stddev"]) * m + bstd * (f(1) - m)
+        out["moving_stddev_new"] = mstd
+        out["moving_variance_new"] = np.maximum(mstd * mstd - eps, f(0))
+        out["renorm_mean_new"] = as_c(variables["renorm_mean"]) * rm + bmean * (f(1) - rm)
+        out["renorm_stddev_new"] = as_c(variables["renorm_stddev"]) * rm + bstd * (f(1) - rm)
+    else:
+        factor = f(n / (n - 1)) if spec.unbiased and n > 1 else f(1)
+        out["moving_variance_new"] = as_c(variables["moving_variance"]) * m + bvar * factor * (f(1) - m)
+    out["moving_mean_new"] = as_c(variables["moving_mean"]) * m + bmean * (f(1) - m)
+    t = cen / np.sqrt(var + eps)
+    if r is not None:
+        t = t * r + d_
+    if adjustment is not None:
+        ashape = cb if spec.adjustment == "channel" else xs.shape
+        t = t * np.asarray(adjustment[0], f).reshape(ashape) + np.asarray(adjustment[1], f).reshape(ashape)
+    y = t * gamma + beta
+    out["y"] = y.astype(np.float32)
+    cs = tuple(xs.shape[i] for i in caxes)
+    result = {"y": out["y"]}
+    for name in spec.updated_names():
+        result[name + "_new"] = np.asarray(out[name + "_new"]).reshape(cs)
+    return result
+
+
+__all__ = ["KernelSpec", "SYMBOLIC", "DTYPES", "canonical_layout", "make_spec", "canonical_shape",
+           "batchnorm_te", "prim_func", "batchnorm_numpy"]

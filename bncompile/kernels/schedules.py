@@ -1,0 +1,378 @@
+"""Schedules for the batch-normalization PrimFuncs of :mod:`bncompile.kernels.compute`, per target.
+
+A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply".
+:func:`schedule` tries the rules of a target kind in order. Rules never change the math, and every
+split here divides its loop exactly: TVM 0.27 silently drops the ``T.where`` predicate of a
+non-divisible split once a block is moved under the split loop (tvm-0.27.md §2), so extents are
+factored with :func:`_divisor` instead.
+
+CPU
+  * ``cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; also ghost BN): one
+    parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
+    squares, scalars, y), so the channel's slice is read from memory once and re-read from cache;
+    the reductions are vectorized along Q through rfactor.
+  * ``cpu_channels_last`` (Q == 1, e.g. NHWC, (N, C)): parallel over blocks of channels, vectorized
+    across the channels of a row; y in the same task so the stripe is still in cache.
+  * ``cpu_generic`` (anything else: axis lists that are not one run of axes): parallel, unvectorized.
+CUDA (arch sm_90 by default)
+  * ``cuda_block_per_channel`` (channel-first, C >= 2x the SM count): one thread block per channel;
+    the reductions are cross-thread (warp shuffles), y is written by the same block, and every scalar
+    other threads read lives in shared memory (ThreadSync puts barriers around it).
+  * ``cuda_two_phase`` (everything else): chunked partial sums through rfactor with coalesced loads
+    (threads along the contiguous axis: Q for channel-first, C for channels-last), a second phase
+    combining the partials, per-channel scalar kernels, and an elementwise y kernel. Kernel
+    boundaries order the global writes and reads, so no scalar is read by another thread of the
+    kernel that wrote it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from bncompile import _tvm
+from bncompile.kernels.compute import KernelSpec
+
+log = logging.getLogger(__name__)
+
+Rule = Callable[[KernelSpec, object], object]
+
+REDUCTIONS = ("sum", "sqsum")
+CUDA_THREADS = 256
+H100_SMS = 132
+
+
+def _divisor(n: int, limit: int) -> int:
+    """Largest divisor of ``n`` that is <= ``limit`` (1 when n is not a static int)."""
+    if not isinstance(n, int):
+        return 1
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _vector_factor(n: int, lanes: int = 16) -> int:
+    """A vector width for a loop of ``n``: a multiple of ``lanes`` dividing n when one exists, else the
+    largest divisor <= 2*lanes."""
+    if not isinstance(n, int):
+        return 1
+    for f in (4 * lanes, 2 * lanes, lanes):
+        if n % f == 0 and n >= f:
+            return f
+    return _divisor(n, 2 * lanes)
+
+
+def _blocks(sch) -> list[str]:
+    """Names of the blocks of the function, in program order."""
+    root = sch.get_sblock("root") if _has_block(sch, "root") else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    return [sch.get(b).name_hint for b in blocks]
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:
+        return False
+
+
+def _ext(sch, loop):
+    e = sch.get(loop).extent
+    return int(e) if hasattr(e, "value") or isinstance(e, int) else e
+
+
+def _static(e) -> int | None:
+    try:
+        return int(e)
+    except Exception:
+        return None
+
+
+def _sched(func):
+    return _tvm.s_tir().Schedule(func)
+
+
+def _inline_parameter_only(sch, names: list[str], keep=("shift",)) -> list[str]:
+    """Inline the blocks that read only function inputs (``bias_c`` without renorm, ``renorm_inv_s``).
+
+    Moved under a channel loop, such a block would be computed for every channel at each iteration
+    (its region is not tied to the loop), dragging its consumers along. Returns the remaining names.
+    """
+    out = []
+    for n in names:
+        blk = sch.get_sblock(n)
+        if n not in keep and not sch.get_producers(blk):
+            try:
+                sch.compute_inline(blk)
+                continue
+            except Exception:  # an output block: leave it
+                pass
+        out.append(n)
+    return out
+
+
+# --------------------------------------------------------------------------- CPU
+
+def cpu_channel_first(spec: KernelSpec, func):
+    if not spec.training or not spec.single_channel_run or spec.shape[-1] == 1:
+        return None
+    if spec.adjustment == "full" and spec.ghost:
+        return None
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    q = int(spec.shape[-1])
+    vec = _vector_factor(q)
+    nstat = 2 if spec.ghost else 1          # stat loops: (c) or (c, g)
+    for b in REDUCTIONS:
+        loops = sch.get_loops(b)
+        if vec > 1:
+            _, qi = sch.split(loops[-1], [None, vec])
+            sch.rfactor(qi, factor_axis=nstat)
+    c = sch.get_loops("shift")[0]
+    movers = (["sum_rf"] if vec > 1 else []) + ["sum", "mean"] + (["sqsum_rf"] if vec > 1 else []) + ["sqsum"]
+    movers += [n for n in names if n not in movers and n not in ("shift", "sum_rf", "sqsum_rf")]
+    for b in movers:
+        sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
+    sch.parallel(c)
+    rfs = ["sum_rf", "sqsum_rf"] if vec > 1 else list(REDUCTIONS)
+    for rf in rfs:
+        loops = sch.get_loops(rf)
+        if vec > 1:
+            # after reverse_compute_at the loops follow the block iters: c | q_inner, c', [g'], reduce...
+            qi = loops[1]
+            sch.reorder(*loops[2:], qi)
+            loops = sch.get_loops(rf)
+            sch.vectorize(loops[-1])
+            sch.decompose_reduction(sch.get_sblock(rf), loops[1 + nstat])
+        else:
+            sch.decompose_reduction(sch.get_sblock(rf), loops[1 + nstat])
+    yl = sch.get_loops("y")
+    if vec > 1:
+        _, yi = sch.split(yl[-1], [None, vec])
+        sch.vectorize(yi)
+    return sch
+
+
+def cpu_channels_last(spec: KernelSpec, func):
+    if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1 or spec.ghost:
+        return None
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    C = int(spec.channel_shape[0])
+    ci = _vector_factor(C) if C > 64 else C
+    if C > 64 and ci < 4:
+        ci = C if C <= 256 else max(ci, _divisor(C, 64))
+    co, _ = sch.split(sch.get_loops("shift")[0], [None, ci])
+    movers = ["sum", "mean", "sqsum"] + [n for n in names if n not in ("shift", "sum", "mean", "sqsum", "y")] + ["y"]
+    for b in movers:
+        sch.reverse_compute_at(sch.get_sblock(b), co, preserve_unit_loops=True)
+    sch.parallel(co)
+    for b in REDUCTIONS:
+        loops = sch.get_loops(b)     # co | c_inner, n, p, q  (block-iter order after the move)
+        sch.reorder(*loops[2:], loops[1])
+        loops = sch.get_loops(b)
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(sch.get_sblock(b), loops[1])
+    # y under co: loops (co, n, p, c_inner, q=1) -> make c_inner innermost and vectorize it
+    yl = sch.get_loops("y")
+    inner = yl[1:]
+    cin = inner[2]
+    sch.reorder(*[l for l in inner if not l.same_as(cin)], cin)
+    sch.vectorize(cin)
+    return sch
+
+
+def cpu_generic(spec: KernelSpec, func):
+    sch = _sched(func)
+    if not spec.training:
+        return None
+    loops = sch.get_loops("y")
+    sch.parallel(loops[0])
+    for b in ("sum", "sqsum"):
+        sch.parallel(sch.get_loops(b)[0])
+    return sch
+
+
+def cpu_inference(spec: KernelSpec, func):
+    if spec.training:
+        return None
+    sch = _sched(func)
+    loops = sch.get_loops("y")
+    if spec.kinds == "RRCR":
+        n, p, c, q = loops
+        fused = sch.fuse(n, p, c)
+        if _static(spec.shape[-1]) and int(spec.shape[-1]) > 1:
+            vec = _vector_factor(int(spec.shape[-1]))
+            if vec > 1:
+                _, qi = sch.split(q, [None, vec])
+                sch.vectorize(qi)
+            sch.parallel(fused)
+        else:
+            C = int(spec.channel_shape[0])
+            np_ = sch.fuse(fused) if False else fused
+            o, ci = sch.split(np_, [None, C])      # o = rows, ci = channel (q == 1)
+            sch.parallel(o)
+            sch.vectorize(sch.fuse(ci, q))
+    else:
+        sch.parallel(loops[0])
+    return sch
+
+
+# --------------------------------------------------------------------------- CUDA
+
+def _cuda_scalar_blocks(names: list[str]) -> list[str]:
+    return [n for n in names if n not in ("shift", "y") + REDUCTIONS and not n.endswith("_new")]
+
+
+def cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
+    """One thread block per channel (stats, scalars and y); for channel-first layouts with many channels."""
+    if not spec.training or not spec.single_channel_run or spec.shape[-1] == 1:
+        return None
+    if int(spec.channel_shape[0]) < 2 * sms and not spec.ghost:
+        return None
+    if spec.ghost and any(not isinstance(d, int) for d in spec.shape):
+        return None                      # per-group scalars of a symbolic group count cannot be shared
+    if spec.adjustment == "full" and spec.ghost:
+        return None
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    nthreads = CUDA_THREADS
+    nstat = 2 if spec.ghost else 1
+    c = sch.get_loops("shift")[0]
+    sch.bind(c, "blockIdx.x")
+    for b in [n for n in names if n != "shift"]:
+        sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
+    for b in REDUCTIONS:
+        loops = sch.get_loops(b)
+        r = sch.fuse(*loops[1 + nstat:])     # loops: c | c', [g], reduce...
+        _, tx = sch.split(r, [None, nthreads])
+        sch.bind(tx, "threadIdx.x")
+    # ghost: the averages over the groups are cross-thread reductions too (a serial reduction that every
+    # thread of the block ran on the same shared accumulator would race)
+    for b in ("batch_shift", "batch_offset", "batch_var"):
+        if b in names:
+            g = sch.get_loops(b)[-1]
+            _, tx = sch.split(g, [None, min(nthreads, 32 * -(-int(spec.stat_shape[-1]) // 32))])
+            sch.bind(tx, "threadIdx.x")
+    yl = sch.get_loops("y")
+    f = sch.fuse(*yl[1:])
+    _, tx = sch.split(f, [None, nthreads])
+    sch.bind(tx, "threadIdx.x")
+    # every scalar read by other threads of this block lives in shared memory
+    for b in ["shift", *REDUCTIONS, *_cuda_scalar_blocks(names)]:
+        sch.set_scope(sch.get_sblock(b), 0, "shared")
+    return sch
+
+
+def _bind_elementwise(sch, block: str, nthreads: int = CUDA_THREADS):
+    loops = sch.get_loops(block)
+    f = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    bx, tx = sch.split(f, [None, nthreads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
+def cuda_two_phase(spec: KernelSpec, func, *, chunks: int = 64):
+    """Chunked two-phase reductions with coalesced loads; works for every single-channel-run layout."""
+    if not spec.training or not spec.single_channel_run:
+        return None
+    if spec.ghost:
+        return None
+    sch = _sched(func)
+    names = _blocks(sch)
+    C = int(spec.channel_shape[0])
+    q = int(spec.shape[-1])
+    channels_last = q == 1
+    for b in REDUCTIONS:
+        loops = sch.get_loops(b)               # c, n, p, q
+        c = loops[0]
+        if channels_last:
+            # threads along c (contiguous); rows split into `chunks` partial sums
+            rows = sch.fuse(*loops[1:])
+            ko, ri = sch.split(rows, [chunks, None])
+            rf = sch.rfactor(ko, factor_axis=0)
+            rl = sch.get_loops(rf)             # c, ko, ri
+            cw = _divisor(C, 32)
+            co, cin = sch.split(rl[0], [None, cw])
+            sch.reorder(rl[1], co, cin, rl[2])
+            bx = sch.fuse(rl[1], co)
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(cin, "threadIdx.x")
+            sch.decompose_reduction(rf, rl[2])
+            # phase 2: each thread combines its channel's partials serially
+            fl = sch.get_loops(b)              # c, ko
+            cb, ct = sch.split(fl[0], [None, cw])
+            sch.bind(cb, "blockIdx.x")
+            sch.bind(ct, "threadIdx.x")
+        else:
+            # threads along the contiguous q axis (coalesced), blocks over (c, chunk)
+            rows = sch.fuse(*loops[1:])
+            ko, ri = sch.split(rows, [chunks, None])
+            rf = sch.rfactor(ko, factor_axis=1)
+            rl = sch.get_loops(rf)             # c, ko, ri
+            bx = sch.fuse(rl[0], rl[1])
+            sch.bind(bx, "blockIdx.x")
+            _, tx = sch.split(rl[2], [None, CUDA_THREADS])
+            sch.bind(tx, "threadIdx.x")        # cross-thread reduction (warp shuffles)
+            fl = sch.get_loops(b)              # c, ko
+            sch.bind(fl[0], "blockIdx.x")
+            sch.bind(fl[1], "threadIdx.x")     # allreduce of the partials
+    for b in ["shift", *_cuda_scalar_blocks(names), *[n for n in names if n.endswith("_new")]]:
+        _bind_elementwise(sch, b, min(CUDA_THREADS, max(32, _divisor(C, CUDA_THREADS))))
+    _bind_elementwise(sch, "y")
+    return sch
+
+
+def cuda_generic(spec: KernelSpec, func):
+    """Fallback for layouts the rules above skip (axis lists, ghost with full adjustment, inference)."""
+    sch = _sched(func)
+    names = _blocks(sch)
+    for b in names:
+        loops = sch.get_loops(b)
+        blk = sch.get(sch.get_sblock(b))
+        # TE blocks list their spatial iters first, one loop each, so the spatial loops lead
+        spatial = [l for l, iv in zip(loops, blk.iter_vars) if int(iv.iter_type) == 0]
+        if not spatial:
+            continue
+        f = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        bx, tx = sch.split(f, [None, 64 if len(spatial) < len(loops) else CUDA_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    return sch
+
+
+# --------------------------------------------------------------------------- dispatch
+
+RULES: dict[str, list[tuple[str, Rule]]] = {
+    "llvm": [("cpu_inference", cpu_inference), ("cpu_channel_first", cpu_channel_first),
+             ("cpu_channels_last", cpu_channels_last), ("cpu_generic", cpu_generic)],
+    "cuda": [("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
+             ("cuda_generic", cuda_generic)],
+}
+
+
+def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
+    """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch)."""
+    kind = _tvm.target_kind(target)
+    rules = RULES.get(kind)
+    if rules is None:
+        from bncompile.errors import UnsupportedError
+        raise UnsupportedError(f"target: no batch-normalization schedules for target kind {kind!r}; "
+                               "use 'llvm' or 'cuda'")
+    for name, fn in rules:
+        if rule is not None and name != rule:
+            continue
+        sch = fn(spec, func)
+        if sch is not None:
+            log.debug("batchnorm kernel %s: schedule %s", spec.kinds, name)
+            return name, sch
+    if rule is not None:
+        from bncompile.errors import UnsupportedError
+        raise UnsupportedError(f"schedule {rule!r} does not apply to layout {spec.kinds} {spec.shape}")
+    return "unscheduled", _sched(func)
+
+
+__all__ = ["RULES", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_generic", "cpu_inference",
+           "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

@@ -1,0 +1,469 @@
+"""ONNX helpers shared by the commands: safe loading, saving, onnxruntime sessions, random feeds.
+
+* :func:`load_model_ir` / :func:`load_model_proto` read a model file after checking it
+  (exists, is ONNX, passes ``onnx.checker.check_model(full_check=True)``, external data stays inside
+  the model's folder). onnx-ir reads external data lazily (memory mapped).
+* :func:`save_model_ir` writes a model atomically; it writes external data beside the output
+  (``<output>.data``) when the input had external data or the model would exceed protobuf's 2 GB.
+  The output never points back at the input's data file.
+* :func:`make_session` builds an onnxruntime session with **all** graph optimizations off (the
+  default level fuses Conv+BatchNormalization itself and would hide a bug).
+* :func:`random_feeds` draws seeded random inputs for a session's inputs.
+* :func:`compare_outputs` measures max abs / relative error between two runs.
+* :func:`model_to_float32` converts a float16/bfloat16 model to a float32 twin (the accuracy reference).
+
+Library code: logs, never prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bncompile._io import atomic_output, check_input_file
+from bncompile.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Serialized protos above this size are written with external data (protobuf's limit is 2 GiB).
+PROTO_LIMIT_BYTES = 2**31 - 2**26
+
+#: ``model.meta`` key set by :func:`load_model_ir`: the file had external data.
+HAD_EXTERNAL_DATA = "bncompile.had_external_data"
+
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+                "tensor(float16)": np.float16}
+
+
+# --------------------------------------------------------------------------- loading
+
+def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs (initializers and tensor attributes)."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensor_protos(attr.g)
+            for g in attr.graphs:
+                yield from _iter_tensor_protos(g)
+
+
+def external_data_locations(model: onnx.ModelProto) -> list[str]:
+    """The ``location`` of every external tensor of ``model`` (main graph, subgraphs, functions)."""
+    locations = []
+    tensors = list(_iter_tensor_protos(model.graph))
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            locations.append(info.get("location", ""))
+    return locations
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: str | os.PathLike) -> None:
+    """Refuse external data that leaves the model's folder (absolute path, ``..``) or is missing."""
+    base = Path(base_dir).resolve()
+    for loc in sorted(set(external_data_locations(model))):
+        if not loc or os.path.isabs(loc) or Path(loc).is_absolute() or loc.startswith(("\\", "/")):
+            raise InputError(f"external data location {loc!r} is absolute or empty: it must be a "
+                             f"file name relative to the model's folder {str(base)!r}")
+        target = (base / loc).resolve()
+        if ".." in Path(loc).parts or not target.is_relative_to(base):
+            raise InputError(f"external data location {loc!r} leaves the model's folder "
+                             f"{str(base)!r}: move the data file beside the model")
+        if not target.is_file():
+            raise InputError(f"external data file {str(target)!r} (location {loc!r}) does not "
+                             "exist: keep the data file beside the model")
+
+
+def _parse_model(path: Path) -> onnx.ModelProto:
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # DecodeError, ValueError, ...: not an ONNX file
+        raise InputError(f"{str(path)!r} is not a readable ONNX model ({type(err).__name__}): "
+                         "check that the file is complete and is an .onnx file") from None
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        raise InputError(f"{str(path)!r} is not an ONNX model (no graph or IR version): "
+                         "check that the file is complete and is an .onnx file")
+    return proto
+
+
+def check_model(model: onnx.ModelProto | str | os.PathLike, *, what: str = "model") -> None:
+    """Run ``onnx.checker.check_model(full_check=True)``; raise InputError with its first line."""
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model),
+                                 full_check=True)
+    except Exception as err:  # ValidationError, InferenceError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{what} fails the ONNX checker: {first}") from None
+
+
+def load_model_proto(path, *, check: bool = True, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load and check a model file as an ``onnx.ModelProto`` (external data loaded unless told)."""
+    p = check_input_file(path)
+    proto = _parse_model(p)
+    check_external_data(proto, p.parent)
+    if check:
+        check_model(p, what=f"model {str(p)!r}")
+    if load_external_data and external_data_locations(proto):
+        onnx.load_external_data_for_model(proto, str(p.parent))
+    return proto
+
+
+def load_model_ir(path, *, check: bool = True):
+    """Load and check a model file as an ``onnx_ir.Model``; external data is read lazily.
+
+    Raises InputError for a missing file, a directory, a non-ONNX or truncated file, a model that
+    fails the full checker, or external data outside the model's folder. Memory: the checker runs
+    first (its memory is returned before parsing), and the parsed proto is released once its
+    tensors are copied out (see :func:`detach_tensors`), so the model is held about once.
+    """
+    import onnx_ir as ir
+
+    p = check_input_file(path)
+    if check:
+        try:
+            check_model(p, what=f"model {str(p)!r}")
+        except InputError:
+            proto = _parse_model(p)             # a clearer message for a file that is not ONNX
+            check_external_data(proto, p.parent)
+            raise
+    proto = _parse_model(p)
+    check_external_data(proto, p.parent)
+    had_external = bool(external_data_locations(proto))
+    model = ir.serde.deserialize_model(proto)
+    detach_tensors(model)
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    model.meta[HAD_EXTERNAL_DATA] = had_external
+    return model
+
+
+_DETACHABLE = None
+
+
+def detach_tensors(model) -> None:
+    """Replace the proto-backed tensors of an ``onnx_ir.Model`` (initializers and tensor attributes,
+    all graphs) by NumPy-backed ones, so the parsed ``ModelProto`` can be freed. External tensors
+    (memory-mapped) and types NumPy cannot hold plainly (strings, 4-bit, 2-bit) are kept as they are."""
+    import onnx_ir as ir
+
+    global _DETACHABLE
+    if _DETACHABLE is None:
+        D = ir.DataType
+        _DETACHABLE = {D.FLOAT, D.DOUBLE, D.FLOAT16, D.BFLOAT16, D.INT8, D.INT16, D.INT32, D.INT64,
+                       D.UINT8, D.UINT16, D.UINT32, D.UINT64, D.BOOL}
+
+    def detach(t):
+        if isinstance(t, ir.serde.TensorProtoTensor) and t.dtype in _DETACHABLE:
+            new = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name, doc_string=t.doc_string,
+                            metadata_props=dict(t.metadata_props))
+            return new
+        return t
+
+    def visit_attrs(node):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR:
+                new = detach(attr.value)
+                if new is not attr.value:
+                    node.attributes[name] = ir.AttrTensor(name, new, doc_string=attr.doc_string)
+            elif attr.type == ir.AttributeType.TENSORS:
+                vals = [detach(t) for t in attr.value]
+                node.attributes[name] = ir.AttrTensors(name, vals, doc_string=attr.doc_string)
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                value.const_value = detach(value.const_value)
+        for node in graph:
+            visit_attrs(node)
+    for fn in model.functions.values():
+        for node in fn:
+            visit_attrs(node)
+
+
+def model_from_proto(proto: onnx.ModelProto, *, check: bool = True, base_dir=None):
+    """Check an in-memory ``ModelProto`` and convert it to an ``onnx_ir.Model``."""
+    import onnx_ir as ir
+
+    if not isinstance(proto, onnx.ModelProto):
+        raise InputError(f"expected an onnx.ModelProto or a path, got {type(proto).__name__}")
+    if base_dir is not None:
+        check_external_data(proto, base_dir)
+    elif external_data_locations(proto):
+        raise InputError("the in-memory model refers to external data: pass the model's path instead")
+    if check:
+        check_model(proto)
+    model = ir.serde.deserialize_model(proto)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, str(base_dir))
+    return model
+
+
+# --------------------------------------------------------------------------- saving
+
+def has_external_tensors(model) -> bool:
+    """Whether an ``onnx_ir.Model`` has any tensor stored as external data."""
+    import onnx_ir as ir
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                return True
+    return False
+
+
+def tensor_bytes(model) -> int:
+    """Total bytes of an ``onnx_ir.Model``'s initializers (all graphs)."""
+    return sum(int(v.const_value.nbytes) for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None)
+
+
+def needs_external_data(model) -> bool:
+    """Whether the model must be saved with external data (too big for one proto, or it had some
+    when loaded by :func:`load_model_ir`)."""
+    return (bool(model.meta.get(HAD_EXTERNAL_DATA)) or has_external_tensors(model)
+            or tensor_bytes(model) >= PROTO_LIMIT_BYTES)
+
+
+def save_model_ir(model, path, *, external_data: bool | None = None) -> Path | None:
+    """Write an ``onnx_ir.Model`` to ``path`` atomically; returns the data file written, if any.
+
+    ``external_data=None`` decides automatically (:func:`needs_external_data`); the data goes to
+    ``<path>.data`` beside the output, never to the input's data file.
+    """
+    import onnx_ir as ir
+
+    out = Path(path)
+    if external_data is None:
+        external_data = needs_external_data(model)
+    data_name = out.name + ".data" if external_data else None
+    with atomic_output(out) as tmp:
+        if data_name:
+            ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            ir.save(model, tmp)
+    return out.parent / data_name if data_name else None
+
+
+@contextlib.contextmanager
+def model_on_disk(model) -> Iterator[str | bytes]:
+    """Yield bytes (small, self-contained models) or the path of a temporary copy (large ones)."""
+    import onnx_ir as ir
+
+    if not has_external_tensors(model) and tensor_bytes(model) < PROTO_LIMIT_BYTES:
+        yield ir.serde.serialize_model(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="bncompile-") as d:
+        p = os.path.join(d, "model.onnx")
+        ir.save(model, p, external_data="model.onnx.data", size_threshold_bytes=1024)
+        yield p
+
+
+# --------------------------------------------------------------------------- running
+
+def make_session(model: str | os.PathLike | bytes | onnx.ModelProto):
+    """An onnxruntime CPU session with all graph optimizations off (ORT_DISABLE_ALL)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, os.PathLike):
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``["x=1,3,224,224", ...]`` into ``{"x": (1, 3, 224, 224)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.split(",") if d.strip() != "")
+            if any(d < 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--input-shape {spec!r}: expected NAME=D1,D2,... with "
+                             "non-negative integers, e.g. x=1,3,224,224") from None
+        shapes[name] = shape
+    return shapes
+
+
+def input_specs(session, input_shapes: Mapping[str, Sequence[int]] | None = None
+                ) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, concrete shape, ORT type) of each session input; a free first dim defaults to 1."""
+    input_shapes = dict(input_shapes or {})
+    specs = []
+    for inp in session.get_inputs():
+        if inp.name in input_shapes:
+            shape = tuple(int(d) for d in input_shapes.pop(inp.name))
+            if len(shape) != len(inp.shape):
+                raise InputError(f"--input-shape {inp.name}: rank {len(shape)} but the model's input "
+                                 f"has rank {len(inp.shape)} {list(inp.shape)}")
+            for d, want in zip(shape, inp.shape):
+                if isinstance(want, int) and want >= 0 and want != d:
+                    raise InputError(f"--input-shape {inp.name}: {list(shape)} does not match the "
+                                     f"model's fixed shape {list(inp.shape)}")
+        else:
+            shape = []
+            for axis, d in enumerate(inp.shape):
+                if isinstance(d, int) and d >= 0:
+                    shape.append(d)
+                elif axis == 0:
+                    shape.append(1)
+                else:
+                    raise InputError(f"input {inp.name!r} has a free dimension {d!r} at axis {axis}: "
+                                     f"give it with --input-shape {inp.name}=...")
+            shape = tuple(shape)
+        specs.append((inp.name, shape, inp.type))
+    if input_shapes:
+        raise InputError(f"--input-shape names unknown inputs {sorted(input_shapes)}: the model's "
+                         f"inputs are {[i.name for i in session.get_inputs()]}")
+    return specs
+
+
+def random_feeds(session, *, seed: int = 0, input_shapes=None) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every input of an onnxruntime session (normal floats, small ints)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape, type_ in input_specs(session, input_shapes):
+        if type_ in _FLOAT_TYPES:
+            feeds[name] = rng.standard_normal(shape).astype(_FLOAT_TYPES[type_])
+        elif type_ == "tensor(bfloat16)":
+            import ml_dtypes
+            feeds[name] = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+        elif type_ == "tensor(bool)":
+            feeds[name] = rng.random(shape) < 0.5
+        elif type_.startswith("tensor(int") or type_.startswith("tensor(uint"):
+            dtype = np.dtype(type_[len("tensor("):-1])
+            feeds[name] = rng.integers(0, 4, size=shape).astype(dtype)
+        else:
+            raise InputError(f"input {name!r} has type {type_}: bncompile cannot draw random "
+                             "values for it")
+    return feeds
+
+
+def compare_outputs(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> dict:
+    """Errors of ``actual`` against ``reference`` over all outputs, in float64: ``max_abs``,
+    ``max_rel`` (max abs error / largest |reference|), ``max_elem_rel``
+    (``|a-r| / max(|r|, 1e-6 * max|r|)``) and ``rms_rel`` (root-mean-square error / largest
+    |reference|, the most stable measure of accuracy)."""
+    max_abs = 0.0
+    max_rel = 0.0
+    max_elem = 0.0
+    rms_rel = 0.0
+    for r, a in zip(reference, actual):
+        r64 = np.asarray(r).astype(np.float64)
+        a64 = np.asarray(a).astype(np.float64)
+        if r64.shape != a64.shape:
+            return {"max_abs": float("inf"), "max_rel": float("inf"), "max_elem_rel": float("inf"),
+                    "rms_rel": float("inf"), "note": f"shape {a64.shape} != {r64.shape}"}
+        if r64.size == 0:
+            continue
+        same_nonfinite = ~np.isfinite(r64) & (r64 == a64)
+        diff = np.where(same_nonfinite, 0.0, np.abs(a64 - r64))
+        diff = np.nan_to_num(diff, nan=np.inf)
+        scale = float(np.max(np.abs(np.where(np.isfinite(r64), r64, 0.0))))
+        err = float(diff.max())
+        max_abs = max(max_abs, err)
+        max_rel = max(max_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
+        floor = max(scale * 1e-6, np.finfo(np.float64).tiny)
+        max_elem = max(max_elem, float((diff / np.maximum(np.abs(r64), floor)).max()))
+        rms = float(np.sqrt(np.mean(np.square(np.where(np.isfinite(diff), diff, 0.0)))))
+        rms_rel = max(rms_rel, rms / scale if scale > 0 else 0.0)
+    return {"max_abs": max_abs, "max_rel": max_rel, "max_elem_rel": max_elem, "rms_rel": rms_rel}
+
+
+# --------------------------------------------------------------------------- dtype twin
+
+_LOW = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _tensor_to_float32(t: onnx.TensorProto) -> None:
+    if t.data_type not in _LOW:
+        return
+    arr = onnx.numpy_helper.to_array(t).astype(np.float32)
+    new = onnx.numpy_helper.from_array(arr, t.name)
+    t.CopyFrom(new)
+
+
+def _type_to_float32(tp: onnx.TypeProto) -> None:
+    which = tp.WhichOneof("value")
+    if which == "tensor_type" and tp.tensor_type.elem_type in _LOW:
+        tp.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    elif which == "sequence_type":
+        _type_to_float32(tp.sequence_type.elem_type)
+    elif which == "optional_type":
+        _type_to_float32(tp.optional_type.elem_type)
+
+
+def _graph_to_float32(g: onnx.GraphProto) -> None:
+    for t in g.initializer:
+        _tensor_to_float32(t)
+    for vi in (*g.input, *g.output, *g.value_info):
+        _type_to_float32(vi.type)
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                _tensor_to_float32(attr.t)
+            for t in attr.tensors:
+                _tensor_to_float32(t)
+            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in _LOW:
+                attr.i = onnx.TensorProto.FLOAT
+            if attr.HasField("g"):
+                _graph_to_float32(attr.g)
+            for sub in attr.graphs:
+                _graph_to_float32(sub)
+
+
+def model_to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every float16/bfloat16 tensor, type and Cast target made float32."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    _graph_to_float32(twin.graph)
+    return twin
+
+
+def model_float_dtype(model: onnx.ModelProto) -> np.dtype | None:
+    """The lowest-precision floating dtype among the graph's inputs and outputs, if any."""
+    order = [(onnx.TensorProto.BFLOAT16, "bfloat16"), (onnx.TensorProto.FLOAT16, "float16"),
+             (onnx.TensorProto.FLOAT, "float32"), (onnx.TensorProto.DOUBLE, "float64")]
+    present = {vi.type.tensor_type.elem_type for vi in (*model.graph.input, *model.graph.output)
+               if vi.type.WhichOneof("value") == "tensor_type"}
+    for code, name in order:
+        if code in present:
+            return name
+    return None
+
+
+def check_output_path_writable(path, *, what: str = "output") -> Path:
+    """Raise InputError now (before any work) if ``path`` cannot be written."""
+    from bncompile._io import check_output_path
+
+    return check_output_path(path, what=what)

@@ -1,0 +1,554 @@
+"""Fold inference BatchNormalization into the layer that produces its input.
+
+Equation. An inference BN is a per-channel affine map on axis 1::
+
+    k = scale / sqrt(var + epsilon)        shift = B - mean * k        y = x * k + shift
+
+A per-channel constant ``Mul`` by ``m`` and/or ``Add`` of ``d`` right after the BN (old converters
+emit them) compose into the same map: ``k <- k*m, shift <- shift*m`` and ``shift <- shift + d``.
+Folding the map into a linear layer ``x = W (*) input + b``::
+
+    W' = W * k   (along W's output-channel axis)        b' = b * k + shift   (b = 0 when absent)
+
+Output-channel axis per layer: Conv weight (O, I/g, k...) axis 0; ConvTranspose weight
+(I, O/g, k...) axis 1 per group (output channel ``group*(O/g) + j``); Gemm ``B`` axis 1, or axis 0
+with transB=1, with ``alpha`` folded into the weight scale (alpha -> 1) and ``beta*C`` into the bias
+(beta -> 1); MatMul constant 2-D right operand axis 1 (a bias Add is inserted, or a following
+constant Add bias is updated). Behind a ``Reshape (M, N) -> (M, C, d...)`` of a Gemm/MatMul output,
+channel ``c`` is the contiguous column block ``[c*N/C, (c+1)*N/C)``, so ``k`` and ``shift`` are
+repeated ``N/C`` times per channel. Values are computed in float64 and rounded once to the layer's
+dtype (a float16 Conv stays float16 whatever the BN parameters' dtype).
+
+Valid only when (one check each, each returning the reason shown in the report):
+
+1. the BN is in inference mode: opset >= 14 ``training_mode=0``; no running-statistics outputs
+   (opset < 14 "training" is the presence of the extra outputs); not opset 6/7 ``spatial=0``;
+2. scale, B, mean and var are constants (initializers that are not overridable graph inputs —
+   in IR 3 initializers listed as inputs are constants —, Constant nodes, or Identity of those),
+   have one shape (C,), are finite, and ``var >= 0``, ``var + epsilon > 0``;
+3. the BN input is produced by a node of the same graph, that value has exactly one use (the BN) and
+   is not a graph output;
+4. the producer is a foldable layer with constant float weight (and constant bias/C when present)
+   whose output-channel count equals C; for MatMul, Gemm and Reshape targets the producer's output is
+   2-D so that BN's axis 1 really is the column axis (a 3-D MatMul output normalized over axis 1 is
+   a different channel);
+5. a trailing Mul/Add is absorbed only when the BN output has exactly that one use, is not a graph
+   output, and the other operand is a constant that broadcasts only along axis 1 (shape with 1 or C
+   at axis 1 and 1 elsewhere after right alignment, rank <= the BN input's rank).
+
+A weight or bias shared with other nodes is copied (the other nodes keep the original); an orphaned
+original initializer (and in IR 3 its graph-input entry), Constant or Identity is removed. The BN's
+output name, its graph-output slot, type and metadata move to the folded layer's output, so graph
+inputs, outputs and their names do not change. Running the pass twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from bncompile.passes._common import (Constants, Names, add_initializer, attr_float,
+                                      attr_int, batchnorm_mode, bn_affine, bypass, is_onnx_op,
+                                      node_label, opset_of, rank_of, remove_if_unused, value_label)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BatchNormDecision", "FoldBatchNormPass"]
+
+
+@dataclasses.dataclass
+class BatchNormDecision:
+    """What the pass did with one BatchNormalization node."""
+
+    node: str
+    graph: str
+    opset: int
+    mode: str                      # "inference", "training", "spatial=0"
+    action: str                    # "folded", "left" (the decompose pass may set "decomposed")
+    into: str | None = None        # e.g. "Conv 'conv1'"
+    into_op: str | None = None
+    absorbed: list[str] = dataclasses.field(default_factory=list)
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Target:
+    """A producer the per-channel map can be folded into."""
+
+    channels: int
+    rank: int | None
+    describe: str
+    op_type: str
+    output: ir.Value                                   # the value that replaces the BN output
+    apply: Callable[[np.ndarray, np.ndarray], ir.Value | None]  # (k, shift) -> new output or None
+
+
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold inference BatchNormalization (and trailing per-channel Mul/Add) into Conv,
+    ConvTranspose, Gemm, MatMul (+Add) and Reshape-of-Gemm/MatMul producers.
+
+    After the call, ``self.decisions`` lists one :class:`BatchNormDecision` per BN node seen.
+    """
+
+    def __init__(self, *, absorb_affine: bool = True):
+        super().__init__()
+        self.absorb_affine = absorb_affine
+        self.decisions: list[BatchNormDecision] = []
+        self.by_node: dict[int, BatchNormDecision] = {}  # id(BN node) -> decision
+
+    # ------------------------------------------------------------------ driver
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self._model = model
+        self._consts = Constants(model)
+        self._names = Names(model)
+        self._orphans: list[ir.Value] = []
+        decisions: dict[int, BatchNormDecision] = {}
+        order: list[int] = []
+        modified = False
+        for _sweep in range(8):
+            folded_this_sweep = False
+            for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+                if not is_onnx_op(node, "BatchNormalization") or node.graph is None:
+                    continue
+                key = id(node)
+                if key in decisions and decisions[key].action == "folded":
+                    continue
+                decision = self._visit(node)
+                if key not in decisions:
+                    order.append(key)
+                decisions[key] = decision
+                if decision.action == "folded":
+                    folded_this_sweep = modified = True
+            if not folded_this_sweep:
+                break
+        for value in self._orphans:
+            remove_if_unused(value, model, self._consts)
+        self.decisions = [decisions[k] for k in order]
+        self.by_node = {k: decisions[k] for k in order}
+        for d in self.decisions:
+            if d.action == "folded":
+                log.info("folded BatchNormalization %r into %s", d.node, d.into)
+            else:
+                log.info("left BatchNormalization %r: %s", d.node, d.reason)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _visit(self, bn: ir.Node) -> BatchNormDecision:
+        opset = opset_of(bn, self._model)
+        graph_name = "main" if bn.graph is self._model.graph else (bn.graph.name or "subgraph")
+        mode, why = batchnorm_mode(bn, opset)
+        decision = BatchNormDecision(node=bn.name or "(unnamed)", graph=graph_name, opset=opset,
+                                     mode=mode, action="left")
+        if why is not None:
+            decision.reason = why
+            return decision
+        reason = self._try_fold(bn, decision)
+        if reason is not None:
+            decision.reason = reason
+        else:
+            decision.action = "folded"
+        return decision
+
+    # ------------------------------------------------------------------ checks + rewrite
+    def _try_fold(self, bn: ir.Node, decision: BatchNormDecision) -> str | None:
+        k, shift, why = bn_affine(bn, self._consts)
+        if why is not None:
+            return why
+        if k.ndim != 1:
+            return f"parameters have shape {k.shape}, expected (C,)"
+        x = bn.inputs[0]
+        why = self._check_producer_output(bn, x)
+        if why is not None:
+            return why
+        target, why = self._target(x.producer(), x, k.shape[0])
+        if target is None:
+            return why
+        if target.channels != k.shape[0]:
+            return (f"{target.describe} has {target.channels} output channels but the BN has "
+                    f"{k.shape[0]}")
+        final, absorbed = bn.outputs[0], []
+        if self.absorb_affine and target.rank is not None:
+            final, absorbed, k, shift = self._absorb_trailing(bn, target.rank, k, shift)
+        new_out = target.apply(k, shift)
+        if new_out is None:  # pragma: no cover - apply checks before mutating
+            return f"{target.describe} could not be rewritten"
+        bypass(final, new_out)
+        doomed = [bn, *absorbed]
+        for node in doomed:
+            for inp in node.inputs[1:]:
+                if inp is not None:
+                    self._orphans.append(inp)
+        bn.graph.remove(list(reversed(doomed)), safe=True)
+        decision.into = target.describe
+        decision.into_op = target.op_type
+        decision.absorbed = [node_label(n) for n in absorbed]
+        return None
+
+    def _check_producer_output(self, bn: ir.Node, x: ir.Value | None) -> str | None:
+        if x is None:
+            return "the BN has no input"
+        producer = x.producer()
+        if producer is None:
+            return f"its input {value_label(x)} is a graph input or initializer: no layer to fold into"
+        if producer.graph is not bn.graph:
+            return f"its input comes from {node_label(producer)} in an enclosing graph"
+        if x.is_graph_output():
+            return f"the output {value_label(x)} of {node_label(producer)} is also a graph output"
+        users = x.uses()
+        if len(users) != 1:
+            others = sorted({node_label(u.node) for u in users if u.node is not bn})
+            return (f"the output {value_label(x)} of {node_label(producer)} has {len(users)} uses "
+                    f"(also {', '.join(others) or 'the BN twice'}): folding would change them")
+        return None
+
+    def _absorb_trailing(self, bn, rank, k, shift):
+        final, absorbed = bn.outputs[0], []
+        channels = k.shape[0]
+        while True:
+            if final.is_graph_output() or len(final.uses()) != 1:
+                break
+            user, index = next(iter(final.uses()))
+            if user.graph is not bn.graph or user.op_type not in ("Mul", "Add") or user.domain not in ("", "ai.onnx"):
+                break
+            if len(user.inputs) != 2 or user.inputs[0] is user.inputs[1]:
+                break
+            other = self._consts.get(user.inputs[1 - index])
+            vec = _per_channel(other, rank, channels)
+            if vec is None:
+                break
+            if user.op_type == "Mul":
+                k, shift = k * vec, shift * vec
+            else:
+                shift = shift + vec
+            absorbed.append(user)
+            final = user.outputs[0]
+        return final, absorbed, k, shift
+
+    # ------------------------------------------------------------------ targets
+    def _target(self, node: ir.Node, out: ir.Value, channels: int) -> tuple[_Target | None, str | None]:
+        if node.domain not in ("", "ai.onnx"):
+            return None, f"its producer {node_label(node)} is not a foldable layer"
+        handler = {"Conv": self._conv, "ConvTranspose": self._conv_transpose, "Gemm": self._gemm,
+                   "MatMul": self._matmul, "Add": self._matmul_add,
+                   "Reshape": self._reshape}.get(node.op_type)
+        if handler is None:
+            return None, (f"its producer {node_label(node)} is not a foldable layer (Conv, "
+                          "ConvTranspose, Gemm, MatMul, MatMul+Add, or Reshape of Gemm/MatMul)")
+        return handler(node, out, channels)
+
+    def _weight(self, node: ir.Node, index: int, what: str):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        arr, why = self._consts.resolve(value)
+        if arr is None:
+            return None, f"{node_label(node)} {what} {why}"
+        if not _is_float(arr):
+            return None, f"{node_label(node)} {what} has non-float dtype {arr.dtype}"
+        return arr, None
+
+    def _write(self, node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
+        """Set ``node.inputs[index]`` to a constant holding ``array`` (copy if shared)."""
+        old = node.inputs[index] if len(node.inputs) > index else None
+        graph = node.graph
+        if (old is not None and old.is_initializer() and old.graph is graph
+                and len(old.uses()) == 1 and not old.is_graph_output()
+                and not self._consts.is_overridable(old)):
+            tensor = ir.tensor(array, name=old.name)
+            old.const_value = tensor
+            old.shape = ir.Shape(array.shape)
+            old.type = ir.TensorType(tensor.dtype)
+            return
+        new = add_initializer(graph, self._model, self._names, base, array)
+        if len(node.inputs) <= index:
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, new)
+        if old is not None:
+            self._orphans.append(old)
+
+    def _conv(self, node, out, channels):
+        w, why = self._weight(node, 1, "weight")
+        if w is None:
+            return None, why
+        if w.ndim < 3:
+            return None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
+        b = None
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b, why = self._weight(node, 2, "bias")
+            if b is None:
+                return None, why
+        wname = node.inputs[1].name or "W"
+
+        def apply(k, shift):
+            scale = k.reshape((-1,) + (1,) * (w.ndim - 1))
+            new_w = (w.astype(np.float64) * scale).astype(w.dtype)
+            b64 = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+            new_b = (b64 * k + shift).astype(w.dtype)
+            self._write(node, 1, new_w, f"{wname}_bnfold")
+            self._write(node, 2, new_b, f"{node.name or wname}_bias_bnfold")
+            return out
+
+        return _Target(w.shape[0], w.ndim, node_label(node), "Conv", out, apply), None
+
+    def _conv_transpose(self, node, out, channels):
+        w, why = self._weight(node, 1, "weight")
+        if w is None:
+            return None, why
+        if w.ndim < 3:
+            return None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
+        group = attr_int(node, "group", 1)
+        if group < 1 or w.shape[0] % group:
+            return None, f"{node_label(node)} group={group} does not divide {w.shape[0]} input channels"
+        b = None
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b, why = self._weight(node, 2, "bias")
+            if b is None:
+                return None, why
+        per_group = w.shape[1]
+        n_out = per_group * group
+        wname = node.inputs[1].name or "W"
+
+        def apply(k, shift):
+            grp = np.arange(w.shape[0]) // (w.shape[0] // group)
+            channel = grp[:, None] * per_group + np.arange(per_group)[None, :]   # (I, O/g)
+            scale = k[channel].reshape(channel.shape + (1,) * (w.ndim - 2))
+            new_w = (w.astype(np.float64) * scale).astype(w.dtype)
+            b64 = np.zeros(n_out) if b is None else b.astype(np.float64)
+            new_b = (b64 * k + shift).astype(w.dtype)
+            self._write(node, 1, new_w, f"{wname}_bnfold")
+            self._write(node, 2, new_b, f"{node.name or wname}_bias_bnfold")
+            return out
+
+        return _Target(n_out, w.ndim, node_label(node), "ConvTranspose", out, apply), None
+
+    def _gemm(self, node, out, channels, *, repeat: int = 1, rank: int | None = 2):
+        opset = opset_of(node, self._model)
+        if opset < 7:
+            return None, f"{node_label(node)} is Gemm opset {opset} (broadcast attribute): not handled"
+        w, why = self._weight(node, 1, "B")
+        if w is None:
+            return None, why
+        if w.ndim != 2:
+            return None, f"{node_label(node)} B has rank {w.ndim}"
+        trans_b = attr_int(node, "transB", 0)
+        alpha = attr_float(node, "alpha", 1.0)
+        beta = attr_float(node, "beta", 1.0)
+        n = w.shape[0] if trans_b else w.shape[1]
+        c = None
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c, why = self._weight(node, 2, "C")
+            if c is None:
+                return None, why
+            if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n)):
+                return None, f"{node_label(node)} C of shape {c.shape} does not broadcast to (M, {n})"
+        wname = node.inputs[1].name or "B"
+
+        def apply(k, shift):
+            k, shift = np.repeat(k, repeat), np.repeat(shift, repeat)
+            col = alpha * k
+            scale = col[:, None] if trans_b else col[None, :]
+            new_w = (w.astype(np.float64) * scale).astype(w.dtype)
+            c64 = np.zeros(n) if c is None else beta * c.astype(np.float64)
+            new_c = (c64 * k + shift).astype(w.dtype)
+            self._write(node, 1, new_w, f"{wname}_bnfold")
+            self._write(node, 2, new_c, f"{node.name or wname}_C_bnfold")
+            node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+            return out
+
+        return _Target(n // repeat if repeat else n, rank, node_label(node), "Gemm", out, apply), None
+
+    def _matmul_rank_check(self, node, out) -> str | None:
+        rank = rank_of(out, self._consts)
+        if rank is None:
+            return (f"the rank of {node_label(node)}'s output is unknown, so BN's axis 1 cannot be "
+                    "proven to be its column axis (add shapes to the model's inputs)")
+        if rank != 2:
+            return (f"{node_label(node)}'s output has rank {rank}: BN normalizes axis 1, not the "
+                    "MatMul's last (column) axis")
+        return None
+
+    def _matmul(self, node, out, channels, *, repeat: int = 1, rank: int | None = 2,
+                check_rank: bool = True):
+        w, why = self._weight(node, 1, "right operand")
+        if w is None:
+            return None, why
+        if w.ndim != 2:
+            return None, f"{node_label(node)} right operand has rank {w.ndim}, expected 2"
+        if check_rank:
+            why = self._matmul_rank_check(node, out)
+            if why:
+                return None, why
+        wname = node.inputs[1].name or "W"
+        n = w.shape[1]
+
+        def apply(k, shift):
+            k, shift = np.repeat(k, repeat), np.repeat(shift, repeat)
+            new_w = (w.astype(np.float64) * k[None, :]).astype(w.dtype)
+            self._write(node, 1, new_w, f"{wname}_bnfold")
+            bias = add_initializer(node.graph, self._model, self._names,
+                                   f"{node.name or wname}_bias_bnfold", shift.astype(w.dtype))
+            add_out = ir.Value(name=self._names.new(f"{out.name or 'matmul'}_bnfold"),
+                               type=out.type, shape=out.shape)
+            add = ir.Node("", "Add", [out, bias], outputs=[add_out],
+                          name=self._names.new(f"{node.name or 'MatMul'}_bias_add"))
+            node.graph.insert_after(node, add)
+            return add_out
+
+        return _Target(n // repeat, rank, node_label(node), "MatMul", out, apply), None
+
+    def _matmul_add(self, node, out, channels, *, repeat: int = 1, rank: int | None = 2,
+                    check_rank: bool = True):
+        if len(node.inputs) != 2:
+            return None, f"its producer {node_label(node)} is not a MatMul + bias Add"
+        for i in (0, 1):
+            mm_out, bias_in = node.inputs[i], node.inputs[1 - i]
+            mm = mm_out.producer() if mm_out is not None else None
+            if mm is not None and is_onnx_op(mm, "MatMul"):
+                break
+        else:
+            return None, f"its producer {node_label(node)} is an Add that does not follow a MatMul"
+        if mm.graph is not node.graph or mm_out.is_graph_output() or len(mm_out.uses()) != 1:
+            return None, (f"{node_label(mm)}'s output has other uses or is a graph output: folding "
+                          "would change them")
+        b, why = self._weight(node, 1 - i, "bias")
+        if b is None:
+            return None, why
+        w, why = self._weight(mm, 1, "right operand")
+        if w is None:
+            return None, why
+        if w.ndim != 2:
+            return None, f"{node_label(mm)} right operand has rank {w.ndim}, expected 2"
+        n = w.shape[1]
+        if b.ndim > 2 or (b.ndim >= 1 and b.shape[-1] not in (1, n)):
+            return None, f"{node_label(node)} bias of shape {b.shape} does not broadcast to (M, {n})"
+        if check_rank:
+            why = self._matmul_rank_check(mm, out)
+            if why:
+                return None, why
+        wname = mm.inputs[1].name or "W"
+        bias_index = 1 - i
+
+        def apply(k, shift):
+            k, shift = np.repeat(k, repeat), np.repeat(shift, repeat)
+            new_w = (w.astype(np.float64) * k[None, :]).astype(w.dtype)
+            new_b = (b.astype(np.float64) * k + shift).astype(b.dtype)
+            self._write(mm, 1, new_w, f"{wname}_bnfold")
+            self._write(node, bias_index, new_b, f"{node.name or wname}_bias_bnfold")
+            return out
+
+        return _Target(n // repeat, rank, f"{node_label(mm)} + {node_label(node)}", "MatMul+Add",
+                       out, apply), None
+
+    def _reshape(self, node, out, channels):
+        data = node.inputs[0]
+        shape = self._consts.get(node.inputs[1] if len(node.inputs) > 1 else None)
+        if shape is None:
+            return None, f"its producer {node_label(node)} has a shape computed at run time"
+        inner = data.producer() if data is not None else None
+        if inner is None or inner.graph is not node.graph or inner.op_type not in ("Gemm", "MatMul", "Add") \
+                or inner.domain not in ("", "ai.onnx"):
+            return None, (f"its producer {node_label(node)} does not reshape a Gemm/MatMul output")
+        if data.is_graph_output() or len(data.uses()) != 1:
+            return None, f"the input of {node_label(node)} has other uses or is a graph output"
+        if inner.op_type != "Gemm":
+            rank = rank_of(data, self._consts)
+            if rank != 2:
+                return None, (f"{node_label(inner)} output rank is {rank}, expected 2 for a "
+                              "Reshape to channel blocks")
+        # the column count of the 2-D producer
+        if inner.op_type == "Gemm":
+            w = self._consts.get(inner.inputs[1])
+            if w is None or w.ndim != 2:
+                return None, f"{node_label(inner)} B is not a constant matrix"
+            n = w.shape[0] if attr_int(inner, "transB", 0) else w.shape[1]
+        else:
+            mm = inner if inner.op_type == "MatMul" else next(
+                (v.producer() for v in inner.inputs if v is not None and v.producer() is not None
+                 and is_onnx_op(v.producer(), "MatMul")), None)
+            w = self._consts.get(mm.inputs[1]) if mm is not None else None
+            if w is None or w.ndim != 2:
+                return None, f"{node_label(inner)} has no constant 2-D MatMul weight"
+            n = w.shape[1]
+        dims = [int(d) for d in np.asarray(shape).reshape(-1)]
+        allowzero = attr_int(node, "allowzero", 0)
+        why = _reshape_blocks(dims, allowzero, n, channels, data)
+        if why:
+            return None, f"{node_label(node)} {why}"
+        repeat = n // channels
+        kind = {"Gemm": self._gemm, "MatMul": self._matmul, "Add": self._matmul_add}[inner.op_type]
+        kwargs = {} if inner.op_type == "Gemm" else {"check_rank": False}
+        target, why = kind(inner, data, n, repeat=repeat, rank=len(dims), **kwargs)
+        if target is None:
+            return None, why
+
+        def apply(k, shift):
+            new_data = target.apply(k, shift)
+            if new_data is not data:
+                node.replace_input_with(0, new_data)
+            return out
+
+        return _Target(channels, len(dims), f"{target.describe} (through {node_label(node)})",
+                       f"{target.op_type}+Reshape", out, apply), None
+
+
+def _reshape_blocks(dims: list[int], allowzero: int, n: int, channels: int, data: ir.Value) -> str | None:
+    """None when Reshape (M, n) -> dims keeps axis 0 and puts channel c on columns
+    [c*n/C, (c+1)*n/C); else the reason."""
+    if len(dims) < 2:
+        return f"reshapes to rank {len(dims)}"
+    if channels <= 0 or n % channels:
+        return f"{n} columns do not split into {channels} channels"
+    if allowzero and 0 in dims:
+        return "uses allowzero=1 with a 0 dimension"
+    m_static = None
+    if data.shape is not None and len(data.shape) == 2 and isinstance(data.shape[0], int):
+        m_static = data.shape[0]
+    dims = list(dims)
+    if dims[1] == 0:
+        dims[1] = n
+    rest = dims[1:]
+    if any(d == 0 for d in rest[1:]):
+        return "copies an input dimension beyond axis 1"
+    if dims[0] == -1:
+        if any(d < 0 for d in rest):
+            return "has two -1 dimensions"
+    elif dims[0] == 0 or (m_static is not None and dims[0] == m_static):
+        if rest.count(-1) > 1:
+            return "has two -1 dimensions"
+        if -1 in rest:
+            known = int(np.prod([d for d in rest if d != -1]))
+            if known == 0 or n % known:
+                return "has a -1 dimension that does not divide the columns"
+            rest[rest.index(-1)] = n // known
+    else:
+        return f"target shape {dims} may not keep the batch axis (input batch {m_static})"
+    if int(np.prod(rest)) != n:
+        return f"target shape {dims} does not keep {n} columns per row"
+    if rest[0] != channels:
+        return f"puts {rest[0]} channels on axis 1, the BN has {channels}"
+    return None
+
+
+def _per_channel(arr: np.ndarray | None, rank: int, channels: int) -> np.ndarray | None:
+    """The (C,) float64 vector of a constant that broadcasts only along axis 1 of a rank-``rank``
+    tensor, or None."""
+    if arr is None or not _is_float(arr):
+        return None
+    if arr.ndim > rank or rank < 2:
+        return None
+    full = (1,) * (rank - arr.ndim) + arr.shape
+    if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] not in (1, channels):
+        return None
+    vec = np.asarray(arr, dtype=np.float64).reshape(-1)
+    if not np.isfinite(vec).all():
+        return None
+    return np.broadcast_to(vec, (channels,)).copy()
+
+
+def _is_float(arr: np.ndarray) -> bool:
+    return arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"

@@ -1,0 +1,241 @@
+"""Seeded builders of small ONNX graphs for the fold tests (random data, never only 0/1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bncompile import onnx_utils
+from bncompile.fold import fold
+
+NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+              np.dtype(np.float64): TensorProto.DOUBLE, np.dtype(np.int64): TensorProto.INT64}
+
+
+class G:
+    """A tiny graph builder: inputs, random initializers, nodes, BN with random params."""
+
+    def __init__(self, *, seed: int = 0, opset: int = 15, ir_version: int = 8, prefix: str = ""):
+        self.prefix = prefix
+        self.rng = np.random.default_rng(seed)
+        self.opset, self.ir_version = opset, ir_version
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self.count = 0
+
+    def name(self, base):
+        self.count += 1
+        return f"{self.prefix}{base}{self.count}"
+
+    def input(self, name, shape, dtype=np.float32):
+        self.inputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[np.dtype(dtype)], shape))
+        return name
+
+    def output(self, name, dtype=np.float32, shape=None):
+        self.outputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[np.dtype(dtype)], shape))
+        return name
+
+    def init(self, arr, name=None):
+        name = name or self.name("w")
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def const(self, arr, name=None):
+        """A Constant node holding ``arr``."""
+        name = name or self.name("c")
+        self.nodes.append(helper.make_node("Constant", [], [name], name=name + "_node",
+                                           value=numpy_helper.from_array(np.asarray(arr), name)))
+        return name
+
+    def rand(self, *shape, dtype=np.float32, scale=0.5):
+        return (self.rng.standard_normal(shape) * scale).astype(dtype)
+
+    def node(self, op, inputs, *, n_out=1, name=None, outputs=None, **attrs):
+        name = name or self.name(op.lower() + "_")
+        outputs = outputs or [f"{name}_out{i}" if n_out > 1 else f"{name}_out" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def bn_params(self, c, dtype=np.float32):
+        gamma = self.rng.standard_normal(c) * 1.2  # includes negatives
+        beta = self.rng.standard_normal(c)
+        mean = self.rng.standard_normal(c) * 0.5
+        var = self.rng.uniform(0.05, 2.0, c)
+        return [a.astype(dtype) for a in (gamma, beta, mean, var)]
+
+    def bn(self, x, c, *, dtype=np.float32, via="init", name=None, outputs=None, **attrs):
+        """A BatchNormalization on ``x`` with ``c`` channels; params as initializers, Constant
+        nodes or Identity of initializers."""
+        names = []
+        for arr in self.bn_params(c, dtype):
+            if via == "init":
+                names.append(self.init(arr))
+            elif via == "constant":
+                names.append(self.const(arr))
+            elif via == "identity":
+                names.append(self.node("Identity", [self.init(arr)]))
+            else:
+                raise ValueError(via)
+        attrs.setdefault("epsilon", float(self.rng.uniform(1e-5, 1e-3)))
+        return self.node("BatchNormalization", [x, *names], name=name or self.name("bn"),
+                         outputs=outputs, **attrs)
+
+    def conv(self, x, c_in, c_out, *, rank=2, k=3, group=1, bias=True, dtype=np.float32, name=None, **attrs):
+        w = self.init(self.rand(c_out, c_in // group, *([k] * rank), dtype=dtype))
+        ins = [x, w] + ([self.init(self.rand(c_out, dtype=dtype))] if bias else [])
+        return self.node("Conv", ins, name=name, group=group, pads=[1] * (2 * rank) if k == 3 else [0] * (2 * rank), **attrs)
+
+    def model(self, *, check: bool = True, opset_imports=None) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=opset_imports or [helper.make_opsetid("", self.opset)],
+                              producer_name="fold_graphs")
+        m.ir_version = self.ir_version
+        if self.ir_version < 4:  # IR 3: every initializer is also listed as a graph input
+            for t in m.graph.initializer:
+                m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+        _fill_output_shapes(m)
+        if check:
+            onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+def _fill_output_shapes(m: onnx.ModelProto) -> None:
+    """Give graph outputs declared without a shape the shape onnx infers (the checker wants one)."""
+    missing = [o for o in m.graph.output if not o.type.tensor_type.HasField("shape")]
+    if not missing:
+        return
+    inferred = onnx.shape_inference.infer_shapes(m)
+    known = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.output)}
+    for o in missing:
+        vi = known.get(o.name)
+        if vi is not None and vi.type.tensor_type.HasField("shape"):
+            o.type.tensor_type.shape.CopyFrom(vi.type.tensor_type.shape)
+        else:
+            raise ValueError(f"cannot infer the shape of output {o.name!r}: declare it")
+
+
+# ------------------------------------------------------------------------- patterns
+
+def conv_bn(*, rank=2, group=1, c_in=4, c_out=6, bias=True, seed=0, dtype=np.float32, opset=15,
+            via="init", bn_dtype=None):
+    g = G(seed=seed, opset=opset)
+    spatial = [5, 6, 4][:rank]
+    x = g.input("x", [2, c_in, *spatial], dtype)
+    y = g.conv(x, c_in, c_out, rank=rank, group=group, bias=bias, dtype=dtype, name="conv")
+    y = g.bn(y, c_out, dtype=bn_dtype or dtype, via=via, name="bn", outputs=["y"])
+    g.output(y, dtype)
+    return g.model()
+
+
+def convtranspose_bn(*, rank=2, group=1, c_in=4, c_out=6, bias=True, output_padding=False, seed=0):
+    g = G(seed=seed)
+    spatial = [4, 3, 3][:rank]
+    x = g.input("x", [2, c_in, *spatial])
+    w = g.init(g.rand(c_in, c_out // group, *([3] * rank)))
+    ins = [x, w] + ([g.init(g.rand(c_out))] if bias else [])
+    attrs = {"group": group}
+    if output_padding:
+        attrs.update(strides=[2] * rank, output_padding=[1] * rank)
+    y = g.node("ConvTranspose", ins, name="convt", **attrs)
+    g.output(g.bn(y, c_out, name="bn", outputs=["y"]))
+    return g.model()
+
+
+def gemm_bn(*, trans_a=0, trans_b=0, alpha=1.0, beta=1.0, c_kind="vector", m=3, k=5, n=4, seed=0):
+    g = G(seed=seed)
+    x = g.input("x", [k, m] if trans_a else [m, k])
+    b = g.init(g.rand(n, k) if trans_b else g.rand(k, n))
+    ins = [x, b]
+    if c_kind == "scalar":
+        ins.append(g.init(g.rand(1)))
+    elif c_kind == "vector":
+        ins.append(g.init(g.rand(n)))
+    elif c_kind == "row":
+        ins.append(g.init(g.rand(1, n)))
+    elif c_kind == "full":
+        ins.append(g.init(g.rand(m, n)))
+    y = g.node("Gemm", ins, name="gemm", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+    g.output(g.bn(y, n, name="bn", outputs=["y"]))
+    return g.model()
+
+
+def matmul_bn(*, x_shape=(3, 5), n=4, add_bias=False, seed=0, channels=None):
+    g = G(seed=seed)
+    x = g.input("x", list(x_shape))
+    y = g.node("MatMul", [x, g.init(g.rand(x_shape[-1], n))], name="matmul")
+    if add_bias:
+        y = g.node("Add", [y, g.init(g.rand(n))], name="bias_add")
+    c = channels if channels is not None else (n if len(x_shape) == 2 else x_shape[1])
+    g.output(g.bn(y, c, name="bn", outputs=["y"]))
+    return g.model()
+
+
+def reshape_bn(*, kind="Gemm", m=2, c=3, spatial=(2, 2), target=None, seed=0):
+    g = G(seed=seed)
+    n = c * int(np.prod(spatial))
+    x = g.input("x", [m, 5])
+    if kind == "Gemm":
+        y = g.node("Gemm", [x, g.init(g.rand(n, 5)), g.init(g.rand(n))], name="gemm", transB=1, alpha=0.7)
+    elif kind == "MatMul":
+        y = g.node("MatMul", [x, g.init(g.rand(5, n))], name="matmul")
+    else:  # MatMul + Add
+        y = g.node("MatMul", [x, g.init(g.rand(5, n))], name="matmul")
+        y = g.node("Add", [y, g.init(g.rand(n))], name="bias_add")
+    shape = target if target is not None else [0, c, *spatial]
+    y = g.node("Reshape", [y, g.init(np.array(shape, dtype=np.int64), "shape")], name="reshape")
+    g.output(g.bn(y, c, name="bn", outputs=["y"]))
+    return g.model()
+
+
+# ------------------------------------------------------------------------- checking helpers
+
+def run_ort(model, feeds):
+    return onnx_utils.make_session(model).run(None, feeds)
+
+
+def feeds_for(model, *, seed=0, input_shapes=None):
+    return onnx_utils.random_feeds(onnx_utils.make_session(model), seed=seed, input_shapes=input_shapes)
+
+
+def bn_count(model: onnx.ModelProto) -> int:
+    def count(graph):
+        n = 0
+        for node in graph.node:
+            n += node.op_type == "BatchNormalization"
+            for a in node.attribute:
+                if a.HasField("g"):
+                    n += count(a.g)
+                for sub in a.graphs:
+                    n += count(sub)
+        return n
+    return count(model.graph)
+
+
+def assert_equivalent(original, folded, *, rtol=1e-5, seeds=(0, 1), input_shapes=None):
+    """Both models give the same outputs in ORT (optimizations off) within ``rtol`` relative to the
+    output range, and the folded one passes the full checker."""
+    onnx.checker.check_model(folded, full_check=True)
+    s_o, s_f = onnx_utils.make_session(original), onnx_utils.make_session(folded)
+    assert [i.name for i in s_o.get_inputs()] == [i.name for i in s_f.get_inputs()]
+    assert [o.name for o in s_o.get_outputs()] == [o.name for o in s_f.get_outputs()]
+    worst = 0.0
+    for seed in seeds:
+        feeds = onnx_utils.random_feeds(s_o, seed=seed, input_shapes=input_shapes)
+        err = onnx_utils.compare_outputs(s_o.run(None, feeds), s_f.run(None, feeds))
+        assert err["max_rel"] <= rtol, err
+        worst = max(worst, err["max_rel"])
+    return worst
+
+
+def fold_and_check(model, *, folded=None, left=None, rtol=1e-5, **options):
+    """Fold (without the built-in check), then assert equivalence and BN counts."""
+    options.setdefault("check", False)
+    result = fold(model, **options)
+    out = result.model
+    assert_equivalent(model, out, rtol=rtol, input_shapes=options.get("input_shapes"))
+    if folded is not None:
+        assert len(result.report.folded) == folded, result.report.summary()
+    if left is not None:
+        assert len(result.report.left) == left, result.report.summary()
+    assert bn_count(out) == len(result.report.left) + 0, result.report.summary()
+    return result

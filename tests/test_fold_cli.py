@@ -1,0 +1,256 @@
+"""`bncompile fold` on the command line: outputs, reports, external data, bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from bncompile import onnx_utils
+from bncompile.cli import main
+from bncompile.errors import InputError
+from bncompile.fold import fold
+from fold_graphs import G, assert_equivalent, bn_count, conv_bn
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    p = tmp_path / "model.onnx"
+    onnx.save(conv_bn(seed=1), p)
+    return p
+
+
+def run_cli(*args, capsys):
+    rc = main(["fold", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_default_output_and_report(model_path, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    rc, out, err = run_cli(model_path, "--report", report, capsys=capsys)
+    assert rc == 0, err
+    folded = tmp_path / "model.folded.onnx"
+    assert folded.exists()
+    assert "folded      bn into Conv 'conv'" in out and "check: ok" in out and "nodes: 2 -> 1" in out
+    data = json.loads(report.read_text())
+    assert data["summary"] == {"batchnorms": 1, "folded": 1, "decomposed": 0, "left": 0}
+    assert data["batchnorms"][0]["into"] == "Conv 'conv'"
+    assert data["check"]["passed"] is True and data["check"]["max_rel"] < 1e-5
+    assert data["nodes_before"] == 2 and data["nodes_after"] == 1 and "fold" in data["seconds"]
+    assert_equivalent(onnx.load(model_path), onnx.load(folded))
+
+
+def test_cli_subprocess_entry_point(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "bncompile", "fold", str(model_path), "-o", str(out),
+                           "--check", "1", "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and out.exists()
+
+
+def test_cli_never_overwrites_input_without_in_place(model_path, capsys):
+    before = model_path.read_bytes()
+    rc, out, err = run_cli(model_path, "-o", model_path, capsys=capsys)
+    assert rc == 2 and "--in-place" in err and len(err.strip().splitlines()) == 1
+    assert model_path.read_bytes() == before
+    rc, out, err = run_cli(model_path, "--in-place", capsys=capsys)
+    assert rc == 0
+    assert bn_count(onnx.load(model_path)) == 0
+
+
+def test_cli_verification_failure_exit_1_nothing_written(model_path, tmp_path, capsys):
+    out_path = tmp_path / "o.onnx"
+    rc, out, err = run_cli(model_path, "-o", out_path, "--tolerance", "0", capsys=capsys)
+    assert rc == 1
+    assert "verification failed" in err and len(err.strip().splitlines()) == 1
+    assert "FAILED" in out
+    assert not out_path.exists()
+
+
+def test_cli_no_check(model_path, tmp_path, capsys):
+    rc, out, err = run_cli(model_path, "-o", tmp_path / "o.onnx", "--no-check", capsys=capsys)
+    assert rc == 0 and "check: skipped" in out
+
+
+def test_cli_input_shape_for_dynamic_dims(tmp_path, capsys):
+    g = G(seed=2)
+    x = g.input("x", ["N", 3, "H", "W"])
+    g.output(g.bn(g.conv(x, 3, 4, name="conv"), 4, name="bn", outputs=["y"]), shape=["N", 4, "H", "W"])
+    p = tmp_path / "dyn.onnx"
+    onnx.save(g.model(), p)
+    rc, out, err = run_cli(p, "-o", tmp_path / "o.onnx", capsys=capsys)
+    assert rc == 2 and "--input-shape x=" in err
+    rc, out, err = run_cli(p, "-o", tmp_path / "o.onnx", "--input-shape", "x=2,3,7,6", capsys=capsys)
+    assert rc == 0, err
+    rc, out, err = run_cli(p, "-o", tmp_path / "o.onnx", "--input-shape", "x=2,3", capsys=capsys)
+    assert rc == 2 and "rank" in err
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad_files(tmp_path, model_path):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_path.read_bytes()[: len(model_path.read_bytes()) // 2])
+    text = tmp_path / "text.onnx"
+    text.write_text("this is not an onnx model\n")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    invalid = tmp_path / "invalid.onnx"
+    m = conv_bn(seed=3)
+    m.graph.node[0].input[0] = "undefined_tensor"
+    onnx.save(m, invalid)
+    return {"missing": tmp_path / "missing.onnx", "directory": tmp_path, "truncated": truncated,
+            "text": text, "empty": empty, "checker": invalid}
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "truncated", "text", "empty", "checker"])
+def test_cli_bad_input_exit_2_one_line_nothing_written(case, tmp_path, model_path, capsys):
+    bad = _bad_files(tmp_path, model_path)[case]
+    before = set(os.listdir(tmp_path))
+    out_path = tmp_path / "out.onnx"
+    rc, out, err = run_cli(bad, "-o", out_path, capsys=capsys)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("bncompile fold: error:")
+    assert "Traceback" not in err
+    assert set(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("case", ["no_folder", "is_directory"])
+def test_cli_unwritable_output_exit_2(case, tmp_path, model_path, capsys):
+    target = tmp_path / "nope" / "o.onnx" if case == "no_folder" else tmp_path
+    before = set(os.listdir(tmp_path))
+    rc, out, err = run_cli(model_path, "-o", target, capsys=capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_cli_bad_input_subprocess(tmp_path):
+    p = tmp_path / "x.onnx"
+    p.write_bytes(b"\x08\x07garbage")
+    proc = subprocess.run([sys.executable, "-m", "bncompile", "fold", str(p)], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [p]
+
+
+# ----------------------------------------------------------------------------- external data
+def _save_external(model, path: Path, location: str | None = None):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save_model converts the proto it is given in place
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location or (path.name + ".data"), size_threshold=0)
+
+
+def test_external_data_written_beside_output_not_pointing_back(tmp_path, capsys):
+    src = tmp_path / "src"
+    dst = tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    m = conv_bn(seed=4, c_in=8, c_out=16)
+    _save_external(m, src / "m.onnx", "weights.bin")
+    rc, out, err = run_cli(src / "m.onnx", "-o", dst / "f.onnx", capsys=capsys)
+    assert rc == 0, err
+    assert (dst / "f.onnx.data").exists()
+    proto = onnx.load(dst / "f.onnx", load_external_data=False)
+    assert set(onnx_utils.external_data_locations(proto)) == {"f.onnx.data"}
+    # the folded model works without the input's data file
+    (src / "weights.bin").rename(tmp_path / "moved.bin")
+    assert_equivalent(m, str(dst / "f.onnx"))
+
+
+def test_external_data_in_place(tmp_path, capsys):
+    m = conv_bn(seed=5)
+    _save_external(m, tmp_path / "m.onnx")
+    rc, out, err = run_cli(tmp_path / "m.onnx", "--in-place", capsys=capsys)
+    assert rc == 0, err
+    assert (tmp_path / "m.onnx.data").exists()
+    assert_equivalent(m, str(tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_external_data_leaving_folder_refused(tmp_path, location, capsys):
+    d = tmp_path / "models"
+    d.mkdir()
+    m = conv_bn(seed=6)
+    _save_external(m, d / "m.onnx", "w.bin")
+    proto = onnx.load(d / "m.onnx", load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(proto, d / "m.onnx")
+    rc, out, err = run_cli(d / "m.onnx", "-o", tmp_path / "o.onnx", capsys=capsys)
+    assert rc == 2 and "external data" in err
+    assert not (tmp_path / "o.onnx").exists()
+    with pytest.raises(InputError):
+        fold(d / "m.onnx")
+
+
+def test_large_model_saved_with_external_data(tmp_path, monkeypatch):
+    """Over the proto limit the model is written with external data (limit lowered for the test)."""
+    monkeypatch.setattr(onnx_utils, "PROTO_LIMIT_BYTES", 1000)
+    m = conv_bn(seed=7, c_in=8, c_out=16)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    r = fold(p, output=tmp_path / "o.onnx")
+    assert r.report.check.passed
+    assert (tmp_path / "o.onnx.data").exists()
+    assert_equivalent(m, onnx.load(tmp_path / "o.onnx"))
+
+
+@pytest.mark.skipif(os.environ.get("BNCOMPILE_SLOW") != "1", reason="writes 2.4 GB; set BNCOMPILE_SLOW=1")
+def test_model_over_2gb(tmp_path):
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(9)
+    c, layers = 8192, 9                      # 9 x (8192 x 8192) float32 = 2.4 GB
+    x = ir.Value(name="x", shape=ir.Shape([1, c, 1, 1]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 15}, name="big")
+    y = x
+    for i in range(layers):
+        w = ir.Value(name=f"w{i}", const_value=ir.tensor(
+            (rng.standard_normal((c, c, 1, 1), dtype=np.float32) / np.sqrt(c)), name=f"w{i}"))
+        w.shape, w.type = ir.Shape([c, c, 1, 1]), ir.TensorType(ir.DataType.FLOAT)
+        graph.register_initializer(w)
+        conv = ir.Node("", "Conv", [y, w], name=f"conv{i}")
+        graph.append(conv)
+        params = []
+        for j, arr in enumerate((rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c),
+                                 rng.uniform(0.1, 2, c))):
+            v = ir.Value(name=f"bn{i}_{j}", const_value=ir.tensor(arr.astype(np.float32), name=f"bn{i}_{j}"))
+            v.shape, v.type = ir.Shape([c]), ir.TensorType(ir.DataType.FLOAT)
+            graph.register_initializer(v)
+            params.append(v)
+        bn = ir.Node("", "BatchNormalization", [conv.outputs[0], *params], name=f"bn{i}")
+        graph.append(bn)
+        y = bn.outputs[0]
+    y.name, y.shape, y.type = "y", ir.Shape([1, c, 1, 1]), ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(y)
+    model = ir.Model(graph, ir_version=8)
+    src = tmp_path / "big.onnx"
+    ir.save(model, src, external_data="big.onnx.data")
+    del model, graph
+    r = fold(src, output=tmp_path / "out.onnx", check_runs=1)
+    assert len(r.report.folded) == layers and r.report.check.passed
+    proto = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert set(onnx_utils.external_data_locations(proto)) == {"out.onnx.data"}
+
+
+# ----------------------------------------------------------------------------- API
+def test_api_accepts_path_and_proto(model_path):
+    a = fold(model_path)
+    b = fold(onnx.load(model_path))
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert a.report.to_dict()["summary"]["folded"] == 1
+    assert "1 folded" in repr(a)
+
+
+def test_api_keyword_only(model_path):
+    with pytest.raises(TypeError):
+        fold(model_path, None)  # noqa
