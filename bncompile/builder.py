@@ -51,10 +51,10 @@ DTYPES = {
 
 
 def _normalize_shape(input_shape) -> list:
-    if isinstance(input_shape, str):
-        input_shape = [None if s.strip() in ("", "?", "None", "N", "-1") else int(s)
-                       for s in input_shape.split(",")]
     try:
+        if isinstance(input_shape, str):
+            input_shape = [None if s.strip() in ("", "?", "None", "N", "-1") else int(s)
+                           for s in input_shape.split(",")]
         shape = [None if d is None or (isinstance(d, (int, np.integer)) and d < 0) else int(d)
                  for d in input_shape]
     except (TypeError, ValueError):
@@ -92,6 +92,14 @@ class _Graph:
                                            **attrs))
         return outs[0] if len(outs) == 1 else outs
 
+    def rename(self, value: str, name: str) -> None:
+        """Rename the tensor ``value`` everywhere (it becomes a graph output named ``name``)."""
+        for node in self.nodes:
+            for seq in (node.input, node.output):
+                for i, v in enumerate(seq):
+                    if v == value:
+                        seq[i] = name
+
     def const(self, hint: str, array: np.ndarray, *, name: str | None = None) -> str:
         n = name or self.name(hint)
         self.inits.append(numpy_helper.from_array(np.asarray(array), n))
@@ -99,14 +107,6 @@ class _Graph:
 
     def ints(self, hint: str, values) -> str:
         return self.const(hint, np.asarray(list(values), dtype=np.int64))
-
-
-def _tensor(name: str, array: np.ndarray, elem_type: int) -> onnx.TensorProto:
-    if elem_type == TensorProto.BFLOAT16:
-        import ml_dtypes
-        t = numpy_helper.from_array(np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16), name)
-        return t
-    return numpy_helper.from_array(np.asarray(array), name)
 
 
 class _Layout:
@@ -179,12 +179,19 @@ class _Layout:
             y = self.g.node("Transpose", [y], perm=inv, hint="from_channels_contiguous")
         return y
 
-    def adjustment(self, name: str, x_orig: str) -> str:
-        """An adjustment input (broadcasting against x) in the custom ops' canonical layout."""
-        full = self.g.node("Expand", [name, self.g.node("Shape", [x_orig])], hint=f"{name}_expand")
+    def adjustment(self, name: str, x_orig: str, like: str) -> str:
+        """An adjustment input (broadcasting against x) in the custom ops' canonical layout, typed like ``like``."""
+        value = self.g.node("CastLike", [name, like], hint=f"{name}_cast")
+        full = self.g.node("Expand", [value, self.g.node("Shape", [x_orig])], hint=f"{name}_expand")
         if self.perm:
             full = self.g.node("Transpose", [full], perm=self.perm)
         return self.to("op", full)
+
+
+def _mix_seed(seed: int, stream: int) -> float:
+    """A large, float32-exact seed per (seed, stream): onnxruntime's generator (a linear congruential
+    engine) gives nearly equal first draws for small seeds such as 0 and 1."""
+    return float((int(seed) * 2654435761 + stream * 40503 + 97) % 16777213 + 1)
 
 
 def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: str = "float32",
@@ -230,9 +237,13 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
         return s, b
 
     def emit_output(name, value):  # a (C,) result as the Keras-shaped output `name`
+        # The producing node writes the graph output itself (no Identity or Reshape after it): onnxruntime
+        # lets a training-mode BatchNormalization update its running statistics in place, into the
+        # buffer of an initializer it was fed, whenever its output is an intermediate.
         if len(pshape) != 1:
-            value = g.node("Reshape", [value, g.ints("pshape", list(pshape))], hint=name)
-        g.node("Identity", [value], outputs=[name], hint=name)
+            g.node("Reshape", [value, g.ints("pshape", list(pshape))], outputs=[name], hint=name)
+        else:
+            g.rename(value, name)
         outputs.append(helper.make_tensor_value_info(name, stat_type, list(pshape)))
 
     x_in = lay.x
@@ -249,23 +260,32 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
                         hint="BatchNormalization")
         else:
             m = config.momentum
-            if res.fused:  # running_var output = (1-m)*var_B; rescale to the unbiased estimate
-                # The zero input_var must be computed, not an initializer: onnxruntime's training-mode
-                # BatchNormalization writes running_var into a constant input_var's buffer in place.
-                zero = g.node("Mul", [var, g.const("zero", np.asarray(0.0, stat_np))], hint="zero_variance")
-                yb, mean_new, part = g.node("BatchNormalization", [xb, s, b, mean, zero], 3, epsilon=res.epsilon,
-                                            momentum=m, training_mode=1, hint="BatchNormalization")
-                n = lay._prod(shape)
-                if n is not None:
-                    n_per_c = n // C
-                    factor = g.const("bessel", np.asarray(n_per_c / max(n_per_c - 1, 1), stat_np))
-                else:
-                    size = g.node("Cast", [g.node("Size", [lay.x])], to=stat_type)
-                    n_f = g.node("Div", [size, g.const("C", np.asarray(C, stat_np))])
-                    one = g.const("one", np.asarray(1.0, stat_np))
-                    factor = g.node("Div", [n_f, g.node("Max", [g.node("Sub", [n_f, one]), one])], hint="bessel")
-                var_new = g.node("Add", [g.node("Mul", [var, g.const("momentum", np.asarray(m, stat_np))]),
-                                         g.node("Mul", [part, factor])], hint="unbiased_moving_variance")
+            if res.fused or len(pshape) != 1:
+                # Fed zero statistics, the node returns (1-m)*mu_B and (1-m)*var_B; the EMA is finished
+                # here, with the fused path's n/(n-1) on the variance. The zeros are computed, not
+                # initializers, and the variables reach the node only through this arithmetic:
+                # onnxruntime updates a training-mode BatchNormalization's running statistics in place,
+                # into the buffer it was fed, which must never be a variable's initializer.
+                zero = g.const("zero", np.asarray(0.0, stat_np))
+                yb, part_mean, part_var = g.node(
+                    "BatchNormalization", [xb, s, b, g.node("Mul", [mean, zero], hint="zero_mean"),
+                                           g.node("Mul", [var, zero], hint="zero_variance")], 3,
+                    epsilon=res.epsilon, momentum=m, training_mode=1, hint="BatchNormalization")
+                mom = g.const("momentum", np.asarray(m, stat_np))
+                mean_new = g.node("Add", [g.node("Mul", [mean, mom]), part_mean], hint="moving_mean_ema")
+                if res.fused:
+                    n = lay._prod(shape)
+                    if n is not None:
+                        n_per_c = n // C
+                        factor = g.const("bessel", np.asarray(n_per_c / max(n_per_c - 1, 1), stat_np))
+                    else:
+                        size = g.node("Cast", [g.node("Size", [lay.x])], to=stat_type)
+                        n_f = g.node("Div", [size, g.const("C", np.asarray(C, stat_np))])
+                        one = g.const("one", np.asarray(1.0, stat_np))
+                        factor = g.node("Div", [n_f, g.node("Max", [g.node("Sub", [n_f, one]), one])],
+                                        hint="bessel")
+                    part_var = g.node("Mul", [part_var, factor], hint="unbiased")
+                var_new = g.node("Add", [g.node("Mul", [var, mom]), part_var], hint="moving_variance_ema")
             else:
                 yb, mean_new, var_new = g.node("BatchNormalization", [xb, s, b, mean, var], 3, epsilon=res.epsilon,
                                                momentum=m, training_mode=1, hint="BatchNormalization")
@@ -294,15 +314,18 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
             attrs["virtual_batch_size"] = config.virtual_batch_size
         adj_outputs = []
         if config.adjustment == "inputs":
-            for name, default in (("adjustment_scale", 1.0), ("adjustment_bias", 0.0)):
-                inputs.append(helper.make_tensor_value_info(name, x_type, None))
-                g.inits.append(_tensor(name, np.full([1] * len(shape), default, np.float32), x_type))
-                args.append(g.node("CastLike", [lay.adjustment(name, "x"), xo]))
+            # required inputs (the caller computes them, as Keras's adjustment function would) of x's
+            # rank, each dim either x's size or 1 (the checker wants a declared rank: reshape a (C,)
+            # vector to (1, ..., C, ..., 1))
+            for name in ("adjustment_scale", "adjustment_bias"):
+                inputs.append(helper.make_tensor_value_info(name, x_type,
+                                                            [f"{name}_d{i}" for i in range(len(shape))]))
+                args.append(lay.adjustment(name, "x", xo))
         elif isinstance(config.adjustment, RandomAdjustment):
             adj = config.adjustment
             for i, (name, (lo, hi)) in enumerate((("adjustment_scale", adj.scale_range),
                                                   ("adjustment_bias", adj.bias_range))):
-                drawn = g.node("RandomUniform", [], low=float(lo), high=float(hi), seed=float(adj.seed + i),
+                drawn = g.node("RandomUniform", [], low=float(lo), high=float(hi), seed=_mix_seed(adj.seed, i),
                                shape=[C], dtype=stat_type, hint=name)
                 adj_outputs.append((name, drawn))
                 per_channel = g.node("Reshape", [drawn, g.ints("bshape", [1, 1, C, 1])])

@@ -151,8 +151,7 @@ class FoldResult:
     @property
     def model(self) -> onnx.ModelProto:
         if self._proto is None:
-            import onnx_ir as ir
-            self._proto = ir.serde.serialize_model(self.ir_model)
+            self._proto = onnx_utils.serialize_model(self.ir_model)
         return self._proto
 
     def save(self, path, *, external_data: bool | None = None) -> Path | None:
@@ -174,6 +173,7 @@ def _load(model_or_path, validate: bool):
     """(ir model, source for the original session, original proto if in memory, path or None)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
+        # detach at load: the parsed proto is freed before the folded weights are allocated
         return onnx_utils.load_model_ir(path, check=validate), path
     if isinstance(model_or_path, onnx.ModelProto):
         return onnx_utils.model_from_proto(model_or_path, check=validate), None
@@ -301,8 +301,12 @@ def _verify(model_or_path, path, result: FoldResult, *, check_runs, seed, input_
         else:
             orig_proto = model_or_path
             orig_src = model_or_path.SerializeToString()
-        s_orig = onnx_utils.make_session(orig_src)
-        s_fold = onnx_utils.make_session(folded_src)
+        try:
+            s_orig = onnx_utils.make_session(orig_src)
+            s_fold = onnx_utils.make_session(folded_src)
+        except InputError as err:
+            raise InputError(f"cannot verify the result: {err}; re-run with --no-check "
+                             "(check=False) to fold without verification") from None
         names_o = [(i.name, i.type) for i in s_orig.get_inputs()]
         names_f = [(i.name, i.type) for i in s_fold.get_inputs()]
         outs_o = [(o.name, o.type) for o in s_orig.get_outputs()]

@@ -127,13 +127,14 @@ def load_model_proto(path, *, check: bool = True, load_external_data: bool = Tru
     return proto
 
 
-def load_model_ir(path, *, check: bool = True):
+def load_model_ir(path, *, check: bool = True, detach: bool = True):
     """Load and check a model file as an ``onnx_ir.Model``; external data is read lazily.
 
     Raises InputError for a missing file, a directory, a non-ONNX or truncated file, a model that
     fails the full checker, or external data outside the model's folder. Memory: the checker runs
-    first (its memory is returned before parsing), and the parsed proto is released once its
-    tensors are copied out (see :func:`detach_tensors`), so the model is held about once.
+    first (its memory is returned before parsing); with ``detach`` the parsed proto is released
+    once its tensors are copied out (:func:`detach_tensors`). A caller that replaces most tensors
+    anyway can pass ``detach=False`` and call :func:`detach_tensors` afterwards (cheaper).
     """
     import onnx_ir as ir
 
@@ -149,7 +150,8 @@ def load_model_ir(path, *, check: bool = True):
     check_external_data(proto, p.parent)
     had_external = bool(external_data_locations(proto))
     model = ir.serde.deserialize_model(proto)
-    detach_tensors(model)
+    if detach:
+        detach_tensors(model)
     del proto
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     model.meta[HAD_EXTERNAL_DATA] = had_external
@@ -259,8 +261,65 @@ def save_model_ir(model, path, *, external_data: bool | None = None) -> Path | N
         if data_name:
             ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
         else:
-            ir.save(model, tmp)
+            write_model_streaming(model, tmp)
     return out.parent / data_name if data_name else None
+
+
+def _drop_initializer_value_info(graph: onnx.GraphProto, names=None) -> None:
+    """Remove value_info entries that only repeat an initializer's type (onnx-ir adds them)."""
+    names = set(names or ()) | {t.name for t in graph.initializer}
+    if any(vi.name in names for vi in graph.value_info):
+        kept = [vi for vi in graph.value_info if vi.name not in names]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _drop_initializer_value_info(attr.g)
+            for sub in attr.graphs:
+                _drop_initializer_value_info(sub)
+
+
+def serialize_model(model) -> onnx.ModelProto:
+    """``onnx_ir.serde.serialize_model`` without the value_info entries it adds for initializers."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(model)
+    _drop_initializer_value_info(proto.graph)
+    return proto
+
+
+def write_model_streaming(model, path) -> None:
+    """Write an ``onnx_ir.Model`` as one self-contained ``.onnx`` file, one initializer at a time.
+
+    The model without its main-graph initializers is serialized first; then each initializer is
+    appended as its own ``ModelProto{graph{initializer}}`` chunk. Protobuf parsers merge repeated
+    occurrences of an embedded message field (``graph``) and append repeated fields
+    (``initializer``), so the file parses to exactly the model ``ir.save`` would write, while peak
+    memory stays about one tensor instead of two full copies of the model.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    inits = list(graph.initializers.values())
+    for value in inits:
+        graph.initializers.pop(value.name)
+    try:
+        head_proto = ir.serde.serialize_model(model)
+    finally:
+        for value in inits:
+            graph.register_initializer(value)
+    _drop_initializer_value_info(head_proto.graph, {v.name for v in inits})
+    head = head_proto.SerializeToString()
+    del head_proto
+    with open(path, "wb") as f:
+        f.write(head)
+        del head
+        for value in inits:
+            chunk = onnx.ModelProto()
+            chunk.graph.initializer.append(ir.serde.serialize_tensor(value.const_value))
+            chunk.graph.initializer[0].name = value.name
+            f.write(chunk.SerializeToString())
 
 
 @contextlib.contextmanager
@@ -269,7 +328,7 @@ def model_on_disk(model) -> Iterator[str | bytes]:
     import onnx_ir as ir
 
     if not has_external_tensors(model) and tensor_bytes(model) < PROTO_LIMIT_BYTES:
-        yield ir.serde.serialize_model(model).SerializeToString()
+        yield serialize_model(model).SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="bncompile-") as d:
         p = os.path.join(d, "model.onnx")

@@ -171,6 +171,9 @@ def batchnorm_mode(node: ir.Node, opset: int) -> tuple[str, str | None]:
     if extra:
         return "training", (f"training mode: the node has {len(extra)} extra output(s) "
                             f"({', '.join(repr(o.name) for o in extra)}) with running statistics")
+    if opset < 7 and attr_int(node, "is_test", 0) == 0:
+        return "training", ("opset 6 is_test=0 (the default): the node is declared to use the batch "
+                            "statistics; only is_test=1 is inference")
     if opset < 9 and attr_int(node, "spatial", 1) == 0:
         return "spatial=0", "spatial=0: per-element (C, D1..Dn) parameters, not per channel"
     return "inference", None

@@ -22,7 +22,8 @@ dtype (a float16 Conv stays float16 whatever the BN parameters' dtype).
 Valid only when (one check each, each returning the reason shown in the report):
 
 1. the BN is in inference mode: opset >= 14 ``training_mode=0``; no running-statistics outputs
-   (opset < 14 "training" is the presence of the extra outputs); not opset 6/7 ``spatial=0``;
+   (opset < 14 "training" is the presence of the extra outputs); opset 6 ``is_test=1``; not
+   opset 6/7 ``spatial=0``;
 2. scale, B, mean and var are constants (initializers that are not overridable graph inputs —
    in IR 3 initializers listed as inputs are constants —, Constant nodes, or Identity of those),
    have one shape (C,), are finite, and ``var >= 0``, ``var + epsilon > 0``;

@@ -6,6 +6,10 @@ named like ``y``. Runs in graph order, so chains such as ``Sqrt(Add(ConstantOfSh
 fold completely; it makes BN parameters and layer weights built from constants visible to
 :mod:`bncompile.passes.fold_batchnorm`.
 
+By default (``only_feeding_layers=True``) only subexpressions that feed a BatchNormalization
+parameter, a Conv/ConvTranspose/Gemm/MatMul weight or bias, a Mul/Add operand or a Reshape shape are
+folded, so the rest of the model is not touched.
+
 Valid only when (one check each; a node that fails one is left as it is):
 
 1. the node is a standard ai.onnx operator with at least one input, not ``Constant`` or
@@ -46,9 +50,10 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     ``self.skipped`` ``(op_type, node name, reason)`` of constant-input nodes left alone.
     """
 
-    def __init__(self, *, max_elements: int = 1 << 24):
+    def __init__(self, *, max_elements: int = 1 << 24, only_feeding_layers: bool = True):
         super().__init__()
         self.max_elements = max_elements
+        self.only_feeding_layers = only_feeding_layers
         self.folded: list[tuple[str, str]] = []
         self.skipped: list[tuple[str, str, str]] = []
 
@@ -56,8 +61,12 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         self.folded, self.skipped = [], []
         consts = Constants(model)
         orphans: list[ir.Value] = []
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        wanted = _wanted_values(nodes) if self.only_feeding_layers else None
+        for node in nodes:
             if node.graph is None:
+                continue
+            if wanted is not None and not any(id(o) in wanted for o in node.outputs):
                 continue
             why = self._refuse(node, consts)
             if why == "":
@@ -151,3 +160,22 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             graph.register_initializer(new)
             if (model.ir_version or 0) < 4 and graph is model.graph:
                 graph.inputs.append(new)
+
+
+#: inputs whose constant value the BN fold reads, per consumer op
+_READS = {"BatchNormalization": slice(1, 5), "Conv": slice(1, 3), "ConvTranspose": slice(1, 3),
+          "Gemm": slice(1, 3), "MatMul": slice(1, 2), "Add": slice(0, 2), "Mul": slice(0, 2),
+          "Reshape": slice(1, 2)}
+
+
+def _wanted_values(nodes: list[ir.Node]) -> set[int]:
+    """ids of values that feed, through any chain of nodes, an input the BN fold reads."""
+    wanted: set[int] = set()
+    for node in nodes:
+        sl = _READS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if sl is not None:
+            wanted.update(id(v) for v in node.inputs[sl] if v is not None)
+    for node in reversed(nodes):
+        if any(id(o) in wanted for o in node.outputs):
+            wanted.update(id(v) for v in node.inputs if v is not None)
+    return wanted

@@ -122,7 +122,8 @@ def conv_bn(*, rank=2, group=1, c_in=4, c_out=6, bias=True, seed=0, dtype=np.flo
     spatial = [5, 6, 4][:rank]
     x = g.input("x", [2, c_in, *spatial], dtype)
     y = g.conv(x, c_in, c_out, rank=rank, group=group, bias=bias, dtype=dtype, name="conv")
-    y = g.bn(y, c_out, dtype=bn_dtype or dtype, via=via, name="bn", outputs=["y"])
+    extra = {"is_test": 1} if opset < 7 else {}
+    y = g.bn(y, c_out, dtype=bn_dtype or dtype, via=via, name="bn", outputs=["y"], **extra)
     g.output(y, dtype)
     return g.model()
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 from bncompile import onnx_utils
 from bncompile.cli import main
@@ -215,7 +214,7 @@ def test_model_over_2gb(tmp_path):
     y = x
     for i in range(layers):
         w = ir.Value(name=f"w{i}", const_value=ir.tensor(
-            (rng.standard_normal((c, c, 1, 1), dtype=np.float32) / np.sqrt(c)), name=f"w{i}"))
+            (rng.standard_normal((c, c, 1, 1), dtype=np.float32) / np.float32(np.sqrt(c))), name=f"w{i}"))
         w.shape, w.type = ir.Shape([c, c, 1, 1]), ir.TensorType(ir.DataType.FLOAT)
         graph.register_initializer(w)
         conv = ir.Node("", "Conv", [y, w], name=f"conv{i}")
@@ -254,3 +253,22 @@ def test_api_accepts_path_and_proto(model_path):
 def test_api_keyword_only(model_path):
     with pytest.raises(TypeError):
         fold(model_path, None)  # noqa
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_streaming_write_equals_full_serialization(tmp_path, ir_version):
+    import onnx_ir as ir
+
+    g = G(seed=10, opset=9 if ir_version == 3 else 15, ir_version=ir_version)
+    x = g.input("x", [1, 3, 5, 5])
+    g.output(g.node("Relu", [g.bn(g.conv(x, 3, 4, name="conv"), 4, name="bn")], name="relu", outputs=["y"]))
+    model = ir.serde.deserialize_model(g.model())
+    onnx_utils.write_model_streaming(model, tmp_path / "s.onnx")
+    loaded = onnx.load(tmp_path / "s.onnx")
+    assert loaded == onnx_utils.serialize_model(model)
+    onnx.checker.check_model(loaded, full_check=True)
+
+
+def test_fold_result_has_no_initializer_value_info():
+    r = fold(conv_bn(seed=11), check=False)
+    assert len(r.model.graph.value_info) == 0

@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 from bncompile import onnx_utils
 from bncompile.fold import fold
-from fold_graphs import G, assert_equivalent, bn_count, conv_bn, fold_and_check
+from fold_graphs import G, bn_count, conv_bn, fold_and_check
 
 
 # ----------------------------------------------------------------------------- training mode

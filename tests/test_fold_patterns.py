@@ -48,6 +48,14 @@ def test_conv_bn_opsets(opset):
         fold_and_check(m, folded=1)
 
 
+def test_opset6_is_test_0_left():
+    g = G(seed=30, opset=6)
+    x = g.input("x", [1, 3, 5, 5])
+    g.output(g.bn(g.conv(x, 3, 4, name="conv"), 4, name="bn", outputs=["y"]), shape=[1, 4, 5, 5])
+    r = fold(g.model(), check=False)
+    assert len(r.report.left) == 1 and "is_test=0" in r.report.left[0].reason
+
+
 def test_conv_negative_weight_is_runtime_input():
     g = G(seed=3)
     x = g.input("x", [1, 3, 5, 5])
@@ -327,3 +335,42 @@ def test_bn_inside_scan_body():
 
 def test_main_graph_bn_count_helper():
     assert bn_count(conv_bn()) == 1
+
+
+def test_unrelated_constant_subexpressions_untouched():
+    g = G(seed=31)
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.bn(g.conv(x, 3, 4, name="conv"), 4, name="bn")
+    expo = g.node("Sqrt", [g.init(np.array(4.0, np.float32))], name="unrelated_sqrt")
+    y = g.node("Pow", [g.node("Relu", [y], name="relu"), expo], name="pow", outputs=["y"])
+    g.output(y)
+    r = fold_and_check(g.model(), folded=1)
+    assert r.report.constants_folded == []
+    assert [n.op_type for n in r.model.graph.node] == ["Conv", "Sqrt", "Relu", "Pow"]
+
+
+def test_bfloat16_gemm_with_float32_params_stays_bfloat16():
+    import ml_dtypes
+
+    g = G(seed=32)
+    g.inputs.append(helper.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, [3, 5]))
+    y = g.node("Gemm", ["x", g.init(g.rand(5, 4).astype(ml_dtypes.bfloat16))], name="gemm")
+    g.bn(y, 4, dtype=np.float32, name="bn", outputs=["y"])
+    g.outputs.append(helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [3, 4]))
+    m = g.model()
+    r = fold(m, check=False)  # onnxruntime has no bfloat16 Gemm kernel on CPU: no numeric check
+    assert len(r.report.folded) == 1
+    onnx.checker.check_model(r.model, full_check=True)
+    assert {t.data_type for t in r.model.graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    # numbers: the folded Gemm in float64 against the unfolded formula
+    from onnx import numpy_helper as nh
+    inits = {t.name: nh.to_array(t).astype(np.float64) for t in m.graph.initializer}
+    bn = m.graph.node[1]
+    gamma, beta, mean, var = (inits[n] for n in bn.input[1:])
+    eps = next(a.f for a in bn.attribute if a.name == "epsilon")
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    ref = (x @ inits[m.graph.node[0].input[1]] - mean) / np.sqrt(var + eps) * gamma + beta
+    new = {t.name: nh.to_array(t).astype(np.float64) for t in r.model.graph.initializer}
+    gemm = r.model.graph.node[0]
+    got = x @ new[gemm.input[1]] + new[gemm.input[2]]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=0.05 * np.abs(ref).max())

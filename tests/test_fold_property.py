@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -77,8 +76,9 @@ def build(spec):
             if L["kind"] == "gemm":
                 b = g.init(g.rand(n, k) if L["trans_b"] else g.rand(k, n))
                 ins = [y, b]
-                if L["c_kind"] != "none":
-                    ins.append(g.init({"scalar": g.rand(1), "vector": g.rand(n), "full": g.rand(m, n)}[L["c_kind"]]))
+                c_kind = L["c_kind"] if spec["opset"] >= 11 or L["c_kind"] != "none" else "vector"
+                if c_kind != "none":
+                    ins.append(g.init({"scalar": g.rand(1), "vector": g.rand(n), "full": g.rand(m, n)}[c_kind]))
                 y = g.node("Gemm", ins, name=f"layer{i}", transA=L["trans_a"], transB=L["trans_b"],
                            alpha=L["alpha"], beta=L["beta"])
             else:

@@ -66,6 +66,13 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
         return hit
     func = prim_func(spec)
     name, sch = schedules.schedule(spec, func, target=tdict, rule=schedule)
+    if tdict.get("kind") == "cuda":
+        try:
+            _tvm.verify_memory(sch.mod, tdict)      # catches host code touching device buffers
+        except Exception as err:
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds} "
+                                   f"(host code reads device memory: {first})") from None
     ex = _tvm.build(sch.mod, tdict)
     if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):
         raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds}")

@@ -163,6 +163,9 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     """
     from bncompile import _tvm
 
+    if _tvm.target_kind(target) == "cuda" and not _tvm.cuda_available():
+        log.warning("benchmark: no CUDA GPU here; the CUDA benchmark is skipped")
+        return {"machine": {"target": target, "skipped": "no CUDA GPU"}, "cases": []}
     cases = []
     for s in (shapes or DEFAULT_CASES):
         if isinstance(s, Case):
@@ -223,6 +226,8 @@ def format_table(result: dict) -> str:
                      f"{ms['tvm']:8.3f} {r['gbps']['tvm']:6.1f} {ms['ort_infer']:8.3f} {ms['ort_train']:8.3f} "
                      f"{ms['numpy']:8.3f} {r['tvm_vs_ort_infer']:7.2f} {r['ort_train_vs_tvm']:7.2f} {vp:>8}")
     m = result["machine"]
+    if m.get("skipped"):
+        return f"benchmark skipped for target {m.get('target')}: {m['skipped']}"
     lines.append(f"(medians of {m['repeat']} interleaved rounds; cpu {m['cpu']}, {m['threads']} threads; "
                  "tvm/inf = TVM training time / ORT inference floor; trn/tvm = ORT training / TVM)")
     return "\n".join(lines)

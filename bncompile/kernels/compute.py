@@ -57,7 +57,6 @@ class KernelSpec:
     unbiased: bool = False       # Keras fused path: moving variance with n/(n-1)
     adjustment: str | None = None  # None, "channel" (per-channel inputs) or "full" (x-shaped inputs)
     virtual_batch_size: int | None = None
-    one_pass: bool = False       # shifted one-pass sums (sum d, sum d*d) instead of two passes
 
     @property
     def ghost(self) -> bool:
@@ -256,16 +255,8 @@ def batchnorm_te(spec: KernelSpec):
     def centered(s, red):
         return (f32(x[xidx(s, red)]) - shift[s]) - mean[s]
 
-    if spec.one_pass:
-        # sum((x-K)^2)/n - mu'^2: exact enough because K is a sample of the channel, so x-K is O(std)
-        def shifted(s, red):
-            return f32(x[xidx(s, red)]) - shift[s]
-
-        sqsum = te.compute(sshape, lambda *s: te.sum(shifted(s, r2) * shifted(s, r2), axis=r2), name="sqsum")
-        var = te.compute(sshape, lambda *s: te.max(sqsum[s] / cnt - mean[s] * mean[s], const(0.0)), name="var")
-    else:
-        sqsum = te.compute(sshape, lambda *s: te.sum(centered(s, r2) * centered(s, r2), axis=r2), name="sqsum")
-        var = te.compute(sshape, lambda *s: sqsum[s] / cnt, name="var")
+    sqsum = te.compute(sshape, lambda *s: te.sum(centered(s, r2) * centered(s, r2), axis=r2), name="sqsum")
+    var = te.compute(sshape, lambda *s: sqsum[s] / cnt, name="var")
 
     if gshape:
         ng = gshape[0]

@@ -135,8 +135,8 @@ def cpu_channel_first(spec: KernelSpec, func):
     movers += [n for n in names if n not in movers and n not in ("shift", "sum_rf", "sqsum_rf")]
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
-    sch.parallel(c)
     rfs = ["sum_rf", "sqsum_rf"] if vec > 1 else list(REDUCTIONS)
+    sch.parallel(c)
     for rf in rfs:
         loops = sch.get_loops(rf)
         if vec > 1:
@@ -184,6 +184,47 @@ def cpu_channels_last(spec: KernelSpec, func):
     return sch
 
 
+def cpu_channels_last_rows(spec: KernelSpec, func):
+    """Channels-last with many rows per sample (NHWC, NDHWC): per-sample partial sums in parallel.
+
+    Each reduction is rfactored over the batch loop (partials of shape (N, C), no split, so the symbolic
+    batch needs no predicate), parallel over samples, vectorized across the contiguous channels of a row;
+    a small serial pass adds the N partials. y is parallel over rows, vectorized over channels.
+    """
+    if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1 or spec.ghost:
+        return None
+    P, C = spec.shape[1], int(spec.channel_shape[0])
+    if not isinstance(P, int) or P < 8 or P * C < 1024:
+        return None
+    sch = _sched(func)
+    _inline_parameter_only(sch, _blocks(sch))
+    cv = C if C <= 64 else _vector_factor(C)
+    for b in REDUCTIONS:
+        c, n, p, q = sch.get_loops(b)
+        rf = sch.rfactor(n, factor_axis=0)            # partial sums per sample: <b>_rf[n, c]
+        c, n, p, q = sch.get_loops(rf)
+        if cv < C:
+            co, ci = sch.split(c, [None, cv])
+            sch.reorder(n, co, p, q, ci)
+        else:
+            sch.reorder(n, p, q, c)
+            ci = c
+        sch.parallel(n)
+        sch.vectorize(ci)
+        sch.decompose_reduction(rf, sch.get_loops(rf)[1] if cv == C else sch.get_loops(rf)[2])
+    n, p, c, q = sch.get_loops("y")
+    rows = sch.fuse(n, p)
+    sch.parallel(rows)
+    if cv < C:
+        co, ci = sch.split(c, [None, cv])
+        sch.reorder(co, q, ci)
+    else:
+        sch.reorder(q, c)
+        ci = c
+    sch.vectorize(ci)
+    return sch
+
+
 def cpu_generic(spec: KernelSpec, func):
     sch = _sched(func)
     if not spec.training:
@@ -196,25 +237,25 @@ def cpu_generic(spec: KernelSpec, func):
 
 
 def cpu_inference(spec: KernelSpec, func):
+    """Inference: one streaming pass, parallel over rows, vectorized along the contiguous axis."""
     if spec.training:
         return None
     sch = _sched(func)
     loops = sch.get_loops("y")
-    if spec.kinds == "RRCR":
+    if spec.kinds == "RRCR" and spec.shape[-1] != 1:
         n, p, c, q = loops
-        fused = sch.fuse(n, p, c)
-        if _static(spec.shape[-1]) and int(spec.shape[-1]) > 1:
-            vec = _vector_factor(int(spec.shape[-1]))
-            if vec > 1:
-                _, qi = sch.split(q, [None, vec])
-                sch.vectorize(qi)
-            sch.parallel(fused)
-        else:
-            C = int(spec.channel_shape[0])
-            np_ = sch.fuse(fused) if False else fused
-            o, ci = sch.split(np_, [None, C])      # o = rows, ci = channel (q == 1)
-            sch.parallel(o)
-            sch.vectorize(sch.fuse(ci, q))
+        sch.parallel(sch.fuse(n, p, c))
+        vec = _vector_factor(int(spec.shape[-1]))
+        if vec > 1:
+            _, qi = sch.split(q, [None, vec])
+            sch.vectorize(qi)
+    elif spec.kinds == "RRCR":
+        n, p, c, q = loops
+        sch.parallel(sch.fuse(n, p))
+        C = int(spec.channel_shape[0])
+        cv = C if C <= 64 else _vector_factor(C)
+        co, ci = sch.split(sch.fuse(c, q), [None, cv])
+        sch.vectorize(ci)
     else:
         sch.parallel(loops[0])
     return sch
@@ -347,7 +388,8 @@ def cuda_generic(spec: KernelSpec, func):
 
 RULES: dict[str, list[tuple[str, Rule]]] = {
     "llvm": [("cpu_inference", cpu_inference), ("cpu_channel_first", cpu_channel_first),
-             ("cpu_channels_last", cpu_channels_last), ("cpu_generic", cpu_generic)],
+             ("cpu_channels_last_rows", cpu_channels_last_rows), ("cpu_channels_last", cpu_channels_last),
+             ("cpu_generic", cpu_generic)],
     "cuda": [("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
              ("cuda_generic", cuda_generic)],
 }

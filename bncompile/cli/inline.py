@@ -1,0 +1,51 @@
+"""``bncompile inline``: replace bncompile's custom ops by their bodies of standard ONNX ops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bncompile._io import atomic_output, check_input_file
+from bncompile.errors import InputError
+
+DESCRIPTION = """Inline bncompile's custom ops (model-local functions) into plain standard ops, for
+runtimes and tools that read no model-local functions (TensorRT, TVM's ONNX frontend). The output
+computes the same values and passes the full ONNX checker."""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="input .onnx model")
+    p.add_argument("-o", "--output", help="output path (default: <model>.inlined.onnx beside the input)")
+    p.add_argument("--in-place", action="store_true", help="overwrite the input model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    import onnx
+
+    from bncompile import custom_ops
+    from bncompile.inline import inline_with_report
+
+    src = check_input_file(args.model)
+    if args.in_place and args.output:
+        raise InputError("give either -o or --in-place, not both")
+    out = Path(args.output) if args.output else (src if args.in_place else src.with_suffix(".inlined.onnx"))
+    if out.resolve() == src.resolve() and not args.in_place:
+        raise InputError(f"output {str(out)!r} is the input model: pass --in-place to overwrite it, or choose -o")
+    try:
+        model = onnx.load(str(src))
+    except Exception as err:  # noqa: BLE001 - protobuf raises several types on bad bytes
+        raise InputError(f"{str(src)!r} is not a readable ONNX model ({type(err).__name__}); "
+                         "check the file is complete") from None
+    custom_ops.register_schemas()
+    result, report = inline_with_report(model)
+    onnx.checker.check_model(result, full_check=True)
+    with atomic_output(out) as tmp:
+        onnx.save(result, str(tmp))
+    report["output"] = str(out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"wrote {out}: inlined {report['calls_inlined']} call(s) of "
+              f"{', '.join(report['functions']) or 'no function'}")
+    return 0

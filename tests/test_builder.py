@@ -1,0 +1,124 @@
+"""build_model for inference and plain training (standard BatchNormalization), against the reference."""
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+
+from bncompile import BatchNormConfig, ConfigError, build_model
+from bn_harness import check_steps
+from conftest import ort_run
+
+CASES = [
+    # (input shape, axis)
+    ((6, 5), -1), ((6, 5), 1), ((7, 4, 3), 1), ((7, 4, 3), -1), ((7, 4, 3), [1, 2]),
+    ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1), ((4, 5, 6, 3), 3), ((4, 3, 5, 6), 2), ((4, 3, 5, 6), [1, 3]),
+    ((4, 3, 5, 6), [1, 2]), ((4, 3, 5, 6), [-1, 1]), ((3, 2, 4, 3, 5), 1), ((3, 2, 4, 3, 5), -1),
+    ((3, 2, 4, 3, 5), 2), ((3, 2, 4, 3, 5), [2, 4]), ((5, 4), 0), ((6, 3, 4), [0, 2]),
+]
+
+
+@pytest.mark.parametrize("shape,axis", CASES, ids=[f"{s}-ax{a}" for s, a in CASES])
+@pytest.mark.parametrize("fused", [None, False])
+def test_training_steps_then_inference(shape, axis, fused, rng):
+    cfg = BatchNormConfig(axis=axis, fused=fused, momentum=0.9, epsilon=1e-3)
+    check_steps(cfg, list(shape), [shape], rng=rng)
+
+
+@pytest.mark.parametrize("center,scale", list(itertools.product([True, False], repeat=2)))
+@pytest.mark.parametrize("momentum,epsilon", [(0.99, 1e-3), (0.5, 1e-5), (0.0, 0.1), (1.0, 1e-3)])
+def test_center_scale_momentum_epsilon(center, scale, momentum, epsilon, rng):
+    cfg = BatchNormConfig(axis=1, center=center, scale=scale, momentum=momentum, epsilon=epsilon)
+    check_steps(cfg, [4, 3, 5, 2], [(4, 3, 5, 2)], rng=rng)
+
+
+@pytest.mark.parametrize("shape,axis,fused", [
+    ([None, 3, 4, 5], 1, None), ([None, 4, 5, 3], -1, None), ([None, 6], -1, None), ([None, 3, 4, 5], [1, 3], None),
+    ([None, 4, 5, 3], -1, True), ([None, 3, 4, 5, 2], 2, None), ([None, None, 3], -1, None),
+    ([None, 3, None], 1, False),
+])
+def test_dynamic_batch(shape, axis, fused, rng):
+    cfg = BatchNormConfig(axis=axis, fused=fused, momentum=0.8)
+    concrete = [[d if d is not None else n for d in shape] for n in (2, 5, 1)]
+    check_steps(cfg, shape, [tuple(c) for c in concrete], rng=rng)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_fused_path_unbiased_variance_in_onnx(fused, rng):
+    cfg = BatchNormConfig(axis=-1, fused=fused, momentum=0.0)
+    m = build_model(cfg, [2, 3, 3, 4], training=True)
+    x = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+    out = ort_run(m, {"x": x})
+    np.testing.assert_allclose(out["moving_variance_new"], x.var(axis=(0, 1, 2), ddof=1), rtol=1e-5)
+
+
+def test_same_session_repeated_runs_are_stable(rng):
+    """onnxruntime writes running_var into a constant input_var in place: the builder must not feed one."""
+    from conftest import ort_session
+    cfg = BatchNormConfig(axis=1)
+    s = ort_session(build_model(cfg, [4, 3, 2, 2], training=True))
+    x = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)
+    a, b = ort_run(s, {"x": x}), ort_run(s, {"x": x})
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("axis,fused", [(1, None), (-1, False), ([1, 3], None)])
+def test_dtypes(dtype, axis, fused, rng):
+    cfg = BatchNormConfig(axis=axis, fused=fused)
+    check_steps(cfg, [4, 3, 5, 6], [(4, 3, 5, 6)], rng=rng, dtype=dtype)
+
+
+def test_contract_names_and_initializers():
+    cfg = BatchNormConfig(axis=1)
+    train = build_model(cfg, [2, 3, 4, 4], training=True)
+    assert [i.name for i in train.graph.input] == ["x", "gamma", "beta", "moving_mean", "moving_variance"]
+    assert [o.name for o in train.graph.output] == ["y", "moving_mean_new", "moving_variance_new"]
+    inits = {t.name for t in train.graph.initializer}
+    assert {"gamma", "beta", "moving_mean", "moving_variance"} <= inits
+    assert any(n.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i == 1 for a in n.attribute)
+               for n in train.graph.node)
+    inf = build_model(cfg, [2, 3, 4, 4], training=False)
+    assert [i.name for i in inf.graph.input] == ["x"] and [o.name for o in inf.graph.output] == ["y"]
+    assert {"gamma", "beta", "moving_mean", "moving_variance"} <= {t.name for t in inf.graph.initializer}
+    # not trainable -> inference model even when a training step is asked for
+    frozen = build_model(cfg.replace(trainable=False), [2, 3, 4, 4], training=True)
+    assert [o.name for o in frozen.graph.output] == ["y"]
+    assert dict((p.key, p.value) for p in inf.metadata_props)["bncompile.mode"] == "inference"
+
+
+def test_regularizers_kept_in_metadata():
+    cfg = BatchNormConfig(gamma_regularizer={"class_name": "L2", "config": {"l2": 0.01}},
+                          beta_constraint={"class_name": "NonNeg", "config": {}})
+    m = build_model(cfg, [2, 3], training=True)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert "L2" in meta["keras.gamma_regularizer"] and "NonNeg" in meta["keras.beta_constraint"]
+
+
+def test_save_load_roundtrip(tmp_path, rng):
+    cfg = BatchNormConfig(axis=[1, 2])
+    m = build_model(cfg, [None, 3, 4, 2], training=True)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    m2 = onnx.load(p)
+    onnx.checker.check_model(m2, full_check=True)
+    x = rng.normal(size=(3, 3, 4, 2)).astype(np.float32)
+    a, b = ort_run(m, {"x": x}), ort_run(m2, {"x": x})
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("shape,kwargs,argument", [
+    ([4, None, 3], dict(axis=1), "input_shape"), ([4, 3], dict(axis=5), "axis"), ("a,b", dict(), "input_shape"),
+    ([4, 0, 3], dict(), "input_shape"), ([4, 3], dict(virtual_batch_size=3), "virtual_batch_size"),
+])
+def test_build_refusals(shape, kwargs, argument):
+    with pytest.raises(ConfigError, match=argument):
+        build_model(BatchNormConfig(**kwargs), shape, training=True)
+
+
+def test_unknown_dtype():
+    with pytest.raises(ConfigError, match="dtype"):
+        build_model(BatchNormConfig(), [2, 3], training=True, dtype="int8")

@@ -1,0 +1,36 @@
+"""The kernel benchmark runs end to end on a tiny case and reports every figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+
+def test_benchmark_small_case(tmp_path):
+    from bncompile.kernels.bench import format_table, run_kernel_benchmark
+
+    path = tmp_path / "bench.json"
+    res = run_kernel_benchmark([((4, 8, 6, 6), 1), ((4, 8, 6, 6), 1, "renorm"), ((2, 5, 5, 16), -1)],
+                               repeat=3, json_path=str(path))
+    assert len(res["cases"]) == 3
+    for row in res["cases"]:
+        assert set(row["ms"]) == {"tvm", "ort_train", "ort_infer", "numpy"}
+        assert all(v > 0 for v in row["ms"].values())
+    assert "vs_plain_training" in res["cases"][1]
+    assert json.loads(path.read_text())["cases"][0]["schedule"] == "cpu_channel_first"
+    table = format_table(res)
+    assert "tvm ms" in table and "NHWC" in table
+
+
+def test_benchmark_cuda_skips_without_gpu():
+    from bncompile import _tvm
+    from bncompile.kernels.bench import format_table, run_kernel_benchmark
+
+    if _tvm.cuda_available():
+        pytest.skip("a GPU is present")
+    res = run_kernel_benchmark([((4, 8), 1)], repeat=1, target="cuda")
+    assert res["cases"] == [] and "skipped" in format_table(res)

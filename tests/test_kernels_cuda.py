@@ -1,0 +1,148 @@
+"""CUDA kernels: codegen checks that need no GPU, numeric checks marked ``gpu``.
+
+Without a GPU each CUDA schedule is compiled for {"kind": "cuda", "arch": "sm_90"}; the built module
+must import a ``cuda`` module (an unscheduled function silently compiles into host code), the
+pre-compile VerifyMemory check must pass, and nvcc (when on PATH) must turn the source into PTX.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from bncompile.config import BatchNormConfig
+
+pytest.importorskip("tvm")
+
+from bncompile import _tvm  # noqa: E402
+from bncompile.kernels import build_spec, compile_batchnorm  # noqa: E402
+from bncompile.kernels.compute import make_spec, prim_func  # noqa: E402
+from bncompile.kernels.schedules import schedule  # noqa: E402
+
+CUDA = {"kind": "cuda", "arch": "sm_90"}
+HAS_NVCC = shutil.which("nvcc") is not None
+
+CASES = [
+    # (id, config, input shape, expected rule)
+    ("nchw-many-channels", BatchNormConfig(axis=1, fused=False), (4, 300, 3, 7), "cuda_block_per_channel"),
+    ("nchw-few-channels", BatchNormConfig(axis=1), (None, 30, 5, 7), "cuda_two_phase"),
+    ("nhwc", BatchNormConfig(axis=-1), (None, 5, 7, 30), "cuda_two_phase"),
+    ("nc", BatchNormConfig(axis=-1, fused=False), (None, 1024), "cuda_two_phase"),
+    ("renorm-adjust", BatchNormConfig(axis=1, renorm=True, renorm_clipping={"rmin": 0.5, "dmax": 1.0},
+                                      adjustment="inputs"), (4, 30, 3, 7), "cuda_two_phase"),
+    ("ghost-static", BatchNormConfig(axis=1, virtual_batch_size=2, renorm=True), (8, 5, 3, 7),
+     "cuda_block_per_channel"),
+    ("ghost-symbolic", BatchNormConfig(axis=1, virtual_batch_size=2), (None, 5, 3, 7), "cuda_generic"),
+    ("axis-list", BatchNormConfig(axis=(1, 3)), (2, 3, 4, 5), "cuda_generic"),
+]
+
+
+def _schedule(cfg, shape, *, training=True, adjustment=None):
+    spec = make_spec(cfg, shape, training=training, adjustment=adjustment)
+    return spec, schedule(spec, prim_func(spec), target=CUDA)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("cfg,shape,rule", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_cuda_schedule_compiles_and_verifies(cfg, shape, rule):
+    spec, (name, sch) = _schedule(cfg, shape)
+    assert name == rule
+    _tvm.verify_memory(sch.mod, CUDA)                     # no device buffer touched by host code
+    ex = _tvm.build(sch.mod, CUDA)
+    assert _tvm.imported_kinds(ex) == ["cuda"]
+    src = _tvm.cuda_source(ex)
+    assert "__global__" in src
+    if rule in ("cuda_block_per_channel",) or (rule == "cuda_two_phase" and spec.shape[-1] != 1):
+        assert "__shfl_down_sync" in src                  # warp-shuffle reductions
+    if rule == "cuda_block_per_channel":
+        assert "__shared__" in src and "__syncthreads" in src
+    if HAS_NVCC:
+        ptx = _tvm.compile_cuda_source(src, arch="sm_90", fmt="ptx")
+        text = ptx.decode() if isinstance(ptx, bytes) else str(ptx)
+        assert ".target sm_90" in text
+
+
+@pytest.mark.tvm
+def test_cuda_full_adjustment_and_inference_compile():
+    cfg = BatchNormConfig(axis=-1, adjustment="inputs")
+    for spec_kw in ({"adjustment": "full"}, {"training": False}):
+        spec, (name, sch) = _schedule(cfg, (None, 4, 6, 16), **spec_kw)
+        _tvm.verify_memory(sch.mod, CUDA)
+        ex = _tvm.build(sch.mod, CUDA)
+        assert _tvm.imported_kinds(ex) == ["cuda"], name
+
+
+@pytest.mark.tvm
+def test_unscheduled_cuda_function_is_caught():
+    """The guard the schedules are checked with really fails on host-only code."""
+    spec = make_spec(BatchNormConfig(axis=1), (2, 3, 4, 4))
+    func = prim_func(spec)
+    with pytest.raises(Exception, match="Memory verification failed|directly accessed by host memory"):
+        _tvm.verify_memory(func, CUDA)
+    ex = _tvm.build(func, CUDA)
+    assert _tvm.imported_kinds(ex) == []
+
+
+@pytest.mark.tvm
+def test_build_spec_refuses_host_only_cuda(monkeypatch):
+    from bncompile.errors import UnsupportedError
+    from bncompile.kernels import schedules
+
+    spec = make_spec(BatchNormConfig(axis=1), (2, 3, 4, 4), adjustment=None)
+    monkeypatch.setattr(schedules, "RULES", {**schedules.RULES, "cuda": []})
+    with pytest.raises(UnsupportedError, match="no CUDA kernel"):
+        build_spec(spec, target=CUDA, schedule=None)
+
+
+# --------------------------------------------------------------------------- numeric, on a GPU
+
+needs_gpu = pytest.mark.skipif(not _tvm.cuda_available(), reason="no CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.tvm
+@needs_gpu
+@pytest.mark.parametrize("cfg,shape,rule", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_cuda_numerics(cfg, shape, rule, monkeypatch):
+    from bncompile.reference import batchnorm
+
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    concrete = tuple(8 if d is None else d for d in shape)
+    rng = np.random.default_rng(0)
+    x = rng.normal(1e3, 2.0, concrete).astype(np.float32)
+    k = compile_batchnorm(cfg, shape, target="cuda")
+    assert k.schedule == rule
+    feeds = {"x": x}
+    adj = None
+    if cfg.adjustment == "inputs":
+        C = concrete[1]
+        adj = (rng.uniform(0.9, 1.1, (1, C, 1, 1)), rng.uniform(-0.1, 0.1, (C, 1, 1)))
+        feeds.update(adjustment_scale=adj[0], adjustment_bias=adj[1])
+    out = k.run(feeds)
+    ref = batchnorm(cfg, x, None, training=True, adjustment=adj)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=1e-5 * max(1, np.abs(ref.y).max()))
+    for n in cfg.updated_variable_names():
+        r = ref.variables[n]
+        np.testing.assert_allclose(out[n + "_new"], r, rtol=1e-5, atol=1e-5 * max(1, np.abs(r).max()), err_msg=n)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_half_precision_compiles(dtype):
+    k = compile_batchnorm(BatchNormConfig(axis=1, fused=False), (None, 300, 4, 4), target="cuda", dtype=dtype)
+    assert k.schedule == "cuda_block_per_channel"
+    src = _tvm.cuda_source(k.executable)
+    if HAS_NVCC:
+        ptx = _tvm.compile_cuda_source(src, arch="sm_90", fmt="ptx")
+        assert b".target sm_90" in (ptx if isinstance(ptx, bytes) else str(ptx).encode())
+
+
+@pytest.mark.tvm
+def test_compile_batchnorm_for_cuda_without_gpu():
+    cfg = BatchNormConfig(axis=-1, renorm=True, adjustment="random")
+    k = compile_batchnorm(cfg, (None, 8, 8, 32), target="cuda")
+    assert k.target == {"kind": "cuda", "arch": "sm_90"}
+    assert _tvm.imported_kinds(k.executable) == ["cuda"]
+    assert k.output_names[-2:] == ["adjustment_scale", "adjustment_bias"]
