@@ -110,7 +110,9 @@ class VariantResult:
     samples: int = 0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values (a non-finite error, e.g. from a shape mismatch, becomes null)."""
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -362,11 +364,14 @@ def _tvm_cuda_available() -> bool:
 
 
 def _compiler():
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("bncompile.compiler") is None:
+        raise UnsupportedError("bncompile.compiler is not present in this build")
     try:
-        from bncompile import compiler
-    except ImportError as err:
-        if getattr(err, "name", None) in ("bncompile.compiler", None) and "compiler" in str(err):
-            raise UnsupportedError("bncompile.compiler is not installed in this build") from None
+        compiler = importlib.import_module("bncompile.compiler")
+    except Exception as err:  # noqa: BLE001 - a broken compiler makes the variant unavailable
         raise UnsupportedError(f"bncompile.compiler cannot be imported ({_first_line(err)})") from None
     if not hasattr(compiler, "compile"):
         raise UnsupportedError("bncompile.compiler has no compile()")
@@ -758,7 +763,8 @@ def plot(report: BenchReport, path) -> None:
         rows = [report.result(v, b) for v in order]
         for i, r in enumerate(rows):
             if r is None or r.status != "ok":
-                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="gray", rotation=90)
+                ax.annotate("n/a", (i, 0.02), xycoords=("data", "axes fraction"), ha="center",
+                            va="bottom", fontsize=8, color="gray")
                 continue
             err = [[r.median_ms - r.p10_ms], [r.p90_ms - r.median_ms]]
             ax.bar(i, r.median_ms, color=colors(i % 10), yerr=err, capsize=4, ecolor="black")

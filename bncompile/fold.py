@@ -9,7 +9,16 @@ initializers (``fold_constants``), then the fold (``fold_batchnorm``), then opti
 ``decompose_batchnorm`` for what could not be folded. By default the result is verified: the full
 ONNX checker, then the original and folded models run in onnxruntime with all graph optimizations
 off on seeded random inputs; a float16/bfloat16 model must also be no less accurate than the
-unfolded one against a float32 twin. A failure raises :class:`bncompile.errors.VerificationError`.
+unfolded one against a float32 twin of the original (every float16 tensor, type and Cast made
+float32). "No less accurate" is: the folded model's max relative error against the twin is at most
+:data:`FP16_NOT_WORSE_FACTOR` times the unfolded model's (the RMS errors are reported too). Storing
+``W*k`` in float16 rounds each weight once, which the unfolded model does not do, so a folded
+float16 model is rarely *exactly* as accurate; the factor flags folds that lose clearly more than
+that single rounding (e.g. folded values computed in float16: 0.0058 -> 0.0093 in peers.md).
+BNs rewritten by ``decompose`` (two roundings in X's dtype) are reported but not held to it.
+A failure raises :class:`bncompile.errors.VerificationError`.
+
+Errors are relative to the output range: ``max_rel = max|folded - original| / max|original|``.
 """
 
 from __future__ import annotations
@@ -33,9 +42,9 @@ __all__ = ["fold", "FoldResult", "FoldReport", "CheckResult", "DEFAULT_TOLERANCE
 
 #: Default max relative error (max abs error / largest |reference| output) per output dtype.
 DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-#: A low-precision folded model may be at most this much less accurate than the unfolded one
-#: (relative factor, plus one unit of the dtype's epsilon times the output range).
-FP16_NOT_WORSE_FACTOR = 1.0
+#: A low-precision folded model's max error against the float32 twin may be at most this factor
+#: times the unfolded model's.
+FP16_NOT_WORSE_FACTOR = 1.5
 
 
 @dataclasses.dataclass
@@ -361,11 +370,14 @@ def _verify(model_or_path, path, result: FoldResult, *, check_runs, seed, input_
     low_precision = None
     if twin is not None:
         low_precision = acc
-        eps = float(np.finfo(np.float16).eps) if dtype == "float16" else 2.0 ** -7
-        # not less accurate: allow the rounding of one output unit (half an ulp of the range)
-        limit = acc["unfolded_vs_float32"] * FP16_NOT_WORSE_FACTOR + eps / 2
+        limit = acc["unfolded_vs_float32"] * FP16_NOT_WORSE_FACTOR + 1e-12
         if acc["folded_vs_float32"] > limit:
-            passed = False
+            if result.report.decomposed:
+                note = ((note + "; ") if note else "") + (
+                    "less accurate than the unfolded model against the float32 twin, from the "
+                    "decomposed BN(s) (Mul + Add in the model's dtype): not counted as a failure")
+            else:
+                passed = False
     return CheckResult(runs=check_runs, seed=seed, dtype=dtype, tolerance=tol,
                        max_abs=agg["max_abs"], max_rel=agg["max_rel"],
                        max_elem_rel=agg["max_elem_rel"], passed=passed, input_shapes=shapes_used,

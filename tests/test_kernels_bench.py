@@ -18,7 +18,7 @@ def test_benchmark_small_case(tmp_path):
                                repeat=3, json_path=str(path))
     assert len(res["cases"]) == 3
     for row in res["cases"]:
-        assert set(row["ms"]) == {"tvm", "ort_train", "ort_infer", "numpy"}
+        assert set(row["ms"]) == {"tvm", "tvm_infer", "ort_train", "ort_infer", "numpy"}
         assert all(v > 0 for v in row["ms"].values())
     assert "vs_plain_training" in res["cases"][1]
     assert json.loads(path.read_text())["cases"][0]["schedule"] == "cpu_channel_first"

@@ -191,8 +191,9 @@ class Kernel:
         feeds = dict(feeds)
         if "x" not in feeds:
             raise InputError("feeds: 'x' is missing")
-        if all(_tvm.is_tvm_tensor(v) for v in feeds.values()) and "adjustment_scale" not in feeds \
-                and self.config.adjustment is None:
+        if (all(_tvm.is_tvm_tensor(v) for v in feeds.values()) and self.config.adjustment is None
+                and set(self.spec.variable_names()) <= set(feeds)
+                and set(feeds) <= set(self.spec.variable_names()) | {"x"}):
             outs = self.run_tvm(feeds)
             return {k: v.numpy() for k, v in outs.items()}
         x = feeds.pop("x")

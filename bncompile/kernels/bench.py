@@ -4,6 +4,7 @@ For each case, in one run and interleaved (one call of each implementation per r
 machine noise hits them alike), the median time of:
 
 * ``tvm``: the compiled training-mode kernel (y and every updated variable), pre-bound TVM tensors;
+* ``tvm_infer``: the compiled inference kernel of the same config (y from the moving statistics);
 * ``ort_train``: onnxruntime's BatchNormalization, opset 15, ``training_mode=1`` (y, running mean/var);
 * ``ort_infer``: onnxruntime's inference-mode BatchNormalization on the same tensor: one read and one
   write of x, the floor a training kernel (which must also reduce) is compared to;
@@ -133,12 +134,12 @@ def _time_interleaved(runners: dict, repeat: int, warmup: int = 2) -> dict[str, 
     return times
 
 
-def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm"):
+def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = True):
     from bncompile import _tvm
     from bncompile.kernels import compile_batchnorm
 
     cfg = case.config()
-    k = compile_batchnorm(cfg, (None,) + tuple(case.shape[1:]), target=target)
+    k = compile_batchnorm(cfg, (None,) + tuple(case.shape[1:]), target=target, training=training)
     dev = k.device
     variables = cfg.initial_variables(case.shape)
     feeds = {"x": _tvm.tvm().runtime.tensor(x, dev)}      # an aligned (device) copy
@@ -186,7 +187,8 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
         C = x_cf.shape[1]
         params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
                   "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
-        runners = {"tvm": tvm_call,
+        _, tvm_infer = _tvm_runner(case, x, target=target, training=False)
+        runners = {"tvm": tvm_call, "tvm_infer": tvm_infer,
                    "ort_train": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads),
                    "ort_infer": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads),
                    "numpy": _numpy_runner(x, case.axis)}
@@ -198,7 +200,8 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
                "gbps": {k2: nbytes / (v * 1e-3) / 1e9 for k2, v in med.items()},
                "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
                "ort_train_vs_tvm": med["ort_train"] / med["tvm"],
-               "numpy_vs_tvm": med["numpy"] / med["tvm"]}
+               "numpy_vs_tvm": med["numpy"] / med["tvm"],
+               "tvm_vs_tvm_infer": med["tvm"] / med["tvm_infer"]}
         results.append(row)
         log.info("benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
     plain = {(r["case"], tuple(r["shape"])): r["ms"]["tvm"] for r in results if r["variant"] == "plain"}
@@ -216,15 +219,16 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
 
 def format_table(result: dict) -> str:
     """A plain-text table of :func:`run_kernel_benchmark`'s result."""
-    head = (f"{'case':<6} {'shape':<18} {'variant':<7} {'schedule':<18} {'tvm ms':>8} {'GB/s':>6} "
-            f"{'ort_inf':>8} {'ort_trn':>8} {'numpy':>8} {'tvm/inf':>7} {'trn/tvm':>7} {'vs plain':>8}")
+    head = (f"{'case':<6} {'shape':<14} {'variant':<7} {'schedule':<22} {'tvm ms':>7} {'GB/s':>5} "
+            f"{'tvm_inf':>7} {'ort_inf':>7} {'ort_trn':>7} {'numpy':>7} {'tvm/inf':>7} {'trn/tvm':>7} {'vs plain':>8}")
     lines = [head, "-" * len(head)]
     for r in result["cases"]:
         ms = r["ms"]
         vp = f"{r['vs_plain_training']:.2f}" if "vs_plain_training" in r else ""
-        lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<18} {r['variant']:<7} {r['schedule']:<18} "
-                     f"{ms['tvm']:8.3f} {r['gbps']['tvm']:6.1f} {ms['ort_infer']:8.3f} {ms['ort_train']:8.3f} "
-                     f"{ms['numpy']:8.3f} {r['tvm_vs_ort_infer']:7.2f} {r['ort_train_vs_tvm']:7.2f} {vp:>8}")
+        lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
+                     f"{ms['tvm']:7.3f} {r['gbps']['tvm']:5.1f} {ms['tvm_infer']:7.3f} {ms['ort_infer']:7.3f} "
+                     f"{ms['ort_train']:7.3f} {ms['numpy']:7.2f} {r['tvm_vs_ort_infer']:7.2f} "
+                     f"{r['ort_train_vs_tvm']:7.2f} {vp:>8}")
     m = result["machine"]
     if m.get("skipped"):
         return f"benchmark skipped for target {m.get('target')}: {m['skipped']}"

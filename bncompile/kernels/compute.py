@@ -410,7 +410,6 @@ def batchnorm_numpy(spec: KernelSpec, x: np.ndarray, variables: dict, adjustment
     gamma = as_c(variables["gamma"]) if spec.scale else f(1)
     beta = as_c(variables["beta"]) if spec.center else f(0)
     eps = f(spec.epsilon)
-    cshape = spec_channel_shape = tuple(xs.shape[i] for i in caxes)  # noqa: F841
     if not spec.training:
         y = (xs - as_c(variables["moving_mean"])) / np.sqrt(as_c(variables["moving_variance"]) + eps) * gamma + beta
         return {"y": y.astype(spec.dtype if spec.dtype != "bfloat16" else f)}

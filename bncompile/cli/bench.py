@@ -1,0 +1,135 @@
+"""``bncompile bench model.onnx [--batch 1,8] [--threads N] ...``: compare runtimes against onnxruntime.
+
+``bncompile bench --kernels`` runs the TVM batch-normalization kernel benchmark instead
+(:func:`bncompile.kernels.bench.run_kernel_benchmark`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+from pathlib import Path
+
+from bncompile.errors import InputError, UnsupportedError
+
+DESCRIPTION = (
+    "Time a model on the same seeded inputs, in interleaved rounds (so machine drift cancels), in "
+    "onnxruntime at its default optimization level (the baseline) and with all optimizations off, "
+    "the bncompile-folded model in onnxruntime at both levels, the TVM-compiled model (when "
+    "bncompile's compiler works; otherwise marked unavailable) and CUDA versions where present. "
+    "Prints median/p90 latency, throughput, the ratio to onnxruntime, the max error against it and "
+    "peak memory. --kernels runs the TVM kernel benchmark instead. Exit 0 ok, 2 bad input.")
+
+
+def add_arguments(parser) -> None:
+    from bncompile.bench import ALL_VARIANTS, DEFAULT_REPEAT, DEFAULT_THREADS, DEFAULT_WARMUP
+
+    parser.add_argument("model", nargs="?", help="input .onnx model (not with --kernels)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="benchmark the TVM batch-normalization kernels instead of a model")
+    parser.add_argument("--batch", default=None, metavar="B1,B2,...",
+                        help="batch sizes for a free batch dimension (default 1, or the model's fixed batch)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help=f"intra-op threads of onnxruntime and TVM (default {DEFAULT_THREADS}: "
+                             "reproducible on a busy machine)")
+    parser.add_argument("--target", default="llvm", help="TVM target of the tvm variant (default llvm)")
+    parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, metavar="R",
+                        help=f"timed interleaved rounds (default {DEFAULT_REPEAT})")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="W",
+                        help=f"discarded warm-up rounds (default {DEFAULT_WARMUP})")
+    parser.add_argument("--variants", default=None, metavar="V1,V2,...",
+                        help=f"variants to run (ort always runs): {', '.join(ALL_VARIANTS)} "
+                             "(default: all CPU ones and the CUDA ones available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                        help="shape of an input with free non-batch dimensions (repeatable)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="OUT.png", help="also draw a bar chart (needs matplotlib)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on stderr")
+
+
+def _check_args(args) -> None:
+    """Every check that needs no measurement, before any work (nothing is written on failure)."""
+    from bncompile._io import check_input_file, check_output_path
+
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: give 1 or more")
+    if args.repeat < 1:
+        raise InputError(f"--repeat {args.repeat}: give 1 or more rounds")
+    if args.warmup < 0:
+        raise InputError(f"--warmup {args.warmup}: give 0 or more rounds")
+    if args.json:
+        check_output_path(args.json, what="--json")
+    if args.plot:
+        check_output_path(args.plot, what="--plot")
+        if args.json and Path(args.plot).resolve() == Path(args.json).resolve():
+            raise InputError("--json and --plot name the same file: give two paths")
+    if args.kernels:
+        if args.model:
+            raise InputError("--kernels benchmarks the BN kernels, not a model: drop the model or --kernels")
+        for flag, value in (("--batch", args.batch), ("--plot", args.plot), ("--variants", args.variants),
+                            ("--input-shape", args.input_shape)):
+            if value:
+                raise InputError(f"{flag} does not apply to --kernels: drop it")
+        return
+    if not args.model:
+        raise InputError("give a model to benchmark (bncompile bench model.onnx), or --kernels")
+    check_input_file(args.model)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UnsupportedError("--plot needs matplotlib: pip install 'bncompile[plot]'")
+
+
+def run(args) -> int:
+    _check_args(args)
+    if args.kernels:
+        return _run_kernels(args)
+
+    from bncompile import onnx_utils
+    from bncompile.bench import benchmark, parse_batches, plot, write_json
+
+    batches = parse_batches(args.batch) if args.batch is not None else None
+    variants = None
+    if args.variants is not None:
+        variants = [v for v in args.variants.split(",") if v.strip()]
+        if not variants:
+            raise InputError(f"--variants {args.variants!r}: name at least one variant")
+    shapes = onnx_utils.parse_input_shapes(args.input_shape)
+    report = benchmark(args.model, batches=batches, threads=args.threads, target=args.target,
+                       repeat=args.repeat, warmup=args.warmup, variants=variants,
+                       progress=args.progress, seed=args.seed, memory=args.memory,
+                       input_shapes=shapes)
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot(report, args.plot)
+    print(report.table())
+    return 0
+
+
+def _run_kernels(args) -> int:
+    from bncompile._io import atomic_output
+
+    try:
+        kb = importlib.import_module("bncompile.kernels.bench")
+        run_kernel_benchmark = kb.run_kernel_benchmark
+    except (ImportError, AttributeError) as err:
+        raise UnsupportedError(f"--kernels needs bncompile.kernels.bench.run_kernel_benchmark, which cannot "
+                               f"be imported here ({type(err).__name__}: {err})") from None
+    params = inspect.signature(run_kernel_benchmark).parameters
+    kwargs = {"repeat": args.repeat}
+    if "threads" in params:
+        kwargs["threads"] = args.threads
+    if "target" in params:
+        kwargs["target"] = args.target
+    result = run_kernel_benchmark(**kwargs)
+    if args.json:
+        with atomic_output(args.json, what="--json") as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    fmt = getattr(kb, "format_table", None)
+    print(fmt(result) if fmt else json.dumps(result, indent=2, default=str))
+    return 0
