@@ -12,17 +12,20 @@ from bncompile._version import __version__
 from bncompile.errors import (BncompileError, ConfigError, InputError, UnsupportedError,
                               VerificationError)
 
+#: public name -> (module, attribute); attribute None means the module itself
 _LAZY = {
-    "BatchNormConfig": "bncompile.config",
-    "build_model": "bncompile.builder",
-    "reference": "bncompile.reference",
-    "fold": "bncompile.fold",
-    "FoldResult": "bncompile.fold",
-    "inline": "bncompile.inline",
-    "compile": "bncompile.compiler",
-    "load": "bncompile.compiler",
-    "CompiledModel": "bncompile.compiler",
-    "kernels": "bncompile.kernels",
+    "BatchNormConfig": ("bncompile.config", "BatchNormConfig"),
+    "RandomAdjustment": ("bncompile.config", "RandomAdjustment"),
+    "build_model": ("bncompile.builder", "build_model"),
+    "reference": ("bncompile.reference", None),
+    "custom_ops": ("bncompile.custom_ops", None),
+    "fold": ("bncompile.fold", None),          # a callable module: bncompile.fold(model)
+    "FoldResult": ("bncompile.fold", "FoldResult"),
+    "inline": ("bncompile.inline", None),      # a callable module: bncompile.inline(model)
+    "compile": ("bncompile.compiler", "compile"),
+    "load": ("bncompile.compiler", "load"),
+    "CompiledModel": ("bncompile.compiler", "CompiledModel"),
+    "kernels": ("bncompile.kernels", None),
 }
 
 __all__ = ["__version__", "BncompileError", "ConfigError", "InputError", "UnsupportedError",
@@ -30,10 +33,10 @@ __all__ = ["__version__", "BncompileError", "ConfigError", "InputError", "Unsupp
 
 
 def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _LAZY:
         raise AttributeError(f"module 'bncompile' has no attribute {name!r}")
+    module, attr = _LAZY[name]
     mod = importlib.import_module(module)
-    value = mod if module.endswith("." + name) else getattr(mod, name)
+    value = mod if attr is None else getattr(mod, attr)
     globals()[name] = value
     return value

@@ -42,7 +42,11 @@ def check_output_path(path, *, what: str = "output") -> Path:
 def atomic_output(path, *, what: str = "output"):
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success only."""
     p = check_output_path(path, what=what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    except OSError as err:
+        raise InputError(f"{what} folder {str(p.parent)!r} is not writable ({err.strerror}); "
+                         "choose another -o") from None
     os.close(fd)
     try:
         yield Path(tmp)

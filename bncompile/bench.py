@@ -102,6 +102,8 @@ class VariantResult:
     throughput: float | None = None          # samples per second, batch / median
     ratio: float | None = None               # median of per-round (variant / ort) latency ratios
     ratio_of_medians: float | None = None
+    cpu_median_ms: float | None = None       # process CPU time per call (all threads)
+    cpu_ratio: float | None = None           # median of per-round CPU-time ratios to ort
     max_abs_err: float | None = None         # against ort's outputs
     max_rel_err: float | None = None
     peak_rss_mb: float | None = None
@@ -143,6 +145,10 @@ class BenchReport:
     def ratios(self) -> dict:
         """``{"<variant>@<batch>": ratio}`` of every measured variant (for reproducibility checks)."""
         return {f"{r.variant}@{r.batch}": r.ratio for r in self.results if r.status == "ok"}
+
+    def cpu_ratios(self) -> dict:
+        """``{"<variant>@<batch>": cpu_ratio}``: the same from process CPU time."""
+        return {f"{r.variant}@{r.batch}": r.cpu_ratio for r in self.results if r.status == "ok"}
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "tool": "bncompile bench",
@@ -529,11 +535,14 @@ def _probe_memory(variant: str, model_file: str, feeds_file: str, *, threads: in
 
 # --------------------------------------------------------------------------- timing
 
-def _time_interleaved(runners: dict[str, Callable], repeat: int, warmup: int, tick=None) -> dict[str, list]:
-    """Per-round seconds of each runner; rounds rotate the order; warm-up rounds dropped."""
+def _time_interleaved(runners: dict[str, Callable], repeat: int, warmup: int, tick=None
+                      ) -> tuple[dict[str, list], dict[str, list]]:
+    """Per-round wall and process-CPU seconds of each runner; rounds rotate the order; warm-up
+    rounds dropped."""
     names = list(runners)
-    times: dict[str, list] = {n: [] for n in names}
-    perf = time.perf_counter
+    wall: dict[str, list] = {n: [] for n in names}
+    cpu: dict[str, list] = {n: [] for n in names}
+    perf, cpu_clock = time.perf_counter, time.process_time
     gc_was = gc.isenabled()
     gc.disable()
     try:
@@ -541,20 +550,24 @@ def _time_interleaved(runners: dict[str, Callable], repeat: int, warmup: int, ti
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 fn = runners[n]
+                c0 = cpu_clock()
                 t0 = perf()
                 fn()
                 dt = perf() - t0
+                dc = cpu_clock() - c0
                 if r >= warmup:
-                    times[n].append(dt)
+                    wall[n].append(dt)
+                    cpu[n].append(dc)
             if tick:
                 tick()
     finally:
         if gc_was:
             gc.enable()
-    return times
+    return wall, cpu
 
 
-def _stats(result: VariantResult, secs: list[float], base: list[float], batch: int) -> None:
+def _stats(result: VariantResult, secs: list[float], base: list[float], batch: int,
+           cpu: list[float], cpu_base: list[float]) -> None:
     ms = np.asarray(secs) * 1e3
     p10, p25, p50, p75, p90 = np.percentile(ms, [10, 25, 50, 75, 90])
     result.median_ms, result.p10_ms, result.p25_ms = float(p50), float(p10), float(p25)
@@ -563,6 +576,10 @@ def _stats(result: VariantResult, secs: list[float], base: list[float], batch: i
     result.throughput = batch / (p50 / 1e3)
     result.ratio = float(np.median(np.asarray(secs) / np.asarray(base)))
     result.ratio_of_medians = float(p50 / (np.median(base) * 1e3))
+    c, cb = np.asarray(cpu), np.asarray(cpu_base)
+    result.cpu_median_ms = float(np.median(c) * 1e3)
+    if np.all(cb > 0):
+        result.cpu_ratio = float(np.median(c / cb))
     result.samples = len(secs)
 
 
@@ -698,10 +715,10 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
 
             bar.set_postfix_str(f"batch {b}: timing {len(runners)} variants")
             t = time.perf_counter()
-            times = _time_interleaved(runners, repeat, warmup, tick=lambda: bar.update(1))
+            wall, cpu = _time_interleaved(runners, repeat, warmup, tick=lambda: bar.update(1))
             report.seconds[f"time@{b}"] = round(time.perf_counter() - t, 3)
             for v in runners:
-                _stats(rows[v], times[v], times[BASELINE], b)
+                _stats(rows[v], wall[v], wall[BASELINE], b, cpu[v], cpu[BASELINE])
             runners.clear()
             gc.collect()
 

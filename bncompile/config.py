@@ -30,6 +30,8 @@ from bncompile.errors import ConfigError
 FUSED_MIN_EPSILON = 1.001e-5
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 ADJUSTMENT_KINDS = ("inputs", "random")
+ALL_VARIABLE_NAMES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
+                      "renorm_stddev")
 
 
 # --------------------------------------------------------------------------- initializers
@@ -376,10 +378,13 @@ class BatchNormConfig:
         size = int(np.prod(shape))
         weights = dict(weights or {})
         known = set(self.variable_names())
-        unknown = sorted(set(weights) - known)
+        unknown = sorted(set(weights) - set(ALL_VARIABLE_NAMES))
         if unknown:
-            raise ConfigError(f"weights: unknown variable(s) {unknown} for this config; expected some of "
-                              f"{sorted(known)}")
+            raise ConfigError(f"weights: unknown variable(s) {unknown}; Keras's BatchNormalization has "
+                              f"{', '.join(ALL_VARIABLE_NAMES)}")
+        # a Keras variable this config has none of (gamma with scale=False, renorm ones without renorm)
+        # is ignored, as Keras would never read it
+        weights = {k: v for k, v in weights.items() if k in known}
         out: dict[str, np.ndarray] = {}
 
         def take(name, default):

@@ -20,3 +20,8 @@ def inline_with_report(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     p = InlineFunctionsPass()
     p(irm)
     return ir.serde.serialize_model(irm), p.report
+
+
+from bncompile._callable_module import make_callable  # noqa: E402
+
+make_callable(__name__, "inline")

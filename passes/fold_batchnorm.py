@@ -182,9 +182,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         bypass(final, new_out)
         doomed = [bn, *absorbed]
         for node in doomed:
-            for inp in node.inputs[1:]:
-                if inp is not None:
-                    self._orphans.append(inp)
+            self._orphans.extend(inp for inp in node.inputs if inp is not None)
         bn.graph.remove(list(reversed(doomed)), safe=True)
         decision.into = target.describe
         decision.into_op = target.op_type
@@ -462,6 +460,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 return None, (f"{node_label(inner)} output rank is {rank}, expected 2 for a "
                               "Reshape to channel blocks")
         # the column count of the 2-D producer
+        mm = None
         if inner.op_type == "Gemm":
             w = self._consts.get(inner.inputs[1])
             if w is None or w.ndim != 2:
@@ -477,7 +476,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             n = w.shape[1]
         dims = [int(d) for d in np.asarray(shape).reshape(-1)]
         allowzero = attr_int(node, "allowzero", 0)
-        why = _reshape_blocks(dims, allowzero, n, channels, data)
+        why = _reshape_blocks(dims, allowzero, n, channels, _static_rows(data, inner, mm if inner.op_type != "Gemm" else None))
         if why:
             return None, f"{node_label(node)} {why}"
         repeat = n // channels
@@ -497,7 +496,23 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                        f"{target.op_type}+Reshape", out, apply), None
 
 
-def _reshape_blocks(dims: list[int], allowzero: int, n: int, channels: int, data: ir.Value) -> str | None:
+def _static_rows(data: ir.Value, inner: ir.Node, matmul: ir.Node | None) -> int | None:
+    """M of a 2-D Gemm/MatMul output when it is static (declared, or from the left operand)."""
+    if data.shape is not None and len(data.shape) == 2 and isinstance(data.shape[0], int):
+        return data.shape[0]
+    if inner.op_type == "Gemm":
+        a = inner.inputs[0]
+        if a is not None and a.shape is not None and len(a.shape) == 2:
+            d = a.shape[1] if attr_int(inner, "transA", 0) else a.shape[0]
+            return d if isinstance(d, int) else None
+        return None
+    a = matmul.inputs[0] if matmul is not None else None
+    if a is not None and a.shape is not None and len(a.shape) == 2 and isinstance(a.shape[0], int):
+        return a.shape[0]
+    return None
+
+
+def _reshape_blocks(dims: list[int], allowzero: int, n: int, channels: int, m_static: int | None) -> str | None:
     """None when Reshape (M, n) -> dims keeps axis 0 and puts channel c on columns
     [c*n/C, (c+1)*n/C); else the reason."""
     if len(dims) < 2:
@@ -506,9 +521,6 @@ def _reshape_blocks(dims: list[int], allowzero: int, n: int, channels: int, data
         return f"{n} columns do not split into {channels} channels"
     if allowzero and 0 in dims:
         return "uses allowzero=1 with a 0 dimension"
-    m_static = None
-    if data.shape is not None and len(data.shape) == 2 and isinstance(data.shape[0], int):
-        m_static = data.shape[0]
     dims = list(dims)
     if dims[1] == 0:
         dims[1] = n

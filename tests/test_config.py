@@ -87,6 +87,9 @@ def test_weights_any_shape_c_order():
         c.initial_variables([2, 2, 3, 4], {"gamma": np.ones(5)})
     with pytest.raises(ConfigError, match="weights"):
         c.initial_variables([2, 2, 3, 4], {"gama": np.ones(6)})
+    # a Keras variable the config does not have is ignored (Keras would never read it)
+    v = BatchNormConfig(scale=False).initial_variables([2, 3], {"gamma": np.ones(3), "renorm_mean": np.ones(3)})
+    assert set(v) == {"beta", "moving_mean", "moving_variance"}
 
 
 @pytest.mark.parametrize("rank,axis,fused,expect", [

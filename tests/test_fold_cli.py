@@ -272,3 +272,23 @@ def test_streaming_write_equals_full_serialization(tmp_path, ir_version):
 def test_fold_result_has_no_initializer_value_info():
     r = fold(conv_bn(seed=11), check=False)
     assert len(r.model.graph.value_info) == 0
+
+
+def test_cli_decompose_and_left_reasons_in_json(tmp_path, capsys):
+    g = G(seed=12)
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.bn(g.conv(x, 3, 4, name="conv"), 4, name="bn_fold")
+    y = g.bn(g.node("Relu", [y], name="relu"), 4, name="bn_after_relu", outputs=["y"])
+    g.output(y)
+    p = tmp_path / "m.onnx"
+    onnx.save(g.model(), p)
+    rc, out, err = run_cli(p, "-o", tmp_path / "plain.onnx", "--report", tmp_path / "plain.json", capsys=capsys)
+    assert rc == 0, err
+    assert "left        bn_after_relu: its producer Relu 'relu' is not a foldable layer" in out
+    left = [b for b in json.loads((tmp_path / "plain.json").read_text())["batchnorms"] if b["action"] == "left"]
+    assert left[0]["node"] == "bn_after_relu" and "Relu" in left[0]["reason"]
+    rc, out, err = run_cli(p, "-o", tmp_path / "dec.onnx", "--decompose", capsys=capsys)
+    assert rc == 0, err
+    assert "decomposed  bn_after_relu into Mul + Add" in out
+    assert bn_count(onnx.load(tmp_path / "dec.onnx")) == 0
+    assert_equivalent(onnx.load(p), onnx.load(tmp_path / "dec.onnx"))

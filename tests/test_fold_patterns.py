@@ -151,7 +151,7 @@ def test_matmul_negative_runtime_weight():
 
 # ----------------------------------------------------------------------------- Reshape
 @pytest.mark.parametrize("kind", ["Gemm", "MatMul", "Add"])
-@pytest.mark.parametrize("target", [None, [-1, 3, 4], [0, 3, -1], [0, 0]])
+@pytest.mark.parametrize("target", [None, [-1, 3, 4], [0, 3, -1], [0, 0], [2, 3, -1], [2, 3, 2, 2]])
 def test_reshape_of_dense(kind, target):
     c = 12 if target == [0, 0] else 3
     fold_and_check(reshape_bn(kind=kind, target=target, c=c, spatial=(2, 2) if c == 3 else (1,),
@@ -256,6 +256,7 @@ def test_trailing_mul_add_absorbed():
     r = fold_and_check(g.model(), folded=1)
     assert r.report.folded[0].absorbed == ["Mul 'mul'", "Add 'add'"]
     assert [n.op_type for n in r.model.graph.node] == ["Conv"]
+    assert len(r.model.graph.initializer) == 2  # weight and bias; BN params, Mul and Add constants gone
 
 
 def test_trailing_mul_not_per_channel_kept():

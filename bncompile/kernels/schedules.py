@@ -1,28 +1,35 @@
 """Schedules for the batch-normalization PrimFuncs of :mod:`bncompile.kernels.compute`, per target.
 
 A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply".
-:func:`schedule` tries the rules of a target kind in order. Rules never change the math, and every
-split here divides its loop exactly: TVM 0.27 silently drops the ``T.where`` predicate of a
-non-divisible split once a block is moved under the split loop (tvm-0.27.md §2), so extents are
-factored with :func:`_divisor` instead.
+:func:`schedule` tries the rules of a target kind in order. Rules never change the math. Every CPU
+split divides its loop exactly: TVM 0.27 silently drops the ``T.where`` predicate of a non-divisible
+split once a block is moved under the split loop (tvm-0.27.md §2), so extents are factored with
+:func:`_divisor` (tests assert the scheduled CPU IR has no ``T.where``). The CUDA rules split unevenly
+only where no block is moved under the split afterwards, and the predicates show in the source.
 
-CPU
+CPU (``llvm``)
+  * ``cpu_inference``: one streaming pass, parallel over rows, vectorized along the contiguous axis.
   * ``cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; also ghost BN): one
     parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
-    squares, scalars, y), so the channel's slice is read from memory once and re-read from cache;
+    squares, scalars, y), so the channel's slice comes from memory once and is re-read from cache;
     the reductions are vectorized along Q through rfactor.
-  * ``cpu_channels_last`` (Q == 1, e.g. NHWC, (N, C)): parallel over blocks of channels, vectorized
-    across the channels of a row; y in the same task so the stripe is still in cache.
-  * ``cpu_generic`` (anything else: axis lists that are not one run of axes): parallel, unvectorized.
+  * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): reductions rfactored
+    over the batch (per-sample partials, parallel over samples, vectorized across channels).
+  * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): parallel over blocks of
+    channels, vectorized across the channels of a row; y in the same task while the stripe is cached.
+  * ``cpu_generic`` (axis lists that are not one run of axes; ghost channels-last): parallel only.
 CUDA (arch sm_90 by default)
-  * ``cuda_block_per_channel`` (channel-first, C >= 2x the SM count): one thread block per channel;
-    the reductions are cross-thread (warp shuffles), y is written by the same block, and every scalar
-    other threads read lives in shared memory (ThreadSync puts barriers around it).
-  * ``cuda_two_phase`` (everything else): chunked partial sums through rfactor with coalesced loads
-    (threads along the contiguous axis: Q for channel-first, C for channels-last), a second phase
-    combining the partials, per-channel scalar kernels, and an elementwise y kernel. Kernel
-    boundaries order the global writes and reads, so no scalar is read by another thread of the
-    kernel that wrote it.
+  * ``cuda_block_per_channel`` (channel-first with C >= 2x the SM count, or ghost with a static batch):
+    one thread block per channel; the reductions are cross-thread (warp shuffles), y is written by the
+    same block, every scalar other threads read lives in shared memory (ThreadSync puts the barriers),
+    and the per-group averages of ghost BN are cross-thread reductions too (no shared read-modify-write
+    by every thread).
+  * ``cuda_two_phase`` (other single-run layouts): chunked partial sums through rfactor with coalesced
+    loads (threads along the contiguous axis: Q for channel-first, C for channels-last), a second phase
+    combining the partials, per-channel scalar kernels and an elementwise y kernel. Kernel boundaries
+    order the global writes and reads, so no value is read by another thread of the kernel writing it.
+  * ``cuda_generic`` (axis lists, ghost with a symbolic batch, inference): every block its own kernel
+    over its fused spatial loops; reductions serial per thread. Correct, not fast.
 """
 
 from __future__ import annotations
@@ -76,18 +83,6 @@ def _has_block(sch, name: str) -> bool:
         return True
     except Exception:
         return False
-
-
-def _ext(sch, loop):
-    e = sch.get(loop).extent
-    return int(e) if hasattr(e, "value") or isinstance(e, int) else e
-
-
-def _static(e) -> int | None:
-    try:
-        return int(e)
-    except Exception:
-        return None
 
 
 def _sched(func):
@@ -332,10 +327,10 @@ def cuda_two_phase(spec: KernelSpec, func, *, chunks: int = 64):
         if channels_last:
             # threads along c (contiguous); rows split into `chunks` partial sums
             rows = sch.fuse(*loops[1:])
-            ko, ri = sch.split(rows, [chunks, None])
+            ko, ri = sch.split(rows, [4 * chunks, None])   # few threads per block: more chunks
             rf = sch.rfactor(ko, factor_axis=0)
             rl = sch.get_loops(rf)             # c, ko, ri
-            cw = _divisor(C, 32)
+            cw = min(C, 32)                    # a warp across 32 adjacent channels of a row (predicated)
             co, cin = sch.split(rl[0], [None, cw])
             sch.reorder(rl[1], co, cin, rl[2])
             bx = sch.fuse(rl[1], co)
@@ -361,7 +356,7 @@ def cuda_two_phase(spec: KernelSpec, func, *, chunks: int = 64):
             sch.bind(fl[0], "blockIdx.x")
             sch.bind(fl[1], "threadIdx.x")     # allreduce of the partials
     for b in ["shift", *_cuda_scalar_blocks(names), *[n for n in names if n.endswith("_new")]]:
-        _bind_elementwise(sch, b, min(CUDA_THREADS, max(32, _divisor(C, CUDA_THREADS))))
+        _bind_elementwise(sch, b, min(CUDA_THREADS, 32 * -(-C // 32)))
     _bind_elementwise(sch, "y")
     return sch
 
