@@ -238,5 +238,22 @@ def fold_and_check(model, *, folded=None, left=None, rtol=1e-5, **options):
         assert len(result.report.folded) == folded, result.report.summary()
     if left is not None:
         assert len(result.report.left) == left, result.report.summary()
-    assert bn_count(out) == len(result.report.left) + 0, result.report.summary()
+    assert bn_count(out) == len(result.report.left), result.report.summary()
+    assert unused_initializers(out) <= unused_initializers(model), "fold left orphaned constants"
     return result
+
+
+def unused_initializers(model: onnx.ModelProto) -> set[str]:
+    """Names of main-graph initializers no node (in any graph) reads and no output returns."""
+    used = {o.name for o in model.graph.output}
+
+    def walk(graph):
+        for node in graph.node:
+            used.update(node.input)
+            for a in node.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+    walk(model.graph)
+    return {t.name for t in model.graph.initializer} - used
