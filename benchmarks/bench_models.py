@@ -15,7 +15,12 @@ Usage::
         [--twice]
 
 ``--twice`` runs the whole benchmark two times back to back and prints the ratios of both runs and
-their relative difference (the reproducibility check: every ratio should agree within 10%).
+their relative difference (the reproducibility check: every ratio should agree within 10%); its
+``--json`` is then ``{"runs": [report, report]}``, each report following ``bench.schema.json``.
+
+TVM's default Relax pipeline (no tuning) runs this network about 25-30x slower than onnxruntime on
+CPU, so one interleaved round with the ``tvm`` variant costs mostly TVM; use ``--variants`` and a
+smaller ``--repeat`` for it (see the figures in the issue report).
 """
 
 from __future__ import annotations

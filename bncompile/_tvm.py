@@ -71,6 +71,12 @@ def s_tir():
     return tvm().s_tir
 
 
+def relax_onnx():
+    """``tvm.relax.frontend.onnx`` (imported on first use, after the version checks of :func:`tvm`)."""
+    tvm()
+    return importlib.import_module("tvm.relax.frontend.onnx")
+
+
 def available() -> bool:
     """True when a compatible TVM can be imported."""
     try:
@@ -228,6 +234,6 @@ def compile_cuda_source(source: str, *, arch: str = DEFAULT_CUDA_ARCH, fmt: str 
         return nvcc.compile_cuda(source, target_format=fmt, arch=arch, compiler="nvcc")
 
 
-__all__ = ["tvm", "te", "tirx", "s_tir", "available", "host_cpu", "target_dict", "make_target", "target_kind",
+__all__ = ["tvm", "te", "tirx", "s_tir", "relax_onnx", "available", "host_cpu", "target_dict", "make_target", "target_kind",
            "device_for", "cuda_available", "is_tvm_tensor", "to_tensor", "empty", "view", "build",
            "verify_memory", "imported_kinds", "cuda_source", "compile_cuda_source"]

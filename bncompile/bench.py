@@ -14,7 +14,7 @@ Variants (each on the same seeded inputs, per batch size):
   TVM sees a CUDA GPU; left out silently otherwise (marked unavailable if asked for by name).
 
 Timing. All variants of one batch size are built first, then run in interleaved rounds (one call
-of each per round, the order rotated every round so none always follows another), ``warmup`` rounds
+of each per round, the order rotated every round so none always runs first or last), ``warmup`` rounds
 discarded, ``repeat`` rounds kept, Python's garbage collector paused. Slow drift of a shared machine
 then hits every variant alike. Per variant: median, p10/p25/p75/p90 latency of one call (``run``
 with NumPy inputs and outputs, host copies included), throughput = batch / median. The ratio to
@@ -23,11 +23,13 @@ time, so this cancels drift better than a ratio of medians, which is reported to
 Each call's process CPU time is recorded too: ``cpu_ratio``, the same median of per-round ratios
 from CPU time, is the one to compare on a machine shared with other work (time spent descheduled
 does not count; with ``threads=1`` it is the latency an idle machine would show). On a 2-core
-machine shared by four busy processes, two runs of the ResNet-18 benchmark (10 rounds) agreed
-within 8% on wall-clock ratios and within 4.4% on CPU-time ratios.
+machine shared by four busy processes, two consecutive runs of ``benchmarks/bench_models.py``
+(ResNet-18, 224x224, batch 1 and 8, 20 rounds) agreed within 7.7% on every wall-clock ratio and
+7.4% on every CPU-time ratio.
 
 Threads. ``threads`` pins onnxruntime's intra-op pool (inter-op 1, sequential execution) and TVM's
-pool (``TVM_NUM_THREADS``, set before TVM starts its pool). The default is **1**: single-thread
+pool (``TVM_NUM_THREADS``, set in ``os.environ`` before TVM starts its pool, and left set). The
+default is **1**: single-thread
 latency is what reproduces on a busy or shared machine (see the figures above), and it
 compares the kernels rather than the thread pools. Pass ``threads=os.cpu_count()`` for throughput.
 
@@ -39,8 +41,10 @@ Memory. Measured in a **fresh subprocess per variant and batch** (so one variant
 kept by the allocator, cannot hide another's), with Linux's peak-RSS counter ``VmHWM``, which
 writing ``5`` to ``/proc/self/clear_refs`` resets to the current RSS:
 
-* ``peak_rss_mb``: the highest RSS while loading (session creation; for TVM, compilation) and
-  running 3 times, minus the RSS before loading (after imports and inputs are in memory);
+* ``peak_rss_mb``: the highest RSS while loading (onnxruntime: session creation from the model
+  file; TVM: loading the library exported from the benchmark's compilation, or compiling where the
+  export fails, as ``memory_method`` says) and running 3 times, minus the RSS before loading (after
+  imports and inputs are in memory);
 * ``run_rss_mb``: the highest RSS during the 3 runs minus the RSS just before them: the working set
   inference adds (arenas, intermediates, outputs), comparable across all variants.
 
@@ -183,7 +187,7 @@ class BenchReport:
             "vs ort = median per-round latency ratio to onnxruntime default, <1 faster; cpu vs = the "
             "same from process CPU time (steadier on a busy machine); "
             "max err = max abs error / max |ort output|; peak MB = RSS high-water of load+runs in a "
-            "fresh process (tvm: includes compilation), run MB = during runs only)")
+            "fresh process, run MB = during runs only)")
         return "\n".join(lines)
 
 
@@ -413,6 +417,7 @@ def _tvm_runner(model: onnx.ModelProto, variant: str, target: str, shapes: dict,
                 return [out[n] for n in out_names]
             return list(out.values())
         return list(out) if isinstance(out, (list, tuple)) else [out]
+    call.compiled = compiled                   # for the memory probe (export, then load there)
     return call
 
 
@@ -488,16 +493,24 @@ def _probe_main() -> None:
     if kind.startswith("tvm"):
         _pin_tvm_threads(spec["threads"])
         compiler = _compiler()
-        model = onnx.load(spec["model"])
+        from bncompile import _tvm
+        _tvm.tvm()                              # TVM's own import is not the model's memory
+        model = None if spec.get("library") else onnx.load(spec["model"])
     else:
         import onnxruntime as ort  # noqa: F401 - imported before the baseline
     gc.collect()
     resettable = _reset_hwm()
     base_kb = _status_kb("VmRSS") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind.startswith("tvm"):
-        tgt = "cuda" if kind == "tvm-cuda" else spec["target"]
-        compiled = compiler.compile(model, target=tgt, input_shapes={k: v.shape for k, v in feeds.items()},
-                                    fold=True)
+        if spec.get("library"):
+            compiled = compiler.load(spec["library"])
+        else:
+            tgt = "cuda" if kind == "tvm-cuda" else spec["target"]
+            compiled = compiler.compile(model, target=tgt, input_shapes={k: v.shape for k, v in feeds.items()},
+                                        fold=True)
+        prepare = getattr(compiled, "_machine", None)
+        if callable(prepare):                   # load the library and create the VM now (else lazily on run 1)
+            prepare()
         run = lambda: compiled.run(feeds)  # noqa: E731
     else:
         with open(spec["model"], "rb") as fh:
@@ -525,9 +538,10 @@ def _probe_main() -> None:
     print(json.dumps(out))  # noqa: T201 - the subprocess's answer to its parent
 
 
-def _probe_memory(variant: str, model_file: str, feeds_file: str, *, threads: int, target: str) -> dict:
+def _probe_memory(variant: str, model_file: str, feeds_file: str, *, threads: int, target: str,
+                  library: str | None = None) -> dict:
     spec = json.dumps({"variant": variant, "model": model_file, "feeds": feeds_file,
-                       "threads": threads, "target": target})
+                       "threads": threads, "target": target, "library": library})
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     try:
         proc = subprocess.run([sys.executable, "-c", "from bncompile.bench import _probe_main; _probe_main()",
@@ -713,7 +727,11 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
             report.seconds[f"build@{b}"] = round(time.perf_counter() - t, 3)
 
             # accuracy against ort (one call each; it also warms them up)
-            reference = _to_numpy(runners[BASELINE]())
+            try:
+                reference = _to_numpy(runners[BASELINE]())
+            except Exception as err:  # noqa: BLE001 - the baseline must run
+                raise InputError(f"onnxruntime cannot run the model on inputs {dict(shapes)}: "
+                                 f"{_first_line(err)}") from None
             for v, fn in list(runners.items()):
                 try:
                     errs = onnx_utils.compare_outputs(reference, _to_numpy(fn()))
@@ -729,6 +747,15 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
             report.seconds[f"time@{b}"] = round(time.perf_counter() - t, 3)
             for v in runners:
                 _stats(rows[v], wall[v], wall[BASELINE], b, cpu[v], cpu[BASELINE])
+            libraries = {}
+            if tmpdir is not None:                 # TVM: export now, load in the probe (no compile there)
+                for v, fn in runners.items():
+                    if getattr(fn, "compiled", None) is not None:
+                        try:
+                            libraries[v] = str(fn.compiled.export(os.path.join(tmpdir.name, f"{v}-{b}.so")))
+                        except Exception as err:  # noqa: BLE001 - the probe compiles instead
+                            log.info("benchmark: export of %s failed (%s); its memory includes compilation",
+                                     v, _first_line(err))
             runners.clear()
             gc.collect()
 
@@ -741,13 +768,17 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
                     if rows[v].status != "ok":
                         continue
                     src = files["folded"] if v.startswith("folded-") else files["orig"]
-                    m = _probe_memory(v, src, feeds_file, threads=threads, target=target)
+                    m = _probe_memory(v, src, feeds_file, threads=threads, target=target,
+                                      library=libraries.get(v))
                     if "error" in m:
                         rows[v].memory_method = m["error"]
                         continue
                     rows[v].peak_rss_mb = round(m["peak_kb"] / 1024, 2)
                     rows[v].run_rss_mb = None if m["run_kb"] is None else round(m["run_kb"] / 1024, 2)
-                    rows[v].memory_method = m["method"] + (" (includes compilation)" if v.startswith("tvm") else "")
+                    note = ""
+                    if v.startswith("tvm"):
+                        note = " (exported library loaded)" if v in libraries else " (includes compilation)"
+                    rows[v].memory_method = m["method"] + note
                 report.seconds[f"memory@{b}"] = round(time.perf_counter() - t, 3)
             report.results.extend(rows[v] for v in chosen)
     finally:
@@ -775,7 +806,8 @@ def write_json(report: BenchReport, path) -> None:
 
 def plot(report: BenchReport, path) -> None:
     """A bar chart, one panel per batch: median latency per variant, whiskers p10..p90, the ratio to
-    ort written above each bar. matplotlib (Agg backend) is imported here only."""
+    ort written above each bar (log scale when the medians of a panel span more than 20x).
+    matplotlib (Agg backend) is imported here only."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -796,6 +828,9 @@ def plot(report: BenchReport, path) -> None:
             err = [[r.median_ms - r.p10_ms], [r.p90_ms - r.median_ms]]
             ax.bar(i, r.median_ms, color=colors(i % 10), yerr=err, capsize=4, ecolor="black")
             ax.text(i, r.p90_ms, f"{r.ratio:.2f}x", ha="center", va="bottom", fontsize=8)
+        meds = [r.median_ms for r in rows if r is not None and r.status == "ok" and r.median_ms > 0]
+        if meds and max(meds) / min(meds) > 20:     # e.g. an untuned TVM next to onnxruntime
+            ax.set_yscale("log")
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"batch {b}")

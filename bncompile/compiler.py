@@ -275,6 +275,64 @@ def _drop_single_dim_products(model: onnx.ModelProto) -> int:
     return len(rename)
 
 
+def _minus_one_reshapes(model: onnx.ModelProto) -> int:
+    """``Reshape(d, Concat(c1, P, c2...))`` with every part constant but one 1-element product ``P``
+    -> ``Reshape(d, [c1, -1, c2...])``.
+
+    Valid whatever P is: a Reshape keeps the element count, so the one unknown entry can only be
+    ``numel(d) / prod(constants)``, which is what -1 means (the constants must be positive). The builder
+    writes ``ReduceProd(Slice(Shape(x)))`` for a group of dims holding the dynamic batch, and TVM's
+    frontend cannot reduce a shape expression; with -1, Relax keeps the batch symbolic.
+    """
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    changed = 0
+    for n in list(g.node):
+        if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        if any(a.name == "allowzero" and a.i for a in n.attribute):
+            continue
+        cat = producer.get(n.input[1])
+        if cat is None or cat.op_type != "Concat" or cat.domain not in ("", "ai.onnx"):
+            continue
+        dynamic = [i for i, x in enumerate(cat.input) if x not in consts]
+        if len(dynamic) != 1:
+            continue
+        if any(consts[x].size and (consts[x] <= 0).any() for x in cat.input if x in consts):
+            continue
+        prod = producer.get(cat.input[dynamic[0]])
+        if prod is None or prod.op_type != "ReduceProd" or len(prod.input) != 1 or any(
+                a.name in ("keepdims", "axes") and (a.name == "axes" or a.i == 0) for a in prod.attribute):
+            continue
+        parts = [consts[x].reshape(-1).astype(np.int64) if x in consts else np.array([-1], np.int64)
+                 for x in cat.input]
+        name = f"{n.input[1]}__bncompile_minus_one"
+        g.initializer.append(numpy_helper.from_array(np.concatenate(parts), name))
+        consts[name] = np.concatenate(parts)
+        n.input[1] = name
+        changed += 1
+    if changed:
+        _remove_dead_nodes(model)
+    return changed
+
+
+def _remove_dead_nodes(model: onnx.ModelProto) -> None:
+    g = model.graph
+    while True:
+        used = {o.name for o in g.output}
+        for n in _all_nodes(g):
+            used.update(n.input)
+        keep = [n for n in g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(keep)
+
+
 def _prepare(model: onnx.ModelProto, *, fold: bool, input_shapes) -> tuple[onnx.ModelProto, dict]:
     """Steps 1-3 of the module docstring; returns the model and the default values of inputs."""
     from bncompile import custom_ops
@@ -295,6 +353,7 @@ def _prepare(model: onnx.ModelProto, *, fold: bool, input_shapes) -> tuple[onnx.
     del model.functions[:]
     for n in _all_nodes(model.graph):
         _constant_to_value(n)
+    _minus_one_reshapes(model)
     _drop_single_dim_products(model)
     input_names = {i.name for i in model.graph.input}
     defaults = {}
@@ -308,8 +367,7 @@ def _prepare(model: onnx.ModelProto, *, fold: bool, input_shapes) -> tuple[onnx.
         d = _dims(vi)
         if vi.name in defaults and (d is None or any(not isinstance(x, int) or x <= 0 for x in d)) and not (
                 input_shapes and vi.name in input_shapes):
-            _apply_input_shapes(model, {vi.name: list(defaults[vi.name].shape)}) if d is not None and \
-                len(d) == defaults[vi.name].ndim else _set_shape(vi, defaults[vi.name].shape)
+            _set_shape(vi, defaults[vi.name].shape)
             log.info("input %s: free dims pinned to its default's shape %s", vi.name, defaults[vi.name].shape)
     if defaults:
         del model.graph.initializer[:]
@@ -392,6 +450,7 @@ class _KernelContext:
         self.kernels: dict = {}        # KernelSpec -> GlobalVar
         self.schedules: dict = {}      # kernel name -> schedule rule name
         self.fallbacks: list[str] = []
+        self.multiples: dict[str, int] = {}   # symbolic dim name -> the batch must be a multiple of this
 
     def kernel(self, bb, spec):
         gv = self.kernels.get(spec)
@@ -467,6 +526,11 @@ def _emit_bn_kernel(ctx: _KernelContext, bb, attr, *, op: str, x, params: list, 
         if n0 is not None and n0 % v:
             raise InputError(f"node {_node_label(attr)} ({op}): virtual_batch_size {v} does not divide the "
                              f"batch size {n0}")
+        if n0 is None:
+            # nothing checks N % v at run time inside the graph (a Relax reshape of a symbolic shape does
+            # not): record it so CompiledModel.run refuses such a batch with a clear message
+            key = str(getattr(N, "name", N))
+            ctx.multiples[key] = math.lcm(ctx.multiples.get(key, 1), v)
         spec_shape = (v, SYMBOLIC if n0 is None else n0 // v, *mid)
         kinds = "RGRCR"
         rshape = (v, (N // v) if n0 is None else n0 // v, *mid)
@@ -666,6 +730,10 @@ class CompiledModel:
                         if bound.setdefault(want, int(got)) != int(got):
                             raise InputError(f"input {name!r}: dimension {i} ({want}) is {got} but another "
                                              f"input has {want} = {bound[want]}")
+                        mult = (self.info.get("dim_multiples") or {}).get(want)
+                        if mult and int(got) % int(mult):
+                            raise InputError(f"input {name!r}: dimension {i} ({want}) is {got}, which is not a "
+                                             f"multiple of {mult} (the virtual_batch_size of a ghost batch norm)")
             arrays.append(np.ascontiguousarray(a))
         return arrays
 
@@ -817,6 +885,7 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
         if "cuda" not in kinds:
             raise UnsupportedError(f"compile for CUDA produced no cuda module (modules: {kinds})")
     info = {"kernels": dict(ctx.schedules), "tvm_batch_norm_fallbacks": ctx.fallbacks,
+            "dim_multiples": dict(ctx.multiples),
             "seconds": {"prepare": round(t_prep, 4), "import": round(t_import, 4), "build": round(t_build, 4),
                         "total": round(time.perf_counter() - t0, 4)}}
     log.info("compiled for %s in %.2f s (%d bncompile kernels)", target_name, info["seconds"]["total"],
@@ -868,5 +937,6 @@ def load(path) -> CompiledModel:
             defaults = {k: z[k] for k in z.files}
     cm = CompiledModel(target=meta["target_dict"], target_name=meta["target"], inputs=meta["inputs"],
                        outputs=meta["outputs"], defaults=defaults,
-                       info={k: v for k, v in meta.items() if k in ("kernels", "seconds")}, path=str(p))
+                       info={k: v for k, v in meta.items() if k in ("kernels", "seconds", "dim_multiples")},
+                       path=str(p))
     return cm

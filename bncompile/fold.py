@@ -179,7 +179,7 @@ def _count_ops(model) -> collections.Counter:
 
 
 def _load(model_or_path, validate: bool):
-    """(ir model, source for the original session, original proto if in memory, path or None)."""
+    """(onnx-ir model, the input's path or None for an in-memory proto)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
         # detach at load: the parsed proto is freed before the folded weights are allocated
@@ -210,7 +210,6 @@ def fold(model_or_path, *, output=None, in_place: bool = False, decompose: bool 
 
     Raises InputError (bad input; exit 2) or VerificationError (check failed; exit 1).
     """
-    import onnx_ir as ir
     from bncompile.passes.decompose_batchnorm import DecomposeBatchNormPass
     from bncompile.passes.fold_batchnorm import FoldBatchNormPass
     from bncompile.passes.fold_constants import FoldConstantsPass
@@ -382,3 +381,8 @@ def _verify(model_or_path, path, result: FoldResult, *, check_runs, seed, input_
                        max_abs=agg["max_abs"], max_rel=agg["max_rel"],
                        max_elem_rel=agg["max_elem_rel"], passed=passed, input_shapes=shapes_used,
                        low_precision=low_precision, note=note)
+
+
+from bncompile._callable_module import make_callable  # noqa: E402
+
+make_callable(__name__, "fold")  # `bncompile.fold(model)` works even after `import bncompile.fold`

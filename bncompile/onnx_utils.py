@@ -3,9 +3,12 @@
 * :func:`load_model_ir` / :func:`load_model_proto` read a model file after checking it
   (exists, is ONNX, passes ``onnx.checker.check_model(full_check=True)``, external data stays inside
   the model's folder). onnx-ir reads external data lazily (memory mapped).
+  :func:`detach_tensors` copies proto-backed tensors out so the parsed proto can be freed.
 * :func:`save_model_ir` writes a model atomically; it writes external data beside the output
-  (``<output>.data``) when the input had external data or the model would exceed protobuf's 2 GB.
-  The output never points back at the input's data file.
+  (``<output>.data``) when the input had external data or the model would exceed protobuf's 2 GB,
+  else one self-contained file streamed one tensor at a time (:func:`write_model_streaming`).
+  The output never points back at the input's data file. :func:`serialize_model` gives the
+  ``ModelProto`` without the redundant initializer value_info onnx-ir adds.
 * :func:`make_session` builds an onnxruntime session with **all** graph optimizations off (the
   default level fuses Conv+BatchNormalization itself and would hide a bug).
 * :func:`random_feeds` draws seeded random inputs for a session's inputs.
@@ -507,18 +510,6 @@ def model_to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     twin.CopyFrom(model)
     _graph_to_float32(twin.graph)
     return twin
-
-
-def model_float_dtype(model: onnx.ModelProto) -> np.dtype | None:
-    """The lowest-precision floating dtype among the graph's inputs and outputs, if any."""
-    order = [(onnx.TensorProto.BFLOAT16, "bfloat16"), (onnx.TensorProto.FLOAT16, "float16"),
-             (onnx.TensorProto.FLOAT, "float32"), (onnx.TensorProto.DOUBLE, "float64")]
-    present = {vi.type.tensor_type.elem_type for vi in (*model.graph.input, *model.graph.output)
-               if vi.type.WhichOneof("value") == "tensor_type"}
-    for code, name in order:
-        if code in present:
-            return name
-    return None
 
 
 def check_output_path_writable(path, *, what: str = "output") -> Path:

@@ -81,8 +81,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
                 self.skipped.append((node.op_type, node.name or "", why))
                 log.debug("constant folding skipped %s %r: %s", node.op_type, node.name, why)
                 continue
+            orphans.extend(v for v in node.inputs if v is not None)  # before removal clears them
             self._replace(node, results, model)
-            orphans.extend(v for v in node.inputs if v is not None)
             self.folded.append((node.op_type, node.name or ""))
         for value in orphans:
             remove_if_unused(value, model, consts)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bncompile.fold import fold
-from fold_graphs import G, assert_equivalent, bn_count
+from fold_graphs import G, assert_equivalent, bn_count, unused_initializers
 
 
 @st.composite
@@ -104,5 +104,6 @@ def test_random_stacks_fold_completely_and_equivalently(spec):
     assert bn_count(r.model) == 0, r.report.summary()
     assert len(r.report.folded) == n_bn
     assert_equivalent(model, r.model, rtol=1e-5, seeds=(0,))
+    assert unused_initializers(r.model) <= unused_initializers(model)
     again = fold(r.model, check=False)
     assert again.model.SerializeToString() == r.model.SerializeToString()

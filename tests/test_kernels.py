@@ -99,6 +99,9 @@ LAYOUTS = [
     ([1, 2], (2, 3, 4, 5), "cpu_channel_first"),     # an axis list that is one run
     ([1, 3], (2, 3, 4, 5), "cpu_generic"),           # an axis list that is not
     ([-1, -2], (3, 4, 5), "cpu_channels_last"),
+    (0, (5, 3), "cpu_generic"),                      # the batch axis normalized (static batch)
+    (0, (5,), "cpu_generic"),                        # rank 1: nothing reduced, var 0
+    ([0, 2], (5, 3, 2), "cpu_generic"),
 ]
 
 

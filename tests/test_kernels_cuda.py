@@ -36,6 +36,7 @@ CASES = [
      "cuda_block_per_channel"),
     ("ghost-symbolic", BatchNormConfig(axis=1, virtual_batch_size=2), (None, 5, 3, 7), "cuda_generic"),
     ("axis-list", BatchNormConfig(axis=(1, 3)), (2, 3, 4, 5), "cuda_generic"),
+    ("batch-axis", BatchNormConfig(axis=0), (5, 3), "cuda_generic"),
 ]
 
 

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 from pathlib import Path
 
 from bncompile.errors import InputError, UnsupportedError
@@ -53,9 +54,22 @@ def add_arguments(parser) -> None:
                         help="no progress bar on stderr")
 
 
+def _check_output(path, flag: str) -> None:
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise InputError(f"{flag} {str(p)!r} is a directory: give a file name")
+    if not parent.is_dir():
+        raise InputError(f"{flag} {str(p)!r}: folder {str(parent)!r} does not exist: create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{flag} {str(p)!r}: folder {str(parent)!r} is not writable: choose another path")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise InputError(f"{flag} {str(p)!r} exists and is not writable: choose another path")
+
+
 def _check_args(args) -> None:
     """Every check that needs no measurement, before any work (nothing is written on failure)."""
-    from bncompile._io import check_input_file, check_output_path
+    from bncompile._io import check_input_file
 
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads {args.threads}: give 1 or more")
@@ -64,9 +78,9 @@ def _check_args(args) -> None:
     if args.warmup < 0:
         raise InputError(f"--warmup {args.warmup}: give 0 or more rounds")
     if args.json:
-        check_output_path(args.json, what="--json")
+        _check_output(args.json, "--json")
     if args.plot:
-        check_output_path(args.plot, what="--plot")
+        _check_output(args.plot, "--plot")
         if args.json and Path(args.plot).resolve() == Path(args.json).resolve():
             raise InputError("--json and --plot name the same file: give two paths")
     if args.kernels:

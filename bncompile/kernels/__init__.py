@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from bncompile.config import BatchNormConfig, RandomAdjustment, training_effective
 from bncompile.errors import ConfigError, InputError, UnsupportedError
-from bncompile.kernels.compute import (SYMBOLIC, KernelSpec, batchnorm_numpy, canonical_shape, make_spec,
+from bncompile.kernels.compute import (KernelSpec, batchnorm_numpy, canonical_shape, make_spec,
                                        prim_func)
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ machine noise hits them alike), the median time of:
 
 ONNX BatchNormalization normalizes axis 1, so a channels-last case runs the ORT baselines on the
 same-size channels-first tensor (same bytes, same channel count). ORT uses IOBinding with
-preallocated outputs, and all graph optimizations off, like the TVM kernel writing into preallocated
+preallocated outputs, all graph optimizations off and no spinning thread pool (a spinning pool steals
+the cores from the next implementation of the round), like the TVM kernel writing into preallocated
 tensors. ``GB/s`` counts one read of x and one write of y.
 """
 
@@ -87,6 +88,9 @@ def _ort_runner(shape, arrays, *, training: bool, threads: int):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # ORT's pool spins after each run by default, stealing the cores from whatever runs next in the
+    # interleaved rounds (measured: the TVM kernel timed right after ORT came out up to 1.7x slower)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(_ort_model(shape, training=training), so, providers=["CPUExecutionProvider"])
     binding = sess.io_binding()
     for name, arr in arrays.items():

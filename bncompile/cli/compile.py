@@ -1,0 +1,80 @@
+"""``bncompile compile model.onnx --target aarch64 -o model.so``: a whole ONNX graph -> a TVM library."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bncompile.errors import InputError
+
+DESCRIPTION = (
+    "Compile a whole ONNX model with TVM (Relax) into a deployable library, plus <output>.json "
+    "(input/output names, dtypes, shapes). Inference BatchNormalization is folded first; training-mode "
+    "BatchNormalization and bncompile's custom ops run bncompile's own kernels. Targets: llvm (this CPU), "
+    "x86_64, aarch64 (cross-compiled with aarch64-linux-gnu-g++), cuda (sm_90; --arch or cuda:sm_80). "
+    "Run the result with `bncompile run` or the C++ runner (bncompile/runner). Exit 0 ok, 2 bad input.")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="input .onnx model")
+    p.add_argument("-o", "--output", help="library to write (default: <model>.<target>.so beside the input; "
+                                          "a name ending in .tar writes object files, no linker needed)")
+    p.add_argument("--target", default="llvm",
+                   help="llvm (default, this CPU), x86_64, aarch64, cuda, or cuda:sm_XX")
+    p.add_argument("--arch", help="CUDA arch for --target cuda (default sm_90)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="static shape of an input (repeatable); a dim written N, ? or -1 stays dynamic")
+    p.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="do not fold inference BatchNormalization before compiling")
+
+
+def parse_input_shapes(items) -> dict:
+    shapes = {}
+    for item in items or []:
+        name, sep, dims = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--input-shape: expected NAME=D1,D2,..., got {item!r}")
+        out = []
+        for d in dims.split(","):
+            d = d.strip()
+            if d.lstrip("-").isdigit():
+                v = int(d)
+                if v == 0 or v < -1:
+                    raise InputError(f"--input-shape {item!r}: dimensions must be positive (or -1 / N for a "
+                                     "dynamic one)")
+                out.append(v if v > 0 else None)
+            elif d and d.replace("_", "").isalnum() or d == "?":
+                out.append(None if d == "?" else d)
+            else:
+                raise InputError(f"--input-shape {item!r}: {d!r} is not a dimension")
+        shapes[name.strip()] = out
+    return shapes
+
+
+def run(args) -> int:
+    from bncompile._io import check_input_file, check_output_path
+    from bncompile.compiler import compile, resolve_target
+
+    src = check_input_file(args.model, "model")
+    target = args.target
+    if args.arch:
+        if not target.lower().startswith("cuda"):
+            raise InputError(f"--arch {args.arch} applies to --target cuda only (got --target {target})")
+        target = f"cuda:{args.arch}"
+    name, _ = resolve_target(target)          # unknown targets fail before any work
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{name}.so")
+    check_output_path(out, what="library")
+    shapes = parse_input_shapes(args.input_shape)
+    t = time.perf_counter()
+    cm = compile(str(src), target=target, input_shapes=shapes or None, fold=args.fold)
+    cm.export(out)
+    kernels = cm.info.get("kernels") or {}
+    ins = ", ".join(f"{i['name']}{_shape(i['shape'])}" for i in cm.inputs)
+    print(f"compiled {src.name} for {name} in {time.perf_counter() - t:.2f} s -> {out} (+ {out.name}.json); "
+          f"inputs: {ins}; outputs: {', '.join(cm.output_names)}"
+          + (f"; {len(kernels)} bncompile BN kernel(s)" if kernels else ""))
+    return 0
+
+
+def _shape(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]" if shape is not None else "[?]"
