@@ -219,10 +219,25 @@ def imported_kinds(executable) -> list[str]:
     return [str(m.kind) for m in executable.mod.imports]
 
 
+def module_tree_kinds(mod) -> list[str]:
+    """Kinds of every module in the import tree of ``mod`` (a Relax executable nests
+    VMExecutable -> llvm -> cuda), root first."""
+    seen, stack = [], [mod]
+    while stack:
+        m = stack.pop()
+        seen.append(str(m.kind))
+        stack.extend(m.imports)
+    return seen
+
+
 def cuda_source(executable) -> str:
-    for m in executable.mod.imports:
+    """The CUDA C source of an executable (or runtime module), searched through its import tree."""
+    stack = [getattr(executable, "mod", executable)]
+    while stack:
+        m = stack.pop()
         if str(m.kind) == "cuda":
             return m.inspect_source()
+        stack.extend(m.imports)
     raise UnsupportedError("no cuda module in this executable (was the function scheduled for CUDA?)")
 
 

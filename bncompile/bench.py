@@ -29,9 +29,9 @@ machine shared by four busy processes, two consecutive runs of ``benchmarks/benc
 
 Threads. ``threads`` pins onnxruntime's intra-op pool (inter-op 1, sequential execution) and TVM's
 pool (``TVM_NUM_THREADS``, set in ``os.environ`` before TVM starts its pool, and left set). The
-default is **1**: single-thread
-latency is what reproduces on a busy or shared machine (see the figures above), and it
-compares the kernels rather than the thread pools. Pass ``threads=os.cpu_count()`` for throughput.
+default is **1**: single-thread latency is what reproduces on a busy or shared machine (see the
+figures above), and it compares the kernels rather than the thread pools. Pass
+``threads=os.cpu_count()`` for throughput.
 
 Accuracy. Each variant's outputs on the benchmark inputs against ``ort``'s:
 ``max_abs_err`` and ``max_rel_err`` (max abs error / largest |reference|), from
@@ -56,6 +56,7 @@ Library code: logs, never prints (the progress bar goes to stderr and can be tur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -557,6 +558,25 @@ def _probe_memory(variant: str, model_file: str, feeds_file: str, *, threads: in
         return {"error": "memory probe gave no answer"}
 
 
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """Send what native code writes to file descriptor 2 to this module's debug log instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("native stderr: %s", text)
+
+
 # --------------------------------------------------------------------------- timing
 
 def _time_interleaved(runners: dict[str, Callable], repeat: int, warmup: int, tick=None
@@ -752,7 +772,8 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
                 for v, fn in runners.items():
                     if getattr(fn, "compiled", None) is not None:
                         try:
-                            libraries[v] = str(fn.compiled.export(os.path.join(tmpdir.name, f"{v}-{b}.so")))
+                            with _native_stderr_to_log():   # TVM's C++ warnings while saving
+                                libraries[v] = str(fn.compiled.export(os.path.join(tmpdir.name, f"{v}-{b}.so")))
                         except Exception as err:  # noqa: BLE001 - the probe compiles instead
                             log.info("benchmark: export of %s failed (%s); its memory includes compilation",
                                      v, _first_line(err))
@@ -831,10 +852,12 @@ def plot(report: BenchReport, path) -> None:
         meds = [r.median_ms for r in rows if r is not None and r.status == "ok" and r.median_ms > 0]
         if meds and max(meds) / min(meds) > 20:     # e.g. an untuned TVM next to onnxruntime
             ax.set_yscale("log")
+            ax.set_ylabel("latency per call (ms, log scale)")
+        else:
+            ax.set_ylabel("latency per call (ms)")
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"batch {b}")
-        ax.set_ylabel("latency per call (ms)")
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{Path(report.model).name}: median latency, whiskers p10-p90, "

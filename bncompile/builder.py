@@ -160,8 +160,8 @@ class _Layout:
                       [(0, 1), (1, self.first), None, (self.last + 1, len(t))])
         static = [self._prod(t[a:b]) if grp is not None else self.C for grp in groups
                   for (a, b) in [grp or (0, 0)]]
-        if all(s is not None for s in static):
-            return self.g.ints(f"{form}_shape", static)
+        if sum(s is None for s in static) <= 1:  # at most one unknown group: Reshape's -1 infers it
+            return self.g.ints(f"{form}_shape", [-1 if s is None else s for s in static])
         parts = [self._dyn_prod(*grp) if grp is not None else self.g.ints("C", [self.C]) for grp in groups]
         return self.g.node("Concat", parts, axis=0, hint=f"{form}_shape")
 

@@ -311,8 +311,9 @@ def _minus_one_reshapes(model: onnx.ModelProto) -> int:
         parts = [consts[x].reshape(-1).astype(np.int64) if x in consts else np.array([-1], np.int64)
                  for x in cat.input]
         name = f"{n.input[1]}__bncompile_minus_one"
-        g.initializer.append(numpy_helper.from_array(np.concatenate(parts), name))
-        consts[name] = np.concatenate(parts)
+        if name not in consts:
+            g.initializer.append(numpy_helper.from_array(np.concatenate(parts), name))
+            consts[name] = np.concatenate(parts)
         n.input[1] = name
         changed += 1
     if changed:
@@ -413,11 +414,7 @@ def _unsupported_message(bad: Mapping[str, list[str]]) -> str:
 def _frontend():
     from bncompile import _tvm
 
-    tvm = _tvm.tvm()
-    import importlib
-
-    importlib.import_module("tvm.relax.frontend.onnx")
-    return tvm.relax.frontend.onnx
+    return _tvm.relax_onnx()
 
 
 _PATCH_LOCK = threading.Lock()
@@ -896,23 +893,16 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
 
 def _module_kinds(mod) -> list[str]:
     """Kinds of every module in the import tree of ``mod``."""
-    seen, stack = [], [mod]
-    while stack:
-        m = stack.pop()
-        seen.append(str(m.kind))
-        stack.extend(m.imports)
-    return seen
+    from bncompile import _tvm
+
+    return _tvm.module_tree_kinds(mod)
 
 
 def cuda_source(cm: CompiledModel) -> str:
     """The CUDA C source of a model compiled for ``cuda`` (for inspection and nvcc checks)."""
-    stack = [cm._executable.mod]
-    while stack:
-        m = stack.pop()
-        if str(m.kind) == "cuda":
-            return m.inspect_source()
-        stack.extend(m.imports)
-    raise UnsupportedError("no cuda module in this library")
+    from bncompile import _tvm
+
+    return _tvm.cuda_source(cm._executable)
 
 
 def load(path) -> CompiledModel:
