@@ -26,27 +26,31 @@ def check_input_file(path, what: str = "model") -> Path:
     return p
 
 
-def check_output_path(path, *, what: str = "output") -> Path:
+def check_output_path(path, *, what: str = "output", flag: str = "-o") -> Path:
+    """Check that ``path`` can be written (its folder exists and is writable, it is not a folder);
+    ``flag`` is the option the user gave it with, named in the fix."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
-        raise InputError(f"{what} path {str(p)!r} is a directory: give a file name")
+        raise InputError(f"{what} path {str(p)!r} is a directory: give a file name to {flag}")
     if not parent.is_dir():
-        raise InputError(f"{what} folder {str(parent)!r} does not exist: create it or choose another -o")
+        raise InputError(f"{what} folder {str(parent)!r} does not exist: create it or choose another {flag}")
     if not os.access(parent, os.W_OK):
-        raise InputError(f"{what} folder {str(parent)!r} is not writable: choose another -o")
+        raise InputError(f"{what} folder {str(parent)!r} is not writable: choose another {flag}")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise InputError(f"{what} {str(p)!r} exists and is not writable: choose another {flag}")
     return p
 
 
 @contextlib.contextmanager
-def atomic_output(path, *, what: str = "output"):
+def atomic_output(path, *, what: str = "output", flag: str = "-o"):
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success only."""
-    p = check_output_path(path, what=what)
+    p = check_output_path(path, what=what, flag=flag)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
     except OSError as err:
         raise InputError(f"{what} folder {str(p.parent)!r} is not writable ({err.strerror}); "
-                         "choose another -o") from None
+                         f"choose another {flag}") from None
     os.close(fd)
     try:
         yield Path(tmp)

@@ -405,7 +405,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if len(node.inputs) != 2:
             return None, f"its producer {node_label(node)} is not a MatMul + bias Add"
         for i in (0, 1):
-            mm_out, bias_in = node.inputs[i], node.inputs[1 - i]
+            mm_out = node.inputs[i]
             mm = mm_out.producer() if mm_out is not None else None
             if mm is not None and is_onnx_op(mm, "MatMul"):
                 break

@@ -18,7 +18,7 @@ def test_training_mode_opset15_left():
     g = G(seed=1)
     x = g.input("x", [4, 3, 5, 5])
     y = g.conv(x, 3, 4, name="conv")
-    outs = g.bn(y, 4, name="bn", outputs=["y", "running_mean", "running_var"], training_mode=1)
+    g.bn(y, 4, name="bn", outputs=["y", "running_mean", "running_var"], training_mode=1)
     g.output("y", shape=[4, 4, 5, 5])
     g.output("running_mean", shape=[4])
     g.output("running_var", shape=[4])

@@ -137,7 +137,7 @@ def test_matmul_negative_3d_output_axis1_is_not_the_column():
 
 
 def test_matmul_add_negative_3d():
-    r = fold_and_check(matmul_bn(x_shape=(2, 3, 5), n=4, add_bias=True, seed=12), folded=0, left=1)
+    fold_and_check(matmul_bn(x_shape=(2, 3, 5), n=4, add_bias=True, seed=12), folded=0, left=1)
 
 
 def test_matmul_negative_runtime_weight():

@@ -10,7 +10,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import os
 from pathlib import Path
 
 from bncompile.errors import InputError, UnsupportedError
@@ -55,16 +54,9 @@ def add_arguments(parser) -> None:
 
 
 def _check_output(path, flag: str) -> None:
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise InputError(f"{flag} {str(p)!r} is a directory: give a file name")
-    if not parent.is_dir():
-        raise InputError(f"{flag} {str(p)!r}: folder {str(parent)!r} does not exist: create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{flag} {str(p)!r}: folder {str(parent)!r} is not writable: choose another path")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise InputError(f"{flag} {str(p)!r} exists and is not writable: choose another path")
+    from bncompile._io import check_output_path
+
+    check_output_path(path, what=flag.lstrip("-"), flag=flag)
 
 
 def _check_args(args) -> None:
