@@ -868,8 +868,15 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
     t_import = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    cpu_report: dict = {}
     try:
-        ex = tvm.compile(mod, target=tvm.target.Target(tdict))
+        tgt = tvm.target.Target(tdict)
+        pipeline = "default"
+        if tdict.get("kind") == "llvm":
+            from bncompile import cpu_schedules
+
+            pipeline = cpu_schedules.pipeline(tgt, cpu_report)
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     except BncompileError:
         raise
     except Exception as err:
@@ -882,6 +889,7 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
         if "cuda" not in kinds:
             raise UnsupportedError(f"compile for CUDA produced no cuda module (modules: {kinds})")
     info = {"kernels": dict(ctx.schedules), "tvm_batch_norm_fallbacks": ctx.fallbacks,
+            "cpu_schedules": dict(sorted(cpu_report.items())),
             "dim_multiples": dict(ctx.multiples),
             "seconds": {"prepare": round(t_prep, 4), "import": round(t_import, 4), "build": round(t_build, 4),
                         "total": round(time.perf_counter() - t0, 4)}}

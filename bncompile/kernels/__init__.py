@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
+# y of at least this many bytes is written with streaming stores on x86 (Kernel._streaming): well past
+# what the caches keep for the next reader, where a cached write only costs a read of y from memory
+STREAMING_MIN_BYTES = 8 << 20
 
 
 @dataclass
@@ -53,13 +56,19 @@ class Built:
         return self.executable["main"] if hasattr(self.executable, "__getitem__") else self.executable
 
 
-def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None = None) -> Built:
-    """Compile ``spec`` for ``target`` (cached per spec, target and schedule within the process)."""
+def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None = None,
+               streaming: bool = False) -> Built:
+    """Compile ``spec`` for ``target`` (cached per spec, target, schedule and variant within the process).
+
+    ``streaming``: write y with non-temporal stores (x86 llvm targets only, else ignored; see
+    :func:`bncompile.kernels.schedules.nt_store_pass`): faster when y is much larger than the caches.
+    """
     from bncompile import _tvm
     from bncompile.kernels import schedules
 
     tdict = _tvm.target_dict(target)
-    key = (spec, repr(sorted(tdict.items())), schedule)
+    nt = bool(streaming) and schedules.nt_stores_apply(tdict)
+    key = (spec, repr(sorted(tdict.items())), schedule, nt)
     with _LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
@@ -73,7 +82,10 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds} "
                                    f"(host code reads device memory: {first})") from None
-    ex = _tvm.build(sch.mod, tdict)
+    if nt:   # y written with streaming stores (schedules.nt_store_pass)
+        ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=schedules.nt_store_pipeline())
+    else:
+        ex = _tvm.build(sch.mod, tdict)
     if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):
         raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds}")
     built = Built(spec=spec, schedule=name, executable=ex, target=tdict)
@@ -145,15 +157,25 @@ class Kernel:
     def _variable_names(self) -> list[str]:
         return self.spec.variable_names()
 
-    def _built(self, adjustment: str | None) -> Built:
-        b = self._variants.get(adjustment)
+    def _built(self, adjustment: str | None, streaming: bool = False) -> Built:
+        key = (adjustment, streaming) if streaming else adjustment
+        b = self._variants.get(key)
         if b is None:
             spec = self.spec if adjustment == self.spec.adjustment else \
                 make_spec(self.config, self.input_shape, training=self.training, dtype=self.dtype,
                           adjustment=adjustment)
-            b = build_spec(spec, target=self.target, schedule=self.schedule_rule)
-            self._variants[adjustment] = b
+            b = build_spec(spec, target=self.target, schedule=self.schedule_rule, streaming=streaming)
+            self._variants[key] = b
         return b
+
+    def _streaming(self, x_shape: Sequence[int]) -> bool:
+        """Whether a call on x of ``x_shape`` uses the streaming-store variant: float32 y of at least
+        ``STREAMING_MIN_BYTES`` on an x86 llvm target (smaller outputs stay in cache for their reader)."""
+        from bncompile.kernels import schedules
+
+        if self.dtype != "float32" or not schedules.nt_stores_apply(self.target):
+            return False
+        return int(np.prod([int(d) for d in x_shape])) * 4 >= STREAMING_MIN_BYTES
 
     # ---- shapes
     def _check_x_shape(self, shape: Sequence[int]) -> None:
@@ -205,7 +227,7 @@ class Kernel:
         unknown = sorted(set(feeds) - set(self.config.variable_names()) - {"adjustment_scale", "adjustment_bias"})
         if unknown:
             raise InputError(f"feeds: unknown input(s) {unknown}; expected some of {self.input_names}")
-        built = self._built(mode)
+        built = self._built(mode, self._streaming(x.shape))
         spec = built.spec
         cs = canonical_shape(spec, x.shape)
         dev = self.device
@@ -286,11 +308,11 @@ class Kernel:
         from bncompile import _tvm
 
         mode = "channel" if self.spec.adjustment else None
-        built = self._built(mode)
-        spec = built.spec
         x = feeds["x"]
         xs = tuple(int(d) for d in x.shape)
         self._check_x_shape(xs)
+        built = self._built(mode, self._streaming(xs))
+        spec = built.spec
         cs = canonical_shape(spec, xs)
         args = [_tvm.view(x, cs)]
         for n in spec.variable_names():
@@ -324,7 +346,7 @@ class Kernel:
 
         result = self.run_tvm(feeds, out)           # validates, allocates and warms up
         spec = self._built("channel" if self.spec.adjustment else None).spec
-        func = self._built(spec.adjustment).func
+        func = self._built(spec.adjustment, self._streaming(tuple(int(d) for d in feeds["x"].shape))).func
         cs = canonical_shape(spec, tuple(int(d) for d in feeds["x"].shape))
         args = [_tvm.view(feeds["x"], cs)] + [_tvm.view(feeds[n], spec.channel_shape) for n in spec.variable_names()]
         if spec.adjustment:

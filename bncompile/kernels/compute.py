@@ -57,6 +57,7 @@ class KernelSpec:
     unbiased: bool = False       # Keras fused path: moving variance with n/(n-1)
     adjustment: str | None = None  # None, "channel" (per-channel inputs) or "full" (x-shaped inputs)
     virtual_batch_size: int | None = None
+    stat_block: int = 0          # >0: blocked statistics (see batchnorm_te); rows of P per block
 
     @property
     def ghost(self) -> bool:
@@ -247,15 +248,18 @@ def batchnorm_te(spec: KernelSpec):
         count = count * s
     cnt = tirx.Cast(STAT, count)
     shift = te.compute(sshape, lambda *s: f32(x[xidx(s, zeros)]), name="shift")
-    r1 = raxes("r")
-    ssum = te.compute(sshape, lambda *s: te.sum(f32(x[xidx(s, r1)]) - shift[s], axis=r1), name="sum")
-    mean = te.compute(sshape, lambda *s: ssum[s] / cnt, name="mean")          # offset from shift
-    r2 = raxes("q")
+    if spec.stat_block:
+        ssum, mean, sqsum = _blocked_statistics(spec, te, x, shift, f32, cnt, shape)
+    else:
+        r1 = raxes("r")
+        ssum = te.compute(sshape, lambda *s: te.sum(f32(x[xidx(s, r1)]) - shift[s], axis=r1), name="sum")
+        mean = te.compute(sshape, lambda *s: ssum[s] / cnt, name="mean")          # offset from shift
+        r2 = raxes("q")
 
-    def centered(s, red):
-        return (f32(x[xidx(s, red)]) - shift[s]) - mean[s]
+        def centered(s, red):
+            return (f32(x[xidx(s, red)]) - shift[s]) - mean[s]
 
-    sqsum = te.compute(sshape, lambda *s: te.sum(centered(s, r2) * centered(s, r2), axis=r2), name="sqsum")
+        sqsum = te.compute(sshape, lambda *s: te.sum(centered(s, r2) * centered(s, r2), axis=r2), name="sqsum")
     var = te.compute(sshape, lambda *s: sqsum[s] / cnt, name="var")
 
     if gshape:
@@ -376,6 +380,52 @@ def batchnorm_te(spec: KernelSpec):
                                           + b[cidx(i)]).astype(spec.dtype), name="y")
     outputs = [y] + [outputs_vars[n] for n in spec.updated_names()]
     return inputs, outputs
+
+
+def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt, shape):
+    """Statistics of the (N, P, C, Q) view from blocks of ``B = spec.stat_block`` rows of P.
+
+    Block ``(n, pb)`` covers ``x[n, pb*B:(pb+1)*B, c, :]`` (m = B*Q elements). Its sum and its sum of
+    squares about its own mean are two passes over a block that is still in cache for the second one,
+    so x is read from memory once; the blocks combine exactly (Chan et al.):
+    ``M2 = sum_b M2_b + m * sum_b (mean_b - mean)**2`` (all offsets from the shift). The names ``sum``,
+    ``mean`` and ``sqsum`` (= M2) keep their meaning, so everything downstream is unchanged.
+    """
+    from bncompile import _tvm
+
+    tirx = _tvm.tirx()
+    assert spec.kinds == "RRCR" and not spec.ghost
+    N, P, C, Q = shape
+    B = int(spec.stat_block)
+    if not isinstance(P, int) or P % B:
+        raise ValueError(f"stat_block {B} must divide P={P}")
+    PB = P // B
+    m = tirx.const(float(B * Q), "float32")
+    bi = te.reduce_axis((0, B), name="bi")
+    bq = te.reduce_axis((0, Q), name="bq")
+    bsum = te.compute((C, N, PB), lambda c, n, pb: te.sum(f32(x[n, pb * B + bi, c, bq]) - shift[c], axis=[bi, bq]),
+                      name="bsum")
+    ci = te.reduce_axis((0, B), name="ci")
+    cq = te.reduce_axis((0, Q), name="cq")
+
+    def bcent(c, n, pb):
+        return (f32(x[n, pb * B + ci, c, cq]) - shift[c]) - bsum[c, n, pb] / m
+
+    bm2 = te.compute((C, N, PB), lambda c, n, pb: te.sum(bcent(c, n, pb) * bcent(c, n, pb), axis=[ci, cq]),
+                     name="bm2")
+    rn = te.reduce_axis((0, N), name="rn")
+    rp = te.reduce_axis((0, PB), name="rp")
+    ssum = te.compute((C,), lambda c: te.sum(bsum[c, rn, rp], axis=[rn, rp]), name="sum")
+    mean = te.compute((C,), lambda c: ssum[c] / cnt, name="mean")
+    sn = te.reduce_axis((0, N), name="sn")
+    sp = te.reduce_axis((0, PB), name="sp")
+
+    def dev(c, n, pb):
+        return bsum[c, n, pb] / m - mean[c]
+
+    sqsum = te.compute((C,), lambda c: te.sum(bm2[c, sn, sp] + m * (dev(c, sn, sp) * dev(c, sn, sp)),
+                                              axis=[sn, sp]), name="sqsum")
+    return ssum, mean, sqsum
 
 
 def prim_func(spec: KernelSpec):

@@ -209,6 +209,11 @@ def cpu_channels_last_rows(spec: KernelSpec, func):
         sch.decompose_reduction(rf, sch.get_loops(rf)[1] if cv == C else sch.get_loops(rf)[2])
     n, p, c, q = sch.get_loops("y")
     rows = sch.fuse(n, p)
+    # parallel over blocks of rows (a divisor of P, so the split is exact even for a symbolic batch):
+    # a task streams tens of KB of y, enough to amortize the fence of the streaming stores
+    chunk = _divisor(P, max(1, (2 * NT_MIN_TASK_BYTES) // (4 * C)))
+    if chunk > 1:
+        rows, rin = sch.split(rows, [None, chunk])
     sch.parallel(rows)
     if cv < C:
         co, ci = sch.split(c, [None, cv])
@@ -377,6 +382,169 @@ def cuda_generic(spec: KernelSpec, func):
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
     return sch
+
+
+# --------------------------------------------------------------------------- x86: streaming stores of y
+
+NT_PIPELINE = "bncompile_nt_stores"
+_NT_LANES = (8, 16, 32, 64)
+NT_MIN_TASK_BYTES = 16 * 1024     # bytes of y one parallel iteration must stream (amortizes its sfence)
+
+
+def _nt_helper_ir(lanes: set) -> str:
+    """LLVM IR of the helpers the rewritten stores call (inlined by LLVM: ``alwaysinline``).
+
+    ``bnc_ntstore_f32xL(p, v)`` stores a float32 vector with a non-temporal (streaming) store when
+    ``p`` is 32-byte aligned, else with an ordinary store (so any alignment is correct);
+    ``bnc_sfence()`` orders the streaming stores before the task that wrote them ends.
+    """
+    parts = []
+    for n in sorted(lanes):
+        parts.append(f"""
+define void @bnc_ntstore_f32x{n}(ptr %p, <{n} x float> %v) #0 {{
+entry:
+  %a = ptrtoint ptr %p to i64
+  %m = and i64 %a, 31
+  %ok = icmp eq i64 %m, 0
+  br i1 %ok, label %nt, label %plain
+nt:
+  store <{n} x float> %v, ptr %p, align 32, !nontemporal !0
+  ret void
+plain:
+  store <{n} x float> %v, ptr %p, align 4
+  ret void
+}}""")
+    parts.append("""
+declare void @llvm.x86.sse.sfence()
+define void @bnc_sfence() #0 {
+entry:
+  call void @llvm.x86.sse.sfence()
+  ret void
+}
+attributes #0 = { alwaysinline nounwind }
+!0 = !{i32 1}
+""")
+    return "\n".join(parts)
+
+
+def nt_store_pass(names=("y",)):
+    """A TIR pass (run after the default lowering, once loops are vectorized) that turns the contiguous
+    float32 vector stores into the output buffers ``names`` into streaming (non-temporal) stores.
+
+    Why: y is written once and never read back by the kernel, yet an ordinary store first reads each
+    line of y from memory (read-for-ownership) and fills the cache with it, evicting the channel slice
+    of x the schedule re-reads from cache. Each rewritten store becomes a call to an inlined helper
+    (``pragma_import_llvm``); every parallel task that streamed ends with an ``sfence`` (and so does an
+    outermost serial loop that streamed). Stores it does not recognize are left as they are, and so are
+    stores in a parallel iteration that writes less than ``NT_MIN_TASK_BYTES`` (the fence would cost
+    more than the streaming saves).
+    """
+    import re
+
+    tvm = _tvm.tvm()
+    tirx = tvm.tirx
+    pat = re.compile(r"^(%s)(_\d+)?$" % "|".join(re.escape(n) for n in names))
+
+    def fence():
+        return tirx.Evaluate(tirx.call_extern("void", "bnc_sfence"))
+
+    @tirx.transform.prim_func_pass(opt_level=0)
+    def _pass(func, mod, ctx):
+        lanes_used: set = set()
+
+        def store(stmt, mult):
+            v = stmt.value
+            dt = getattr(getattr(v, "ty", None), "dtype", None)
+            idx = stmt.indices
+            if dt is None or not pat.match(stmt.buffer.name) or len(idx) != 1:
+                return stmt, False
+            ramp = idx[0]
+            dt = tvm.DataType(str(dt))
+            if (not isinstance(ramp, tirx.Ramp) or dt.type_code != tvm.DataTypeCode.FLOAT or dt.bits != 32
+                    or int(dt.lanes) not in _NT_LANES or not isinstance(ramp.stride, tirx.IntImm)
+                    or int(ramp.stride) != 1 or int(ramp.lanes) != int(dt.lanes)):
+                return stmt, False
+            n = int(dt.lanes)
+            if mult * n * 4 < NT_MIN_TASK_BYTES:
+                return stmt, False
+            lanes_used.add(n)
+            addr = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(stmt.buffer, [ramp.base]))
+            return tirx.Evaluate(tirx.call_extern("void", f"bnc_ntstore_f32x{n}", addr, v)), True
+
+        def visit(stmt, in_loop, mult=1):
+            """(new stmt, changed); ``mult``: iterations of the serial loops since the last parallel one."""
+            if isinstance(stmt, tirx.BufferStore):
+                return store(stmt, mult)
+            if isinstance(stmt, tirx.SeqStmt):
+                res = [visit(x, in_loop, mult) for x in stmt.seq]
+                if not any(r[1] for r in res):
+                    return stmt, False
+                return tirx.SeqStmt([r[0] for r in res]), True
+            if isinstance(stmt, tirx.For):
+                par = stmt.kind == tirx.ForKind.PARALLEL
+                ext = stmt.extent
+                inner = 1 if par else mult * (int(ext) if isinstance(ext, tirx.IntImm) else 1 << 20)
+                body, changed = visit(stmt.body, True, inner)
+                if not changed:
+                    return stmt, False
+                if par:
+                    body = tirx.SeqStmt([body, fence()])
+                loop = tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
+                                stmt.annotations, stmt.step)
+                if not in_loop and not par:
+                    return tirx.SeqStmt([loop, fence()]), True
+                return loop, True
+            if isinstance(stmt, tirx.AttrStmt):
+                body, changed = visit(stmt.body, in_loop, mult)
+                if not changed:
+                    return stmt, False
+                return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body), True
+            if isinstance(stmt, tirx.IfThenElse):
+                t, c1 = visit(stmt.then_case, in_loop, mult)
+                e, c2 = visit(stmt.else_case, in_loop, mult) if stmt.else_case is not None else (None, False)
+                if not (c1 or c2):
+                    return stmt, False
+                return tirx.IfThenElse(stmt.condition, t, e), True
+            return stmt, False
+
+        body, changed = visit(func.body, False)
+        if not changed:
+            return func
+        body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", tvm.ir.StringImm(_nt_helper_ir(lanes_used)),
+                             body)
+        return func.with_body(body)
+
+    return _pass
+
+
+def nt_store_pipeline() -> str:
+    """Register (once) and return the name of the TIR pipeline: TVM's default + :func:`nt_store_pass`."""
+    tvm = _tvm.tvm()
+    from tvm.tirx import compilation_pipeline as cp
+
+    if NT_PIPELINE not in cp.PIPELINE_MAP:
+        def factory(**kwargs):
+            base, fin_host, fin_dev = cp.get_tir_pipeline("s_tir", **kwargs)
+            return tvm.transform.Sequential([base, nt_store_pass()]), fin_host, fin_dev
+
+        tvm.tirx.register_tir_pipeline(NT_PIPELINE, factory)
+    return NT_PIPELINE
+
+
+def nt_stores_apply(tdict: dict) -> bool:
+    """Streaming stores are used for x86-64 llvm targets (the helpers use SSE's sfence)."""
+    import os
+
+    if os.environ.get("BNCOMPILE_NT_STORES", "1") == "0":
+        return False
+    if tdict.get("kind") != "llvm":
+        return False
+    triple = str(tdict.get("mtriple", "") or "")
+    if triple:
+        return triple.startswith("x86_64")
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -1,0 +1,480 @@
+"""Generic CPU schedules for the PrimFuncs of a whole-graph ``llvm`` compile.
+
+TVM 0.27's default Relax pipeline for CPU targets legalizes every operator to a naive, serial PrimFunc
+(no fusion, no parallel loops, no vectorization): a ResNet-18 then runs 25-50x slower than onnxruntime.
+:func:`pipeline` is the Relax pipeline :func:`bncompile.compiler.compile` uses for ``llvm`` targets
+instead. It is the default pipeline (``relax.pipeline.default_build_pipeline``) with three changes:
+
+1. ``nn.conv2d`` (NCHW/OIHW, float32, groups 1, a constant weight, output channels a multiple of 16) is
+   legalized to OUR compute, whose weight is pre-packed at compile time to ``[O/16, I, KH, KW, 16]`` so
+   that 16 output channels (one AVX-512 fp32 vector) load contiguously; every other conv2d keeps TVM's
+   legalization;
+2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR`` (conv + bias + relu + residual
+   add in one PrimFunc), as in TVM's ``cpu_generic`` pipeline; bncompile's own kernels (functions that
+   already have a ``global_symbol``) are marked opaque first so they are never fused;
+3. :func:`schedule_module` schedules every PrimFunc with the first rule that applies:
+   :func:`schedule_conv` (blocks of our packed conv), dlight's ``cpu.GEMV`` / ``cpu.Reduction``, then
+   :func:`schedule_generic` (parallel outer spatial loops, vectorized innermost loop when it divides
+   evenly). A rule returns None when it does not apply, and any schedule error leaves the function as
+   the default pipeline compiles it (correct, only slow). Functions with a ``global_symbol`` (bncompile's
+   hand-scheduled batch-norm kernels) are never touched.
+
+Splits are only ever even (divisible) ones: TVM drops the ``T.where`` predicate of an uneven split after
+``compute_at`` moves (see shared/docs/tvm-0.27.md), which reads out of bounds without an error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VEC = 16                      # output channels per packed weight block (see conv_params)
+CONV_BLOCK = "bnc_conv2d_nchw16o"
+PAD_BLOCK = "bnc_pad"
+OP_PATTERN_OPAQUE = 8
+
+
+def _tvm():
+    from bncompile import _tvm
+
+    return _tvm.tvm()
+
+
+# --------------------------------------------------------------------------- conv2d legalization
+
+def _const_int_list(xs):
+    return [int(x) for x in xs]
+
+
+def vector_lanes(target=None) -> tuple[int, int]:
+    """``(fp32 lanes of a vector register, number of vector registers)`` for an llvm target: AVX-512 16/32,
+    AVX/AVX2 8/16, NEON 4/32, otherwise (SSE2...) 4/16. The target's features, not the host's: LLVM
+    reports the CPU by name (a VM may hide AVX-512 from a CPU LLVM would call znver5)."""
+    tvm = _tvm()
+    if target is None:
+        target = tvm.target.Target.current(allow_none=True)
+    if target is None or str(target.kind.name) != "llvm":
+        return 4, 16
+    try:
+        feats = set(tvm.target.codegen.llvm_get_cpu_features(target))
+    except Exception:  # pragma: no cover - LLVM without the query
+        feats = set()
+    if "avx512f" in feats:
+        return 16, 32
+    if "avx" in feats or "avx2" in feats:
+        return 8, 16
+    if "neon" in feats:
+        return 4, 32
+    return 4, 16
+
+
+def conv_params(target=None) -> tuple[int, int]:
+    """``(output-channel block, most accumulators along the width)``: the block is 16 channels (one zmm,
+    two ymm) or 8 (two xmm); the width tile leaves room for the weight vectors and a broadcast."""
+    lanes, regs = vector_lanes(target)
+    block = 16 if lanes >= 8 else 8
+    nv = block // lanes
+    return block, max(1, min(14, (regs - nv - 2) // nv))
+
+
+def _ow_tile(ow: int, most: int) -> int:
+    """Register tile along the output width: the largest divisor of ``ow`` up to ``most``."""
+    for t in range(min(ow, most), 0, -1):
+        if ow % t == 0:
+            return t
+    return 1
+
+
+def conv2d_packed_te(x, wp, *, strides, padding, out_channels: int, kernel: tuple[int, int], out_dtype: str,
+                     block: int = VEC):
+    """TE: NCHW conv2d with a weight pre-packed as ``[O/B, I, KH, KW, B]``; output NCHW."""
+    tvm = _tvm()
+    te, topi = tvm.te, tvm.topi
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    pt, pl, pb, pr = padding
+    sh, sw = strides
+    if pt or pl or pb or pr:
+        xp = topi.nn.pad(x, [0, 0, pt, pl], [0, 0, pb, pr], pad_value=0.0, name=PAD_BLOCK)
+    else:
+        xp = x
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (w + pl + pr - kw) // sw + 1
+    rc = te.reduce_axis((0, c), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+
+    def body(b, o, y, z):
+        a = xp[b, rc, y * sh + ry, z * sw + rx]
+        k = wp[o // block, rc, ry, rx, o % block]
+        if out_dtype != x.dtype:
+            a, k = a.astype(out_dtype), k.astype(out_dtype)
+        return te.sum(a * k, axis=[rc, ry, rx])
+
+    return te.compute((n, out_channels, oh, ow), body, name=CONV_BLOCK)
+
+
+def _is_constant(e) -> bool:
+    """A Relax constant (``GenericConst`` in TVM 0.27: no ``relax.Constant`` class, the tensor is ``.value``)."""
+    tvm = _tvm()
+    return isinstance(_const_value(e), tvm.runtime.Tensor)
+
+
+def _const_value(e):
+    return getattr(e, "value", None) if not hasattr(e, "data") else e.data
+
+
+def legalize_conv2d(bb, call):
+    """``relax.nn.conv2d`` -> our packed-weight conv (when it applies), else TVM's legalization."""
+    tvm = _tvm()
+    relax = tvm.relax
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    a = call.attrs
+    block, _ = conv_params()
+    w = call.args[1]
+    x = call.args[0]
+    try:
+        ok = (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
+              and str(a.out_layout) in ("NCHW", "") and int(a.groups) == 1
+              and all(int(d) == 1 for d in a.dilation) and _is_constant(w)
+              and str(_const_value(w).dtype) == "float32" and str(x.ty.dtype) == "float32"
+              and str(a.out_dtype) in ("", "None", "float32") and len(_const_value(w).shape) == 4
+              and int(_const_value(w).shape[0]) % block == 0 and x.ty.ndim == 4)
+    except Exception:  # pragma: no cover - unusual attrs: TVM's legalization decides
+        ok = False
+    if not ok:
+        return _nn_conv2d(bb, call)
+    wn = _const_value(w).numpy()
+    o, i, kh, kw = wn.shape
+    try:
+        if int(x.ty.shape[1]) != i:
+            return _nn_conv2d(bb, call)
+    except Exception:  # symbolic channel count
+        return _nn_conv2d(bb, call)
+    packed = np.ascontiguousarray(wn.reshape(o // block, block, i, kh, kw).transpose(0, 2, 3, 4, 1))
+    wp = relax.const(packed, "float32")
+    return bb.call_te(conv2d_packed_te, x, wp, strides=_const_int_list(a.strides),
+                      padding=_const_int_list(a.padding), out_channels=o, kernel=(kh, kw),
+                      out_dtype="float32", block=block, primfunc_name_hint="conv2d_nchw16o")
+
+
+# --------------------------------------------------------------------------- schedule rules
+
+def _static(e) -> int | None:
+    try:
+        return int(e)
+    except Exception:
+        return None
+
+
+def _block_named(sch, prefix: str):
+    """Blocks of the function whose name starts with ``prefix`` (FuseTIR may add a suffix)."""
+    out = []
+    for blk in _all_blocks(sch):
+        if sch.get(blk).name_hint.startswith(prefix):
+            out.append(blk)
+    return out
+
+
+def _all_blocks(sch):
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    return list(sch.get_child_blocks(root)) if root is not None else []
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:
+        return False
+
+
+def _iter_kinds(sch, blk) -> str:
+    """'S'/'R'/'O' per block iter."""
+    out = []
+    for iv in sch.get(blk).iter_vars:
+        k = int(iv.iter_type)
+        out.append("S" if k == 0 else "R" if k == 2 else "O")
+    return "".join(out)
+
+
+def schedule_conv(sch, target=None) -> bool:
+    """Our packed conv block(s): 16 output channels vectorized, a register tile of the output width,
+    the reduction outside it, a local accumulator written back once (with the fused epilogue inlined
+    into the write-back), parallel over batch x channel blocks x rows. False when no such block."""
+    convs = _block_named(sch, CONV_BLOCK)
+    if not convs:
+        return False
+    block, most = conv_params(target)
+    for name in [sch.get(b).name_hint for b in convs]:
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        if len(loops) != 7:
+            return False
+        n, oc, oh, ow, rc, ry, rx = loops
+        OW = _static(sch.get(ow).extent)
+        OC = _static(sch.get(oc).extent)
+        if OW is None or OC is None or OC % block:
+            return False
+        T = _ow_tile(OW, most)
+        ocb, oci = sch.split(oc, [None, block])
+        owo, owi = sch.split(ow, [None, T])
+        sch.reorder(n, ocb, oh, owo, rc, ry, rx, owi, oci)
+        wb = sch.cache_write(blk, 0, "local")
+        # inline the element-wise epilogue (bias, relu, residual add...) into the write-back
+        while True:
+            cons = sch.get_consumers(wb)
+            if len(cons) != 1:
+                break
+            try:
+                sch.reverse_compute_inline(cons[0])
+            except Exception:
+                break
+        fused = sch.fuse(n, ocb, oh)
+        sch.parallel(fused)
+        sch.reverse_compute_at(wb, owo)
+        sch.unroll(rx)
+        sch.unroll(owi)
+        sch.vectorize(oci)
+        sch.decompose_reduction(blk, rc)   # last: loop primitives need the reduction block whole
+        init = sch.get_sblock(name + "_init")
+        il = sch.get_loops(init)
+        sch.unroll(il[-2])
+        sch.vectorize(il[-1])
+        wl = sch.get_loops(wb)
+        # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
+        if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T % block == 0:
+            sch.vectorize(wl[-1])
+    return True
+
+
+def _schedule_spatial(sch, blk, lanes: int = 8) -> None:
+    loops = sch.get_loops(blk)
+    if not loops:
+        return
+    kinds = _iter_kinds(sch, blk)
+    if "R" in kinds or "O" in kinds:
+        raise ValueError("not a spatial block")
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    ext = _static(sch.get(fused).extent)
+    vec = None
+    if ext is not None:
+        for v in (lanes, 4):
+            if ext % v == 0 and ext >= v:
+                vec = v
+                break
+        if ext < 64:
+            return
+    if vec is not None:
+        outer, inner = sch.split(fused, [None, vec])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+    else:
+        sch.parallel(fused)
+
+
+def _schedule_reduction(sch, blk) -> None:
+    """Parallel over the leading spatial loops; the reduction loops stay serial (unrolled when tiny)."""
+    loops = sch.get_loops(blk)
+    kinds = _iter_kinds(sch, blk)
+    ns = kinds.count("S")
+    if "O" in kinds or ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
+        raise ValueError("not a simple reduction")
+    # the loops must be in block-iter order (legalized TE functions are)
+    block = sch.get(blk)
+    for lp, iv_bind in zip(loops, _bindings(sch, blk)):
+        if iv_bind is None or not iv_bind.same_as(sch.get(lp).loop_var):
+            raise ValueError("loops not in block-iter order")
+    spatial = loops[:ns]
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    ext = _static(sch.get(fused).extent)
+    if ext is None or ext >= 8:
+        sch.parallel(fused)
+    red = loops[ns:]
+    total = 1
+    for lp in red:
+        e = _static(sch.get(lp).extent)
+        total = total * e if e is not None and total is not None else None
+    if total is not None and total <= 64:
+        for lp in red:
+            sch.unroll(lp)
+    del block
+
+
+def _bindings(sch, blk):
+    """The loop var each block iter is bound to (None when the binding is not a bare loop var)."""
+    tvm = _tvm()
+    realize = sch.get_sref(blk)
+    # sblock realize is the parent stmt of the block; use the public API via the function body
+    out = []
+    br = _block_realize(sch, blk)
+    if br is None:
+        return [None] * len(sch.get(blk).iter_vars)
+    for v in br.iter_values:
+        out.append(v if isinstance(v, tvm.tirx.Var) else None)
+    del realize
+    return out
+
+
+def _block_realize(sch, blk):
+    tvm = _tvm()
+    target = sch.get(blk)
+    found = []
+
+    def visit(node):
+        if isinstance(node, tvm.tirx.SBlockRealize) and node.block.same_as(target):
+            found.append(node)
+
+    func = sch.mod[sch.func_working_on] if sch.func_working_on is not None else None
+    if func is None:
+        return None
+    tvm.tirx.stmt_functor.post_order_visit(func.body, visit)
+    return found[0] if found else None
+
+
+def schedule_generic(sch, target=None) -> bool:
+    """Every root block: spatial -> fuse, vectorize by 16/8/4 when even, parallel; simple reduction ->
+    parallel spatial loops. Blocks that fit neither are left alone. False when nothing was scheduled."""
+    done = False
+    for blk in _all_blocks(sch):
+        try:
+            kinds = _iter_kinds(sch, blk)
+            if "R" in kinds:
+                _schedule_reduction(sch, blk)
+            else:
+                _schedule_spatial(sch, blk, vector_lanes(target)[0])
+            done = True
+        except Exception as err:  # leave this block as it is
+            log.debug("generic schedule skipped a block: %s", err)
+    return done
+
+
+def _dlight_rules():
+    from tvm.s_tir import dlight as dl
+
+    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+
+
+def _is_ours(func) -> bool:
+    attrs = func.attrs
+    if attrs is None:
+        return False
+    return "global_symbol" in attrs or "tirx.is_scheduled" in attrs or "tir.is_scheduled" in attrs
+
+
+def schedule_func(func, target):
+    """A scheduled copy of one PrimFunc, or None when no rule applies (or a rule fails)."""
+    tvm = _tvm()
+    s_tir = tvm.s_tir
+    mod = tvm.IRModule({"main": func})
+    # 1. our conv
+    try:
+        sch = s_tir.Schedule(mod)
+        sch.work_on("main")
+        if schedule_conv(sch, target):
+            return sch.mod["main"], "conv2d_nchw16o"
+    except Exception as err:
+        log.debug("conv schedule failed: %s", err)
+    # 2. dlight CPU rules (they return None when they do not apply)
+    for rule in _dlight_rules():
+        try:
+            res = rule.apply(func, target, False)
+        except Exception as err:
+            log.debug("dlight %s failed: %s", type(rule).__name__, err)
+            continue
+        if res is None:
+            continue
+        sch = res[0] if isinstance(res, list) else res
+        try:
+            return sch.mod["main"], type(rule).__name__
+        except Exception:
+            continue
+    # 3. generic
+    try:
+        sch = s_tir.Schedule(mod)
+        sch.work_on("main")
+        if schedule_generic(sch, target):
+            return sch.mod["main"], "generic"
+    except Exception as err:
+        log.debug("generic schedule failed: %s", err)
+    return None
+
+
+def schedule_module(mod, target, report: dict | None = None):
+    """Schedule every PrimFunc of ``mod`` that is not bncompile's own; returns the new module."""
+    tvm = _tvm()
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or _is_ours(func):
+            continue
+        res = schedule_func(func, target)
+        name = gv.name_hint
+        if res is None:
+            if report is not None:
+                report[name] = "default"
+            continue
+        new, rule = res
+        updates[gv] = new.with_attr("tirx.is_scheduled", True)
+        if report is not None:
+            report[name] = rule
+    if updates:
+        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+        for gv, f in updates.items():
+            mod.update_func(gv, f)
+    return mod
+
+
+def pipeline(target, report: dict | None = None):
+    """The Relax pipeline for an llvm target (see the module docstring)."""
+    tvm = _tvm()
+    relax = tvm.relax
+    transform = relax.transform
+    backend = relax.backend
+
+    @tvm.transform.module_pass(opt_level=0, name="bncompile.MarkOwnKernelsOpaque")
+    def mark_opaque(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and _is_ours(func):
+                mod.update_func(gv, func.with_attr("op_pattern", OP_PATTERN_OPAQUE))
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0, name="bncompile.ScheduleCPU")
+    def schedule(mod, _ctx):
+        return schedule_module(mod, target, report)
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        seq = tvm.transform.Sequential([
+            backend.DispatchSampling(),
+            backend.DispatchSortScan(),
+            transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d}),
+            mark_opaque,
+            transform.AnnotateTIROpPattern(),
+            transform.FoldConstant(),
+            transform.FuseOps(),
+            transform.FuseTIR(),
+            schedule,
+            transform.RewriteDataflowReshape(),
+            transform.ToNonDataflow(),
+            transform.RemovePurityChecking(),
+            transform.CallTIRRewrite(),
+            transform.StaticPlanBlockMemory(),
+            transform.LowerAllocTensor(),
+            transform.KillAfterLastUse(),
+            transform.LowerRuntimeBuiltin(),
+            transform.ComputePrimValue(),
+            transform.VMShapeLower(),
+            transform.AttachGlobalSymbol(),
+        ])
+        with target:
+            return seq(mod)
+
+    return _pipeline
+
+
+__all__ = ["pipeline", "schedule_module", "schedule_func", "schedule_conv", "schedule_generic",
+           "legalize_conv2d", "conv2d_packed_te", "VEC"]
