@@ -31,7 +31,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-VEC = 16                      # output channels per packed weight block (see conv_params)
+VEC = 16                      # default output-channel block of the packed weight (see conv_tiling)
 CONV_BLOCK = "bnc_conv2d_nchw16o"
 PAD_BLOCK = "bnc_pad"
 OP_PATTERN_OPAQUE = 8
@@ -71,13 +71,24 @@ def vector_lanes(target=None) -> tuple[int, int]:
     return 4, 16
 
 
-def conv_params(target=None) -> tuple[int, int]:
-    """``(output-channel block, most accumulators along the width)``: the block is 16 channels (one zmm,
-    two ymm) or 8 (two xmm); the width tile leaves room for the weight vectors and a broadcast."""
+def conv_tiling(out_channels: int, out_width: int | None, target=None) -> tuple[int, int] | None:
+    """``(output-channel block, width tile)`` of the register tile, or None when no block divides the
+    output channels. The block is 1 or 2 vector registers of channels; the width tile is a divisor of the
+    output width (even splits only) with ``vectors x tile`` accumulators, leaving registers for the
+    weight vectors and a broadcast; the most accumulators wins (ties: the wider block, fewer broadcasts).
+    """
     lanes, regs = vector_lanes(target)
-    block = 16 if lanes >= 8 else 8
-    nv = block // lanes
-    return block, max(1, min(14, (regs - nv - 2) // nv))
+    best = None
+    for nv in (2, 1):
+        block = lanes * nv
+        if out_channels % block:
+            continue
+        most = max(1, min(14, (regs - nv - 2) // nv))
+        tile = _ow_tile(out_width, most) if out_width else 1
+        key = (nv * tile, nv)
+        if best is None or key > best[0]:
+            best = (key, (block, tile))
+    return None if best is None else best[1]
 
 
 def _ow_tile(ow: int, most: int) -> int:
@@ -134,7 +145,6 @@ def legalize_conv2d(bb, call):
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 
     a = call.attrs
-    block, _ = conv_params()
     w = call.args[1]
     x = call.args[0]
     try:
@@ -143,13 +153,23 @@ def legalize_conv2d(bb, call):
               and all(int(d) == 1 for d in a.dilation) and _is_constant(w)
               and str(_const_value(w).dtype) == "float32" and str(x.ty.dtype) == "float32"
               and str(a.out_dtype) in ("", "None", "float32") and len(_const_value(w).shape) == 4
-              and int(_const_value(w).shape[0]) % block == 0 and x.ty.ndim == 4)
+              and x.ty.ndim == 4)
     except Exception:  # pragma: no cover - unusual attrs: TVM's legalization decides
         ok = False
     if not ok:
         return _nn_conv2d(bb, call)
     wn = _const_value(w).numpy()
     o, i, kh, kw = wn.shape
+    ow = None
+    try:
+        pl, pr = int(a.padding[1]), int(a.padding[3])
+        ow = (int(x.ty.shape[3]) + pl + pr - kw) // int(a.strides[1]) + 1
+    except Exception:   # symbolic width: a tile of 1
+        pass
+    tiling = conv_tiling(o, ow)
+    if tiling is None:
+        return _nn_conv2d(bb, call)
+    block = tiling[0]
     try:
         if int(x.ty.shape[1]) != i:
             return _nn_conv2d(bb, call)
@@ -202,6 +222,16 @@ def _iter_kinds(sch, blk) -> str:
     return "".join(out)
 
 
+def _packed_block(sch, blk) -> int | None:
+    """The channel block of our conv: the last dim of its 5-D (packed weight) read."""
+    for region in sch.get(blk).reads:
+        buf = getattr(region, "buffer", None) or getattr(region, "source", None)   # 0.27: .source
+        shape = getattr(buf, "shape", ())
+        if len(shape) == 5:
+            return _static(shape[4])
+    return None
+
+
 def schedule_conv(sch, target=None) -> bool:
     """Our packed conv block(s): 16 output channels vectorized, a register tile of the output width,
     the reduction outside it, a local accumulator written back once (with the fused epilogue inlined
@@ -209,7 +239,6 @@ def schedule_conv(sch, target=None) -> bool:
     convs = _block_named(sch, CONV_BLOCK)
     if not convs:
         return False
-    block, most = conv_params(target)
     for name in [sch.get(b).name_hint for b in convs]:
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
@@ -218,13 +247,17 @@ def schedule_conv(sch, target=None) -> bool:
         n, oc, oh, ow, rc, ry, rx = loops
         OW = _static(sch.get(ow).extent)
         OC = _static(sch.get(oc).extent)
-        if OW is None or OC is None or OC % block:
+        block = _packed_block(sch, blk)
+        tiling = conv_tiling(OC, OW, target) if OC is not None else None
+        if OW is None or block is None or OC % block or tiling is None or tiling[0] != block:
             return False
-        T = _ow_tile(OW, most)
+        T = tiling[1]
         ocb, oci = sch.split(oc, [None, block])
         owo, owi = sch.split(ow, [None, T])
         sch.reorder(n, ocb, oh, owo, rc, ry, rx, owi, oci)
         wb = sch.cache_write(blk, 0, "local")
+        # accumulator channels-last, so each vector of output channels is contiguous in the local tile
+        sch.transform_layout(blk, ("write", 0), lambda b, o, y, z: (b, y, z, o))
         # inline the element-wise epilogue (bias, relu, residual add...) into the write-back
         while True:
             cons = sch.get_consumers(wb)
@@ -237,7 +270,7 @@ def schedule_conv(sch, target=None) -> bool:
         fused = sch.fuse(n, ocb, oh)
         sch.parallel(fused)
         sch.reverse_compute_at(wb, owo)
-        sch.unroll(rx)
+        sch.unroll(rx)          # (unrolling ry as well made LLVM spill the accumulators: 4x slower)
         sch.unroll(owi)
         sch.vectorize(oci)
         sch.decompose_reduction(blk, rc)   # last: loop primitives need the reduction block whole
@@ -249,32 +282,56 @@ def schedule_conv(sch, target=None) -> bool:
         # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
         if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T % block == 0:
             sch.vectorize(wl[-1])
+    lanes = vector_lanes(target)[0]
+    for blk in _all_blocks(sch):          # what is left at the root: the pad, unfused element-wise blocks
+        try:
+            if sch.get(blk).name_hint.startswith(CONV_BLOCK):
+                continue
+            if "R" not in _iter_kinds(sch, blk):
+                _schedule_spatial(sch, blk, lanes)
+        except Exception as err:
+            log.debug("conv function: a root block stays unscheduled: %s", err)
     return True
 
 
+PARALLEL_MIN = 4096            # elements below which a spatial block stays serial (thread start-up)
+
+
 def _schedule_spatial(sch, blk, lanes: int = 8) -> None:
+    """Vectorize the innermost loop by ``lanes`` (or 4) when it divides evenly, fuse the others and
+    run them in parallel (when the block is big enough)."""
     loops = sch.get_loops(blk)
     if not loops:
         return
     kinds = _iter_kinds(sch, blk)
     if "R" in kinds or "O" in kinds:
         raise ValueError("not a spatial block")
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    ext = _static(sch.get(fused).extent)
+    exts = [_static(sch.get(lp).extent) for lp in loops]
+    total = None if any(e is None for e in exts) else int(np.prod(exts))
+    inner = loops[-1]
+    outer = list(loops[:-1])
+    e_in = exts[-1]
     vec = None
-    if ext is not None:
-        for v in (lanes, 4):
-            if ext % v == 0 and ext >= v:
-                vec = v
-                break
-        if ext < 64:
-            return
+    if e_in is not None:
+        vec = next((v for v in (lanes, 4) if e_in % v == 0 and e_in >= v), None)
     if vec is not None:
-        outer, inner = sch.split(fused, [None, vec])
-        sch.parallel(outer)
-        sch.vectorize(inner)
-    else:
+        io, ii = sch.split(inner, [None, vec])
+        sch.vectorize(ii)
+        outer.append(io)
+    if outer and (total is None or total >= PARALLEL_MIN):
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
+
+
+def _inline_spatial(sch) -> None:
+    """compute_inline every spatial root block that can be (pads, broadcasts, element-wise chains)."""
+    for blk in _all_blocks(sch):
+        try:
+            if "R" in _iter_kinds(sch, blk):
+                continue
+            sch.compute_inline(blk)
+        except Exception:
+            pass
 
 
 def _schedule_reduction(sch, blk) -> None:
@@ -284,11 +341,7 @@ def _schedule_reduction(sch, blk) -> None:
     ns = kinds.count("S")
     if "O" in kinds or ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
         raise ValueError("not a simple reduction")
-    # the loops must be in block-iter order (legalized TE functions are)
-    block = sch.get(blk)
-    for lp, iv_bind in zip(loops, _bindings(sch, blk)):
-        if iv_bind is None or not iv_bind.same_as(sch.get(lp).loop_var):
-            raise ValueError("loops not in block-iter order")
+    # parallel() refuses a loop that drives a reduction iter, so loops out of block-iter order fail here
     spatial = loops[:ns]
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     ext = _static(sch.get(fused).extent)
@@ -302,44 +355,13 @@ def _schedule_reduction(sch, blk) -> None:
     if total is not None and total <= 64:
         for lp in red:
             sch.unroll(lp)
-    del block
-
-
-def _bindings(sch, blk):
-    """The loop var each block iter is bound to (None when the binding is not a bare loop var)."""
-    tvm = _tvm()
-    realize = sch.get_sref(blk)
-    # sblock realize is the parent stmt of the block; use the public API via the function body
-    out = []
-    br = _block_realize(sch, blk)
-    if br is None:
-        return [None] * len(sch.get(blk).iter_vars)
-    for v in br.iter_values:
-        out.append(v if isinstance(v, tvm.tirx.Var) else None)
-    del realize
-    return out
-
-
-def _block_realize(sch, blk):
-    tvm = _tvm()
-    target = sch.get(blk)
-    found = []
-
-    def visit(node):
-        if isinstance(node, tvm.tirx.SBlockRealize) and node.block.same_as(target):
-            found.append(node)
-
-    func = sch.mod[sch.func_working_on] if sch.func_working_on is not None else None
-    if func is None:
-        return None
-    tvm.tirx.stmt_functor.post_order_visit(func.body, visit)
-    return found[0] if found else None
 
 
 def schedule_generic(sch, target=None) -> bool:
     """Every root block: spatial -> fuse, vectorize by 16/8/4 when even, parallel; simple reduction ->
     parallel spatial loops. Blocks that fit neither are left alone. False when nothing was scheduled."""
     done = False
+    _inline_spatial(sch)
     for blk in _all_blocks(sch):
         try:
             kinds = _iter_kinds(sch, blk)
@@ -351,6 +373,68 @@ def schedule_generic(sch, target=None) -> bool:
         except Exception as err:  # leave this block as it is
             log.debug("generic schedule skipped a block: %s", err)
     return done
+
+
+def _last_index_is(region, var) -> bool:
+    rng = list(region.region)
+    return bool(rng) and rng[-1].min.same_as(var) and _static(rng[-1].extent) == 1
+
+
+def schedule_inner_vector_reduction(sch, target=None) -> bool:
+    """A function with one reduction block ``S.. R..`` whose last spatial iter is the innermost index of
+    its output and of one of its inputs (dense/matmul with a ``[K, N]`` weight, ...): that iter split
+    into vectors and moved inside the reduction, a local accumulator, the element-wise epilogue inlined
+    into its write-back, parallel over the other spatial loops. False when it does not apply."""
+    blocks = _all_blocks(sch)
+    reds = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+    if len(reds) != 1:
+        return False
+    blk = reds[0]
+    kinds = _iter_kinds(sch, blk)
+    ns = kinds.count("S")
+    loops = sch.get_loops(blk)
+    if ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
+        return False
+    block = sch.get(blk)
+    jv = block.iter_vars[ns - 1].var
+    if len(block.writes) != 1 or not _last_index_is(block.writes[0], jv):
+        return False
+    if not any(_last_index_is(r, jv) for r in block.reads):
+        return False
+    lanes = vector_lanes(target)[0]
+    E = _static(sch.get(loops[ns - 1]).extent)
+    V = next((v for v in (lanes * 4, lanes * 2, lanes) if E is not None and E % v == 0), None)
+    if V is None:
+        return False
+    jo, ji = sch.split(loops[ns - 1], [None, V])
+    sch.reorder(*loops[:ns - 1], jo, *loops[ns:], ji)
+    wb = sch.cache_write(blk, 0, "local")
+    while True:
+        cons = sch.get_consumers(wb)
+        if len(cons) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(cons[0])
+        except Exception:
+            break
+    outer = [*loops[:ns - 1], jo]
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+    sch.reverse_compute_at(wb, fused)
+    sch.vectorize(ji)
+    name = sch.get(blk).name_hint
+    init = sch.decompose_reduction(blk, loops[ns])
+    for b in (init, wb):
+        inner = sch.get_loops(b)[-1]
+        if _static(sch.get(inner).extent) == V:
+            sch.vectorize(inner)
+    for b in _all_blocks(sch):      # anything left at the root
+        try:
+            if "R" not in _iter_kinds(sch, b):
+                _schedule_spatial(sch, b, lanes)
+        except Exception:
+            pass
+    return True
 
 
 def _dlight_rules():
@@ -379,7 +463,15 @@ def schedule_func(func, target):
             return sch.mod["main"], "conv2d_nchw16o"
     except Exception as err:
         log.debug("conv schedule failed: %s", err)
-    # 2. dlight CPU rules (they return None when they do not apply)
+    # 2. reductions whose output's innermost axis is contiguous in an input (dense with a [K, N] weight)
+    try:
+        sch = s_tir.Schedule(mod)
+        sch.work_on("main")
+        if schedule_inner_vector_reduction(sch, target):
+            return sch.mod["main"], "inner_vector_reduction"
+    except Exception as err:
+        log.debug("inner-vector reduction schedule failed: %s", err)
+    # 3. dlight CPU rules (they return None when they do not apply)
     for rule in _dlight_rules():
         try:
             res = rule.apply(func, target, False)
@@ -393,7 +485,7 @@ def schedule_func(func, target):
             return sch.mod["main"], type(rule).__name__
         except Exception:
             continue
-    # 3. generic
+    # 4. generic
     try:
         sch = s_tir.Schedule(mod)
         sch.work_on("main")

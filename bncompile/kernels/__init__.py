@@ -39,7 +39,7 @@ _CACHE: dict = {}
 _LOCK = threading.Lock()
 # y of at least this many bytes is written with streaming stores on x86 (Kernel._streaming): well past
 # what the caches keep for the next reader, where a cached write only costs a read of y from memory
-STREAMING_MIN_BYTES = 8 << 20
+STREAMING_MIN_BYTES = 4 << 20
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Built:
     schedule: str
     executable: Any
     target: dict
+    streaming: bool = False      # y written with non-temporal stores (schedules.nt_store_pass)
 
     @property
     def func(self):
@@ -82,13 +83,14 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds} "
                                    f"(host code reads device memory: {first})") from None
+    nt = nt and name in schedules.STREAMING_RULES
     if nt:   # y written with streaming stores (schedules.nt_store_pass)
         ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=schedules.nt_store_pipeline())
     else:
         ex = _tvm.build(sch.mod, tdict)
     if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):
         raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds}")
-    built = Built(spec=spec, schedule=name, executable=ex, target=tdict)
+    built = Built(spec=spec, schedule=name, executable=ex, target=tdict, streaming=nt)
     log.info("compiled batchnorm kernel %s %s %s with schedule %s", spec.kinds, spec.shape, spec.dtype, name)
     with _LOCK:
         _CACHE[key] = built

@@ -57,7 +57,8 @@ class KernelSpec:
     unbiased: bool = False       # Keras fused path: moving variance with n/(n-1)
     adjustment: str | None = None  # None, "channel" (per-channel inputs) or "full" (x-shaped inputs)
     virtual_batch_size: int | None = None
-    stat_block: int = 0          # >0: blocked statistics (see batchnorm_te); rows of P per block
+    stat_block: int = 0          # >0: blocked statistics (_blocked_statistics): rows of P per block
+    stat_lanes: int = 1          # ... and interleaved lanes of Q per row
 
     @property
     def ghost(self) -> bool:
@@ -383,48 +384,54 @@ def batchnorm_te(spec: KernelSpec):
 
 
 def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt, shape):
-    """Statistics of the (N, P, C, Q) view from blocks of ``B = spec.stat_block`` rows of P.
+    """Statistics of the (N, P, C, Q) view from small blocks, combined exactly.
 
-    Block ``(n, pb)`` covers ``x[n, pb*B:(pb+1)*B, c, :]`` (m = B*Q elements). Its sum and its sum of
-    squares about its own mean are two passes over a block that is still in cache for the second one,
-    so x is read from memory once; the blocks combine exactly (Chan et al.):
-    ``M2 = sum_b M2_b + m * sum_b (mean_b - mean)**2`` (all offsets from the shift). The names ``sum``,
-    ``mean`` and ``sqsum`` (= M2) keep their meaning, so everything downstream is unchanged.
+    Rows of P are grouped by ``B = spec.stat_block`` and Q is cut into ``L = spec.stat_lanes``
+    interleaved lanes (q = i*L + j). Block ``(n, pb, j)`` is ``x[N-1-n, pb*B:(pb+1)*B, c, j::L]``
+    (m = B*Q/L elements). Its sum and its sum of squares about its own mean are two passes over data
+    that is still in cache for the second one, so x is read from memory once; the blocks combine
+    exactly (Chan et al.): ``M2 = sum_b M2_b + m * sum_b (mean_b - mean)**2`` (all offsets from the
+    shift). With L lanes, the L blocks of a row are one vector. The names ``sum``, ``mean`` and
+    ``sqsum`` (= M2) keep their meaning, so everything downstream is unchanged. Block (n, ...) holds
+    sample N-1-n: a forward loop over the blocks reads x from its end, so a pass over x that follows
+    in the forward direction starts with the part that is still in the caches.
     """
     from bncompile import _tvm
 
     tirx = _tvm.tirx()
     assert spec.kinds == "RRCR" and not spec.ghost
     N, P, C, Q = shape
-    B = int(spec.stat_block)
-    if not isinstance(P, int) or P % B:
-        raise ValueError(f"stat_block {B} must divide P={P}")
-    PB = P // B
-    m = tirx.const(float(B * Q), "float32")
+    B, L = int(spec.stat_block), int(spec.stat_lanes)
+    if not isinstance(P, int) or P % B or Q % L:
+        raise ValueError(f"stat_block {B} must divide P={P} and stat_lanes {L} must divide Q={Q}")
+    PB, QL = P // B, Q // L
+    m = tirx.const(float(B * QL), "float32")
     bi = te.reduce_axis((0, B), name="bi")
-    bq = te.reduce_axis((0, Q), name="bq")
-    bsum = te.compute((C, N, PB), lambda c, n, pb: te.sum(f32(x[n, pb * B + bi, c, bq]) - shift[c], axis=[bi, bq]),
-                      name="bsum")
+    bq = te.reduce_axis((0, QL), name="bq")
+    bsum = te.compute((C, N, PB, L), lambda c, n, pb, j: te.sum(
+        f32(x[N - 1 - n, pb * B + bi, c, bq * L + j]) - shift[c], axis=[bi, bq]), name="bsum")
     ci = te.reduce_axis((0, B), name="ci")
-    cq = te.reduce_axis((0, Q), name="cq")
+    cq = te.reduce_axis((0, QL), name="cq")
 
-    def bcent(c, n, pb):
-        return (f32(x[n, pb * B + ci, c, cq]) - shift[c]) - bsum[c, n, pb] / m
+    def bcent(c, n, pb, j):
+        return (f32(x[N - 1 - n, pb * B + ci, c, cq * L + j]) - shift[c]) - bsum[c, n, pb, j] / m
 
-    bm2 = te.compute((C, N, PB), lambda c, n, pb: te.sum(bcent(c, n, pb) * bcent(c, n, pb), axis=[ci, cq]),
-                     name="bm2")
+    bm2 = te.compute((C, N, PB, L), lambda c, n, pb, j: te.sum(bcent(c, n, pb, j) * bcent(c, n, pb, j),
+                                                             axis=[ci, cq]), name="bm2")
     rn = te.reduce_axis((0, N), name="rn")
     rp = te.reduce_axis((0, PB), name="rp")
-    ssum = te.compute((C,), lambda c: te.sum(bsum[c, rn, rp], axis=[rn, rp]), name="sum")
+    rj = te.reduce_axis((0, L), name="rj")
+    ssum = te.compute((C,), lambda c: te.sum(bsum[c, rn, rp, rj], axis=[rn, rp, rj]), name="sum")
     mean = te.compute((C,), lambda c: ssum[c] / cnt, name="mean")
     sn = te.reduce_axis((0, N), name="sn")
     sp = te.reduce_axis((0, PB), name="sp")
+    sj = te.reduce_axis((0, L), name="sj")
 
-    def dev(c, n, pb):
-        return bsum[c, n, pb] / m - mean[c]
+    def dev(c, n, pb, j):
+        return bsum[c, n, pb, j] / m - mean[c]
 
-    sqsum = te.compute((C,), lambda c: te.sum(bm2[c, sn, sp] + m * (dev(c, sn, sp) * dev(c, sn, sp)),
-                                              axis=[sn, sp]), name="sqsum")
+    sqsum = te.compute((C,), lambda c: te.sum(bm2[c, sn, sp, sj] + m * (dev(c, sn, sp, sj) * dev(c, sn, sp, sj)),
+                                              axis=[sn, sp, sj]), name="sqsum")
     return ssum, mean, sqsum
 
 

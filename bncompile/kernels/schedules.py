@@ -12,9 +12,11 @@ CPU (``llvm``)
   * ``cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; also ghost BN): one
     parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
     squares, scalars, y), so the channel's slice comes from memory once and is re-read from cache;
-    the reductions are vectorized along Q through rfactor.
-  * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): reductions rfactored
-    over the batch (per-sample partials, parallel over samples, vectorized across channels).
+    the reductions are vectorized along Q (lane blocks of each row, combined exactly, when Q has a
+    vector factor >= 8 and the layout is one channel run without ghost groups; else rfactor).
+  * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): blocked statistics (x
+    read from memory once: blocks of ~128 KB get both passes while cached, then combine exactly),
+    parallel over blocks, vectorized across channels.
   * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): parallel over blocks of
     channels, vectorized across the channels of a row; y in the same task while the stripe is cached.
   * ``cpu_generic`` (axis lists that are not one run of axes; ghost channels-last): parallel only.
@@ -115,10 +117,17 @@ def cpu_channel_first(spec: KernelSpec, func):
         return None
     if spec.adjustment == "full" and spec.ghost:
         return None
-    sch = _sched(func)
-    names = _inline_parameter_only(sch, _blocks(sch))
     q = int(spec.shape[-1])
     vec = _vector_factor(q)
+    if not spec.ghost and spec.kinds == "RRCR" and vec >= 8:
+        import dataclasses
+
+        from bncompile.kernels.compute import prim_func
+
+        bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=vec)
+        return _channel_first_lanes(bspec, prim_func(bspec))
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
     nstat = 2 if spec.ghost else 1          # stat loops: (c) or (c, g)
     for b in REDUCTIONS:
         loops = sch.get_loops(b)
@@ -147,6 +156,44 @@ def cpu_channel_first(spec: KernelSpec, func):
     if vec > 1:
         _, yi = sch.split(yl[-1], [None, vec])
         sch.vectorize(yi)
+    return sch
+
+
+def _channel_first_lanes(spec: KernelSpec, func):
+    """cpu_channel_first with statistics from lane blocks (compute.py's blocked statistics, B = 1,
+    L = stat_lanes): per channel (one parallel task), each row of Q gets the L lane sums, then the L
+    lane sums of squares about the lane means while the row is in L1 (one vector loop each, no
+    horizontal reduction per row); the channel combines its rows' lanes (vectorized over the lanes)
+    and writes y from its slice, still in L2. x comes from memory once, like the two-pass schedule,
+    but its second statistics pass reads L1 instead of L2."""
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    sch.compute_inline(sch.get_sblock("shift"))      # one load of x[0, 0, c, 0] where it is used
+    c, n, pb, j, bi, bq = sch.get_loops("bsum")
+    sch.reorder(bi, bq, j)
+    sch.reverse_compute_at(sch.get_sblock("bm2"), pb, preserve_unit_loops=True)
+    loops = sch.get_loops("bm2")                     # c, n, pb | c', n', pb', j, ci, cq
+    sch.reorder(loops[-2], loops[-1], loops[-3])
+    for b in REDUCTIONS:                             # sum / sqsum over (n, p, lane): partials per lane
+        sch.rfactor(sch.get_loops(b)[-1], factor_axis=1)
+    movers = ["sum_rf", "sum", "mean", "sqsum_rf", "sqsum"]
+    movers += [b for b in names if b not in movers and b not in ("shift", "bsum", "bm2")]
+    for b in movers:
+        sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
+    sch.parallel(c)
+    for b in ("bsum", "bm2"):
+        loops = sch.get_loops(b)
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(sch.get_sblock(b), loops[-3])
+    for b in ("sum_rf", "sqsum_rf"):
+        loops = sch.get_loops(b)                     # c | lane, c', n, p  (block-iter order)
+        sch.reorder(*loops[2:], loops[1])
+        loops = sch.get_loops(b)
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(sch.get_sblock(b), loops[2])
+    yl = sch.get_loops("y")
+    _, yi = sch.split(yl[-1], [None, int(spec.stat_lanes)])
+    sch.vectorize(yi)
     return sch
 
 
@@ -179,18 +226,92 @@ def cpu_channels_last(spec: KernelSpec, func):
     return sch
 
 
-def cpu_channels_last_rows(spec: KernelSpec, func):
-    """Channels-last with many rows per sample (NHWC, NDHWC): per-sample partial sums in parallel.
+STAT_BLOCK_FLOATS = 32768          # ~128 KB of x per statistics block: stays in L2 for its second pass
 
-    Each reduction is rfactored over the batch loop (partials of shape (N, C), no split, so the symbolic
-    batch needs no predicate), parallel over samples, vectorized across the contiguous channels of a row;
-    a small serial pass adds the N partials. y is parallel over rows, vectorized over channels.
+
+def cpu_channels_last_rows(spec: KernelSpec, func):
+    """Channels-last with many rows per sample (NHWC, NDHWC): blocked statistics, parallel over blocks.
+
+    x is read from memory once for the statistics: the kernel is recompiled with
+    ``spec.stat_block = B`` (compute.py's blocked statistics), blocks of B rows (~128 KB) each get their
+    sum and their centered sum of squares in two passes while the block is in cache (parallel over
+    blocks, vectorized across the contiguous channels), and a small serial pass combines the blocks.
+    The blocks walk the batch backwards, so y's forward pass starts on the part of x the caches still
+    hold. y is parallel over blocks of rows, vectorized over channels. When P has no divisor that makes
+    useful blocks, per-sample partial sums (rfactor over the batch) are used instead.
     """
     if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1 or spec.ghost:
         return None
     P, C = spec.shape[1], int(spec.channel_shape[0])
     if not isinstance(P, int) or P < 8 or P * C < 1024:
         return None
+    B = spec.stat_block or _divisor(P, max(1, STAT_BLOCK_FLOATS // C))
+    if B >= 8 and spec.kinds == "RRCR":
+        import dataclasses
+
+        from bncompile.kernels.compute import prim_func
+
+        bspec = spec if spec.stat_block == B else dataclasses.replace(spec, stat_block=B)
+        return _channels_last_blocked(bspec, prim_func(bspec))
+    return _channels_last_rfactor(spec, func)
+
+
+def _channels_last_vector(sch, block: str, lead: int, C: int, cv: int):
+    """Loops ``lead.. | c, r...`` of ``block`` -> ``r..., [co,] ci``; returns the vector loop ci."""
+    loops = sch.get_loops(block)[lead:]
+    c, rest = loops[0], loops[1:]
+    if cv < C:
+        co, ci = sch.split(c, [None, cv])
+        sch.reorder(co, *rest, ci)
+        return ci
+    sch.reorder(*rest, c)
+    return c
+
+
+def _channels_last_y(sch, P: int, C: int, cv: int):
+    n, p, c, q = sch.get_loops("y")
+    rows = sch.fuse(n, p)
+    # parallel over blocks of rows (a divisor of P, so the split is exact even for a symbolic batch):
+    # a task streams tens of KB of y, enough to amortize the fence of the streaming stores
+    chunk = _divisor(P, max(1, (2 * NT_MIN_TASK_BYTES) // (4 * C)))
+    if chunk > 1:
+        rows, _ = sch.split(rows, [None, chunk])
+    sch.parallel(rows)
+    if cv < C:
+        co, ci = sch.split(c, [None, cv])
+        sch.reorder(co, q, ci)
+    else:
+        sch.reorder(q, c)
+        ci = c
+    sch.vectorize(ci)
+
+
+def _channels_last_blocked(spec: KernelSpec, func):
+    P, C = spec.shape[1], int(spec.channel_shape[0])
+    cv = C if C <= 64 else _vector_factor(C)
+    sch = _sched(func)
+    _inline_parameter_only(sch, _blocks(sch))
+    sch.compute_inline(sch.get_sblock("shift"))      # one load of x[0, 0, c, 0] where it is used
+    for b in ("bsum", "bm2"):                         # block statistics with the channels contiguous
+        sch.transform_layout(sch.get_sblock(b), ("write", 0), lambda c, n, pb, j: (n, pb, j, c))
+    c, n, pb, j, _, _ = sch.get_loops("bsum")          # j: the one lane (Q = 1)
+    sch.reorder(n, pb, j, c)
+    blk = sch.fuse(n, pb, j)
+    sch.reverse_compute_at(sch.get_sblock("bm2"), blk, preserve_unit_loops=True)
+    vec = {b: _channels_last_vector(sch, b, 1, C, cv) for b in ("bsum", "bm2")}
+    sch.parallel(blk)
+    for b in ("bsum", "bm2"):
+        sch.vectorize(vec[b])
+        sch.decompose_reduction(sch.get_sblock(b), sch.get_loops(b)[1])
+    _channels_last_y(sch, P, C, cv)
+    return sch
+
+
+def _channels_last_rfactor(spec: KernelSpec, func):
+    """Each reduction rfactored over the batch loop (partials of shape (N, C), no split, so the symbolic
+    batch needs no predicate), parallel over samples, vectorized across the contiguous channels of a row;
+    a small serial pass adds the N partials."""
+    P, C = spec.shape[1], int(spec.channel_shape[0])
     sch = _sched(func)
     _inline_parameter_only(sch, _blocks(sch))
     cv = C if C <= 64 else _vector_factor(C)
@@ -207,21 +328,7 @@ def cpu_channels_last_rows(spec: KernelSpec, func):
         sch.parallel(n)
         sch.vectorize(ci)
         sch.decompose_reduction(rf, sch.get_loops(rf)[1] if cv == C else sch.get_loops(rf)[2])
-    n, p, c, q = sch.get_loops("y")
-    rows = sch.fuse(n, p)
-    # parallel over blocks of rows (a divisor of P, so the split is exact even for a symbolic batch):
-    # a task streams tens of KB of y, enough to amortize the fence of the streaming stores
-    chunk = _divisor(P, max(1, (2 * NT_MIN_TASK_BYTES) // (4 * C)))
-    if chunk > 1:
-        rows, rin = sch.split(rows, [None, chunk])
-    sch.parallel(rows)
-    if cv < C:
-        co, ci = sch.split(c, [None, cv])
-        sch.reorder(co, q, ci)
-    else:
-        sch.reorder(q, c)
-        ci = c
-    sch.vectorize(ci)
+    _channels_last_y(sch, P, C, cv)
     return sch
 
 
@@ -389,6 +496,8 @@ def cuda_generic(spec: KernelSpec, func):
 NT_PIPELINE = "bncompile_nt_stores"
 _NT_LANES = (8, 16, 32, 64)
 NT_MIN_TASK_BYTES = 16 * 1024     # bytes of y one parallel iteration must stream (amortizes its sfence)
+# the rules whose y pass gains from streaming stores (measured; cpu_channels_last re-reads y's stripe)
+STREAMING_RULES = ("cpu_channel_first", "cpu_channels_last_rows")
 
 
 def _nt_helper_ir(lanes: set) -> str:
