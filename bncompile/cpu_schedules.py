@@ -282,15 +282,7 @@ def schedule_conv(sch, target=None) -> bool:
         # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
         if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T % block == 0:
             sch.vectorize(wl[-1])
-    lanes = vector_lanes(target)[0]
-    for blk in _all_blocks(sch):          # what is left at the root: the pad, unfused element-wise blocks
-        try:
-            if sch.get(blk).name_hint.startswith(CONV_BLOCK):
-                continue
-            if "R" not in _iter_kinds(sch, blk):
-                _schedule_spatial(sch, blk, lanes)
-        except Exception as err:
-            log.debug("conv function: a root block stays unscheduled: %s", err)
+    _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
     return True
 
 
@@ -321,6 +313,22 @@ def _schedule_spatial(sch, blk, lanes: int = 8) -> None:
     if outer and (total is None or total >= PARALLEL_MIN):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
+
+
+def _untouched(sch, blk) -> bool:
+    """True when no loop around ``blk`` is parallel/vectorized/unrolled yet (a block still at the root)."""
+    return all(int(sch.get(lp).kind) == 0 and not sch.get(lp).annotations for lp in sch.get_loops(blk))
+
+
+def _schedule_leftovers(sch, lanes: int, skip=()) -> None:
+    """Spatial blocks still untouched at the end of a rule (pads, element-wise blocks not inlined)."""
+    for b in _all_blocks(sch):
+        try:
+            if sch.get(b).name_hint in skip or not _untouched(sch, b) or "R" in _iter_kinds(sch, b):
+                continue
+            _schedule_spatial(sch, b, lanes)
+        except Exception as err:
+            log.debug("a root block stays unscheduled: %s", err)
 
 
 def _inline_spatial(sch) -> None:
@@ -428,12 +436,7 @@ def schedule_inner_vector_reduction(sch, target=None) -> bool:
         inner = sch.get_loops(b)[-1]
         if _static(sch.get(inner).extent) == V:
             sch.vectorize(inner)
-    for b in _all_blocks(sch):      # anything left at the root
-        try:
-            if "R" not in _iter_kinds(sch, b):
-                _schedule_spatial(sch, b, lanes)
-        except Exception:
-            pass
+    _schedule_leftovers(sch, lanes)
     return True
 
 
