@@ -19,7 +19,11 @@ Pipeline:
    OUR kernel (:mod:`bncompile.kernels.compute`, scheduled by :mod:`bncompile.kernels.schedules` for the
    target), never TVM's ``batch_norm`` (whose momentum is the PyTorch one: TVM 0.27's frontend passes ONNX's
    momentum through unchanged, which swaps the weights of the running-statistics update);
-6. ``tvm.compile`` with the default Relax pipeline for the target; symbolic dims (``dim_param``) stay symbolic.
+6. ``tvm.compile``; symbolic dims (``dim_param``) stay symbolic. For ``llvm`` targets the Relax pipeline is
+   :func:`bncompile.cpu_schedules.pipeline` (TVM's default CPU pipeline leaves every operator an
+   unscheduled serial loop nest): packed-weight conv2d, operator fusion, and a CPU schedule for each fused
+   PrimFunc (our batch-norm kernels excepted); ``info["cpu_schedules"]`` names the rule of each function.
+   Other targets use TVM's default pipeline.
 
 Targets, named plainly: ``llvm`` (host CPU), ``x86_64`` (generic x86-64), ``aarch64`` (Linux, NEON; exported
 with ``aarch64-linux-gnu-g++``), ``cuda`` / ``cuda:sm_80`` (sm_90 by default; source codegen works without a

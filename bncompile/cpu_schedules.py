@@ -1,25 +1,41 @@
 """Generic CPU schedules for the PrimFuncs of a whole-graph ``llvm`` compile.
 
 TVM 0.27's default Relax pipeline for CPU targets legalizes every operator to a naive, serial PrimFunc
-(no fusion, no parallel loops, no vectorization): a ResNet-18 then runs 25-50x slower than onnxruntime.
-:func:`pipeline` is the Relax pipeline :func:`bncompile.compiler.compile` uses for ``llvm`` targets
-instead. It is the default pipeline (``relax.pipeline.default_build_pipeline``) with three changes:
+(no fusion, no parallel loops, no vectorization): the ResNet-18 of ``benchmarks/bench_models.py`` ran
+~50x slower than onnxruntime. :func:`pipeline` is the Relax pipeline :func:`bncompile.compiler.compile`
+uses for ``llvm`` targets instead: TVM's default CPU pipeline (``relax.pipeline.default_build_pipeline``)
+with three changes.
 
-1. ``nn.conv2d`` (NCHW/OIHW, float32, groups 1, a constant weight, output channels a multiple of 16) is
-   legalized to OUR compute, whose weight is pre-packed at compile time to ``[O/16, I, KH, KW, 16]`` so
-   that 16 output channels (one AVX-512 fp32 vector) load contiguously; every other conv2d keeps TVM's
-   legalization;
-2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR`` (conv + bias + relu + residual
-   add in one PrimFunc), as in TVM's ``cpu_generic`` pipeline; bncompile's own kernels (functions that
-   already have a ``global_symbol``) are marked opaque first so they are never fused;
-3. :func:`schedule_module` schedules every PrimFunc with the first rule that applies:
-   :func:`schedule_conv` (blocks of our packed conv), dlight's ``cpu.GEMV`` / ``cpu.Reduction``, then
-   :func:`schedule_generic` (parallel outer spatial loops, vectorized innermost loop when it divides
-   evenly). A rule returns None when it does not apply, and any schedule error leaves the function as
-   the default pipeline compiles it (correct, only slow). Functions with a ``global_symbol`` (bncompile's
-   hand-scheduled batch-norm kernels) are never touched.
+1. ``nn.conv2d`` (NCHW/OIHW, float32, groups 1, dilation 1, a constant weight, output channels a multiple
+   of the channel block) is legalized to OUR compute (:func:`conv2d_packed_te`), whose weight is packed at
+   compile time to ``[O/B, I, KH, KW, B]``, so a vector of B output channels loads contiguously. Every other
+   conv2d keeps TVM's legalization (and gets the generic rules below).
+2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, as in TVM's ``cpu_generic``
+   pipeline (conv + bias + relu + residual add become one PrimFunc). bncompile's own kernels (functions with
+   a ``global_symbol``) are marked opaque first, so they are never fused.
+3. :func:`schedule_module` gives each PrimFunc the first rule that applies (each returns False/None when it
+   does not; a rule that raises leaves the function as the default pipeline compiles it, correct but slow):
 
-Splits are only ever even (divisible) ones: TVM drops the ``T.where`` predicate of an uneven split after
+   * :func:`schedule_conv`: our packed conv. Register tile of B channels (vectorized) x a width tile x a row
+     tile, the reduction loops outside it, a local channels-last accumulator, the fused epilogue inlined into
+     the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized;
+   * :func:`schedule_inner_vector_reduction`: one reduction whose output's innermost axis is also the
+     innermost axis of an input (dense/matmul with a ``[K, N]`` weight): that axis vectorized inside the
+     reduction, local accumulator, epilogue inlined, parallel outside;
+   * dlight's ``cpu.GEMV`` / ``cpu.Reduction``;
+   * :func:`schedule_generic`: spatial blocks inlined where possible, then every root block: spatial ->
+     innermost loop vectorized when it divides evenly, the others fused and parallel; simple reduction
+     (pooling...) -> spatial loops fused and parallel, small windows unrolled.
+
+   Functions with a ``global_symbol`` or ``tirx.is_scheduled`` (bncompile's hand-scheduled batch-norm
+   kernels) are never touched. ``CompiledModel.info["cpu_schedules"]`` records the rule of each function.
+
+Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name: this host is
+an AMD EPYC whose hypervisor hides AVX-512 (LLVM calls it znver3; AVX2, 16 ymm registers). On AVX2 the
+channel block is 16 (two ymm) or 8 and at most 10 accumulators are used: 16 x 4 for widths 112/56/28,
+16 x (2 x 2) for 14x14, 8 x 7 for 7x7 (12 accumulators already spill, see :data:`ACC_CAP`).
+
+Splits are only ever even (divisible) ones: TVM can drop the ``T.where`` predicate of an uneven split after
 ``compute_at`` moves (see shared/docs/tvm-0.27.md), which reads out of bounds without an error.
 """
 
@@ -35,6 +51,10 @@ VEC = 16                      # default output-channel block of the packed weigh
 CONV_BLOCK = "bnc_conv2d_nchw16o"
 PAD_BLOCK = "bnc_pad"
 OP_PATTERN_OPAQUE = 8
+#: most accumulator vectors of a conv register tile, by register count. Measured on AVX2 (16 ymm): 10
+#: (16 channels x 5) is the best, 12 already spills (16 x 6: 0.85x of 16 x 5; 8 x 12 worse). The 32-register
+#: value (AVX-512, NEON) leaves room for the weight vectors and a broadcast; it was not measured.
+ACC_CAP = {16: 10, 32: 14}
 
 
 def _tvm():
@@ -71,23 +91,27 @@ def vector_lanes(target=None) -> tuple[int, int]:
     return 4, 16
 
 
-def conv_tiling(out_channels: int, out_width: int | None, target=None) -> tuple[int, int] | None:
-    """``(output-channel block, width tile)`` of the register tile, or None when no block divides the
-    output channels. The block is 1 or 2 vector registers of channels; the width tile is a divisor of the
-    output width (even splits only) with ``vectors x tile`` accumulators, leaving registers for the
-    weight vectors and a broadcast; the most accumulators wins (ties: the wider block, fewer broadcasts).
-    """
+def conv_tiling(out_channels: int, out_width: int | None, target=None,
+                out_height: int | None = None) -> tuple[int, int, int] | None:
+    """``(output-channel block, width tile, row tile)`` of the register tile, or None when no block divides
+    the output channels. The block is 1 or 2 vector registers of channels; the width and row tiles divide
+    the output (even splits only), with ``vectors x width x rows`` accumulators, leaving registers for the
+    weight vectors and a broadcast. The most accumulators wins; ties: the wider block (fewer broadcasts per
+    FMA), then the wider width tile."""
     lanes, regs = vector_lanes(target)
     best = None
     for nv in (2, 1):
         block = lanes * nv
         if out_channels % block:
             continue
-        most = max(1, min(14, (regs - nv - 2) // nv))
-        tile = _ow_tile(out_width, most) if out_width else 1
-        key = (nv * tile, nv)
-        if best is None or key > best[0]:
-            best = (key, (block, tile))
+        most = max(1, min(ACC_CAP.get(regs, 10) // nv, (regs - nv - 2) // nv))
+        for th in range(1, most + 1):
+            if th > 1 and (not out_height or out_height % th):
+                continue
+            tw = _ow_tile(out_width, most // th) if out_width else 1
+            key = (nv * tw * th, nv, tw)
+            if best is None or key > best[0]:
+                best = (key, (block, tw, th))
     return None if best is None else best[1]
 
 
@@ -160,13 +184,14 @@ def legalize_conv2d(bb, call):
         return _nn_conv2d(bb, call)
     wn = _const_value(w).numpy()
     o, i, kh, kw = wn.shape
-    ow = None
+    oh = ow = None
     try:
-        pl, pr = int(a.padding[1]), int(a.padding[3])
+        pt, pl, pb, pr = (int(p) for p in a.padding)
         ow = (int(x.ty.shape[3]) + pl + pr - kw) // int(a.strides[1]) + 1
-    except Exception:   # symbolic width: a tile of 1
+        oh = (int(x.ty.shape[2]) + pt + pb - kh) // int(a.strides[0]) + 1
+    except Exception:   # symbolic height/width: tiles of 1 along them
         pass
-    tiling = conv_tiling(o, ow)
+    tiling = conv_tiling(o, ow, out_height=oh)
     if tiling is None:
         return _nn_conv2d(bb, call)
     block = tiling[0]
@@ -233,9 +258,10 @@ def _packed_block(sch, blk) -> int | None:
 
 
 def schedule_conv(sch, target=None) -> bool:
-    """Our packed conv block(s): 16 output channels vectorized, a register tile of the output width,
-    the reduction outside it, a local accumulator written back once (with the fused epilogue inlined
-    into the write-back), parallel over batch x channel blocks x rows. False when no such block."""
+    """Our packed conv block(s): the channel block vectorized, a register tile of output columns (and
+    rows, see :func:`conv_tiling`), the reduction loops outside it, a local accumulator written back once
+    (with the fused epilogue inlined into the write-back), parallel over batch x channel blocks x row
+    tiles. False when the function has no such block (or its tiling does not divide evenly)."""
     convs = _block_named(sch, CONV_BLOCK)
     if not convs:
         return False
@@ -246,15 +272,22 @@ def schedule_conv(sch, target=None) -> bool:
             return False
         n, oc, oh, ow, rc, ry, rx = loops
         OW = _static(sch.get(ow).extent)
+        OH = _static(sch.get(oh).extent)
         OC = _static(sch.get(oc).extent)
         block = _packed_block(sch, blk)
-        tiling = conv_tiling(OC, OW, target) if OC is not None else None
+        tiling = conv_tiling(OC, OW, target, out_height=OH) if OC is not None else None
         if OW is None or block is None or OC % block or tiling is None or tiling[0] != block:
             return False
-        T = tiling[1]
+        _, T, TH = tiling
+        if OW % T or (TH > 1 and (OH is None or OH % TH)):
+            return False
         ocb, oci = sch.split(oc, [None, block])
         owo, owi = sch.split(ow, [None, T])
-        sch.reorder(n, ocb, oh, owo, rc, ry, rx, owi, oci)
+        if TH > 1:
+            oho, ohi = sch.split(oh, [None, TH])
+        else:
+            oho, ohi = oh, None
+        sch.reorder(n, ocb, oho, owo, rc, ry, rx, *([ohi] if ohi is not None else []), owi, oci)
         wb = sch.cache_write(blk, 0, "local")
         # accumulator channels-last, so each vector of output channels is contiguous in the local tile
         sch.transform_layout(blk, ("write", 0), lambda b, o, y, z: (b, y, z, o))
@@ -267,16 +300,19 @@ def schedule_conv(sch, target=None) -> bool:
                 sch.reverse_compute_inline(cons[0])
             except Exception:
                 break
-        fused = sch.fuse(n, ocb, oh)
+        fused = sch.fuse(n, ocb, oho)
         sch.parallel(fused)
         sch.reverse_compute_at(wb, owo)
         sch.unroll(rx)          # (unrolling ry as well made LLVM spill the accumulators: 4x slower)
         sch.unroll(owi)
+        if ohi is not None:
+            sch.unroll(ohi)
         sch.vectorize(oci)
         sch.decompose_reduction(blk, rc)   # last: loop primitives need the reduction block whole
         init = sch.get_sblock(name + "_init")
         il = sch.get_loops(init)
-        sch.unroll(il[-2])
+        for lp in il[len(il) - (3 if ohi is not None else 2):-1]:
+            sch.unroll(lp)
         sch.vectorize(il[-1])
         wl = sch.get_loops(wb)
         # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
@@ -343,7 +379,9 @@ def _inline_spatial(sch) -> None:
 
 
 def _schedule_reduction(sch, blk) -> None:
-    """Parallel over the leading spatial loops; the reduction loops stay serial (unrolled when tiny)."""
+    """Parallel over the leading spatial loops; the reduction loops stay serial (unrolled when small).
+    (Vectorizing a pooling window along the output width was slower here: 1.09 vs 0.78 ms for ResNet's
+    max pool on AVX2, the strided reads become gathers.)"""
     loops = sch.get_loops(blk)
     kinds = _iter_kinds(sch, blk)
     ns = kinds.count("S")
@@ -517,7 +555,7 @@ def schedule_module(mod, target, report: dict | None = None):
         if report is not None:
             report[name] = rule
     if updates:
-        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+        mod = mod.clone()
         for gv, f in updates.items():
             mod.update_func(gv, f)
     return mod
@@ -532,6 +570,7 @@ def pipeline(target, report: dict | None = None):
 
     @tvm.transform.module_pass(opt_level=0, name="bncompile.MarkOwnKernelsOpaque")
     def mark_opaque(mod, _ctx):
+        mod = mod.clone()
         for gv, func in list(mod.functions.items()):
             if isinstance(func, tvm.tirx.PrimFunc) and _is_ours(func):
                 mod.update_func(gv, func.with_attr("op_pattern", OP_PATTERN_OPAQUE))
@@ -571,5 +610,5 @@ def pipeline(target, report: dict | None = None):
     return _pipeline
 
 
-__all__ = ["pipeline", "schedule_module", "schedule_func", "schedule_conv", "schedule_generic",
-           "legalize_conv2d", "conv2d_packed_te", "VEC"]
+__all__ = ["pipeline", "schedule_module", "schedule_func", "schedule_conv", "schedule_inner_vector_reduction",
+           "schedule_generic", "legalize_conv2d", "conv2d_packed_te", "conv_tiling", "vector_lanes"]

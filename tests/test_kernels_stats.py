@@ -22,9 +22,8 @@ pytestmark = pytest.mark.tvm
 from bncompile.kernels import build_spec, compile_batchnorm  # noqa: E402
 from bncompile.kernels.compute import make_spec, prim_func  # noqa: E402
 from bncompile.kernels.schedules import schedule  # noqa: E402
-
-from test_kernels import assert_close, check, random_variables  # noqa: E402
 from bncompile.reference import batchnorm  # noqa: E402
+from test_kernels import assert_close, check, random_variables  # noqa: E402
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -36,12 +35,17 @@ def _stat_blocks(axis, shape):
 
 
 @pytest.mark.parametrize("axis,shape,rule", [
-    (-1, (3, 40, 30, 64), "cpu_channels_last_rows"),    # P = 1200: blocks of 400 rows, 3 per sample
-    (-1, (2, 16, 40, 100), "cpu_channels_last_rows"),   # C = 100: vectors of 25 channels, 2 blocks
+    (-1, (3, 40, 30, 64), "cpu_channels_last_rows"),    # P = 1200: blocks of 600 rows, 2 per sample
+    (-1, (2, 32, 40, 100), "cpu_channels_last_rows"),   # C = 100: vectors of 25 channels, 2 blocks
     (1, (3, 5, 14, 14), "cpu_channel_first"),           # Q = 196: 28 lanes of 7
     (1, (2, 6, 8, 8), "cpu_channel_first"),             # Q = 64: one vector per row
 ])
 def test_blocked_statistics_paths(axis, shape, rule):
+    from bncompile.kernels import schedules
+
+    if axis == -1:      # several blocks per sample
+        P, C = shape[1] * shape[2], shape[3]
+        assert P // schedules._divisor(P, schedules.STAT_BLOCK_FLOATS // C) >= 2
     name, script = _stat_blocks(axis, shape)
     assert name == rule and 'sblock("bsum' in script and 'sblock("bm2' in script
     assert "T.where" not in script
@@ -51,7 +55,7 @@ def test_blocked_statistics_paths(axis, shape, rule):
     check(cfg, shape, schedule=rule, mean=-3e5, std=30.0, seed=2)
 
 
-@pytest.mark.parametrize("axis,rest", [(-1, (40, 30, 64)), (1, (5, 14, 14)), (-1, (16, 40, 100))])
+@pytest.mark.parametrize("axis,rest", [(-1, (40, 30, 64)), (1, (5, 14, 14)), (-1, (32, 40, 100))])
 def test_blocked_statistics_symbolic_batch(axis, rest):
     cfg = BatchNormConfig(axis=axis, fused=None)      # rank 4: unbiased n/(n-1) with a symbolic n
     k = None
@@ -122,3 +126,12 @@ def test_large_tensors_use_streaming_variant(axis, shape):
     assert (None, True) in k._variants
     k2, _, _ = check(cfg, (1,) + shape[1:], kshape=(None,) + shape[1:], seed=4)
     assert not k2._streaming((1,) + shape[1:])
+
+
+@pytest.mark.parametrize("shape", [(5, 1024), (1, 256), (3, 384)])
+def test_channels_last_wide_stripes(shape):
+    """C a multiple of 128 (>= 256): stripes of 128 channels, two vectors of 64 per row."""
+    cfg = BatchNormConfig(axis=-1, fused=False)
+    check(cfg, shape, schedule="cpu_channels_last")
+    check(cfg, shape, schedule="cpu_channels_last", mean=1e4, std=1.0, seed=1)
+    check(cfg, shape, kshape=(None,) + shape[1:], schedule="cpu_channels_last", seed=2)

@@ -8,6 +8,9 @@ One PrimFunc computes ``y`` and every variable a training step updates. The math
   ``var = sum((x - K - mu')**2)/n`` (biased). Two passes about a data shift keep the variance exact
   when the mean is 1e4 times the std; ``y = ((x - K) - mu') * A + B`` keeps ``y`` exact there too
   (``(x - mean)`` with a float32 ``mean = K + mu'`` would lose it to rounding of the mean).
+  A CPU schedule may ask for *blocked* statistics instead (``KernelSpec.stat_block``/``stat_lanes``,
+  :func:`_blocked_statistics`): the same two passes about K, per small block that is still in cache
+  for its second pass, then combined exactly, so x is read from memory once.
 * ``A = rsqrt(var + eps) * r * adj_scale * gamma``, ``B = (d * adj_scale + adj_bias) * gamma + beta``,
   with ``r = 1, d = 0`` without renorm and ``adj = (1, 0)`` without adjustment.
 * renorm: ``s = max(renorm_stddev, sqrt(eps))``, ``r = clip(sqrt(var_B + eps)/s)``,

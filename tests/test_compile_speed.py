@@ -1,0 +1,229 @@
+"""The CPU schedules of ``bncompile.compile`` for llvm (:mod:`bncompile.cpu_schedules`): correctness only
+(no timing asserts). Every case is checked against onnxruntime; the rules that ran are read from
+``CompiledModel.info["cpu_schedules"]``; unusual convolutions must fall back to TVM's legalization."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import compile_models as M
+
+pytestmark = pytest.mark.tvm
+
+TOL = 1e-4          # max abs error / max |reference|, float32
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    from bncompile import _tvm
+
+    if not _tvm.available():
+        pytest.skip("TVM 0.27 with tvm-ffi 0.1.14 is not installed")
+    from bncompile import compiler as c
+
+    return c
+
+
+def _conv_model(*, ci, co, h, w, k=3, stride=1, pads=None, group=1, dilation=1, bias=True, relu=True,
+                weight_input=False, batch=1, seed=0):
+    rng = np.random.default_rng(seed)
+    pads = [k // 2] * 4 if pads is None else list(pads)
+    wt = (rng.standard_normal((co, ci // group, k, k)) * np.sqrt(2.0 / (ci * k * k))).astype(np.float32)
+    inits, inputs = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, ci, h, w])]
+    if weight_input:
+        inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(wt.shape)))
+    else:
+        inits.append(numpy_helper.from_array(wt, "W"))
+    conv_in = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(co).astype(np.float32), "B"))
+        conv_in.append("B")
+    nodes = [helper.make_node("Conv", conv_in, ["c"], kernel_shape=[k, k], strides=[stride, stride], pads=pads,
+                              group=group, dilations=[dilation, dilation])]
+    out = "c"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+        out = "y"
+    else:
+        nodes.append(helper.make_node("Identity", ["c"], ["y"]))
+    del out
+    g = helper.make_graph(nodes, "conv", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    return model, wt
+
+
+def _check(compiler, model, feeds, **kw):
+    cm = compiler.compile(model, target=kw.pop("target", "llvm"), **kw)
+    got = cm.run(feeds)["y"]
+    want = M.ort_run(model, feeds)[0]
+    assert got.shape == want.shape
+    assert M.rel_err(got, want) < TOL
+    return cm
+
+
+CONV_CASES = {
+    # name: (conv kwargs, the rule expected for the conv function)
+    "3x3_56": (dict(ci=16, co=32, h=14, w=14), "conv2d_nchw16o"),
+    "first_7x7_s2": (dict(ci=3, co=16, h=20, w=20, k=7, stride=2), "conv2d_nchw16o"),
+    "1x1_s2_nopad": (dict(ci=8, co=16, h=9, w=9, k=1, stride=2, pads=[0, 0, 0, 0]), "conv2d_nchw16o"),
+    "prime_width": (dict(ci=4, co=24, h=5, w=13), "conv2d_nchw16o"),
+    "width_7_block_8": (dict(ci=8, co=8, h=7, w=7), "conv2d_nchw16o"),
+    "asym_pads_nonsquare": (dict(ci=5, co=16, h=6, w=11, pads=[0, 1, 2, 0]), "conv2d_nchw16o"),
+    "no_bias_no_relu": (dict(ci=4, co=16, h=8, w=8, bias=False, relu=False), "conv2d_nchw16o"),
+    # TVM's legalization (still scheduled by the generic rules, never by the packed-conv rule)
+    "oc_not_multiple_of_8": (dict(ci=4, co=10, h=8, w=8), None),
+    "grouped": (dict(ci=8, co=16, h=8, w=8, group=2), None),
+    "dilated": (dict(ci=4, co=16, h=10, w=10, dilation=2, pads=[2, 2, 2, 2]), None),
+    "weight_is_an_input": (dict(ci=4, co=16, h=8, w=8, weight_input=True), None),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_cases_match_onnxruntime(compiler, case):
+    kw, rule = CONV_CASES[case]
+    model, wt = _conv_model(**kw)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((1, kw["ci"], kw["h"], kw["w"])).astype(np.float32)}
+    if kw.get("weight_input"):
+        feeds["W"] = wt
+    cm = _check(compiler, model, feeds)
+    rules = cm.info["cpu_schedules"]
+    conv_rules = [r for name, r in rules.items() if "conv" in name]
+    assert conv_rules, rules
+    if rule is None:
+        assert "conv2d_nchw16o" not in conv_rules
+    else:
+        assert conv_rules == [rule], rules
+
+
+@pytest.mark.parametrize("name", list(M.MODELS))
+def test_models_dynamic_batch(compiler, name):
+    """Symbolic batch: the packed conv and the generic rules with a free ``N``."""
+    model = M.MODELS[name](None)
+    cm = compiler.compile(model, target="llvm")
+    for batch in (1, 3):
+        x = M.input_for(model, batch, seed=batch)
+        got = cm.run({"x": x})["y"]
+        assert M.rel_err(got, M.ort_run(model, {"x": x})[0]) < TOL
+    assert "default" not in cm.info["cpu_schedules"].values() or name == "mlp"
+
+
+def _resnet18(size):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.resnet18(size=size)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_resnet18_style_matches_onnxruntime(compiler, batch):
+    """The benchmark network (small input): every conv by the packed rule, Gemm, pools; folded BN."""
+    model = _resnet18(32)
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    cm = compiler.compile(model, target="llvm", input_shapes={"input": x.shape})
+    got = cm.run({"input": x})["logits"]
+    want = M.ort_run(model, {"input": x})[0]
+    assert M.rel_err(got, want) < TOL
+    rules = cm.info["cpu_schedules"]
+    assert sum(r == "conv2d_nchw16o" for r in rules.values()) >= 10, rules
+    assert all(r == "conv2d_nchw16o" for n, r in rules.items() if "conv" in n), rules
+
+
+def _pool_gemm_model():
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((24, 8 * 3 * 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "B")]
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["p"], ["a"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["a"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "W", "B"], ["g"], transB=1),
+             helper.make_node("Sigmoid", ["g"], ["y"])]
+    g = helper.make_graph(nodes, "pools", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 11, 11])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def test_pools_gemm_elementwise_match_onnxruntime(compiler):
+    model = _pool_gemm_model()
+    x = np.random.default_rng(4).standard_normal((2, 8, 11, 11)).astype(np.float32)
+    _check(compiler, model, {"x": x})
+
+
+def test_generic_x86_64_target_runs(compiler):
+    """SSE2 only (4 lanes): the tiles follow the target's features, not the host's."""
+    model, _ = _conv_model(ci=8, co=16, h=10, w=10)
+    x = np.random.default_rng(5).standard_normal((1, 8, 10, 10)).astype(np.float32)
+    cm = _check(compiler, model, {"x": x}, target="x86_64")
+    assert "conv2d_nchw16o" in cm.info["cpu_schedules"].values()
+
+
+def test_conv_schedule_shape(compiler):
+    """The packed conv function is parallel, vectorized, and has no predicate (even splits only)."""
+    import tvm
+    from tvm import relax
+
+    from bncompile import _tvm, cpu_schedules as cs
+
+    T = tvm.target.Target(_tvm.target_dict("llvm"))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 14, 14), "float32"))
+    w = np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1])))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    seq = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": cs.legalize_conv2d}),
+        relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
+        relax.transform.FuseTIR()])
+    with T:
+        mod = seq(bb.get())
+    funcs = [(gv.name_hint, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1 and "conv2d_nchw16o" in funcs[0][0], [n for n, _ in funcs]
+    new, rule = cs.schedule_func(funcs[0][1], T)
+    text = new.script()
+    assert rule == "conv2d_nchw16o"
+    assert "T.parallel" in text and "T.vectorized" in text
+    assert "T.where" not in text
+
+
+def test_bncompile_kernels_are_left_alone(compiler):
+    """Training-mode BN becomes OUR call_tir kernel: never rescheduled, never fused."""
+    from bncompile import cpu_schedules as cs
+    import tvm
+
+    rng = np.random.default_rng(6)
+    c = 16
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 4, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b"),
+             numpy_helper.from_array(np.zeros(c, np.float32), "m"),
+             numpy_helper.from_array(np.ones(c, np.float32), "v")]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn", "rm", "rv"],
+                              training_mode=1, momentum=0.9),
+             helper.make_node("Relu", ["bn"], ["y"])]
+    g = helper.make_graph(nodes, "train", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "rm", "rv")],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    cm = compiler.compile(model, target="llvm")
+    got = cm.run({"x": x})
+    want = M.ort_run(model, {"x": x})
+    for i, name in enumerate(("y", "rm", "rv")):
+        assert M.rel_err(got[name], want[i]) < TOL, name
+    assert cm.info["kernels"], cm.info
+    assert not any(n.startswith("bncompile_bn") for n in cm.info["cpu_schedules"]), cm.info["cpu_schedules"]
+    # and the module-level rule: a function with a global_symbol is "ours"
+    f = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0)).with_attr("global_symbol", "bncompile_bn_0")
+    assert cs._is_ours(f)
