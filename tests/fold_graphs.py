@@ -212,9 +212,22 @@ def bn_count(model: onnx.ModelProto) -> int:
     return count(model.graph)
 
 
-def assert_equivalent(original, folded, *, rtol=1e-5, seeds=(0, 1), input_shapes=None):
+def _ort_fused_session(model):
+    """onnxruntime at its default level: it fuses Conv+BN itself, a second float32 evaluation order."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def assert_equivalent(original, folded, *, rtol=1e-5, seeds=(0, 1), input_shapes=None, noise_floor=False):
     """Both models give the same outputs in ORT (optimizations off) within ``rtol`` relative to the
-    output range, and the folded one passes the full checker."""
+    output range, and the folded one passes the full checker.
+
+    With ``noise_floor``, an ill-conditioned network (outputs much smaller than the values they are
+    computed from, where float32 rounding alone exceeds ``rtol`` of the output range) may differ by up to
+    twice what onnxruntime's own Conv+BN fusion changes in the same model: rounding, not a wrong fold.
+    """
     onnx.checker.check_model(folded, full_check=True)
     s_o, s_f = onnx_utils.make_session(original), onnx_utils.make_session(folded)
     assert [i.name for i in s_o.get_inputs()] == [i.name for i in s_f.get_inputs()]
@@ -222,8 +235,14 @@ def assert_equivalent(original, folded, *, rtol=1e-5, seeds=(0, 1), input_shapes
     worst = 0.0
     for seed in seeds:
         feeds = onnx_utils.random_feeds(s_o, seed=seed, input_shapes=input_shapes)
-        err = onnx_utils.compare_outputs(s_o.run(None, feeds), s_f.run(None, feeds))
-        assert err["max_rel"] <= rtol, err
+        reference = s_o.run(None, feeds)
+        err = onnx_utils.compare_outputs(reference, s_f.run(None, feeds))
+        bound = rtol
+        if noise_floor and err["max_rel"] > rtol:
+            noise = onnx_utils.compare_outputs(reference, _ort_fused_session(original).run(None, feeds))
+            bound = max(rtol, 2 * noise["max_rel"])
+            err["ort_fusion_noise"] = noise["max_rel"]
+        assert err["max_rel"] <= bound, err
         worst = max(worst, err["max_rel"])
     return worst
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bncompile.fold import fold
@@ -95,15 +95,22 @@ def build(spec):
     return g.model()
 
 
+ILL_CONDITIONED = {  # found by hypothesis: outputs ~6e-4 from O(1) intermediates; ORT's own fusion moves them 1.2e-5
+    "family": "spatial", "rank": 2, "opset": 7, "seed": 2,
+    "layers": [{"kind": "depthwise", "c_in": 2, "c_out": 2, "bias": True, "bns": 2, "trailing": "mul", "relu": True},
+               {"kind": "depthwise", "c_in": 2, "c_out": 2, "bias": True, "bns": 2, "trailing": "", "relu": True}]}
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(spatial_stack(), dense_stack()))
+@example(ILL_CONDITIONED)
 def test_random_stacks_fold_completely_and_equivalently(spec):
     model = build(spec)
     n_bn = bn_count(model)
     r = fold(model, check=False)
     assert bn_count(r.model) == 0, r.report.summary()
     assert len(r.report.folded) == n_bn
-    assert_equivalent(model, r.model, rtol=1e-5, seeds=(0,))
+    assert_equivalent(model, r.model, rtol=1e-5, seeds=(0,), noise_floor=True)
     assert unused_initializers(r.model) <= unused_initializers(model)
     again = fold(r.model, check=False)
     assert again.model.SerializeToString() == r.model.SerializeToString()
