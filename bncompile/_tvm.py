@@ -71,6 +71,13 @@ def s_tir():
     return tvm().s_tir
 
 
+def submodule(name: str):
+    """A TVM submodule such as ``tvm.s_tir.dlight``, imported after the version checks of :func:`tvm`
+    (the rest of the project imports TVM only through this module)."""
+    tvm()
+    return importlib.import_module(name)
+
+
 def relax_onnx():
     """``tvm.relax.frontend.onnx`` (imported on first use, after the version checks of :func:`tvm`)."""
     tvm()

@@ -63,6 +63,12 @@ def _tvm():
     return _tvm.tvm()
 
 
+def _tvm_module(name: str):
+    from bncompile import _tvm
+
+    return _tvm.submodule(name)
+
+
 # --------------------------------------------------------------------------- conv2d legalization
 
 def _const_int_list(xs):
@@ -166,7 +172,7 @@ def legalize_conv2d(bb, call):
     """``relax.nn.conv2d`` -> our packed-weight conv (when it applies), else TVM's legalization."""
     tvm = _tvm()
     relax = tvm.relax
-    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+    _nn_conv2d = _tvm_module("tvm.relax.transform.legalize_ops.nn")._nn_conv2d
 
     a = call.attrs
     w = call.args[1]
@@ -468,7 +474,6 @@ def schedule_inner_vector_reduction(sch, target=None) -> bool:
     sch.parallel(fused)
     sch.reverse_compute_at(wb, fused)
     sch.vectorize(ji)
-    name = sch.get(blk).name_hint
     init = sch.decompose_reduction(blk, loops[ns])
     for b in (init, wb):
         inner = sch.get_loops(b)[-1]
@@ -479,7 +484,7 @@ def schedule_inner_vector_reduction(sch, target=None) -> bool:
 
 
 def _dlight_rules():
-    from tvm.s_tir import dlight as dl
+    dl = _tvm_module("tvm.s_tir.dlight")
 
     return [dl.cpu.GEMV(), dl.cpu.Reduction()]
 

@@ -461,7 +461,6 @@ def batchnorm_numpy(spec: KernelSpec, x: np.ndarray, variables: dict, adjustment
     caxes = [i for i, k in enumerate(kinds) if k == "C"]
     gaxes = [i for i, k in enumerate(kinds) if k == "G"]
     raxes = tuple(i for i, k in enumerate(kinds) if k == "R")
-    bshape = tuple(xs.shape[i] if k in "CG" else 1 for i, k in enumerate(kinds))
     cb = tuple(xs.shape[i] if k == "C" else 1 for i, k in enumerate(kinds))
 
     def as_c(v):

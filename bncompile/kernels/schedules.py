@@ -450,7 +450,6 @@ def cuda_two_phase(spec: KernelSpec, func, *, chunks: int = 64):
     channels_last = q == 1
     for b in REDUCTIONS:
         loops = sch.get_loops(b)               # c, n, p, q
-        c = loops[0]
         if channels_last:
             # threads along c (contiguous); rows split into `chunks` partial sums
             rows = sch.fuse(*loops[1:])
@@ -645,7 +644,7 @@ def nt_store_pass(names=("y",)):
 def nt_store_pipeline() -> str:
     """Register (once) and return the name of the TIR pipeline: TVM's default + :func:`nt_store_pass`."""
     tvm = _tvm.tvm()
-    from tvm.tirx import compilation_pipeline as cp
+    cp = _tvm.submodule("tvm.tirx.compilation_pipeline")
 
     if NT_PIPELINE not in cp.PIPELINE_MAP:
         def factory(**kwargs):
