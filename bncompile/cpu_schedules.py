@@ -69,6 +69,19 @@ def _tvm_module(name: str):
     return _tvm.submodule(name)
 
 
+def _inline_epilogue(sch, wb) -> None:
+    """Inline the single-consumer element-wise chain after the write-back block ``wb`` (bias, relu,
+    residual add...) into it, so the epilogue runs at write-back; stop at the first that does not inline."""
+    while True:
+        cons = sch.get_consumers(wb)
+        if len(cons) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(cons[0])
+        except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses; leave the rest as it is
+            return
+
+
 # --------------------------------------------------------------------------- conv2d legalization
 
 def _const_int_list(xs):
@@ -298,14 +311,7 @@ def schedule_conv(sch, target=None) -> bool:
         # accumulator channels-last, so each vector of output channels is contiguous in the local tile
         sch.transform_layout(blk, ("write", 0), lambda b, o, y, z: (b, y, z, o))
         # inline the element-wise epilogue (bias, relu, residual add...) into the write-back
-        while True:
-            cons = sch.get_consumers(wb)
-            if len(cons) != 1:
-                break
-            try:
-                sch.reverse_compute_inline(cons[0])
-            except Exception:
-                break
+        _inline_epilogue(sch, wb)
         fused = sch.fuse(n, ocb, oho)
         sch.parallel(fused)
         sch.reverse_compute_at(wb, owo)
@@ -461,14 +467,7 @@ def schedule_inner_vector_reduction(sch, target=None) -> bool:
     jo, ji = sch.split(loops[ns - 1], [None, V])
     sch.reorder(*loops[:ns - 1], jo, *loops[ns:], ji)
     wb = sch.cache_write(blk, 0, "local")
-    while True:
-        cons = sch.get_consumers(wb)
-        if len(cons) != 1:
-            break
-        try:
-            sch.reverse_compute_inline(cons[0])
-        except Exception:
-            break
+    _inline_epilogue(sch, wb)
     outer = [*loops[:ns - 1], jo]
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.parallel(fused)

@@ -95,3 +95,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    """``bncompile.compiler``, or a skip where TVM 0.27 (with tvm-ffi 0.1.14) is not importable."""
+    from bncompile import _tvm
+
+    if not _tvm.available():
+        pytest.skip("TVM 0.27 with tvm-ffi 0.1.14 is not installed")
+    from bncompile import compiler as c
+
+    return c

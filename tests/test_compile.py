@@ -17,17 +17,6 @@ pytestmark = pytest.mark.tvm
 TOL = 1e-4          # max abs error / max |reference|, float32
 
 
-@pytest.fixture(scope="module")
-def compiler():
-    from bncompile import _tvm
-
-    if not _tvm.available():
-        pytest.skip("TVM 0.27 with tvm-ffi 0.1.14 is not installed")
-    from bncompile import compiler as c
-
-    return c
-
-
 # --------------------------------------------------------------------------- whole CNN graphs
 
 @pytest.mark.parametrize("name", list(M.MODELS))

@@ -16,15 +16,6 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 SHAPES = {"cnn_nchw.onnx": (3, 32, 32), "cnn_nhwc.onnx": (24, 24, 3), "mlp_gemm.onnx": (64,)}
 
 
-@pytest.fixture(scope="module")
-def compiler():
-    from bncompile import _tvm
-    if not _tvm.available():
-        pytest.skip("TVM is not importable")
-    from bncompile import compiler
-    return compiler
-
-
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_inference_models_dynamic_batch(compiler, name):
     model = onnx.load(MODELS / name)

@@ -15,17 +15,6 @@ pytestmark = pytest.mark.tvm
 TOL = 1e-4          # max abs error / max |reference|, float32
 
 
-@pytest.fixture(scope="module")
-def compiler():
-    from bncompile import _tvm
-
-    if not _tvm.available():
-        pytest.skip("TVM 0.27 with tvm-ffi 0.1.14 is not installed")
-    from bncompile import compiler as c
-
-    return c
-
-
 def _conv_model(*, ci, co, h, w, k=3, stride=1, pads=None, group=1, dilation=1, bias=True, relu=True,
                 weight_input=False, batch=1, seed=0):
     rng = np.random.default_rng(seed)
