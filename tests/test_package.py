@@ -93,3 +93,30 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
                         "-o", str(out)], capture_output=True, text=True, cwd=work, timeout=300)
     assert r.returncode == 0, r.stderr
     assert out.exists()
+
+
+@pytest.mark.slow
+def test_readme_cli_tour_runs(tmp_path):
+    """Every line of the README's CLI tour, as written, in a folder holding the files it names."""
+    import json
+    import shlex
+    import shutil
+    text = (ROOT / "README.md").read_text()
+    tour = text.split("## A tour of the CLI")[1].split("## ")[0]
+    lines = [ln.strip() for block in re.findall(r"```bash\n(.*?)```", tour, re.S)
+             for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert len(lines) >= 10
+    shutil.copy(ROOT / "models" / "cnn_nchw.onnx", tmp_path / "model.onnx")
+    (tmp_path / "layer.json").write_text(json.dumps({"axis": [3], "momentum": 0.9, "epsilon": 0.001,
+                                                     "center": True, "scale": True, "name": "bn"}))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    ran = 0
+    for line in lines:
+        argv = shlex.split(line.split("  #")[0])
+        if argv[:3] == ["bncompile", "bench", "--kernels"]:
+            continue  # a minutes-long benchmark; its code path is tested in test_kernels_bench.py
+        r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
+        ran += 1
+    assert (tmp_path / "model.folded.onnx").exists() and (tmp_path / "bench.png").exists()
+    assert ran == len(lines) - 1
