@@ -202,7 +202,7 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     shape = _normalize_shape(input_shape)
-    res = config.resolve(len(shape))
+    res = config.resolve(len(shape), dtype)
     pshape = config.param_shape(shape)          # validates the channel dims
     init = config.initial_variables(shape, weights)
     train = training_effective(config, training)
@@ -260,18 +260,22 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
                         hint="BatchNormalization")
         else:
             m = config.momentum
-            if res.fused or len(pshape) != 1:
-                # Fed zero statistics, the node returns (1-m)*mu_B and (1-m)*var_B; the EMA is finished
-                # here, with the fused path's n/(n-1) on the variance. The zeros are computed, not
-                # initializers, and the variables reach the node only through this arithmetic:
-                # onnxruntime updates a training-mode BatchNormalization's running statistics in place,
-                # into the buffer it was fed, which must never be a variable's initializer.
+            if res.fused or len(pshape) != 1 or dtype == "float64":
+                # With momentum 0 and zero statistics fed, the node returns the batch mean and (biased)
+                # variance; the EMA is finished here in the statistics' own precision (ONNX attributes are
+                # float32, too coarse for a float64 momentum), with the fused path's n/(n-1). The zeros are
+                # computed, not initializers, and the variables reach the node only through this
+                # arithmetic: onnxruntime updates a training-mode BatchNormalization's running statistics
+                # in place, into the buffer it was fed, which must never be a variable's initializer.
                 zero = g.const("zero", np.asarray(0.0, stat_np))
                 yb, part_mean, part_var = g.node(
                     "BatchNormalization", [xb, s, b, g.node("Mul", [mean, zero], hint="zero_mean"),
                                            g.node("Mul", [var, zero], hint="zero_variance")], 3,
-                    epsilon=res.epsilon, momentum=m, training_mode=1, hint="BatchNormalization")
+                    epsilon=res.epsilon, momentum=0.0, training_mode=1, hint="BatchNormalization")
                 mom = g.const("momentum", np.asarray(m, stat_np))
+                one_minus = g.const("one_minus_momentum", np.asarray(1.0 - m, stat_np))
+                part_mean = g.node("Mul", [part_mean, one_minus])
+                part_var = g.node("Mul", [part_var, one_minus])
                 mean_new = g.node("Add", [g.node("Mul", [mean, mom]), part_mean], hint="moving_mean_ema")
                 if res.fused:
                     n = lay._prod(shape)

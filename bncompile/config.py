@@ -92,9 +92,14 @@ def sample_initializer(spec: dict, shape: Sequence[int], *, salt: int = 0) -> np
         return np.zeros(shape)
     if name == "Ones":
         return np.ones(shape)
-    if name == "Constant":
-        return np.full(shape, float(np.asarray(cfg["value"], dtype=np.float64).reshape(-1)[0])
-                       if np.ndim(cfg["value"]) else float(cfg["value"]))
+    if name == "Constant":  # tf.constant(value, shape=shape): a scalar fills, a list must have the size
+        value = np.asarray(cfg["value"], dtype=np.float64)
+        if value.size == 1:
+            return np.full(shape, float(value.reshape(-1)[0]))
+        if value.size != int(np.prod(shape)):
+            raise ConfigError(f"Constant initializer: value has {value.size} elements, the variable {shape} "
+                              f"needs {int(np.prod(shape))} (or give one number)")
+        return value.reshape(shape).copy()
     seed = cfg.get("seed")
     rng = np.random.default_rng(salt if seed is None else int(seed))
     if name == "RandomNormal":
@@ -232,8 +237,8 @@ class BatchNormConfig:
         set_("momentum", _as_float(self.momentum, "momentum"))
         set_("renorm_momentum", _as_float(self.renorm_momentum, "renorm_momentum"))
         set_("epsilon", _as_float(self.epsilon, "epsilon"))
-        if self.epsilon <= 0:
-            raise ConfigError(f"epsilon: must be > 0 (it keeps the division by sqrt(var + epsilon) finite), "
+        if self.epsilon < 0:  # Keras checks nothing; 0 works (the fused path clamps it), a negative value
+            raise ConfigError(f"epsilon: must be >= 0 (sqrt(var + epsilon) of a negative value is NaN), "
                               f"got {self.epsilon}")
         for k in ("center", "scale", "renorm", "trainable"):
             set_(k, _as_bool(getattr(self, k), k))
@@ -242,9 +247,12 @@ class BatchNormConfig:
         for k in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                   "moving_variance_initializer"):
             set_(k, normalize_initializer(getattr(self, k), argument=k))
-        # renorm_clipping: keys rmax/rmin/dmax only, numbers, rmax >= rmin, dmax >= 0
+        # renorm_clipping: keys rmax/rmin/dmax only (Keras checks them only with renorm=True and ignores the
+        # argument otherwise), numbers, and rmax >= rmin (the issue's rule; Keras itself would clip r to rmax)
         clip = self.renorm_clipping
-        if clip is not None:
+        if clip is not None and not self.renorm:
+            set_("renorm_clipping", None)
+        elif clip is not None:
             if not isinstance(clip, Mapping):
                 raise ConfigError(f"renorm_clipping: expected a dict with keys rmax, rmin, dmax, got {clip!r}")
             bad = sorted(set(clip) - set(RENORM_CLIPPING_KEYS))
@@ -253,10 +261,6 @@ class BatchNormConfig:
             clip = {k: _as_float(v, f"renorm_clipping[{k!r}]") for k, v in clip.items() if v is not None}
             if "rmax" in clip and "rmin" in clip and clip["rmax"] < clip["rmin"]:
                 raise ConfigError(f"renorm_clipping: rmax ({clip['rmax']}) is below rmin ({clip['rmin']})")
-            if clip.get("dmax", 0.0) < 0:
-                raise ConfigError(f"renorm_clipping: dmax must be >= 0, got {clip['dmax']}")
-            if clip.get("rmax", 1.0) <= 0:
-                raise ConfigError(f"renorm_clipping: rmax must be > 0, got {clip['rmax']}")
             set_("renorm_clipping", dict(clip))
         vbs = self.virtual_batch_size
         if vbs is not None:
@@ -296,8 +300,11 @@ class BatchNormConfig:
         return (not self.renorm and len(self.axes) == 1 and self.axes[0] in (-4, -3, -1, 1, 3, 4)
                 and self.virtual_batch_size is None and self.adjustment is None)
 
-    def resolve(self, rank: int) -> Resolved:
-        """Apply the config to an input of ``rank`` dims, raising ConfigError as Keras's build() would."""
+    def resolve(self, rank: int, dtype: str | None = None) -> Resolved:
+        """Apply the config to an input of ``rank`` dims, raising ConfigError as Keras's build() would.
+
+        ``dtype`` is the layer's compute dtype (None: float32). Keras never fuses a float64 layer:
+        ``fused=None`` falls back, ``fused=True`` is refused."""
         if not isinstance(rank, int) or rank < 1:
             raise ConfigError(f"input_shape: expected a rank >= 1, got {rank!r}")
         axes = []
@@ -314,8 +321,12 @@ class BatchNormConfig:
                               "use another axis")
         # Keras: fused None -> rank in (4, 5) when the constructor's check passed.
         fused = self.fused
+        fusable_dtype = dtype in (None, "float32", "float16", "bfloat16")
+        if fused and not fusable_dtype:
+            raise ConfigError(f"fused: fused=True needs a float16, bfloat16 or float32 layer, got {dtype}; "
+                              "set fused=None or False")
         if fused is None:
-            fused = rank in (4, 5) and self._fused_can_be_used()
+            fused = rank in (4, 5) and self._fused_can_be_used() and fusable_dtype
         elif fused and rank not in (4, 5):
             raise ConfigError(f"fused: fused=True needs a rank-4 or rank-5 input, got rank {rank}; "
                               "set fused=None or False")
@@ -403,9 +414,11 @@ class BatchNormConfig:
                 out[name] = take(name, lambda n=name, s=salt: sample_initializer(init[n], shape, salt=s))
         if self.renorm:
             mv = out["moving_variance"]
-            out["moving_stddev"] = take("moving_stddev", lambda: np.sqrt(np.maximum(mv, 0.0)))
+            with np.errstate(invalid="ignore"):  # Keras: tf.sqrt(initial moving variance), NaN if negative
+                root = np.sqrt(mv)
+            out["moving_stddev"] = take("moving_stddev", lambda: root.copy())
             out["renorm_mean"] = take("renorm_mean", lambda: out["moving_mean"].copy())
-            out["renorm_stddev"] = take("renorm_stddev", lambda: np.sqrt(np.maximum(mv, 0.0)))
+            out["renorm_stddev"] = take("renorm_stddev", lambda: root.copy())
         return out
 
     # ---- serialization

@@ -46,17 +46,19 @@ def _ema(v, t, m):
 
 
 def batchnorm(config: BatchNormConfig, x, variables: Mapping[str, Any] | None = None, *, training: bool,
-              adjustment: tuple[Any, Any] | None = None) -> ReferenceResult:
+              adjustment: tuple[Any, Any] | None = None, dtype: str | None = None) -> ReferenceResult:
     """Run one Keras ``BatchNormalization`` call in float64.
 
     ``variables`` maps Keras variable names to values (any shape with the right number of elements);
     missing ones come from the config's initializers. ``adjustment`` is ``(adj_scale, adj_bias)``,
     broadcastable against ``x``, required in training mode when the config has an adjustment.
+    ``dtype`` is the layer's compute dtype (None: float32, whatever ``x``'s own dtype): a float64 layer
+    never takes Keras's fused path.
     Returns the output and every variable a training step updates (unchanged in inference).
     """
     x = np.asarray(x)
     xf = x.astype(np.float64)
-    res = config.resolve(x.ndim)
+    res = config.resolve(x.ndim, dtype)
     vars_ = config.initial_variables(x.shape, variables)
     eps = res.epsilon
     train = training_effective(config, training)
@@ -71,7 +73,7 @@ def batchnorm(config: BatchNormConfig, x, variables: Mapping[str, Any] | None = 
 
     if not train:
         y = (xf - v["moving_mean"]) / np.sqrt(v["moving_variance"] + eps) * gamma + beta
-        return ReferenceResult(y, updated)
+        return ReferenceResult(y.reshape(x.shape), updated)   # ghost variables carry an extra leading 1
 
     n_batch = x.shape[0]
     if ghost:

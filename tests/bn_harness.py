@@ -67,7 +67,8 @@ def check_steps(cfg: BatchNormConfig, build_shape, run_shapes, *, rng, dtype="fl
         out = ort_run(sess, feeds)
         if isinstance(cfg.adjustment, RandomAdjustment):
             adj = (out["adjustment_scale"], out["adjustment_bias"])
-        ref = batchnorm(cfg, np.asarray(x, np.float64), state, training=True, adjustment=adj)
+        ref = batchnorm(cfg, np.asarray(x, np.float64), state, training=True, adjustment=adj,
+                        dtype="float64" if dtype == "float64" else None)
         assert out["y"].dtype == x.dtype
         assert_close(out["y"], ref.y, rtol, f"step {step} y")
         for name, value in ref.variables.items():
@@ -85,6 +86,7 @@ def check_steps(cfg: BatchNormConfig, build_shape, run_shapes, *, rng, dtype="fl
     shape = run_shapes[-1]
     x = cast_input(rng.normal(size=shape) * scale + offset, dtype)
     out = ort_run(inf, {"x": x})
-    ref = batchnorm(cfg, np.asarray(x, np.float64), state, training=False)
+    ref = batchnorm(cfg, np.asarray(x, np.float64), state, training=False,
+                    dtype="float64" if dtype == "float64" else None)
     assert_close(out["y"], ref.y, rtol, "inference y")
     return results

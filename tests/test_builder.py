@@ -144,3 +144,17 @@ def test_large_mean_is_stable(axis, fused, rng):
     assert np.max(np.abs(out["y"] - ref.y)) < 1e-2
     np.testing.assert_allclose(out["moving_variance_new"], ref.variables["moving_variance"], rtol=1e-2)
     np.testing.assert_allclose(out["moving_mean_new"], ref.variables["moving_mean"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [1, -1, [1, 3]])
+def test_float64_statistics_keep_float64_precision(axis, rng):
+    """ONNX attributes are float32: the float64 EMA is done in the graph with float64 constants."""
+    cfg = BatchNormConfig(axis=axis, momentum=0.99)
+    shape = (4, 3, 5, 6)
+    x = rng.normal(size=shape) * 3 + 1
+    w = {"moving_mean": rng.normal(size=cfg.param_shape(shape)),
+         "moving_variance": rng.uniform(0.5, 2, cfg.param_shape(shape))}
+    out = ort_run(build_model(cfg, list(shape), training=True, dtype="float64", weights=w), {"x": x})
+    ref = batchnorm(cfg, x, w, training=True, dtype="float64")
+    for k, v in ref.variables.items():
+        np.testing.assert_allclose(out[f"{k}_new"], v, rtol=1e-12)

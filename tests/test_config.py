@@ -123,14 +123,13 @@ def test_non_trainable_means_inference():
     (dict(virtual_batch_size=2, axis=-4), 4, "axis"),
     (dict(renorm=True, renorm_clipping={"rmax": 2, "foo": 1}), 4, "renorm_clipping"),
     (dict(renorm=True, renorm_clipping={"rmax": 0.5, "rmin": 2}), 4, "renorm_clipping"),
-    (dict(renorm=True, renorm_clipping={"dmax": -1}), 4, "renorm_clipping"),
     (dict(axis=4), 4, "axis"), (dict(axis=-5), 4, "axis"), (dict(axis=[1, 1]), 4, "axis"),
     (dict(axis=[1, -3]), 4, "axis"), (dict(axis=[]), 4, "axis"), (dict(axis="1"), 4, "axis"),
     (dict(fused=True, renorm=True), 4, "fused"), (dict(fused=True, axis=2), 4, "fused"),
     (dict(fused=True, virtual_batch_size=2), 4, "fused"), (dict(fused=True, adjustment="inputs"), 4, "fused"),
     (dict(fused=True, axis=[1, 3]), 4, "fused"), (dict(fused=True), 3, "fused"), (dict(fused=True), 2, "fused"),
     (dict(axis=-4), 4, "axis"),  # Keras quirk: resolves to 0 after the constructor's check, refused in build()
-    (dict(epsilon=0), 4, "epsilon"), (dict(epsilon=-1e-3), 4, "epsilon"), (dict(momentum="a"), 4, "momentum"),
+    (dict(epsilon=-1e-3), 4, "epsilon"), (dict(momentum="a"), 4, "momentum"),
     (dict(center="yes"), 4, "center"), (dict(adjustment=lambda s: s), 4, "adjustment"),
     (dict(gamma_initializer="he_unknown"), 4, "gamma_initializer"),
     (dict(beta_initializer={"class_name": "RandomUniform", "config": {"minval": 1, "maxval": 0}}), 4,
@@ -152,3 +151,25 @@ def test_cli_turns_config_error_into_one_line(capsys):
     rc = main(["build", "--input-shape", "8,4", "--virtual-batch-size", "2", "--adjustment", "inputs"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "virtual_batch_size" in err
+
+
+def test_keras_accepts_what_it_never_checks():
+    # epsilon 0 (the fused path clamps it), clipping keys without renorm (ignored), negative dmax
+    assert BatchNormConfig(epsilon=0.0).resolve(4).epsilon == FUSED_MIN_EPSILON
+    assert BatchNormConfig(epsilon=0.0, fused=False).resolve(4).epsilon == 0.0
+    assert BatchNormConfig(renorm=False, renorm_clipping={"foo": 1}).renorm_clipping is None
+    assert BatchNormConfig(renorm=True, renorm_clipping={"dmax": -1}).renorm_clipping == {"dmax": -1.0}
+
+
+def test_float64_layers_never_fuse():
+    assert BatchNormConfig().resolve(4, "float64").fused is False
+    assert BatchNormConfig().resolve(4, "float32").fused is True
+    with pytest.raises(ConfigError, match="fused"):
+        BatchNormConfig(fused=True).resolve(4, "float64")
+
+
+def test_constant_initializer_with_a_list():
+    c = BatchNormConfig(gamma_initializer={"class_name": "Constant", "config": {"value": [1.0, 2.0, 3.0]}})
+    np.testing.assert_array_equal(c.initial_variables([2, 3])["gamma"], [1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="Constant"):
+        c.initial_variables([2, 4])

@@ -142,3 +142,10 @@ def test_onnx_node_tests(case):
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_inference_output_has_the_input_shape():
+    x = np.random.default_rng(0).normal(size=(8, 3, 5))
+    for cfg, training in ((BatchNormConfig(virtual_batch_size=2), False),
+                          (BatchNormConfig(virtual_batch_size=2, trainable=False), True)):
+        assert batchnorm(cfg, x, training=training).y.shape == x.shape
