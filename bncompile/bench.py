@@ -509,9 +509,7 @@ def _probe_main() -> None:
             tgt = "cuda" if kind == "tvm-cuda" else spec["target"]
             compiled = compiler.compile(model, target=tgt, input_shapes={k: v.shape for k, v in feeds.items()},
                                         fold=True)
-        prepare = getattr(compiled, "_machine", None)
-        if callable(prepare):                   # load the library and create the VM now (else lazily on run 1)
-            prepare()
+        compiled.prepare()                      # load the library and create the VM now, not in run 1
         run = lambda: compiled.run(feeds)  # noqa: E731
     else:
         with open(spec["model"], "rb") as fh:

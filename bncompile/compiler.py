@@ -237,6 +237,16 @@ def _all_nodes(graph):
             yield from _all_nodes(g)
 
 
+def _producers_and_constants(g: onnx.GraphProto):
+    """{tensor: producing node} and {tensor: value} for initializers and ``Constant(value=...)`` nodes."""
+    producer = {o: n for n in g.node for o in n.output}
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return producer, consts
+
+
 def _drop_single_dim_products(model: onnx.ModelProto) -> int:
     """``ReduceProd(Slice(Shape(x), [s], [s+1]))`` is its input: rewire its consumers to the Slice.
 
@@ -244,11 +254,7 @@ def _drop_single_dim_products(model: onnx.ModelProto) -> int:
     symbolic dims) but refuses a ReduceProd of one; the builder writes this form for one dynamic dim.
     """
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer, consts = _producers_and_constants(g)
     rename = {}
     for n in g.node:
         if n.op_type != "ReduceProd" or n.domain not in ("", "ai.onnx") or len(n.input) != 1:
@@ -289,11 +295,7 @@ def _minus_one_reshapes(model: onnx.ModelProto) -> int:
     frontend cannot reduce a shape expression; with -1, Relax keeps the batch symbolic.
     """
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer, consts = _producers_and_constants(g)
     changed = 0
     for n in list(g.node):
         if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
@@ -674,6 +676,12 @@ class CompiledModel:
                 f"outputs={self.output_names})")
 
     # ---- running
+    def prepare(self) -> "CompiledModel":
+        """Load the library and create the virtual machine now (otherwise the first ``run`` does it);
+        raises UnsupportedError where the target cannot run on this machine."""
+        self._machine()
+        return self
+
     def _machine(self):
         if self._vm is None:
             why = _runnable_here(self.target)

@@ -495,50 +495,38 @@ def _is_ours(func) -> bool:
     return "global_symbol" in attrs or "tirx.is_scheduled" in attrs or "tir.is_scheduled" in attrs
 
 
+def _try_schedule_rule(mod, target, rule, name):
+    """Apply one of our schedule rules (``rule(sch, target) -> bool``) to a fresh schedule of ``mod``;
+    the scheduled PrimFunc, or None when it does not apply or fails (the function is left as it was)."""
+    try:
+        sch = _tvm().s_tir.Schedule(mod)
+        sch.work_on("main")
+        if rule(sch, target):
+            return sch.mod["main"]
+    except Exception as err:  # noqa: BLE001 - a failing rule leaves the function to the next one
+        log.debug("%s schedule failed: %s", name, err)
+    return None
+
+
 def schedule_func(func, target):
-    """A scheduled copy of one PrimFunc, or None when no rule applies (or a rule fails)."""
-    tvm = _tvm()
-    s_tir = tvm.s_tir
-    mod = tvm.IRModule({"main": func})
-    # 1. our conv
-    try:
-        sch = s_tir.Schedule(mod)
-        sch.work_on("main")
-        if schedule_conv(sch, target):
-            return sch.mod["main"], "conv2d_nchw16o"
-    except Exception as err:
-        log.debug("conv schedule failed: %s", err)
-    # 2. reductions whose output's innermost axis is contiguous in an input (dense with a [K, N] weight)
-    try:
-        sch = s_tir.Schedule(mod)
-        sch.work_on("main")
-        if schedule_inner_vector_reduction(sch, target):
-            return sch.mod["main"], "inner_vector_reduction"
-    except Exception as err:
-        log.debug("inner-vector reduction schedule failed: %s", err)
-    # 3. dlight CPU rules (they return None when they do not apply)
-    for rule in _dlight_rules():
+    """A scheduled copy of one PrimFunc and the rule's name, or None when no rule applies (or a rule
+    fails). Rules in order: our conv, dense-like reductions with a contiguous innermost output axis,
+    dlight's CPU rules, then the generic parallel/vectorize rule."""
+    mod = _tvm().IRModule({"main": func})
+    for rule, name in ((schedule_conv, "conv2d_nchw16o"),
+                       (schedule_inner_vector_reduction, "inner_vector_reduction")):
+        scheduled = _try_schedule_rule(mod, target, rule, name)
+        if scheduled is not None:
+            return scheduled, name
+    for rule in _dlight_rules():  # they return None when they do not apply
         try:
             res = rule.apply(func, target, False)
-        except Exception as err:
+            if res is not None:
+                return (res[0] if isinstance(res, list) else res).mod["main"], type(rule).__name__
+        except Exception as err:  # noqa: BLE001
             log.debug("dlight %s failed: %s", type(rule).__name__, err)
-            continue
-        if res is None:
-            continue
-        sch = res[0] if isinstance(res, list) else res
-        try:
-            return sch.mod["main"], type(rule).__name__
-        except Exception:
-            continue
-    # 4. generic
-    try:
-        sch = s_tir.Schedule(mod)
-        sch.work_on("main")
-        if schedule_generic(sch, target):
-            return sch.mod["main"], "generic"
-    except Exception as err:
-        log.debug("generic schedule failed: %s", err)
-    return None
+    scheduled = _try_schedule_rule(mod, target, schedule_generic, "generic")
+    return (scheduled, "generic") if scheduled is not None else None
 
 
 def schedule_module(mod, target, report: dict | None = None):
