@@ -373,8 +373,4 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
     return model
 
 
-def training_output_names(config: BatchNormConfig) -> list[str]:
-    return ["y"] + [f"{n}_new" for n in config.updated_variable_names()]
-
-
-__all__ = ["build_model", "training_output_names", "OPSET"]
+__all__ = ["build_model", "OPSET"]

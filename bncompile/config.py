@@ -29,7 +29,6 @@ from bncompile.errors import ConfigError
 
 FUSED_MIN_EPSILON = 1.001e-5
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-ADJUSTMENT_KINDS = ("inputs", "random")
 ALL_VARIABLE_NAMES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
                       "renorm_stddev")
 
@@ -180,10 +179,6 @@ class Resolved:
     fused: bool                      # Keras would take the fused path
     epsilon: float                   # epsilon actually used (fused path clamps it)
     virtual_batch_size: int | None
-
-    @property
-    def single_axis(self) -> int | None:
-        return self.axes[0] if len(self.axes) == 1 else None
 
     def broadcast_shape(self, input_shape: Sequence) -> tuple[int, ...]:
         """Shape that broadcasts a flattened per-channel vector against x."""
@@ -357,10 +352,6 @@ class BatchNormConfig:
             shape.insert(1, 1)
         return tuple(shape)
 
-    @property
-    def uses_renorm(self) -> bool:
-        return self.renorm
-
     def variable_names(self) -> list[str]:
         """The variables in the order the training-step model lists them."""
         names = []
@@ -459,10 +450,6 @@ class BatchNormConfig:
             raise ConfigError("synchronized: synchronized (cross-replica) batch normalization is not supported; "
                               "set synchronized=False")
         return cls(**kwargs)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BatchNormConfig":
-        return cls.from_keras(d)
 
     def replace(self, **changes) -> "BatchNormConfig":
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

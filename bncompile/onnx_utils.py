@@ -510,10 +510,3 @@ def model_to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     twin.CopyFrom(model)
     _graph_to_float32(twin.graph)
     return twin
-
-
-def check_output_path_writable(path, *, what: str = "output") -> Path:
-    """Raise InputError now (before any work) if ``path`` cannot be written."""
-    from bncompile._io import check_output_path
-
-    return check_output_path(path, what=what)

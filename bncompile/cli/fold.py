@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from bncompile._io import atomic_output, check_input_file
+from bncompile._io import atomic_output, check_input_file, check_output_path
 from bncompile.errors import InputError, VerificationError
 
 DESCRIPTION = (
@@ -65,9 +65,9 @@ def run(args) -> int:
             raise InputError(f"output {str(output)!r} is the input: pass --in-place to overwrite it")
     if args.check < 0:
         raise InputError(f"--check {args.check}: give a number of random input sets >= 1, or --no-check")
-    onnx_utils.check_output_path_writable(output)
+    check_output_path(output)
     if args.report:
-        onnx_utils.check_output_path_writable(Path(args.report), what="report")
+        check_output_path(Path(args.report), what="report", flag="--report")
     shapes = onnx_utils.parse_input_shapes(args.input_shape)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     try:
