@@ -1,6 +1,8 @@
 """Packaging, the README's examples, the CLI entry points and the example models."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -11,6 +13,8 @@ import onnx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the console script of the environment running the tests (its own bin/, never PATH)
+CONSOLE_SCRIPT = Path(sys.executable).parent / "bncompile"
 
 
 def test_readme_python_example_runs():
@@ -21,18 +25,24 @@ def test_readme_python_example_runs():
         exec(compile(code, "README.md", "exec"), {})
 
 
-def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+def _readme_commands() -> list:
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Two commands on a fresh machine")[1].split("## ")[0]
-    commands = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    section = text.split("## Two commands on a fresh machine")[1].split("\n## ")[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_both():
+    commands = _readme_commands()
     assert len(commands) == 2
     assert "bncompile fold models/" in commands[0]
-    assert commands[1] in (ROOT / ".ci/run").read_text()
+    ci = (ROOT / ".ci/run").read_text()
+    assert ci.index(commands[0]) < ci.index(commands[1]), "CI runs the first command, then the test one"
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["fold", "--help"], ["build", "--help"]])
 def test_console_entry_points(args):
-    for cmd in (["bncompile"], [sys.executable, "-m", "bncompile"]):
+    assert CONSOLE_SCRIPT.exists(), f"no console script beside {sys.executable}: install the project first"
+    for cmd in ([str(CONSOLE_SCRIPT)], [sys.executable, "-m", "bncompile"]):
         r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout
@@ -41,6 +51,7 @@ def test_console_entry_points(args):
 def test_no_command_is_usage_error():
     r = subprocess.run([sys.executable, "-m", "bncompile"], capture_output=True, text=True)
     assert r.returncode == 2
+    assert len(r.stderr.splitlines()) == 1 and "command" in r.stderr, r.stderr
 
 
 def test_import_does_not_pull_tvm():
@@ -69,30 +80,80 @@ def test_example_models_run():
         assert all(np.isfinite(v).all() for v in out.values())
 
 
+def _runtime_closure(dist_name: str) -> list:
+    """The installed distributions ``dist_name`` needs at run time (its non-extra requirements,
+    transitively), read from this environment's metadata."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo, dists = set(), [dist_name], []
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = metadata.distribution(name)
+        dists.append(dist)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            todo.append(req.name)
+    return dists
+
+
+def _site_view(dists, folder: Path) -> Path:
+    """A folder of links to exactly the files of ``dists`` (top-level packages, modules, metadata):
+    what a fresh ``pip install`` of the wheel would bring, without a download."""
+    folder.mkdir()
+    for dist in dists:
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top.endswith(".pth") or top == ".." or (folder / top).exists():
+                continue
+            src = Path(dist.locate_file(top))
+            if src.exists():
+                (folder / top).symlink_to(src)
+    return folder
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
-    """The built wheel ships bncompile.passes (not a top-level `passes`) and the CLI works from elsewhere."""
+    """The built wheel, installed into a venv that sees neither the checkout, nor the base
+    interpreter's packages, nor this environment's editable finder (only the wheel's declared
+    run-time dependencies), runs the README's first command from another folder."""
     wheel_dir = tmp_path / "wheel"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(wheel_dir), str(ROOT)], check=True, timeout=300)
     wheel = next(wheel_dir.glob("bncompile-*.whl"))
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, system_site_packages=False, with_pip=True)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, timeout=300)
+    deps = [d for d in _runtime_closure("bncompile") if d.metadata["Name"].lower() != "bncompile"]
+    view = _site_view(deps, tmp_path / "deps")
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    (site / "zz_bncompile_test_deps.pth").write_text(f"{view}\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    code = ("import bncompile, bncompile.passes.fold_batchnorm, importlib.util, os; "
+    shutil.copytree(ROOT / "models", work / "models")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = "/usr/bin:/bin"
+    code = ("import sys, bncompile, bncompile.passes.fold_batchnorm, importlib.util; "
             "assert 'site-packages' in bncompile.__file__, bncompile.__file__; "
-            "assert importlib.util.find_spec('passes') is None or 'bncompile' not in "
-            "(importlib.util.find_spec('passes').origin or '')")
-    subprocess.run([str(py), "-c", code], check=True, cwd=work)
-    out = work / "cnn.folded.onnx"
-    r = subprocess.run([str(env_dir / "bin" / "bncompile"), "fold", str(ROOT / "models" / "cnn_nchw.onnx"),
-                        "-o", str(out)], capture_output=True, text=True, cwd=work, timeout=300)
+            "assert importlib.util.find_spec('passes') is None; "
+            f"assert not any(p.startswith({str(ROOT)!r}) for p in sys.path if p), sys.path")
+    subprocess.run([str(py), "-c", code], check=True, cwd=work, env=env)
+    # the README's first command, from the venv's own bin/
+    first = _readme_commands()[0]
+    assert first.endswith(".venv/bin/bncompile fold models/cnn_nchw.onnx"), first
+    r = subprocess.run([str(env_dir / "bin" / "bncompile"), "fold", "models/cnn_nchw.onnx"],
+                       capture_output=True, text=True, cwd=work, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
-    assert out.exists()
+    assert (work / "models" / "cnn_nchw.folded.onnx").exists()
 
 
 @pytest.mark.slow
@@ -100,7 +161,6 @@ def test_readme_cli_tour_runs(tmp_path):
     """Every line of the README's CLI tour, as written, in a folder holding the files it names."""
     import json
     import shlex
-    import shutil
     text = (ROOT / "README.md").read_text()
     tour = text.split("## A tour of the CLI")[1].split("## ")[0]
     lines = [ln.strip() for block in re.findall(r"```bash\n(.*?)```", tour, re.S)
@@ -113,8 +173,10 @@ def test_readme_cli_tour_runs(tmp_path):
     ran = 0
     for line in lines:
         argv = shlex.split(line.split("  #")[0])
+        assert argv[0] == "bncompile", line
         if argv[:3] == ["bncompile", "bench", "--kernels"]:
             continue  # a minutes-long benchmark; its code path is tested in test_kernels_bench.py
+        argv[0] = str(CONSOLE_SCRIPT)
         r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
         ran += 1

@@ -33,18 +33,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _available(name: str) -> bool:
-    return importlib.util.find_spec(f"bncompile.cli.{name}") is not None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bncompile", description="Batch normalization meets ONNX and TVM.")
     parser.add_argument("--version", action="version", version=f"bncompile {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_ in COMMANDS.items():
-        if not _available(name):
-            continue
         module = importlib.import_module(f"bncompile.cli.{name}")
         p = sub.add_parser(name, help=help_, description=getattr(module, "DESCRIPTION", help_))
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -58,7 +52,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        print(f"bncompile: error: name a command ({', '.join(COMMANDS)}); "
+              "see 'bncompile --help'", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
