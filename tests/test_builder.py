@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 from bncompile import BatchNormConfig, ConfigError, build_model
-from bn_harness import check_steps
+from helpers.bn import check_steps
 from bncompile.reference import batchnorm
-from conftest import ort_run
+from helpers import ort_run
 
 CASES = [
     # (input shape, axis)
@@ -62,7 +62,7 @@ def test_fused_path_unbiased_variance_in_onnx(fused, rng):
 
 def test_same_session_repeated_runs_are_stable(rng):
     """onnxruntime writes running_var into a constant input_var in place: the builder must not feed one."""
-    from conftest import ort_session
+    from helpers import ort_session
     cfg = BatchNormConfig(axis=1)
     s = ort_session(build_model(cfg, [4, 3, 2, 2], training=True))
     x = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)

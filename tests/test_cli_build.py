@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from bncompile.cli import main
-from conftest import ort_run
+from helpers import ort_run
 
 KERAS = {"name": "bn", "trainable": True, "dtype": "float32", "axis": [1], "momentum": 0.9, "epsilon": 0.001,
          "center": True, "scale": False,

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import compile_models as M
+import helpers.compile_models as M
 
 pytestmark = pytest.mark.tvm
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import compile_models as M
+import helpers.compile_models as M
 
 pytestmark = pytest.mark.tvm
 

@@ -9,7 +9,7 @@ import pytest
 
 from bncompile import BatchNormConfig
 from bncompile.reference import batchnorm
-from conftest import assert_close, ort_run
+from helpers import assert_close, ort_run
 
 pytestmark = pytest.mark.tvm
 MODELS = Path(__file__).resolve().parent.parent / "models"

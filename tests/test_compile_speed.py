@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import compile_models as M
+import helpers.compile_models as M
 
 pytestmark = pytest.mark.tvm
 

@@ -9,8 +9,8 @@ from bncompile import BatchNormConfig, ConfigError, build_model, custom_ops
 from bncompile.config import RandomAdjustment
 from bncompile.inline import inline
 from bncompile.reference import batchnorm
-from bn_harness import check_steps, random_weights
-from conftest import assert_close, ort_run, ort_session
+from helpers.bn import check_steps, random_weights
+from helpers import assert_close, ort_run, ort_session
 
 custom_ops.register_schemas()
 

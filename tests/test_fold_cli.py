@@ -16,7 +16,7 @@ from bncompile import onnx_utils
 from bncompile.cli import main
 from bncompile.errors import InputError
 from bncompile.fold import fold
-from fold_graphs import G, assert_equivalent, bn_count, conv_bn
+from helpers.fold_graphs import G, assert_equivalent, bn_count, conv_bn
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 from bncompile import onnx_utils
 from bncompile.errors import VerificationError
 from bncompile.fold import FP16_NOT_WORSE_FACTOR, fold
-from fold_graphs import G, bn_count, conv_bn, fold_and_check
+from helpers.fold_graphs import G, bn_count, conv_bn, fold_and_check
 
 
 # ----------------------------------------------------------------------------- training mode

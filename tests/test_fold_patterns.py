@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from bncompile.fold import fold
-from fold_graphs import (G, bn_count, conv_bn, convtranspose_bn, fold_and_check, gemm_bn,
+from helpers.fold_graphs import (G, bn_count, conv_bn, convtranspose_bn, fold_and_check, gemm_bn,
                          matmul_bn, reshape_bn)
 
 
@@ -42,7 +42,7 @@ def test_conv_bn_opsets(opset):
         folded = onnx.ModelProto()
         folded.CopyFrom(r.model)
         folded.opset_import[0].version = 7
-        from fold_graphs import assert_equivalent
+        from helpers.fold_graphs import assert_equivalent
         assert_equivalent(twin, folded)
     else:
         fold_and_check(m, folded=1)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bncompile.fold import fold
-from fold_graphs import G, assert_equivalent, bn_count, unused_initializers
+from helpers.fold_graphs import G, assert_equivalent, bn_count, unused_initializers
 
 
 @st.composite

@@ -10,7 +10,7 @@ import onnx
 
 from bncompile.cli import main
 from bncompile.cli.inspect import inspect_model
-from fold_graphs import G
+from helpers.fold_graphs import G
 
 
 def _mixed_model():

@@ -72,7 +72,7 @@ def test_example_models_regenerate_identically(tmp_path):
 
 
 def test_example_models_run():
-    from conftest import ort_run
+    from helpers import ort_run
     rng = np.random.default_rng(0)
     for name, shape in (("cnn_nchw.onnx", (2, 3, 32, 32)), ("cnn_nhwc.onnx", (2, 24, 24, 3)),
                         ("mlp_gemm.onnx", (2, 64)), ("train_step.onnx", (2, 8, 8, 16))):

@@ -9,7 +9,7 @@ import onnx
 from bncompile import BatchNormConfig, build_model
 from bncompile.config import RandomAdjustment
 from bncompile.reference import batchnorm
-from conftest import assert_close, ort_run, ort_session
+from helpers import assert_close, ort_run, ort_session
 
 RTOL = {"float32": 1e-5, "float64": 1e-7, "float16": 2e-2, "bfloat16": 8e-2}
 NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
