@@ -169,4 +169,97 @@ def run_steps(config: BatchNormConfig, xs, variables=None, *, adjustments=None):
     return results
 
 
-__all__ = ["batchnorm", "onnx_batchnorm", "run_steps", "ReferenceResult"]
+@dataclass
+class GradientResult:
+    """Gradients of ``sum(y * dy)``: ``dx`` (x's shape) and, in the variables' Keras shapes, ``dgamma``
+    (None without ``scale``) and ``dbeta`` (None without ``center``). Float64."""
+
+    dx: np.ndarray
+    dgamma: np.ndarray | None
+    dbeta: np.ndarray | None
+
+
+def batchnorm_backward(config: BatchNormConfig, x, dy, variables: Mapping[str, Any] | None = None, *,
+                       training: bool, adjustment: tuple[Any, Any] | None = None,
+                       dtype: str | None = None) -> GradientResult:
+    """The gradients TensorFlow computes for one call of the Keras 2 layer (``docs/batchnorm-semantics.md``,
+    "Backward"), in float64: the statistics carry gradient within their own (virtual) batch; renorm's
+    ``r``/``d``, the adjustment and the moving statistics are constants.
+
+    With ``S = r*adj_scale*gamma`` (per element), ``xhat = (x - mu_G)*inv_G`` per normalization group G
+    of ``n`` elements per channel, and ``g = dy*S``:
+    ``dx = inv_G*(g - mean_G(g) - xhat*mean_G(g*xhat))``, ``dgamma = sum(dy*((xhat*r + d)*adj_scale +
+    adj_bias))`` and ``dbeta = sum(dy)`` over every axis but the channel axes.
+    """
+    x = np.asarray(x)
+    xf = x.astype(np.float64)
+    dyf = np.asarray(dy, dtype=np.float64)
+    if dyf.shape != x.shape:
+        raise InputError(f"dy: shape {dyf.shape} is not the shape of y {x.shape}; pass dy of y's shape")
+    res = config.resolve(x.ndim, dtype)
+    vars_ = config.initial_variables(x.shape, variables)
+    eps = res.epsilon
+    pshape = config.param_shape(x.shape)
+    bshape = res.broadcast_shape(x.shape)
+    gamma = vars_["gamma"].reshape(bshape) if "gamma" in vars_ else 1.0
+    param_axes = res.reduce_axes                  # dgamma/dbeta sum over every non-channel axis
+
+    def _param_grads(term):
+        dgamma = (dyf * term).sum(axis=param_axes).reshape(pshape) if config.scale else None
+        dbeta = dyf.sum(axis=param_axes).reshape(pshape) if config.center else None
+        return dgamma, dbeta
+
+    if not training_effective(config, training):
+        inv = 1.0 / np.sqrt(vars_["moving_variance"].reshape(bshape) + eps)
+        xhat = (xf - vars_["moving_mean"].reshape(bshape)) * inv
+        return GradientResult(dyf * gamma * inv, *_param_grads(xhat))
+
+    # the working layout: ghost BN reshapes (N, ...) to (v, N/v, ...) and normalizes over axis 0 and
+    # the non-channel axes, per group (axis 1)
+    if config.virtual_batch_size is not None:
+        vbs = config.virtual_batch_size
+        if x.shape[0] % vbs:
+            raise ConfigError(f"virtual_batch_size: {vbs} does not divide the batch size {x.shape[0]}; "
+                              "use a batch that is a multiple of it")
+        wshape = (vbs, x.shape[0] // vbs) + x.shape[1:]
+        red = (0,) + tuple(a + 1 for a in res.reduce_axes if a != 0)
+        cshape = (1, 1) + bshape[1:]                         # a per-channel value in the working layout
+    else:
+        wshape, red, cshape = x.shape, res.reduce_axes, bshape
+    xw, dyw = xf.reshape(wshape), dyf.reshape(wshape)
+    mean = xw.mean(axis=red, keepdims=True)
+    var = ((xw - mean) ** 2).mean(axis=red, keepdims=True)
+    inv = 1.0 / np.sqrt(var + eps)
+    xhat = (xw - mean) * inv
+    r, d = 1.0, 0.0
+    if config.renorm:                    # constants (stop_gradient), from the group-averaged statistics
+        batch_mean = mean.mean(axis=1, keepdims=True) if config.virtual_batch_size else mean
+        batch_var = var.mean(axis=1, keepdims=True) if config.virtual_batch_size else var
+        s = np.maximum(vars_["renorm_stddev"].reshape(cshape), np.sqrt(eps))
+        r = np.sqrt(batch_var + eps) / s
+        d = (batch_mean - vars_["renorm_mean"].reshape(cshape)) / s
+        clip = config.renorm_clipping or {}
+        if "rmin" in clip:
+            r = np.maximum(r, clip["rmin"])
+        if "rmax" in clip:
+            r = np.minimum(r, clip["rmax"])
+        if "dmax" in clip:
+            d = np.clip(d, -clip["dmax"], clip["dmax"])
+    adj_scale, adj_bias = 1.0, 0.0
+    if config.adjustment is not None:
+        if adjustment is None:
+            raise InputError("adjustment: this config has an adjustment; pass adjustment=(adj_scale, adj_bias)")
+        adj_scale = np.asarray(adjustment[0], dtype=np.float64)
+        adj_bias = np.asarray(adjustment[1], dtype=np.float64)
+        if isinstance(config.adjustment, RandomAdjustment):       # drawn per channel, as in the forward
+            adj_scale = adj_scale.reshape(bshape) if adj_scale.size == np.prod(bshape) else adj_scale
+            adj_bias = adj_bias.reshape(bshape) if adj_bias.size == np.prod(bshape) else adj_bias
+    gw = gamma.reshape(cshape) if config.scale else 1.0
+    g = dyw * (r * gw) * adj_scale
+    dx = inv * (g - g.mean(axis=red, keepdims=True) - xhat * (g * xhat).mean(axis=red, keepdims=True))
+    out = ((xhat * r + d) * adj_scale + adj_bias).reshape(x.shape)
+    return GradientResult(dx.reshape(x.shape), *_param_grads(out))
+
+
+__all__ = ["batchnorm", "batchnorm_backward", "onnx_batchnorm", "run_steps", "ReferenceResult",
+           "GradientResult"]
