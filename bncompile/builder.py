@@ -194,11 +194,29 @@ def _mix_seed(seed: int, stream: int) -> float:
     return float((int(seed) * 2654435761 + stream * 40503 + 97) % 16777213 + 1)
 
 
+class _Writer:
+    """``custom_ops.emit_backward``'s node-writer interface over a :class:`_Graph` (unique names)."""
+
+    def __init__(self, g: _Graph):
+        self.g = g
+
+    def __call__(self, op, *inputs, **attrs):
+        return self.g.node(op, inputs, hint=f"grad/{op}", **attrs)
+
+    def ints(self, hint: str, values) -> str:
+        return self.g.ints(f"grad/{hint}", values)
+
+
 def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: str = "float32",
-                weights: Mapping[str, Any] | None = None) -> onnx.ModelProto:
-    """Build the ONNX model of one Keras ``BatchNormalization`` call (see the module docstring)."""
+                weights: Mapping[str, Any] | None = None, gradients: bool = False) -> onnx.ModelProto:
+    """Build the ONNX model of one Keras ``BatchNormalization`` call (see the module docstring).
+
+    ``gradients=True`` (training steps only) adds the input ``dy`` and the outputs ``dx``, ``dgamma``
+    (with ``scale``) and ``dbeta`` (with ``center``): the gradients of ``sum(y * dy)``."""
     if not isinstance(config, BatchNormConfig):
         raise ConfigError(f"config: expected a BatchNormConfig, got {type(config).__name__}")
+    if gradients and not training:
+        raise ConfigError("gradients: the gradients belong to a training step; pass training=True")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     shape = _normalize_shape(input_shape)
@@ -251,6 +269,7 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
         x_in = g.node("Cast", [x_in], to=TensorProto.FLOAT, hint="x_to_float")
     custom = train and (config.renorm or config.virtual_batch_size is not None or config.adjustment is not None)
 
+    custom_call = None
     if not train or not custom:
         xb = g.node("Reshape", [x_in, lay.target("bn")], hint="to_bn_layout")
         s, b = scale_bias()
@@ -283,7 +302,7 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
                         n_per_c = n // C
                         factor = g.const("bessel", np.asarray(n_per_c / max(n_per_c - 1, 1), stat_np))
                     else:
-                        size = g.node("Cast", [g.node("Size", [lay.x])], to=stat_type)
+                        size = g.node("Cast", [g.node("Size", [x_in])], to=stat_type)   # x_in: onnxruntime has no bfloat16 Size
                         n_f = g.node("Div", [size, g.const("C", np.asarray(C, stat_np))])
                         one = g.const("one", np.asarray(1.0, stat_np))
                         factor = g.node("Div", [n_f, g.node("Max", [g.node("Sub", [n_f, one]), one])],
@@ -346,12 +365,16 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
         for name, value in adj_outputs:
             g.node("Identity", [value], outputs=[name], hint=name)
             outputs.append(helper.make_tensor_value_info(name, stat_type, [C]))
+        custom_call = (kind, args, attrs)
 
     if x_type == TensorProto.BFLOAT16:
         y = g.node("Cast", [y], to=TensorProto.BFLOAT16, hint="y_to_bfloat16")
     y = lay.back(y)
     g.node("Identity", [y], outputs=["y"], hint="y")
     outputs.insert(0, helper.make_tensor_value_info("y", x_type, dims))
+    if gradients:
+        _emit_gradients(g, lay, config, res, train, custom_call, inputs, outputs, functions, dims, x_type,
+                        stat_type, stat_np, list(pshape))
 
     graph = helper.make_graph(g.nodes, config.name, inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=opsets, functions=functions,
@@ -371,6 +394,58 @@ def build_model(config: BatchNormConfig, input_shape, *, training: bool, dtype: 
             meta[f"keras.{k}"] = json.dumps(getattr(config, k), default=str)
     helper.set_model_props(model, meta)
     return model
+
+
+def _emit_gradients(g: _Graph, lay: _Layout, config: BatchNormConfig, res: Resolved, train: bool, custom_call,
+                    inputs: list, outputs: list, functions: list, dims: list, x_type: int, stat_type: int,
+                    stat_np, pshape: list) -> None:
+    """Input ``dy`` and outputs ``dx``/``dgamma``/``dbeta``: standard ops for plain and fused layers (and
+    the inference-mode gradient of a non-trainable layer), the ``<Op>Grad`` custom op for renorm, ghost
+    and adjustment, on x and dy in the custom ops' canonical layout."""
+    inputs.append(helper.make_tensor_value_info("dy", x_type, dims))
+    dy_t = g.node("Transpose", ["dy"], perm=lay.perm, hint="dy_to_channels_contiguous") if lay.perm else "dy"
+    like = next(i.name for i in g.inits if i.data_type == stat_type)     # any statistics-typed tensor
+    if not train:                # Keras 2 runs a non-trainable layer in inference mode, even in training
+        to_u = lambda t: g.node("CastLike", [g.node("Reshape", [t, lay.target("bn")]), like])  # noqa: E731
+        xb, dyb = to_u(lay.x), to_u(dy_t)
+        bshape = g.ints("grad/bshape", [1, -1, 1])
+        gain = g.node("Reshape", ["gamma" if config.scale else g.const("ones", np.ones(lay.C, stat_np)), bshape])
+        inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", ["moving_variance",
+                                                                  g.const("eps", np.asarray(res.epsilon, stat_np))])])])
+        inv = g.node("Reshape", [inv, bshape])
+        xhat = g.node("Mul", [g.node("Sub", [xb, g.node("Reshape", ["moving_mean", bshape])]), inv])
+        dx = g.node("Mul", [dyb, g.node("Mul", [gain, inv])])
+        axes = g.ints("grad/sum_axes", [0, 2])
+        dscale = g.node("ReduceSum", [g.node("Mul", [dyb, xhat]), axes], keepdims=0)
+        dbias = g.node("ReduceSum", [dyb, axes], keepdims=0)
+    else:
+        xo = g.node("CastLike", [lay.to("op", lay.x), like])
+        dyo = g.node("CastLike", [lay.to("op", dy_t), like])
+        scale = custom_call[1][1] if custom_call else None
+        if custom_call is None:          # plain and fused: the same body, in the main graph
+            scale = (g.node("Reshape", ["gamma", g.ints("flat", [-1])]) if config.scale and len(pshape) != 1
+                     else "gamma" if config.scale else g.const("ones", np.ones(lay.C, stat_np)))
+            dx, dscale, dbias = custom_ops.emit_backward(_Writer(g), x=xo, dy=dyo, scale=scale,
+                                                         eps=g.const("eps", np.asarray(res.epsilon, stat_np)))
+        else:
+            kind, args, attrs = custom_call
+            grad = custom_ops.GRAD_OPS[kind.name + "Grad"]
+            functions.append(custom_ops.make_grad_function(grad))
+            gargs = [xo, dyo, args[1]]
+            if kind.renorm:
+                gargs += [args[5], args[6]]              # renorm_mean, renorm_stddev (before the update)
+            if kind.adjust:
+                gargs += args[-2:]
+            gattrs = {k: v for k, v in attrs.items() if k in grad.attributes}
+            dx, dscale, dbias = g.node(grad.name, gargs, 3, domain=custom_ops.DOMAIN, hint=grad.name, **gattrs)
+    dx = g.node("CastLike", [dx, lay.x])
+    dx = lay.back(dx)
+    g.node("Identity", [dx], outputs=["dx"], hint="dx")
+    outputs.append(helper.make_tensor_value_info("dx", x_type, dims))
+    for keep, name, value in ((config.scale, "dgamma", dscale), (config.center, "dbeta", dbias)):
+        if keep:
+            g.node("Reshape", [value, g.ints("pshape", pshape)], outputs=[name], hint=name)
+            outputs.append(helper.make_tensor_value_info(name, stat_type, pshape))
 
 
 __all__ = ["build_model", "OPSET"]

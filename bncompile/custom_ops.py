@@ -28,8 +28,10 @@ A batch that virtual_batch_size does not divide makes the Reshape in the ghost o
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -80,6 +82,45 @@ OPS = {k.name: k for k in (
     OpKind("AdjustedBatchNormalization", renorm=False, ghost=False, adjust=True),
     OpKind("AdjustedBatchRenormalization", renorm=True, ghost=False, adjust=True),
 )}
+
+
+@dataclass(frozen=True)
+class GradKind:
+    """The backward of a forward op: the gradients of ``sum(Y * dY)`` w.r.t. X, scale and B (see
+    ``docs/batchnorm-semantics.md``, "Backward"). r, d and the adjustment are constants; the statistics
+    are recomputed from X (the backward reads X and dY)."""
+
+    forward: OpKind
+
+    @property
+    def name(self) -> str:
+        return self.forward.name + "Grad"
+
+    @property
+    def inputs(self) -> list[str]:
+        names = ["X", "dY", "scale"]
+        if self.forward.renorm:
+            names += ["renorm_mean", "renorm_stddev"]
+        if self.forward.adjust:
+            names += ["adj_scale", "adj_bias"]
+        return names
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["dX", "dscale", "dB"]
+
+    @property
+    def attributes(self) -> dict[str, object]:
+        attrs: dict[str, object] = {"epsilon": 1e-3}
+        if self.forward.renorm:
+            attrs.update(rmax=math.inf, rmin=0.0, dmax=math.inf)
+        if self.forward.ghost:
+            attrs["virtual_batch_size"] = None  # required
+        return attrs
+
+
+#: the backward ops, by name (not in OPS: the compile path inlines their bodies into standard ops)
+GRAD_OPS = {g.name: g for g in (GradKind(k) for k in OPS.values())}
 
 
 def op_for(*, renorm: bool, ghost: bool, adjust: bool) -> OpKind:
@@ -185,16 +226,87 @@ def make_function(kind: OpKind) -> onnx.FunctionProto:
         doc_string=f"bncompile {kind.name}: see bncompile.custom_ops for the semantics.")
 
 
+def emit_backward(b, *, x: str, dy: str, scale: str, eps: str, vbs: str | None = None,
+                  renorm: Mapping[str, str] | None = None, adjust: tuple[str, str] | None = None
+                  ) -> tuple[str, str, str]:
+    """Append the backward of one BN call to ``b`` (a node writer: ``b(op, *inputs, **attrs) -> name``
+    and ``b.ints(hint, values) -> name``), on x and dy in the canonical (N, M, C, A) layout, already in
+    the statistics' type. ``vbs``: an int64 [1] tensor for ghost BN; ``renorm``: names of
+    ``renorm_mean``/``renorm_stddev`` ((C,)) and ``rmin``/``rmax``/``dmax`` (scalars); ``adjust``:
+    (adj_scale, adj_bias) in x's layout. Returns (dx in x's layout, dscale (C,), dB (C,)).
+
+    ``dx = inv*(g - mean(g) - xhat*mean(g*xhat))`` with ``g = dy*r*adj_scale*scale`` per group.
+    """
+    if vbs is not None:
+        grouped = b("Concat", vbs, b.ints("minus1", [-1]), b("Shape", x, start=1), axis=0)
+        xw, dyw = b("Reshape", x, grouped), b("Reshape", dy, grouped)       # (v, G, M, C, A)
+        red, sums, pshape = [0, 2, 4], [0, 1, 2, 4], [1, 1, 1, -1, 1]
+    else:
+        xw, dyw, red, sums, pshape = x, dy, [0, 1, 3], [0, 1, 3], [1, 1, -1, 1]
+    pc = b.ints("pshape", pshape)
+    mean = b("ReduceMean", xw, axes=red, keepdims=1)
+    centered = b("Sub", xw, mean)
+    var = b("ReduceMean", b("Mul", centered, centered), axes=red, keepdims=1)
+    inv = b("Reciprocal", b("Sqrt", b("Add", var, eps)))
+    xhat = b("Mul", centered, inv)
+    gain = b("Reshape", scale, pc)
+    out = xhat
+    if renorm is not None:               # r and d: constants, from the group-averaged statistics
+        bmean = b("ReduceMean", mean, axes=[1], keepdims=1) if vbs is not None else mean
+        bvar = b("ReduceMean", var, axes=[1], keepdims=1) if vbs is not None else var
+        s = b("Max", b("Reshape", renorm["renorm_stddev"], pc), b("Sqrt", eps))
+        r = b("Min", b("Max", b("Div", b("Sqrt", b("Add", bvar, eps)), s), renorm["rmin"]), renorm["rmax"])
+        d = b("Div", b("Sub", bmean, b("Reshape", renorm["renorm_mean"], pc)), s)
+        d = b("Min", b("Max", d, b("Neg", renorm["dmax"])), renorm["dmax"])
+        gain = b("Mul", gain, r)
+        out = b("Add", b("Mul", out, r), d)
+    grad = b("Mul", dyw, gain)
+    if adjust is not None:
+        out = b("Add", b("Mul", out, adjust[0]), adjust[1])
+        grad = b("Mul", grad, adjust[0])
+    mean_g = b("ReduceMean", grad, axes=red, keepdims=1)
+    mean_gx = b("ReduceMean", b("Mul", grad, xhat), axes=red, keepdims=1)
+    dx = b("Mul", inv, b("Sub", b("Sub", grad, mean_g), b("Mul", xhat, mean_gx)))
+    if vbs is not None:
+        dx = b("Reshape", dx, b("Shape", x))
+    axes = b.ints("sum_axes", sums)
+    dscale = b("ReduceSum", b("Mul", dyw, out), axes, keepdims=0)
+    dbias = b("ReduceSum", dyw, axes, keepdims=0)
+    return dx, dscale, dbias
+
+
+def make_grad_function(kind: GradKind) -> onnx.FunctionProto:
+    b = _Body()
+    u = "scale"
+    eps = b.attr_const("epsilon", u)
+    fwd = kind.forward
+    vbs = (b("Reshape", b.attr_const("virtual_batch_size", u, ints=True), b.ints("shape1", [1]))
+           if fwd.ghost else None)
+    renorm = ({"renorm_mean": "renorm_mean", "renorm_stddev": "renorm_stddev", "rmin": b.attr_const("rmin", u),
+               "rmax": b.attr_const("rmax", u), "dmax": b.attr_const("dmax", u)} if fwd.renorm else None)
+    adjust = (b("CastLike", "adj_scale", u), b("CastLike", "adj_bias", u)) if fwd.adjust else None
+    dx, dscale, dbias = emit_backward(b, x=b("CastLike", "X", u), dy=b("CastLike", "dY", u), scale="scale",
+                                      eps=eps, vbs=vbs, renorm=renorm, adjust=adjust)
+    b.nodes.append(helper.make_node("CastLike", [dx, "X"], ["dX"]))
+    b.nodes.append(helper.make_node("Identity", [dscale], ["dscale"]))
+    b.nodes.append(helper.make_node("Identity", [dbias], ["dB"]))
+    return helper.make_function(
+        DOMAIN, kind.name, kind.inputs, kind.outputs, b.nodes,
+        opset_imports=[helper.make_opsetid("", BODY_OPSET)],
+        attributes=list(kind.attributes),
+        doc_string=f"bncompile {kind.name}: the backward of {fwd.name}; see bncompile.custom_ops.")
+
+
 # --------------------------------------------------------------------------- schemas
 
 _T = ["tensor(float16)", "tensor(bfloat16)", "tensor(float)", "tensor(double)"]
 _U = ["tensor(float)", "tensor(double)"]
 
 
-def _infer(ctx):
-    """Y: X's type and shape; every other output: the type and shape of input 1 (the (C,) scale)."""
+def _infer(ctx, *, scale: int = 1):
+    """Y (dX): X's type and shape; every other output: the type and shape of the (C,) scale input."""
     xt = ctx.get_input_type(0)
-    pt = ctx.get_input_type(1)
+    pt = ctx.get_input_type(scale)
     if xt is not None:
         ctx.set_output_type(0, xt)
     if pt is not None:
@@ -202,14 +314,17 @@ def _infer(ctx):
             ctx.set_output_type(i, pt)
 
 
-def _schema(kind: OpKind) -> onnx.defs.OpSchema:
+_X_TYPED = ("X", "dY", "Y", "dX", "adj_scale", "adj_bias")
+
+
+def _schema(kind: OpKind | GradKind) -> onnx.defs.OpSchema:
     S = onnx.defs.OpSchema
     FP = S.FormalParameter
     inputs = []
     for name in kind.inputs:
-        tc = "T" if name in ("X", "adj_scale", "adj_bias") else "U"
-        inputs.append(FP(name, tc, f"{name} ({'canonical (N, M, C, A)' if name == 'X' else '(C,)'})"))
-    outputs = [FP(n, "T" if n == "Y" else "U", n) for n in kind.outputs]
+        tc = "T" if name in _X_TYPED else "U"
+        inputs.append(FP(name, tc, f"{name} ({'canonical (N, M, C, A)' if name in ('X', 'dY') else '(C,)'})"))
+    outputs = [FP(n, "T" if n in _X_TYPED else "U", n) for n in kind.outputs]
     attrs = []
     for name, default in kind.attributes.items():
         if default is None:
@@ -220,7 +335,7 @@ def _schema(kind: OpKind) -> onnx.defs.OpSchema:
                inputs=inputs, outputs=outputs,
                type_constraints=[("T", _T, "input and output type"), ("U", _U, "statistics type")],
                attributes=attrs)
-    schema.set_type_and_shape_inference_function(_infer)
+    schema.set_type_and_shape_inference_function(functools.partial(_infer, scale=kind.inputs.index("scale")))
     return schema
 
 
@@ -232,7 +347,7 @@ def register_schemas() -> None:
     global _registered
     if _registered:
         return
-    for kind in OPS.values():
+    for kind in (*OPS.values(), *GRAD_OPS.values()):
         try:
             onnx.defs.get_schema(kind.name, VERSION, DOMAIN)
         except onnx.defs.SchemaError:
@@ -284,16 +399,54 @@ def numpy_op(kind: OpKind, inputs: dict, attrs: dict) -> list[np.ndarray]:
     return [y.astype(np.asarray(inputs["X"]).dtype)] + [u.astype(udt) for u in upd]
 
 
+def numpy_grad_op(kind: GradKind, inputs: dict, attrs: dict) -> list[np.ndarray]:
+    """NumPy implementation of one backward op on the canonical layout (float64 math)."""
+    a = {**kind.attributes, **attrs}
+    fwd = kind.forward
+    x = np.asarray(inputs["X"]).astype(np.float64)
+    dy = np.asarray(inputs["dY"]).astype(np.float64)
+    eps = float(a["epsilon"])
+    f = lambda n: np.asarray(inputs[n]).astype(np.float64)  # noqa: E731
+    if fwd.ghost:
+        v = int(a["virtual_batch_size"])
+        if x.shape[0] % v:
+            raise ValueError(f"virtual_batch_size {v} does not divide the batch {x.shape[0]}")
+        shape = (v, x.shape[0] // v) + x.shape[1:]
+        xw, dyw, red, sums, bshape = x.reshape(shape), dy.reshape(shape), (0, 2, 4), (0, 1, 2, 4), (1, 1, 1, -1, 1)
+    else:
+        xw, dyw, red, sums, bshape = x, dy, (0, 1, 3), (0, 1, 3), (1, 1, -1, 1)
+    mean = xw.mean(axis=red, keepdims=True)
+    var = ((xw - mean) ** 2).mean(axis=red, keepdims=True)
+    inv = 1.0 / np.sqrt(var + eps)
+    xhat = (xw - mean) * inv
+    r, d = 1.0, 0.0
+    if fwd.renorm:
+        bmean = mean.mean(axis=1, keepdims=True) if fwd.ghost else mean
+        bvar = var.mean(axis=1, keepdims=True) if fwd.ghost else var
+        s = np.maximum(f("renorm_stddev").reshape(bshape), np.sqrt(eps))
+        r = np.minimum(np.maximum(np.sqrt(bvar + eps) / s, float(a["rmin"])), float(a["rmax"]))
+        d = np.clip((bmean - f("renorm_mean").reshape(bshape)) / s, -float(a["dmax"]), float(a["dmax"]))
+    adj_s, adj_b = (f("adj_scale"), f("adj_bias")) if fwd.adjust else (1.0, 0.0)
+    g = dyw * r * f("scale").reshape(bshape) * adj_s
+    dx = inv * (g - g.mean(axis=red, keepdims=True) - xhat * (g * xhat).mean(axis=red, keepdims=True))
+    dscale = (dyw * ((xhat * r + d) * adj_s + adj_b)).sum(axis=sums)
+    udt = np.asarray(inputs["scale"]).dtype
+    return [dx.reshape(x.shape).astype(np.asarray(inputs["X"]).dtype), dscale.astype(udt),
+            dyw.sum(axis=sums).astype(udt)]
+
+
 def _make_reference_ops():
     from onnx.reference.op_run import OpRun
 
     ops = []
-    for kind in OPS.values():
-        def _run(self, *args, _kind=kind, **kwargs):
+    for kind in (*OPS.values(), *GRAD_OPS.values()):
+        impl = numpy_grad_op if isinstance(kind, GradKind) else numpy_op
+
+        def _run(self, *args, _kind=kind, _impl=impl, **kwargs):
             attrs = {k: getattr(self, k, None) for k in _kind.attributes}
             attrs.update(kwargs)
             attrs = {k: v for k, v in attrs.items() if v is not None}
-            return tuple(numpy_op(_kind, dict(zip(_kind.inputs, args)), attrs))
+            return tuple(_impl(_kind, dict(zip(_kind.inputs, args)), attrs))
 
         cls = type(kind.name, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
         ops.append(cls)
@@ -305,5 +458,5 @@ def reference_ops():
     return _make_reference_ops()
 
 
-__all__ = ["DOMAIN", "VERSION", "OPS", "OpKind", "op_for", "make_function", "register_schemas",
-           "reference_ops", "numpy_op"]
+__all__ = ["DOMAIN", "VERSION", "OPS", "GRAD_OPS", "OpKind", "GradKind", "op_for", "make_function",
+           "make_grad_function", "emit_backward", "register_schemas", "reference_ops", "numpy_op", "numpy_grad_op"]
