@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -26,6 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bncompile.errors import ConfigError
+
+_log = logging.getLogger(__name__)
 
 FUSED_MIN_EPSILON = 1.001e-5
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -424,12 +427,20 @@ class BatchNormConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_keras(cls, d: Mapping[str, Any]) -> "BatchNormConfig":
+    def from_keras(cls, d: Mapping[str, Any], *, built: bool | None = None) -> "BatchNormConfig":
         """Build from the dict Keras's ``layer.get_config()`` returns (JSON-loaded).
 
         Also accepts the ``{"class_name": "BatchNormalization", "config": {...}}`` wrapper of a
         serialized layer. Keys Keras adds that do not change the math (``dtype``, ``batch_input_shape``,
         ``synchronized`` ...) are ignored; unknown keys are refused.
+
+        Keras 2's ``build()`` of a layer with ``virtual_batch_size`` rewrites its axis in place: made
+        non-negative, as a list, then shifted by one for the ghost dimension it inserts (axis -1 of a
+        rank-4 input is saved as ``[4]``), and ``get_config()`` returns that. ``built=None`` (default)
+        reads a ``virtual_batch_size`` config whose axis is a list of ints all >= 2 as that built form
+        and shifts it back (an unbuilt layer's axis is the constructor's, ``-1`` by default; the batch
+        axis 0 cannot be normalized with ghost BN, so a built axis is always >= 2). ``built=True`` /
+        ``False`` force the reading.
         """
         if not isinstance(d, Mapping):
             raise ConfigError(f"keras config: expected a JSON object, got {type(d).__name__}")
@@ -444,8 +455,18 @@ class BatchNormConfig:
         if unknown:
             raise ConfigError(f"keras config: unknown argument(s) {unknown}")
         kwargs = {k: v for k, v in d.items() if k in fields}
-        if isinstance(kwargs.get("axis"), list):
-            kwargs["axis"] = tuple(kwargs["axis"])
+        axis = kwargs.get("axis")
+        if isinstance(axis, list):
+            kwargs["axis"] = tuple(axis)
+            looks_built = (d.get("virtual_batch_size") is not None and "adjustment" not in d and axis
+                           and all(isinstance(a, int) and not isinstance(a, bool) and a >= 2 for a in axis))
+            if built if built is not None else looks_built:
+                if not looks_built:
+                    raise ConfigError(f"axis: {axis} is not the axis of a built virtual_batch_size layer "
+                                      "(a list of ints >= 2); pass built=False")
+                kwargs["axis"] = tuple(a - 1 for a in axis)
+                _log.info("axis %s read as Keras's built virtual_batch_size form: axis %s", axis,
+                          list(kwargs["axis"]))
         if d.get("synchronized"):
             raise ConfigError("synchronized: synchronized (cross-replica) batch normalization is not supported; "
                               "set synchronized=False")

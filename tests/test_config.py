@@ -173,3 +173,45 @@ def test_constant_initializer_with_a_list():
     np.testing.assert_array_equal(c.initial_variables([2, 3])["gamma"], [1.0, 2.0, 3.0])
     with pytest.raises(ConfigError, match="Constant"):
         c.initial_variables([2, 4])
+
+
+# ---- Keras's built form of a virtual_batch_size layer's axis (issue 13, item 6)
+
+@pytest.mark.parametrize("saved, rank, want", [([4], 4, (3,)), ([2], 4, (1,)), ([2, 4], 4, (1, 3)),
+                                               ([2], 2, (1,)), ([3, 4], 5, (2, 3))])
+def test_from_keras_reads_the_built_ghost_axis(saved, rank, want):
+    """Keras 2's build() shifts a ghost layer's axis by one (made non-negative first); get_config()
+    returns that, and Keras's own from_config() then fails on it. We read it back."""
+    c = BatchNormConfig.from_keras({**KERAS_DEFAULT, "axis": saved, "virtual_batch_size": 2})
+    assert c.axis == want
+    assert c.resolve(rank).axes == want
+
+
+def test_from_keras_keeps_an_unbuilt_ghost_axis_and_our_own_round_trip():
+    assert BatchNormConfig.from_keras({**KERAS_DEFAULT, "axis": -1, "virtual_batch_size": 2}).axis == -1
+    assert BatchNormConfig.from_keras({**KERAS_DEFAULT, "axis": [1], "virtual_batch_size": 2}).axis == (1,)
+    ours = BatchNormConfig(axis=(2, 3), virtual_batch_size=2)
+    assert BatchNormConfig.from_keras(json.loads(ours.to_json())) == ours
+    assert BatchNormConfig.from_keras({**KERAS_DEFAULT, "axis": [3]}).axis == (3,)     # no ghost: no shift
+
+
+def test_from_keras_built_flag_forces_the_reading():
+    d = {**KERAS_DEFAULT, "axis": [3], "virtual_batch_size": 2}
+    assert BatchNormConfig.from_keras(d, built=False).axis == (3,)
+    assert BatchNormConfig.from_keras(d, built=True).axis == (2,)
+    with pytest.raises(ConfigError, match="built"):
+        BatchNormConfig.from_keras({**KERAS_DEFAULT, "axis": [1], "virtual_batch_size": 2}, built=True)
+
+
+def test_cli_build_accepts_the_built_ghost_axis(tmp_path):
+    import onnx
+
+    from bncompile.cli import main
+
+    layer = tmp_path / "layer.json"
+    layer.write_text(json.dumps({**KERAS_DEFAULT, "axis": [4], "virtual_batch_size": 2}))
+    out = tmp_path / "bn.onnx"
+    assert main(["build", "--keras-config", str(layer), "--input-shape", "N,4,4,3", "--training",
+                 "-o", str(out)]) == 0
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert json.loads(meta["bncompile.config"])["axis"] == [3]
