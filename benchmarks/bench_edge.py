@@ -1,0 +1,135 @@
+"""TVM against onnxruntime on the networks people deploy to the edge (issue 15's benchmark).
+
+Builds MobileNetV2, MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (and ResNet-50 and
+DenseNet-121 for reference) with :mod:`edge_models` (random weights, no downloads), and runs
+:func:`bncompile.bench.benchmark` with the variants ``ort`` (onnxruntime at its default optimization
+level) and ``tvm`` (``bncompile compile``, untuned) at batch 1, interleaved and rotated, once with 1
+thread and once with every core. Each thread count runs in its own process: TVM's thread pool is sized
+when TVM is first imported. Prints TVM / onnxruntime per network and thread count, with the CPU it ran
+on (model, vector width, cache sizes).
+
+Usage::
+
+    python benchmarks/bench_edge.py [--size 224] [--repeat 10] [--warmup 2] [--networks a,b]
+        [--threads 1,2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from edge_models import NETWORKS  # noqa: E402
+
+DEFAULT = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnety_400mf", "shufflenet_v2",
+           "resnet50", "densenet121"]
+
+
+def cpu_description() -> str:
+    """``model, vector width, L1d/L2/L3`` of this machine, from /proc/cpuinfo and sysfs."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    width = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE/other"
+    caches = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")) if base.exists() else []:
+        try:
+            level, kind = (idx / "level").read_text().strip(), (idx / "type").read_text().strip()
+            if kind != "Instruction":
+                caches[f"L{level}{'d' if kind == 'Data' else ''}"] = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+    cache_text = ", ".join(f"{k} {v}" for k, v in caches.items())
+    return f"{model}, {width}, {cache_text}, {os.cpu_count()} cores"
+
+
+def run_one(networks, threads, args) -> dict:
+    """One process per thread count: benchmark each network, return {network: ratio or error}."""
+    from bncompile.bench import benchmark
+
+    out = {}
+    for name in networks:
+        model = NETWORKS[name](size=args.size)
+        try:
+            rep = benchmark(model, batches=(1,), threads=threads, variants=["ort", "tvm"], repeat=args.repeat,
+                            warmup=args.warmup, memory=False, progress=False)
+            d = rep.to_dict()
+            res = {r["variant"]: r for r in d["results"]}
+            tvm, ort = res.get("tvm", {}), res.get("ort", {})
+            out[name] = {"tvm_ms": tvm.get("median_ms"), "ort_ms": ort.get("median_ms"),
+                         "ratio": tvm.get("ratio"), "status": tvm.get("status"),
+                         "error": tvm.get("reason"), "max_rel_err": tvm.get("max_rel_err")}
+        except Exception as err:  # noqa: BLE001 - a benchmark reports, it does not stop
+            out[name] = {"status": "failed", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        print(f"  threads={threads} {name}: {out[name]}", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--networks", default=",".join(DEFAULT))
+    ap.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    networks = [n for n in args.networks.split(",") if n]
+    unknown = [n for n in networks if n not in NETWORKS]
+    if unknown:
+        ap.error(f"unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}")
+    if args._child is not None:
+        Path(args._out).write_text(json.dumps(run_one(networks, args._child, args)))
+        return 0
+    thread_counts = sorted({int(t) for t in args.threads.split(",") if t})
+    cpu = cpu_description()
+    print(f"CPU: {cpu}")
+    results = {}
+    for t in thread_counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "r.json"
+            cmd = [sys.executable, __file__, "--size", str(args.size), "--repeat", str(args.repeat),
+                   "--warmup", str(args.warmup), "--networks", ",".join(networks), "--_child", str(t),
+                   "--_out", str(out)]
+            subprocess.run(cmd, check=True, env={**os.environ, "TVM_NUM_THREADS": str(t)})
+            results[t] = json.loads(out.read_text())
+    header = "network".ljust(22) + "".join(f"{'TVM/ORT @' + str(t) + 't':>16}{'TVM ms':>10}{'ORT ms':>10}"
+                                           for t in thread_counts)
+    print(header)
+    for name in networks:
+        row = name.ljust(22)
+        for t in thread_counts:
+            r = results[t][name]
+            if r.get("ratio") is None:
+                row += f"{(r.get('status') or 'failed'):>16}{'':>10}{'':>10}"
+            else:
+                row += f"{r['ratio']:>16.2f}{r['tvm_ms']:>10.2f}{r['ort_ms']:>10.2f}"
+        print(row)
+    for t in thread_counts:
+        for name in networks:
+            if results[t][name].get("error"):
+                print(f"  {name} @{t}t: {results[t][name]['error']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu, "size": args.size, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
