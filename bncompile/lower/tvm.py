@@ -1,21 +1,25 @@
-"""The one module that imports TVM: lazily, with the version pin and the 0.27 API shims.
+"""The one module that imports TVM: lazily, with the version pin, the 0.27 API shims and every patch of TVM.
 
 Everything else in bncompile reaches TVM through :func:`tvm` (the module) and the helpers here,
 so ``import bncompile`` and the commands that do not compile never pay TVM's import time
-(about 2 s). The facts the shims rely on are in ``../shared/docs/tvm-0.27.md``:
+(about 2 s). The facts the shims rely on are in ``docs/tvm-0.27.md``:
 
 * targets are dicts (``{"kind": "llvm", "mcpu": ...}``); ``mcpu="native"`` silently builds for
-  generic, so the host CPU comes from ``tvm.target.codegen.llvm_get_system_cpu()``; a bare
-  ``"cuda"`` falls back to sm_50, so CUDA targets always carry an ``arch`` (sm_90 by default);
+  generic, so the host CPU comes from ``tvm.target.codegen.llvm_get_system_cpu()`` (:func:`host_cpu`);
+  the target grammar users write is parsed in :mod:`bncompile.lower.targets`;
 * apache-tvm-ffi 0.1.15.x segfaults when IR is serialized; 0.1.14.post1 is required;
-* numpy buffers handed straight to a compiled function must be 64-byte aligned.
+* numpy buffers handed straight to a compiled function must be 64-byte aligned;
+* the Relax ONNX frontend has no custom-converter argument: :func:`patched_onnx_converters` patches
+  its converter map for the duration of one import (the only patch of TVM in bncompile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
+import threading
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,7 +30,6 @@ log = logging.getLogger(__name__)
 
 TVM_VERSION = "0.27.0"
 TVM_FFI_VERSION = "0.1.14.post1"
-DEFAULT_CUDA_ARCH = "sm_90"
 ALIGNMENT = 64
 
 
@@ -84,15 +87,6 @@ def relax_onnx():
     return importlib.import_module("tvm.relax.frontend.onnx")
 
 
-def available() -> bool:
-    """True when a compatible TVM can be imported."""
-    try:
-        tvm()
-        return True
-    except UnsupportedError:
-        return False
-
-
 @functools.lru_cache(maxsize=None)
 def host_cpu() -> str:
     """LLVM's name for the host CPU (``znver3``...); ``"generic"`` when LLVM cannot tell."""
@@ -102,47 +96,19 @@ def host_cpu() -> str:
         return "generic"
 
 
-def target_dict(target: Any = "llvm") -> dict:
-    """Normalize a target spec to TVM 0.27's dict form.
-
-    Accepts ``"llvm"`` / ``"cpu"`` (host CPU), ``"cuda"`` / ``"gpu"`` (arch sm_90), a TVM tag such as
-    ``"nvidia/nvidia-h100"`` (returned as ``{"tag": ...}``), or a dict (``kind`` required; an llvm dict
-    without ``mcpu`` gets the host CPU, a cuda dict without ``arch`` gets sm_90).
-    """
-    if isinstance(target, Mapping):
-        d = dict(target)
-        if "kind" not in d and "tag" not in d:
-            raise UnsupportedError(f"target: a dict target needs a 'kind' key, got {d!r}")
-    elif isinstance(target, str):
-        name = target.strip().lower()
-        if name in ("llvm", "cpu", "host"):
-            d = {"kind": "llvm"}
-        elif name in ("cuda", "gpu", "nvidia"):
-            d = {"kind": "cuda"}
-        elif "/" in name and " " not in name:
-            return {"tag": target.strip()}
-        else:
-            raise UnsupportedError(f"target: {target!r} is not supported; use 'llvm', 'cuda', a TVM tag "
-                                   "or a dict such as {'kind': 'cuda', 'arch': 'sm_90'} (TVM 0.27 no longer "
-                                   "parses flag strings like 'llvm -mcpu=x')")
-    else:
-        kind = getattr(getattr(target, "kind", None), "name", None)
-        if kind is None:
-            raise UnsupportedError(f"target: expected a string, dict or tvm Target, got {target!r}")
-        return dict(target.export())
-    if d.get("kind") == "llvm" and "mcpu" not in d and "mtriple" not in d:
-        d["mcpu"] = host_cpu()
-    if d.get("kind") == "cuda" and "arch" not in d:
-        d["arch"] = DEFAULT_CUDA_ARCH
-    return d
+def host_target() -> dict:
+    """The host CPU as a TVM target dict."""
+    return {"kind": "llvm", "mcpu": host_cpu()}
 
 
-def make_target(target: Any = "llvm"):
-    """A ``tvm.target.Target`` from any spec :func:`target_dict` accepts."""
+def make_target(target: Any):
+    """A ``tvm.target.Target`` from a TVM target (returned as is), a TVM target dict or a name TVM knows
+    (``"llvm"``, ``"cuda"``, a tag). The names users write (``cpu``, ``cuda:sm_80``, ``x86_64``...) are
+    parsed by :func:`bncompile.lower.targets.target_dict`, which returns such a dict."""
     T = tvm().target.Target
     if isinstance(target, T):
         return target
-    return T(target_dict(target))
+    return T(dict(target) if isinstance(target, Mapping) else target)
 
 
 def target_kind(target: Any) -> str:
@@ -169,8 +135,6 @@ def cuda_available() -> bool:
 # --------------------------------------------------------------------------- tensors
 
 def is_tvm_tensor(value: Any) -> bool:
-    if not available():
-        return False
     return isinstance(value, tvm().runtime.Tensor)
 
 
@@ -214,7 +178,7 @@ def verify_memory(mod, target: Any) -> None:
     T = make_target(target)
     if isinstance(mod, t.tirx.PrimFunc):
         mod = t.IRModule({"main": mod})
-    host = t.target.Target(target_dict("llvm"))
+    host = t.target.Target(host_target())
     m = t.tirx.transform.BindTarget(t.target.Target(T, host))(mod)
     m = t.transform.Sequential([s.transform.LowerCrossThreadReduction(), s.transform.LowerInitBlock(),
                                 s.transform.ConvertBlocksToOpaque(), s.transform.LowerOpaqueBlock()])(m)
@@ -248,7 +212,7 @@ def cuda_source(executable) -> str:
     raise UnsupportedError("no cuda module in this executable (was the function scheduled for CUDA?)")
 
 
-def compile_cuda_source(source: str, *, arch: str = DEFAULT_CUDA_ARCH, fmt: str = "ptx") -> bytes:
+def compile_cuda_source(source: str, *, arch: str, fmt: str = "ptx") -> bytes:
     """Compile CUDA C with nvcc (needs nvcc on PATH); returns the PTX/cubin bytes."""
     t = tvm()
     nvcc = importlib.import_module("tvm.support.nvcc")
@@ -256,6 +220,27 @@ def compile_cuda_source(source: str, *, arch: str = DEFAULT_CUDA_ARCH, fmt: str 
         return nvcc.compile_cuda(source, target_format=fmt, arch=arch, compiler="nvcc")
 
 
-__all__ = ["tvm", "te", "tirx", "s_tir", "relax_onnx", "available", "host_cpu", "target_dict", "make_target", "target_kind",
-           "device_for", "cuda_available", "is_tvm_tensor", "to_tensor", "empty", "view", "build",
-           "verify_memory", "imported_kinds", "cuda_source", "compile_cuda_source"]
+# --------------------------------------------------------------------------- the ONNX frontend patch
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def patched_onnx_converters(extra: Mapping):
+    """Within the block, the Relax ONNX frontend converts the op types of ``extra`` with the given
+    converters (``OnnxOpConverter`` subclasses). TVM 0.27 has no custom-converter argument, so
+    ``onnx_frontend._get_convert_map`` is replaced for the duration, under a lock (one import at a time)."""
+    fe = relax_onnx().onnx_frontend
+    with _PATCH_LOCK:
+        orig = fe._get_convert_map
+        fe._get_convert_map = lambda: {**orig(), **extra}
+        try:
+            yield
+        finally:
+            fe._get_convert_map = orig
+
+
+__all__ = ["tvm", "te", "tirx", "s_tir", "submodule", "relax_onnx", "host_cpu", "host_target", "make_target",
+           "target_kind", "device_for", "cuda_available", "is_tvm_tensor", "to_tensor", "empty", "view", "build",
+           "verify_memory", "imported_kinds", "module_tree_kinds", "cuda_source", "compile_cuda_source",
+           "patched_onnx_converters"]

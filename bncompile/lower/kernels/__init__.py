@@ -30,8 +30,8 @@ import numpy as np
 
 from bncompile.config import BatchNormConfig, RandomAdjustment, training_effective
 from bncompile.errors import ConfigError, InputError, UnsupportedError
-from bncompile.kernels.compute import (KernelSpec, batchnorm_numpy, canonical_shape, make_spec,
-                                       prim_func)
+from bncompile.lower.kernels.compute import (KernelSpec, batchnorm_numpy, canonical_shape, make_spec,
+                                             prim_func)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,10 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
     ``streaming``: write y with non-temporal stores (x86 llvm targets only, else ignored; see
     :func:`bncompile.kernels.schedules.nt_store_pass`): faster when y is much larger than the caches.
     """
-    from bncompile import _tvm
-    from bncompile.kernels import schedules
+    from bncompile.lower import targets, tvm as _tvm
+    from bncompile.lower.kernels import schedules
 
-    tdict = _tvm.target_dict(target)
+    tdict = targets.target_dict(target)
     nt = bool(streaming) and schedules.nt_stores_apply(tdict)
     key = (spec, repr(sorted(tdict.items())), schedule, nt)
     with _LOCK:
@@ -107,7 +107,7 @@ class Kernel:
 
     def __init__(self, config: BatchNormConfig, input_shape: Sequence, *, training: bool = True,
                  target: Any = "llvm", dtype: str = "float32", schedule: str | None = None):
-        from bncompile import _tvm
+        from bncompile.lower import targets, tvm as _tvm
 
         if not isinstance(config, BatchNormConfig):
             raise ConfigError(f"config: expected a BatchNormConfig, got {type(config).__name__}")
@@ -117,7 +117,7 @@ class Kernel:
             raise ConfigError(f"input_shape: only the batch dimension may be None, got {self.input_shape}")
         self.training = training_effective(config, training)
         self.dtype = dtype
-        self.target = _tvm.target_dict(target)
+        self.target = targets.target_dict(target)
         self.device = _tvm.device_for(self.target)
         self.schedule_rule = schedule
         self.resolved = config.resolve(len(self.input_shape))
@@ -173,7 +173,7 @@ class Kernel:
     def _streaming(self, x_shape: Sequence[int]) -> bool:
         """Whether a call on x of ``x_shape`` uses the streaming-store variant: float32 y of at least
         ``STREAMING_MIN_BYTES`` on an x86 llvm target (smaller outputs stay in cache for their reader)."""
-        from bncompile.kernels import schedules
+        from bncompile.lower.kernels import schedules
 
         if self.dtype != "float32" or not schedules.nt_stores_apply(self.target):
             return False
@@ -210,7 +210,7 @@ class Kernel:
     # ---- NumPy path
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run one step on NumPy arrays (or TVM tensors); returns NumPy arrays by output name."""
-        from bncompile import _tvm
+        from bncompile.lower import tvm as _tvm
 
         feeds = dict(feeds)
         if "x" not in feeds:
@@ -307,7 +307,7 @@ class Kernel:
         adjustment config, in the variables' shape); ``out`` optionally gives the output tensors
         (any shapes with the right element counts) to write into. Returns the output tensors by name.
         """
-        from bncompile import _tvm
+        from bncompile.lower import tvm as _tvm
 
         mode = "channel" if self.spec.adjustment else None
         x = feeds["x"]
@@ -344,7 +344,7 @@ class Kernel:
 
         The lowest-overhead way to run a step repeatedly (benchmarks, training loops that swap buffers).
         """
-        from bncompile import _tvm
+        from bncompile.lower import tvm as _tvm
 
         result = self.run_tvm(feeds, out)           # validates, allocates and warms up
         spec = self._built("channel" if self.spec.adjustment else None).spec
