@@ -22,9 +22,9 @@ _LAZY = {
     "fold": ("bncompile.fold", None),          # a callable module: bncompile.fold(model)
     "FoldResult": ("bncompile.fold", "FoldResult"),
     "inline": ("bncompile.inline", None),      # a callable module: bncompile.inline(model)
-    "compile": ("bncompile.compiler", "compile"),
-    "load": ("bncompile.compiler", "load"),
-    "CompiledModel": ("bncompile.compiler", "CompiledModel"),
+    "compile": ("bncompile.lower.driver", "compile"),
+    "load": ("bncompile.lower.runtime", "load"),
+    "CompiledModel": ("bncompile.lower.runtime", "CompiledModel"),
     "kernels": ("bncompile.kernels", None),
 }
 

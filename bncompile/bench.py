@@ -374,28 +374,20 @@ def _cuda_ort_available() -> bool:
 
 
 def _tvm_cuda_available() -> bool:
-    import importlib.util
-    if importlib.util.find_spec("bncompile.compiler") is None:
-        return False                       # nothing could compile for it anyway
     try:
-        from bncompile import _tvm
-        return _tvm.available() and _tvm.cuda_available()
+        from bncompile.lower import tvm as _tvm
+        return _tvm.cuda_available()
     except Exception:  # noqa: BLE001 - no TVM, no CUDA: the variant is simply left out
         return False
 
 
 def _compiler():
-    import importlib
-    import importlib.util
+    import bncompile as compiler
 
-    if importlib.util.find_spec("bncompile.compiler") is None:
-        raise UnsupportedError("bncompile.compiler is not present in this build")
     try:
-        compiler = importlib.import_module("bncompile.compiler")
+        compiler.compile, compiler.load      # noqa: B018 - the lazy imports of the compiler
     except Exception as err:  # noqa: BLE001 - a broken compiler makes the variant unavailable
-        raise UnsupportedError(f"bncompile.compiler cannot be imported ({_first_line(err)})") from None
-    if not hasattr(compiler, "compile"):
-        raise UnsupportedError("bncompile.compiler has no compile()")
+        raise UnsupportedError(f"bncompile.compile cannot be imported ({_first_line(err)})") from None
     return compiler
 
 
@@ -494,7 +486,7 @@ def _probe_main() -> None:
     if kind.startswith("tvm"):
         _pin_tvm_threads(spec["threads"])
         compiler = _compiler()
-        from bncompile import _tvm
+        from bncompile.lower import tvm as _tvm
         _tvm.tvm()                              # TVM's own import is not the model's memory
         model = None if spec.get("library") else onnx.load(spec["model"])
     else:

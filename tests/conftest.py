@@ -24,11 +24,7 @@ def rng():
 
 @pytest.fixture(scope="module")
 def compiler():
-    """``bncompile.compiler``, or a skip where TVM 0.27 (with tvm-ffi 0.1.14) is not importable."""
-    from bncompile import _tvm
+    """The public compile API (``bncompile.compile``, ``bncompile.load``); TVM is a hard dependency."""
+    import bncompile
 
-    if not _tvm.available():
-        pytest.skip("TVM 0.27 with tvm-ffi 0.1.14 is not installed")
-    from bncompile import compiler as c
-
-    return c
+    return bncompile

@@ -53,7 +53,8 @@ def parse_input_shapes(items) -> dict:
 
 def run(args) -> int:
     from bncompile._io import check_input_file, check_output_path
-    from bncompile.compiler import compile, resolve_target
+    from bncompile.lower.driver import compile
+    from bncompile.lower.targets import resolve_target
 
     src = check_input_file(args.model, "model")
     target = args.target

@@ -42,7 +42,7 @@ def parse_inputs(items, names: list[str]) -> dict:
 
 def run(args) -> int:
     from bncompile._io import atomic_output, check_output_path
-    from bncompile.compiler import load
+    from bncompile.lower.runtime import load
 
     cm = load(args.library)
     feeds = parse_inputs(args.input, cm.input_names)

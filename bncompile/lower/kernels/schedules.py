@@ -39,8 +39,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from bncompile import _tvm
-from bncompile.kernels.compute import KernelSpec
+from bncompile.lower import tvm as _tvm
+from bncompile.lower.kernels.compute import KernelSpec
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def cpu_channel_first(spec: KernelSpec, func):
     if not spec.ghost and spec.kinds == "RRCR" and vec >= 8:
         import dataclasses
 
-        from bncompile.kernels.compute import prim_func
+        from bncompile.lower.kernels.compute import prim_func
 
         bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=vec)
         return _channel_first_lanes(bspec, prim_func(bspec))
@@ -264,7 +264,7 @@ def cpu_channels_last_rows(spec: KernelSpec, func):
     if B >= 8 and spec.kinds == "RRCR":
         import dataclasses
 
-        from bncompile.kernels.compute import prim_func
+        from bncompile.lower.kernels.compute import prim_func
 
         bspec = spec if spec.stat_block == B else dataclasses.replace(spec, stat_block=B)
         return _channels_last_blocked(bspec, prim_func(bspec))

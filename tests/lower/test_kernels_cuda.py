@@ -14,12 +14,10 @@ import pytest
 
 from bncompile.config import BatchNormConfig
 
-pytest.importorskip("tvm")
-
-from bncompile import _tvm  # noqa: E402
-from bncompile.kernels import build_spec, compile_batchnorm  # noqa: E402
-from bncompile.kernels.compute import make_spec, prim_func  # noqa: E402
-from bncompile.kernels.schedules import schedule  # noqa: E402
+from bncompile.lower import tvm as _tvm  # noqa: E402
+from bncompile.lower.kernels import build_spec, compile_batchnorm  # noqa: E402
+from bncompile.lower.kernels.compute import make_spec, prim_func  # noqa: E402
+from bncompile.lower.kernels.schedules import schedule  # noqa: E402
 
 CUDA = {"kind": "cuda", "arch": "sm_90"}
 HAS_NVCC = shutil.which("nvcc") is not None
@@ -89,7 +87,7 @@ def test_unscheduled_cuda_function_is_caught():
 @pytest.mark.tvm
 def test_build_spec_refuses_host_only_cuda(monkeypatch):
     from bncompile.errors import UnsupportedError
-    from bncompile.kernels import schedules
+    from bncompile.lower.kernels import schedules
 
     spec = make_spec(BatchNormConfig(axis=1), (2, 3, 4, 4), adjustment=None)
     monkeypatch.setattr(schedules, "RULES", {**schedules.RULES, "cuda": []})

@@ -1,8 +1,8 @@
-"""Edge deployment without Python: the C++ runner (bncompile/runner) on x86, and a model plus the runner
+"""Edge deployment without Python: the C++ runner (bncompile/lower/runner) on x86, and a model plus the runner
 cross-compiled for aarch64 and run under qemu-user, compared with onnxruntime on x86.
 
 Needs (Debian): qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-arm64-cross, and the aarch64
-libtvm_runtime.so / libtvm_ffi.so (``python -m bncompile.runner.fetch_aarch64_runtime``, fetched here on
+libtvm_runtime.so / libtvm_ffi.so (``python -m bncompile.lower.runner.fetch_aarch64_runtime``, fetched here on
 first use when the network allows). Skipped with the reason when any of it is missing.
 """
 
@@ -20,16 +20,14 @@ import helpers.compile_models as M
 
 pytestmark = pytest.mark.tvm
 
-RUNNER = Path(__file__).resolve().parent.parent / "bncompile" / "runner" / "runner.cc"
+RUNNER = Path(__file__).resolve().parents[2] / "bncompile" / "lower" / "runner" / "runner.cc"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
 TOL = 1e-4
 
 
 def _need_tvm():
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
 
-    if not _tvm.available():
-        pytest.skip("TVM 0.27 with tvm-ffi 0.1.14 is not installed")
     return _tvm
 
 
@@ -56,7 +54,7 @@ def _build_host_runner(out: Path) -> Path:
 def test_runner_on_host_matches_onnxruntime(tmp_path):
     if shutil.which("g++") is None:
         pytest.skip("no g++ to build the runner")
-    from bncompile.compiler import compile
+    from bncompile import compile
 
     exe = _build_host_runner(tmp_path)
     model = M.resnet(None)
@@ -82,7 +80,7 @@ def _aarch64_tools():
     if missing:
         pytest.skip(f"aarch64 tools missing: {', '.join(missing)} (apt-get install qemu-user "
                     "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-arm64-cross)")
-    from bncompile.runner import fetch_aarch64_runtime as fetch
+    from bncompile.lower.runner import fetch_aarch64_runtime as fetch
 
     libs = fetch.cached()
     if libs is None:
@@ -90,7 +88,7 @@ def _aarch64_tools():
             libs = fetch.fetch()
         except Exception as err:  # no network
             pytest.skip(f"aarch64 libtvm_runtime.so/libtvm_ffi.so not cached and the download failed ({err}); "
-                        "run python -m bncompile.runner.fetch_aarch64_runtime")
+                        "run python -m bncompile.lower.runner.fetch_aarch64_runtime")
     return libs
 
 
@@ -98,7 +96,7 @@ def test_aarch64_model_and_runner_under_qemu(tmp_path):
     libs = _aarch64_tools()
     _need_tvm()
     from bncompile.builder import build_model
-    from bncompile.compiler import compile
+    from bncompile import compile
     from bncompile.config import BatchNormConfig
 
     exe = tmp_path / "bncompile-runner-aarch64"

@@ -1,6 +1,6 @@
 """Fetch the aarch64 TVM runtime libraries the C++ runner links against.
 
-    python -m bncompile.runner.fetch_aarch64_runtime [--cache-dir DIR] [--force]
+    python -m bncompile.lower.runner.fetch_aarch64_runtime [--cache-dir DIR] [--force]
 
 Downloads the manylinux aarch64 wheels of the pinned TVM (``apache-tvm==0.27.0.post1``, about 95 MB)
 and tvm-ffi (``apache-tvm-ffi==0.1.14.post1``) with ``pip download`` and extracts two files:
@@ -71,7 +71,7 @@ def fetch(cache_dir: Path | None = None, *, force: bool = False, python: str | N
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bncompile.runner.fetch_aarch64_runtime",
+    p = argparse.ArgumentParser(prog="python -m bncompile.lower.runner.fetch_aarch64_runtime",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_cache_dir()}")
     p.add_argument("--force", action="store_true", help="download again even when cached")

@@ -12,7 +12,7 @@ from bncompile.reference import batchnorm
 from helpers import assert_close, ort_run
 
 pytestmark = pytest.mark.tvm
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 SHAPES = {"cnn_nchw.onnx": (3, 32, 32), "cnn_nhwc.onnx": (24, 24, 3), "mlp_gemm.onnx": (64,)}
 
 

@@ -17,12 +17,12 @@ from bncompile.config import BatchNormConfig, RandomAdjustment
 from bncompile.errors import ConfigError, InputError, UnsupportedError
 from bncompile.reference import batchnorm, run_steps
 
-tvm_mod = pytest.importorskip("tvm")
+import tvm as tvm_mod  # noqa: E402
 pytestmark = pytest.mark.tvm
 
-from bncompile import _tvm  # noqa: E402
 from bncompile.kernels import compile_batchnorm  # noqa: E402
-from bncompile.kernels.compute import canonical_layout, make_spec  # noqa: E402
+from bncompile.lower import targets  # noqa: E402
+from bncompile.lower.kernels.compute import canonical_layout, make_spec  # noqa: E402
 
 RTOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
@@ -359,13 +359,16 @@ def test_bad_dtype_and_target():
 
 
 def test_target_shims():
-    assert _tvm.target_dict("llvm")["kind"] == "llvm" and _tvm.target_dict("llvm")["mcpu"]
-    assert _tvm.target_dict("cuda") == {"kind": "cuda", "arch": "sm_90"}
-    assert _tvm.target_dict({"kind": "cuda", "arch": "sm_80"})["arch"] == "sm_80"
+    assert targets.target_dict("llvm")["kind"] == "llvm" and targets.target_dict("llvm")["mcpu"]
+    assert targets.target_dict("cuda") == {"kind": "cuda", "arch": "sm_90"}
+    assert targets.target_dict({"kind": "cuda", "arch": "sm_80"})["arch"] == "sm_80"
 
 
 def test_import_bncompile_does_not_import_tvm():
-    code = ("import sys, bncompile, bncompile.kernels, bncompile.kernels.compute, bncompile.kernels.schedules; "
+    code = ("import sys, bncompile, bncompile.kernels, bncompile.lower.kernels.compute, "
+            "bncompile.lower.kernels.schedules, bncompile.lower.kernels.conv2d_packed, bncompile.lower.targets, "
+            "bncompile.lower.frontend, bncompile.lower.driver, bncompile.lower.runtime, "
+            "bncompile.lower.graph_schedules, bncompile.lower.prepare; "
             "print('tvm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -380,8 +383,8 @@ SPLIT_CASES = [((1,), (3, 5, 14, 14)), ((-1,), (3, 14, 14, 70)), ((-1,), (3, 130
 def test_cpu_schedules_never_split_unevenly(axis, shape, symbolic):
     """TVM 0.27 silently drops the predicate of an uneven split once a block moves under it (tvm-0.27.md §2);
     the CPU rules only use exact divisors, so the scheduled IR has no T.where at all."""
-    from bncompile.kernels.compute import prim_func
-    from bncompile.kernels.schedules import schedule
+    from bncompile.lower.kernels.compute import prim_func
+    from bncompile.lower.kernels.schedules import schedule
 
     cfg = BatchNormConfig(axis=axis[0], fused=False)
     spec = make_spec(cfg, ((None,) + shape[1:]) if symbolic else shape)

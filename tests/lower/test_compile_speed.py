@@ -1,4 +1,4 @@
-"""The CPU schedules of ``bncompile.compile`` for llvm (:mod:`bncompile.cpu_schedules`): correctness only
+"""The CPU schedules of ``bncompile.compile`` for llvm (:mod:`bncompile.lower.graph_schedules`): correctness only
 (no timing asserts). Every case is checked against onnxruntime; the rules that ran are read from
 ``CompiledModel.info["cpu_schedules"]``; unusual convolutions must fall back to TVM's legalization."""
 
@@ -111,7 +111,7 @@ def _resnet18(size):
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_models.py"
     spec = importlib.util.spec_from_file_location("bench_models_for_tests", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -165,9 +165,10 @@ def test_conv_schedule_shape(compiler):
     import tvm
     from tvm import relax
 
-    from bncompile import _tvm, cpu_schedules as cs
+    from bncompile.lower import graph_schedules as gs
+    from bncompile.lower.targets import target_dict
 
-    T = tvm.target.Target(_tvm.target_dict(AVX2))
+    T = tvm.target.Target(target_dict(AVX2))
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 16, 14, 14), "float32"))
     w = np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32)
@@ -177,15 +178,17 @@ def test_conv_schedule_shape(compiler):
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     seq = tvm.transform.Sequential([
-        relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": cs.legalize_conv2d}),
+        relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": gs.legalize_conv2d}),
         relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
         relax.transform.FuseTIR()])
     with T:
         mod = seq(bb.get())
     funcs = [(gv.name_hint, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(funcs) == 1 and "conv2d_nchw16o" in funcs[0][0], [n for n, _ in funcs]
-    new, rule = cs.schedule_func(funcs[0][1], T)
-    text = new.script()
+    report: dict = {}
+    new = gs.schedule_module(mod, T, report)
+    rule = report[funcs[0][0]]
+    text = new[funcs[0][0]].script()
     assert rule == "conv2d_nchw16o"
     assert "T.parallel" in text and "T.vectorized" in text
     assert "T.where" not in text
@@ -193,7 +196,7 @@ def test_conv_schedule_shape(compiler):
 
 def test_bncompile_kernels_are_left_alone(compiler):
     """Training-mode BN becomes OUR call_tir kernel: never rescheduled, never fused."""
-    from bncompile import cpu_schedules as cs
+    from bncompile.lower import graph_schedules as gs
     import tvm
 
     rng = np.random.default_rng(6)
@@ -221,7 +224,7 @@ def test_bncompile_kernels_are_left_alone(compiler):
     assert not any(n.startswith("bncompile_bn") for n in cm.info["cpu_schedules"]), cm.info["cpu_schedules"]
     # and the module-level rule: a function with a global_symbol is "ours"
     f = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0)).with_attr("global_symbol", "bncompile_bn_0")
-    assert cs._is_ours(f)
+    assert gs._is_ours(f)
 
 
 def test_dynamic_shapes_keep_alias_info(compiler):
@@ -232,9 +235,10 @@ def test_dynamic_shapes_keep_alias_info(compiler):
     import tvm
     from tvm import relax
 
-    from bncompile import _tvm, cpu_schedules as cs
+    from bncompile.lower import graph_schedules as gs
+    from bncompile.lower.targets import target_dict
 
-    T = tvm.target.Target(_tvm.target_dict("llvm"))
+    T = tvm.target.Target(target_dict("llvm"))
     n = tvm.tirx.Var("n", "int64")
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((n, 8, 6, 6), "float32"))
@@ -245,12 +249,12 @@ def test_dynamic_shapes_keep_alias_info(compiler):
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     with T:
-        mod = cs.pipeline(T)(bb.get())
+        mod = gs.pipeline(T)(bb.get())
     funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert "shape_func" in funcs, list(funcs)
     for name, f in funcs.items():
         assert f.attrs is not None and "tirx.noalias" in f.attrs, name
-    ex = tvm.compile(bb.get(), target=T, relax_pipeline=cs.pipeline(T))
+    ex = tvm.compile(bb.get(), target=T, relax_pipeline=gs.pipeline(T))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     xs = np.random.default_rng(1).standard_normal((3, 8, 6, 6)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(xs)).numpy()

@@ -199,7 +199,7 @@ def batchnorm_te(spec: KernelSpec):
     then adjustment_scale / adjustment_bias (channel or x shape) when the spec has an adjustment.
     Outputs: y (x's shape and dtype), then the updated variables.
     """
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
 
     te, tirx = _tvm.te(), _tvm.tirx()
     f32 = lambda v: v if v.dtype == STAT else v.astype(STAT)  # noqa: E731
@@ -399,7 +399,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt, shape):
     sample N-1-n: a forward loop over the blocks reads x from its end, so a pass over x that follows
     in the forward direction starts with the part that is still in the caches.
     """
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
 
     tirx = _tvm.tirx()
     assert spec.kinds == "RRCR" and not spec.ghost
@@ -440,7 +440,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt, shape):
 
 def prim_func(spec: KernelSpec):
     """The unscheduled PrimFunc of ``spec`` (parameters: inputs then outputs)."""
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
 
     ins, outs = batchnorm_te(spec)
     return _tvm.te().create_prim_func(ins + outs)

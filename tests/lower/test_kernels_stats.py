@@ -16,14 +16,13 @@ import pytest
 
 from bncompile.config import BatchNormConfig
 
-pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-from bncompile.kernels import build_spec, compile_batchnorm  # noqa: E402
-from bncompile.kernels.compute import make_spec, prim_func  # noqa: E402
-from bncompile.kernels.schedules import schedule  # noqa: E402
+from bncompile.lower.kernels import build_spec, compile_batchnorm  # noqa: E402
+from bncompile.lower.kernels.compute import make_spec, prim_func  # noqa: E402
+from bncompile.lower.kernels.schedules import schedule  # noqa: E402
 from bncompile.reference import batchnorm  # noqa: E402
-from test_kernels import assert_close, check, random_variables  # noqa: E402
+from lower.test_kernels import assert_close, check, random_variables  # noqa: E402
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -41,7 +40,7 @@ def _stat_blocks(axis, shape):
     (1, (2, 6, 8, 8), "cpu_channel_first"),             # Q = 64: one vector per row
 ])
 def test_blocked_statistics_paths(axis, shape, rule):
-    from bncompile.kernels import schedules
+    from bncompile.lower.kernels import schedules
 
     if axis == -1:      # several blocks per sample
         P, C = shape[1] * shape[2], shape[3]
@@ -90,7 +89,7 @@ def test_blocked_statistics_shift_far_from_mean(axis, shape):
 @pytest.mark.skipif(not X86, reason="streaming stores are used on x86 only")
 @pytest.mark.parametrize("axis,shape", [(1, (2, 4, 64, 64)), (-1, (2, 32, 32, 64))])
 def test_streaming_variant_matches_plain(axis, shape):
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
 
     cfg = BatchNormConfig(axis=axis, fused=False)
     spec = make_spec(cfg, shape)

@@ -2,21 +2,23 @@
 
 TVM 0.27's default Relax pipeline for CPU targets legalizes every operator to a naive, serial PrimFunc
 (no fusion, no parallel loops, no vectorization): the ResNet-18 of ``benchmarks/bench_models.py`` ran
-~50x slower than onnxruntime. :func:`pipeline` is the Relax pipeline :func:`bncompile.compiler.compile`
-uses for ``llvm`` targets instead: TVM's default CPU pipeline (``relax.pipeline.default_build_pipeline``)
-with three changes.
+~50x slower than onnxruntime. :func:`pipeline` is the Relax pipeline :func:`bncompile.lower.driver.compile`
+uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from its own pass lists
+(``relax.backend.cpu_generic.{library_dispatch,legalize,dataflow_lower,finalize}_passes``), with these changes.
 
 1. ``nn.conv2d`` (NCHW/OIHW, float32, groups 1, dilation 1, a constant weight, output channels a multiple
-   of the channel block) is legalized to OUR compute (:func:`conv2d_packed_te`), whose weight is packed at
-   compile time to ``[O/B, I, KH, KW, B]``, so a vector of B output channels loads contiguously. Every other
-   conv2d keeps TVM's legalization (and gets the generic rules below).
-2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, as in TVM's ``cpu_generic``
-   pipeline (conv + bias + relu + residual add become one PrimFunc). bncompile's own kernels (functions with
-   a ``global_symbol``) are marked opaque first, so they are never fused.
-3. :func:`schedule_module` gives each PrimFunc the first rule that applies (each returns False/None when it
-   does not; a rule that raises leaves the function as the default pipeline compiles it, correct but slow):
+   of the channel block) is legalized to OUR compute (:mod:`bncompile.lower.kernels.conv2d_packed`), whose
+   weight is packed at compile time to ``[O/B, I, KH, KW, B]``, so a vector of B output channels loads
+   contiguously. Every other conv2d keeps TVM's legalization (and gets the generic rules below).
+2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
+   residual add become one PrimFunc). bncompile's own kernels (functions with a ``global_symbol``) are
+   marked opaque first, so they are never fused.
+3. :func:`schedule_module` gives each PrimFunc the first rule that applies, with dlight's
+   ``ApplyDefaultSchedule``. Every rule has dlight's contract, ``apply(func, target, tunable) -> Schedule |
+   None`` (None: does not apply; a rule that raises does not apply either, and a function no rule takes
+   is compiled as the default pipeline compiles it, correct but slow):
 
-   * :func:`schedule_conv`: our packed conv. Register tile of B channels (vectorized) x a width tile x a row
+   * :func:`schedule_conv`: the packed conv. Register tile of B channels (vectorized) x a width tile x a row
      tile, the reduction loops outside it, a local channels-last accumulator, the fused epilogue inlined into
      the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized;
    * :func:`schedule_inner_vector_reduction`: one reduction whose output's innermost axis is also the
@@ -29,6 +31,7 @@ with three changes.
 
    Functions with a ``global_symbol`` or ``tirx.is_scheduled`` (bncompile's hand-scheduled batch-norm
    kernels) are never touched. ``CompiledModel.info["cpu_schedules"]`` records the rule of each function.
+4. Single-buffer functions get ``tirx.noalias`` before ``AttachGlobalSymbol`` (see :func:`pipeline`).
 
 Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name: this host is
 an AMD EPYC whose hypervisor hides AVX-512 (LLVM calls it znver3; AVX2, 16 ymm registers). On AVX2 the
@@ -36,7 +39,7 @@ channel block is 16 (two ymm) or 8 and at most 10 accumulators are used: 16 x 4 
 16 x (2 x 2) for 14x14, 8 x 7 for 7x7 (12 accumulators already spill, see :data:`ACC_CAP`).
 
 Splits are only ever even (divisible) ones: TVM can drop the ``T.where`` predicate of an uneven split after
-``compute_at`` moves (see shared/docs/tvm-0.27.md), which reads out of bounds without an error.
+``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error.
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ import logging
 
 import numpy as np
 
+from bncompile.lower import tvm as _shim
+from bncompile.lower.kernels.conv2d_packed import CONV_BLOCK, conv2d_packed_te
+
 log = logging.getLogger(__name__)
 
-VEC = 16                      # default output-channel block of the packed weight (see conv_tiling)
-CONV_BLOCK = "bnc_conv2d_nchw16o"
-PAD_BLOCK = "bnc_pad"
 OP_PATTERN_OPAQUE = 8
 #: most accumulator vectors of a conv register tile, by register count. Measured on AVX2 (16 ymm): 10
 #: (16 channels x 5) is the best, 12 already spills (16 x 6: 0.85x of 16 x 5; 8 x 12 worse). The 32-register
@@ -58,15 +61,14 @@ ACC_CAP = {16: 10, 32: 14}
 
 
 def _tvm():
-    from bncompile import _tvm
-
-    return _tvm.tvm()
+    return _shim.tvm()
 
 
-def _tvm_module(name: str):
-    from bncompile import _tvm
-
-    return _tvm.submodule(name)
+def _schedule_of(func):
+    """A fresh ``s_tir.Schedule`` of one PrimFunc, working on it."""
+    sch = _shim.s_tir().Schedule(_tvm().IRModule({"main": func}))
+    sch.work_on("main")
+    return sch
 
 
 def _inline_epilogue(sch, wb) -> None:
@@ -142,35 +144,6 @@ def _ow_tile(ow: int, most: int) -> int:
     return 1
 
 
-def conv2d_packed_te(x, wp, *, strides, padding, out_channels: int, kernel: tuple[int, int], out_dtype: str,
-                     block: int = VEC):
-    """TE: NCHW conv2d with a weight pre-packed as ``[O/B, I, KH, KW, B]``; output NCHW."""
-    tvm = _tvm()
-    te, topi = tvm.te, tvm.topi
-    n, c, h, w = x.shape
-    kh, kw = kernel
-    pt, pl, pb, pr = padding
-    sh, sw = strides
-    if pt or pl or pb or pr:
-        xp = topi.nn.pad(x, [0, 0, pt, pl], [0, 0, pb, pr], pad_value=0.0, name=PAD_BLOCK)
-    else:
-        xp = x
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (w + pl + pr - kw) // sw + 1
-    rc = te.reduce_axis((0, c), name="rc")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-
-    def body(b, o, y, z):
-        a = xp[b, rc, y * sh + ry, z * sw + rx]
-        k = wp[o // block, rc, ry, rx, o % block]
-        if out_dtype != x.dtype:
-            a, k = a.astype(out_dtype), k.astype(out_dtype)
-        return te.sum(a * k, axis=[rc, ry, rx])
-
-    return te.compute((n, out_channels, oh, ow), body, name=CONV_BLOCK)
-
-
 def _is_constant(e) -> bool:
     """A Relax constant (``GenericConst`` in TVM 0.27: no ``relax.Constant`` class, the tensor is ``.value``)."""
     tvm = _tvm()
@@ -185,7 +158,7 @@ def legalize_conv2d(bb, call):
     """``relax.nn.conv2d`` -> our packed-weight conv (when it applies), else TVM's legalization."""
     tvm = _tvm()
     relax = tvm.relax
-    _nn_conv2d = _tvm_module("tvm.relax.transform.legalize_ops.nn")._nn_conv2d
+    _nn_conv2d = _shim.submodule("tvm.relax.transform.legalize_ops.nn")._nn_conv2d
 
     a = call.attrs
     w = call.args[1]
@@ -276,19 +249,20 @@ def _packed_block(sch, blk) -> int | None:
     return None
 
 
-def schedule_conv(sch, target=None) -> bool:
-    """Our packed conv block(s): the channel block vectorized, a register tile of output columns (and
+def schedule_conv(func, target=None):
+    """The packed conv block(s): the channel block vectorized, a register tile of output columns (and
     rows, see :func:`conv_tiling`), the reduction loops outside it, a local accumulator written back once
     (with the fused epilogue inlined into the write-back), parallel over batch x channel blocks x row
-    tiles. False when the function has no such block (or its tiling does not divide evenly)."""
+    tiles. None when the function has no such block (or its tiling does not divide evenly)."""
+    sch = _schedule_of(func)
     convs = _block_named(sch, CONV_BLOCK)
     if not convs:
-        return False
+        return None
     for name in [sch.get(b).name_hint for b in convs]:
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
         if len(loops) != 7:
-            return False
+            return None
         n, oc, oh, ow, rc, ry, rx = loops
         OW = _static(sch.get(ow).extent)
         OH = _static(sch.get(oh).extent)
@@ -296,10 +270,10 @@ def schedule_conv(sch, target=None) -> bool:
         block = _packed_block(sch, blk)
         tiling = conv_tiling(OC, OW, target, out_height=OH) if OC is not None else None
         if OW is None or block is None or OC % block or tiling is None or tiling[0] != block:
-            return False
+            return None
         _, T, TH = tiling
         if OW % T or (TH > 1 and (OH is None or OH % TH)):
-            return False
+            return None
         ocb, oci = sch.split(oc, [None, block])
         owo, owi = sch.split(ow, [None, T])
         if TH > 1:
@@ -331,7 +305,7 @@ def schedule_conv(sch, target=None) -> bool:
         if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T % block == 0:
             sch.vectorize(wl[-1])
     _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
-    return True
+    return sch
 
 
 PARALLEL_MIN = 4096            # elements below which a spatial block stays serial (thread start-up)
@@ -415,9 +389,10 @@ def _schedule_reduction(sch, blk) -> None:
             sch.unroll(lp)
 
 
-def schedule_generic(sch, target=None) -> bool:
+def schedule_generic(func, target=None):
     """Every root block: spatial -> fuse, vectorize by 16/8/4 when even, parallel; simple reduction ->
-    parallel spatial loops. Blocks that fit neither are left alone. False when nothing was scheduled."""
+    parallel spatial loops. Blocks that fit neither are left alone. None when nothing was scheduled."""
+    sch = _schedule_of(func)
     done = False
     _inline_spatial(sch)
     for blk in _all_blocks(sch):
@@ -430,7 +405,7 @@ def schedule_generic(sch, target=None) -> bool:
             done = True
         except Exception as err:  # leave this block as it is
             log.debug("generic schedule skipped a block: %s", err)
-    return done
+    return sch if done else None
 
 
 def _last_index_is(region, var) -> bool:
@@ -438,32 +413,33 @@ def _last_index_is(region, var) -> bool:
     return bool(rng) and rng[-1].min.same_as(var) and _static(rng[-1].extent) == 1
 
 
-def schedule_inner_vector_reduction(sch, target=None) -> bool:
+def schedule_inner_vector_reduction(func, target=None):
     """A function with one reduction block ``S.. R..`` whose last spatial iter is the innermost index of
     its output and of one of its inputs (dense/matmul with a ``[K, N]`` weight, ...): that iter split
     into vectors and moved inside the reduction, a local accumulator, the element-wise epilogue inlined
-    into its write-back, parallel over the other spatial loops. False when it does not apply."""
+    into its write-back, parallel over the other spatial loops. None when it does not apply."""
+    sch = _schedule_of(func)
     blocks = _all_blocks(sch)
     reds = [b for b in blocks if "R" in _iter_kinds(sch, b)]
     if len(reds) != 1:
-        return False
+        return None
     blk = reds[0]
     kinds = _iter_kinds(sch, blk)
     ns = kinds.count("S")
     loops = sch.get_loops(blk)
     if ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
-        return False
+        return None
     block = sch.get(blk)
     jv = block.iter_vars[ns - 1].var
     if len(block.writes) != 1 or not _last_index_is(block.writes[0], jv):
-        return False
+        return None
     if not any(_last_index_is(r, jv) for r in block.reads):
-        return False
+        return None
     lanes = vector_lanes(target)[0]
     E = _static(sch.get(loops[ns - 1]).extent)
     V = next((v for v in (lanes * 4, lanes * 2, lanes) if E is not None and E % v == 0), None)
     if V is None:
-        return False
+        return None
     jo, ji = sch.split(loops[ns - 1], [None, V])
     sch.reorder(*loops[:ns - 1], jo, *loops[ns:], ji)
     wb = sch.cache_write(blk, 0, "local")
@@ -479,13 +455,7 @@ def schedule_inner_vector_reduction(sch, target=None) -> bool:
         if _static(sch.get(inner).extent) == V:
             sch.vectorize(inner)
     _schedule_leftovers(sch, lanes)
-    return True
-
-
-def _dlight_rules():
-    dl = _tvm_module("tvm.s_tir.dlight")
-
-    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+    return sch
 
 
 def _is_ours(func) -> bool:
@@ -495,57 +465,62 @@ def _is_ours(func) -> bool:
     return "global_symbol" in attrs or "tirx.is_scheduled" in attrs or "tir.is_scheduled" in attrs
 
 
-def _try_schedule_rule(mod, target, rule, name):
-    """Apply one of our schedule rules (``rule(sch, target) -> bool``) to a fresh schedule of ``mod``;
-    the scheduled PrimFunc, or None when it does not apply or fails (the function is left as it was)."""
-    try:
-        sch = _tvm().s_tir.Schedule(mod)
-        sch.work_on("main")
-        if rule(sch, target):
-            return sch.mod["main"]
-    except Exception as err:  # noqa: BLE001 - a failing rule leaves the function to the next one
-        log.debug("%s schedule failed: %s", name, err)
-    return None
+class Rule:
+    """A named schedule rule with dlight's contract: ``apply(func, target, tunable) -> Schedule | None``.
 
+    Wraps ``fn(func, target) -> Schedule | None``; a rule that raises does not apply (the next one is
+    tried). Each function it schedules is appended, with the rule's name, to ``applied``."""
 
-def schedule_func(func, target):
-    """A scheduled copy of one PrimFunc and the rule's name, or None when no rule applies (or a rule
-    fails). Rules in order: our conv, dense-like reductions with a contiguous innermost output axis,
-    dlight's CPU rules, then the generic parallel/vectorize rule."""
-    mod = _tvm().IRModule({"main": func})
-    for rule, name in ((schedule_conv, "conv2d_nchw16o"),
-                       (schedule_inner_vector_reduction, "inner_vector_reduction")):
-        scheduled = _try_schedule_rule(mod, target, rule, name)
-        if scheduled is not None:
-            return scheduled, name
-    for rule in _dlight_rules():  # they return None when they do not apply
+    def __init__(self, name: str, fn, applied: list | None = None):
+        self.name = name
+        self.fn = fn
+        self.applied = applied
+
+    def apply(self, func, target, tunable: bool = False):
         try:
-            res = rule.apply(func, target, False)
-            if res is not None:
-                return (res[0] if isinstance(res, list) else res).mod["main"], type(rule).__name__
-        except Exception as err:  # noqa: BLE001
-            log.debug("dlight %s failed: %s", type(rule).__name__, err)
-    scheduled = _try_schedule_rule(mod, target, schedule_generic, "generic")
-    return (scheduled, "generic") if scheduled is not None else None
+            sch = self.fn(func, target)
+        except Exception as err:  # noqa: BLE001 - a failing rule leaves the function to the next one
+            log.debug("%s schedule failed: %s", self.name, err)
+            return None
+        if sch is not None and self.applied is not None:
+            self.applied.append((func, self.name))
+        return sch
+
+
+def rules(applied: list | None = None) -> list[Rule]:
+    """The CPU rules, in order: the packed conv, dense-like reductions with a contiguous innermost output
+    axis, dlight's CPU rules (``GEMV``, ``Reduction``), then the generic parallel/vectorize rule."""
+    dl = _shim.submodule("tvm.s_tir.dlight")
+
+    def dlight(rule):
+        return Rule(type(rule).__name__, lambda func, target: rule.apply(func, target, False), applied)
+
+    return [Rule("conv2d_nchw16o", schedule_conv, applied),
+            Rule("inner_vector_reduction", schedule_inner_vector_reduction, applied),
+            dlight(dl.cpu.GEMV()), dlight(dl.cpu.Reduction()),
+            Rule("generic", schedule_generic, applied)]
 
 
 def schedule_module(mod, target, report: dict | None = None):
-    """Schedule every PrimFunc of ``mod`` that is not bncompile's own; returns the new module."""
+    """Schedule every PrimFunc of ``mod`` that is not bncompile's own with dlight's ``ApplyDefaultSchedule``
+    and :func:`rules`; returns the new module. ``report[function name]`` gets the rule's name (``"default"``
+    where none applied)."""
     tvm = _tvm()
+    dl = _shim.submodule("tvm.s_tir.dlight")
+    todo = {gv: func for gv, func in mod.functions.items()
+            if isinstance(func, tvm.tirx.PrimFunc) and not _is_ours(func)}
+    if not todo:
+        return mod
+    applied: list = []
+    with target:
+        done = dl.ApplyDefaultSchedule(*rules(applied))(tvm.IRModule(todo))
     updates = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or _is_ours(func):
-            continue
-        res = schedule_func(func, target)
-        name = gv.name_hint
-        if res is None:
-            if report is not None:
-                report[name] = "default"
-            continue
-        new, rule = res
-        updates[gv] = new.with_attr("tirx.is_scheduled", True)
+    for gv, func in todo.items():
+        rule = next((name for f, name in applied if f.same_as(func)), None)
         if report is not None:
-            report[name] = rule
+            report[gv.name_hint] = rule or "default"
+        if rule is not None:
+            updates[gv] = done[gv.name_hint]
     if updates:
         mod = mod.clone()
         for gv, f in updates.items():
@@ -558,7 +533,6 @@ def pipeline(target, report: dict | None = None):
     tvm = _tvm()
     relax = tvm.relax
     transform = relax.transform
-    backend = relax.backend
 
     @tvm.transform.module_pass(opt_level=0, name="bncompile.MarkOwnKernelsOpaque")
     def mark_opaque(mod, _ctx):
@@ -589,34 +563,34 @@ def pipeline(target, report: dict | None = None):
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
-        seq = tvm.transform.Sequential([
-            backend.DispatchSampling(),
-            backend.DispatchSortScan(),
-            transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d}),
-            mark_opaque,
-            transform.AnnotateTIROpPattern(),
-            transform.FoldConstant(),
-            transform.FuseOps(),
-            transform.FuseTIR(),
-            schedule,
-            transform.RewriteDataflowReshape(),
-            transform.ToNonDataflow(),
-            transform.RemovePurityChecking(),
-            transform.CallTIRRewrite(),
-            transform.StaticPlanBlockMemory(),
-            transform.LowerAllocTensor(),
-            transform.KillAfterLastUse(),
-            transform.LowerRuntimeBuiltin(),
-            transform.ComputePrimValue(),
-            transform.VMShapeLower(),
-            noalias_single_buffer,
-            transform.AttachGlobalSymbol(),
-        ])
         with target:
-            return seq(mod)
+            return tvm.transform.Sequential(passes())(mod)
+
+    def passes():
+        # the module, not the package: TVM 0.27's cpu_generic/__init__ does not re-export dataflow_lower_passes
+        cpu = _shim.submodule("tvm.relax.backend.cpu_generic.pipeline")
+        legalize = cpu.legalize_passes(target)          # LegalizeOps, AnnotateTIROpPattern, ..., FuseTIR
+        finalize = cpu.finalize_passes(target)          # StaticPlanBlockMemory, ..., AttachGlobalSymbol
+        _expect(legalize[0], "LegalizeOps")
+        _expect(finalize[-1], "AttachGlobalSymbol")
+        return [*cpu.library_dispatch_passes(target),
+                transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d}),
+                mark_opaque,
+                *legalize[1:],
+                schedule,
+                *cpu.dataflow_lower_passes(target),
+                *finalize[:-1],
+                noalias_single_buffer,
+                finalize[-1]]
 
     return _pipeline
 
 
-__all__ = ["pipeline", "schedule_module", "schedule_func", "schedule_conv", "schedule_inner_vector_reduction",
-           "schedule_generic", "legalize_conv2d", "conv2d_packed_te", "conv_tiling", "vector_lanes"]
+def _expect(pass_, name: str) -> None:
+    """TVM's pass lists are spliced by position: fail loudly if a TVM update moved them."""
+    if pass_.info.name != name:
+        raise RuntimeError(f"TVM's cpu_generic pass list changed: expected {name}, found {pass_.info.name}")
+
+
+__all__ = ["pipeline", "schedule_module", "rules", "Rule", "schedule_conv", "schedule_inner_vector_reduction",
+           "schedule_generic", "legalize_conv2d", "conv_tiling", "vector_lanes"]

@@ -262,31 +262,34 @@ def test_all_unsupported_ops_listed_at_once(compiler):
 def test_cuda_codegen_whole_graph_and_training_kernel(compiler):
     from bncompile.builder import build_model
     from bncompile.config import BatchNormConfig
+    from bncompile.lower import tvm as _tvm
+    from bncompile.lower.runtime import cuda_source
 
     for model in (M.mlp(4), build_model(BatchNormConfig(axis=1), [None, 8, 6, 6], training=True)):
         cm = compiler.compile(model, target="cuda")
         assert cm.target == {"kind": "cuda", "arch": "sm_90"}
-        assert "cuda" in compiler._module_kinds(cm._executable.mod)
-        src = compiler.cuda_source(cm)
+        assert "cuda" in _tvm.module_tree_kinds(cm._executable.mod)
+        src = cuda_source(cm)
         assert "__global__" in src
         if shutil.which("nvcc"):
-            from bncompile import _tvm
             ptx = _tvm.compile_cuda_source(src, arch="sm_90", fmt="ptx")
             assert b".target sm_90" in ptx
     assert cm.info["kernels"] and all(r.startswith("cuda") for r in cm.info["kernels"].values())
 
 
-def test_cuda_arch_option(compiler):
-    name, d = compiler.resolve_target("cuda:sm_80")
+def test_cuda_arch_option():
+    from bncompile.lower.targets import resolve_target
+
+    name, d = resolve_target("cuda:sm_80")
     assert (name, d) == ("cuda", {"kind": "cuda", "arch": "sm_80"})
     from bncompile.errors import UnsupportedError
     with pytest.raises(UnsupportedError, match="not valid"):
-        compiler.resolve_target("cuda:ampere")
+        resolve_target("cuda:ampere")
 
 
 @pytest.mark.gpu
 def test_cuda_runs_on_gpu(compiler):
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
 
     if not _tvm.cuda_available():
         pytest.skip("no CUDA GPU")

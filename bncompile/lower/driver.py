@@ -1,0 +1,120 @@
+"""``bncompile.compile``: a whole ONNX graph -> a deployable TVM library.
+
+>>> cm = compile("model.onnx", target="llvm")           # doctest: +SKIP
+>>> cm.run({"x": x})["y"]                                # doctest: +SKIP
+>>> cm.export("model.so"); load("model.so").run(...)     # doctest: +SKIP
+
+Pipeline:
+
+1. load the model; apply ``input_shapes`` to the graph inputs (a name -> dims; a str dim stays free);
+2. fold inference BatchNormalization with :func:`bncompile.fold.fold` (``fold=True``; no verification);
+3. inline model-local functions other than bncompile's custom ops (``ai.bncompile``), rewriting the
+   ``Constant(value_float=...)`` forms TVM's Constant converter cannot read; graph inputs that also have
+   an initializer become real inputs (their initializer is kept as the default value ``run`` feeds).
+   Steps 1-3 are :func:`bncompile.lower.prepare.prepare`;
+4. check every operator against the Relax ONNX frontend's converter map and report ALL unsupported ones
+   in one :class:`UnsupportedError` (:mod:`bncompile.lower.frontend`);
+5. ``tvm.relax.frontend.onnx.from_onnx`` with converter overrides (:mod:`bncompile.lower.frontend`):
+   training-mode ``BatchNormalization`` (``training_mode=1``) and the custom ops become a ``call_tir`` of
+   OUR kernel (:mod:`bncompile.lower.kernels`), never TVM's ``batch_norm`` (whose momentum is the PyTorch one);
+6. ``tvm.compile``; symbolic dims (``dim_param``) stay symbolic. For ``llvm`` targets the Relax pipeline is
+   :func:`bncompile.lower.graph_schedules.pipeline` (TVM's default CPU pipeline leaves every operator an
+   unscheduled serial loop nest): packed-weight conv2d, operator fusion, and a CPU schedule for each fused
+   PrimFunc (our batch-norm kernels excepted); ``info["cpu_schedules"]`` names the rule of each function.
+   Other targets use TVM's default pipeline.
+
+Targets (:mod:`bncompile.lower.targets`): ``llvm`` (host CPU), ``x86_64`` (generic x86-64), ``aarch64``
+(Linux, NEON; exported with ``aarch64-linux-gnu-g++``), ``cuda`` / ``cuda:sm_80`` (sm_90 by default; source
+codegen works without a GPU), or a TVM target dict. The result is a :class:`bncompile.lower.runtime.CompiledModel`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import onnx
+
+from bncompile.errors import BncompileError, InputError, UnsupportedError
+from bncompile.lower import frontend
+from bncompile.lower import tvm as _tvm
+from bncompile.lower.prepare import prepare
+from bncompile.lower.runtime import CompiledModel, value_infos
+from bncompile.lower.targets import resolve_target
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compile"]
+
+
+def _load_model(model) -> onnx.ModelProto:
+    from bncompile._io import check_input_file
+
+    if isinstance(model, onnx.ModelProto):
+        return copy.deepcopy(model)
+    if isinstance(model, (str, os.PathLike)):
+        p = check_input_file(model, "model")
+        try:
+            return onnx.load(str(p))
+        except Exception as err:
+            raise InputError(f"model file {str(p)!r} is not a readable ONNX model: {err}") from None
+    raise InputError(f"model: expected a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,  # noqa: A001
+            fold: bool = True) -> CompiledModel:
+    """Compile an ONNX model (path or ModelProto) for ``target``; see the module docstring."""
+    t0 = time.perf_counter()
+    target_name, tdict = resolve_target(target)
+    tvm = _tvm.tvm()
+    proto = _load_model(model)
+    proto, defaults = prepare(proto, fold=fold, input_shapes=input_shapes)
+    t_prep = time.perf_counter() - t0
+
+    ctx = frontend.KernelContext(tdict)
+    extra = frontend.make_converters(ctx)
+    frontend.check_supported(proto, extra)
+    inputs = value_infos(proto.graph.input)
+    outputs = value_infos(proto.graph.output)
+    for spec in inputs:
+        if spec["shape"] is None:
+            raise InputError(f"input {spec['name']!r} has no shape in the model: give it with input_shapes / "
+                             "--input-shape")
+
+    t1 = time.perf_counter()
+    mod = frontend.from_onnx(proto, extra, inputs)
+    t_import = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    cpu_report: dict = {}
+    try:
+        tgt = tvm.target.Target(tdict)
+        pipeline = "default"
+        if tdict.get("kind") == "llvm":
+            from bncompile.lower import graph_schedules
+
+            pipeline = graph_schedules.pipeline(tgt, cpu_report)
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
+    except BncompileError:
+        raise
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        raise UnsupportedError(f"TVM failed to compile the model for {target_name}: "
+                               f"{type(err).__name__}: {(lines[-1] if lines else '')[:300]}") from None
+    t_build = time.perf_counter() - t2
+    if tdict.get("kind") == "cuda":
+        kinds = _tvm.module_tree_kinds(ex.mod)
+        if "cuda" not in kinds:
+            raise UnsupportedError(f"compile for CUDA produced no cuda module (modules: {kinds})")
+    info = {"kernels": dict(ctx.schedules), "tvm_batch_norm_fallbacks": ctx.fallbacks,
+            "cpu_schedules": dict(sorted(cpu_report.items())),
+            "dim_multiples": dict(ctx.multiples),
+            "seconds": {"prepare": round(t_prep, 4), "import": round(t_import, 4), "build": round(t_build, 4),
+                        "total": round(time.perf_counter() - t0, 4)}}
+    log.info("compiled for %s in %.2f s (%d bncompile kernels)", target_name, info["seconds"]["total"],
+             len(ctx.kernels))
+    return CompiledModel(executable=ex, target=tdict, target_name=target_name, inputs=inputs, outputs=outputs,
+                         defaults=defaults, info=info)

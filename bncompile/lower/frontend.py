@@ -1,0 +1,308 @@
+"""ONNX -> Relax: TVM's ONNX frontend with bncompile's converters, and the operator-support check.
+
+* :func:`unsupported_ops` checks every operator against the frontend's converter map (and ours), so that
+  :func:`check_supported` reports ALL unsupported ones in one :class:`UnsupportedError`;
+* :func:`make_converters` are the converter overrides: training-mode ``BatchNormalization``
+  (``training_mode=1``) and the custom ops (``ai.bncompile``) become a ``call_tir`` of OUR kernel
+  (:mod:`bncompile.lower.kernels.compute`, scheduled by :mod:`bncompile.lower.kernels.schedules` for the
+  target), never TVM's ``batch_norm`` (whose momentum is the PyTorch one: TVM 0.27's frontend passes ONNX's
+  momentum through unchanged, which swaps the weights of the running-statistics update); inference
+  ``BatchNormalization`` keeps TVM's converter;
+* :func:`from_onnx` runs ``tvm.relax.frontend.onnx.from_onnx`` with those converters (installed by the
+  shim's :func:`bncompile.lower.tvm.patched_onnx_converters`); symbolic dims (``dim_param``) stay symbolic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from bncompile.custom_ops import DOMAIN as CUSTOM_DOMAIN
+from bncompile.errors import BncompileError, InputError, UnsupportedError
+from bncompile.lower import tvm as _tvm
+from bncompile.lower.runtime import fmt_shape as _fmt_shape
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KernelContext", "make_converters", "unsupported_ops", "check_supported", "from_onnx"]
+
+
+def _subgraphs(node):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _all_nodes(graph):
+    for n in graph.node:
+        yield n
+        for g in _subgraphs(n):
+            yield from _all_nodes(g)
+
+
+# --------------------------------------------------------------------------- operator support
+
+def unsupported_ops(model: onnx.ModelProto, convert_map: Mapping | None = None) -> dict[str, list[str]]:
+    """``{"domain::op" or "op": [node names]}`` for every operator the compile cannot convert."""
+    from bncompile import custom_ops
+
+    if convert_map is None:
+        convert_map = _tvm.relax_onnx().onnx_frontend._get_convert_map()
+    out: dict[str, list[str]] = {}
+    for n in _all_nodes(model.graph):
+        dom = n.domain or ""
+        if dom in ("", "ai.onnx"):
+            ok = n.op_type in convert_map or n.op_type in ("If", "Constant")
+            key = n.op_type
+        elif dom == CUSTOM_DOMAIN:
+            ok = n.op_type in custom_ops.OPS
+            key = f"{dom}::{n.op_type}"
+        else:
+            ok, key = False, f"{dom}::{n.op_type}"
+        if not ok:
+            out.setdefault(key, []).append(n.name or f"<{n.op_type} -> {n.output[0] if n.output else '?'}>")
+    return out
+
+
+def _unsupported_message(bad: Mapping[str, list[str]]) -> str:
+    parts = []
+    for op, nodes in sorted(bad.items()):
+        shown = ", ".join(nodes[:3]) + (f", ... {len(nodes) - 3} more" if len(nodes) > 3 else "")
+        parts.append(f"{op} ({len(nodes)} node{'s' if len(nodes) != 1 else ''}: {shown})")
+    return (f"{len(bad)} operator type{'s are' if len(bad) != 1 else ' is'} not supported by the TVM ONNX "
+            f"frontend: {'; '.join(parts)}")
+
+
+def check_supported(model: onnx.ModelProto, converters: Mapping) -> None:
+    """Raise one UnsupportedError naming every operator of ``model`` that cannot be converted."""
+    bad = unsupported_ops(model, {**_tvm.relax_onnx().onnx_frontend._get_convert_map(), **converters})
+    if bad:
+        raise UnsupportedError(_unsupported_message(bad))
+
+
+def from_onnx(model: onnx.ModelProto, converters: Mapping, inputs: list[dict]):
+    """The Relax module of ``model`` (converted with ``converters`` on top of TVM's); the frontend's
+    failures become an UnsupportedError (with a hint when ``inputs`` have several free dims)."""
+    buf = io.StringIO()
+    try:
+        import warnings
+
+        with _tvm.patched_onnx_converters(converters), contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _tvm.relax_onnx().from_onnx(model)
+    except BncompileError:
+        raise
+    except Exception as err:
+        where = buf.getvalue().strip().splitlines()
+        lines = str(err).strip().splitlines()
+        msg = lines[-1] if lines else type(err).__name__
+        free = [f"{i['name']} {_fmt_shape(i['shape'])}" for i in inputs
+                if sum(not isinstance(d, int) for d in i["shape"]) > 1]
+        hint = (f"; inputs with several free dims ({', '.join(free)}) may need static shapes: give them with "
+                "input_shapes / --input-shape") if free else ""
+        raise UnsupportedError(f"TVM's ONNX frontend failed{' (' + where[-1][:200] + ')' if where else ''}: "
+                               f"{type(err).__name__}: {msg[:300]}{hint}") from None
+
+
+# --------------------------------------------------------------------------- converters
+
+def _static(d) -> int | None:
+    try:
+        return int(d)
+    except Exception:
+        return None
+
+
+class KernelContext:
+    """Per-compile state of the converter overrides: the target and the kernels added so far."""
+
+    def __init__(self, tdict: dict):
+        self.tdict = tdict
+        self.kernels: dict = {}        # KernelSpec -> GlobalVar
+        self.schedules: dict = {}      # kernel name -> schedule rule name
+        self.fallbacks: list[str] = []
+        self.multiples: dict[str, int] = {}   # symbolic dim name -> the batch must be a multiple of this
+
+    def kernel(self, bb, spec):
+        gv = self.kernels.get(spec)
+        if gv is not None:
+            return gv
+        from bncompile.lower.kernels import compute
+
+        func = compute.prim_func(spec)
+        rule = "unscheduled"
+        try:
+            from bncompile.lower.kernels import schedules
+
+            rule, sch = schedules.schedule(spec, func, target=self.tdict)
+            func = sch.mod["main"]
+        except BncompileError as err:          # no rule for this target kind: default pipeline decides
+            log.info("batchnorm kernel %s left to the default pipeline: %s", spec.kinds, err)
+        except Exception as err:  # pragma: no cover - a schedule bug must not break the compile
+            log.warning("schedule of batchnorm kernel %s failed (%s); using the unscheduled kernel",
+                        spec.kinds, err)
+            func = compute.prim_func(spec)
+            rule = "unscheduled"
+        name = f"bncompile_bn_{len(self.kernels)}"
+        gv = bb.add_func(func.with_attr("global_symbol", name), name)
+        self.kernels[spec] = gv
+        self.schedules[name] = rule
+        return gv
+
+
+def _node_label(attr) -> str:
+    name = (attr.get("tvm_custom") or {}).get("name")
+    return repr(name) if name else "(unnamed)"
+
+
+def _shape_of(x, what: str, attr) -> list:
+    ty = x.ty
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        raise UnsupportedError(f"node {_node_label(attr)}: {what} has an unknown shape; give static shapes "
+                               "with input_shapes / --input-shape")
+    return list(shape.values)
+
+
+def _emit_bn_kernel(ctx: KernelContext, bb, attr, *, op: str, x, params: list, adjustment=None,
+                    epsilon: float, momentum: float, renorm_momentum: float = 0.99, renorm: bool = False,
+                    clipping: tuple = (), ghost: int | None = None, layout: str):
+    """Emit OUR training kernel for x; returns ``[y, *updated stats]`` (float32 stats)."""
+    from bncompile.lower.kernels.compute import DTYPES, SYMBOLIC, KernelSpec
+
+    relax = _tvm.tvm().relax
+    dtype = str(x.ty.dtype)
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"node {_node_label(attr)} ({op}): input dtype {dtype} is not supported by "
+                               f"bncompile's kernels ({', '.join(DTYPES)})")
+    shp = _shape_of(x, "X", attr)
+    rest = [_static(d) for d in shp[1:]]
+    if any(d is None for d in rest):
+        raise UnsupportedError(f"node {_node_label(attr)} ({op}): X has shape {[str(d) for d in shp]}; only "
+                               "the batch dimension may be symbolic: give --input-shape / input_shapes")
+    n0 = _static(shp[0])
+    N = shp[0]
+    if layout == "bn":                  # ONNX BatchNormalization: (N, C, D1, ...)
+        C = rest[0]
+        Q = int(np.prod(rest[1:], dtype=np.int64)) if len(rest) > 1 else 1
+        mid = [1, C, Q]
+    else:                               # custom ops: canonical (N, M, C, A)
+        if len(shp) != 4:
+            raise UnsupportedError(f"node {_node_label(attr)} ({op}): X must be 4-D (N, M, C, A), got rank {len(shp)}")
+        mid = rest
+        C = rest[1]
+    if ghost:
+        v = int(ghost)
+        if n0 is not None and n0 % v:
+            raise InputError(f"node {_node_label(attr)} ({op}): virtual_batch_size {v} does not divide the "
+                             f"batch size {n0}")
+        if n0 is None:
+            # nothing checks N % v at run time inside the graph (a Relax reshape of a symbolic shape does
+            # not): record it so CompiledModel.run refuses such a batch with a clear message
+            key = str(getattr(N, "name", N))
+            ctx.multiples[key] = math.lcm(ctx.multiples.get(key, 1), v)
+        spec_shape = (v, SYMBOLIC if n0 is None else n0 // v, *mid)
+        kinds = "RGRCR"
+        rshape = (v, (N // v) if n0 is None else n0 // v, *mid)
+    else:
+        spec_shape = (SYMBOLIC if n0 is None else n0, *mid)
+        kinds = "RRCR"
+        rshape = (N, *mid)
+    spec = KernelSpec(training=True, shape=spec_shape, kinds=kinds, dtype=dtype, epsilon=float(epsilon),
+                      momentum=float(momentum), renorm_momentum=float(renorm_momentum), renorm=renorm,
+                      clipping=clipping, adjustment="full" if adjustment is not None else None,
+                      virtual_batch_size=int(ghost) if ghost else None)
+    gv = ctx.kernel(bb, spec)
+    xc = bb.emit(relax.op.reshape(x, rshape))
+
+    def stat(p):
+        p = bb.emit(relax.op.reshape(p, (C,)))
+        return p if str(p.ty.dtype) == "float32" else bb.emit(relax.op.astype(p, "float32"))
+
+    args = [xc] + [stat(p) for p in params]
+    if adjustment is not None:
+        for a in adjustment:
+            a = a if str(a.ty.dtype) == "float32" else bb.emit(relax.op.astype(a, "float32"))
+            args.append(bb.emit(relax.op.broadcast_to(a, rshape)))
+    out_ty = [relax.TensorType(rshape, dtype)] + [relax.TensorType((C,), "float32")
+                                                  for _ in spec.updated_names()]
+    res = bb.emit(relax.call_tir(gv, args, out_ty=out_ty))
+    y = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 0), shp))
+    return [y] + [bb.emit(relax.TupleGetItem(res, i + 1)) for i in range(len(spec.updated_names()))]
+
+
+def make_converters(ctx: KernelContext) -> dict:
+    from bncompile import custom_ops
+
+    relax = _tvm.tvm().relax
+    fe = _tvm.relax_onnx().onnx_frontend
+
+    def cast_like(bb, v, like):
+        dt = str(like.ty.dtype)
+        return v if str(v.ty.dtype) == dt else bb.emit(relax.op.astype(v, dt))
+
+    class BatchNormalization(fe.BatchNormalization):
+        """Inference: TVM's converter. Training (training_mode=1): our kernel (ONNX momentum)."""
+
+        @classmethod
+        def _impl_v15(cls, bb, inputs, attr, params):
+            if not attr.get("training_mode", 0):
+                return super()._impl_v15(bb, inputs, attr, params)
+            x, scale, bias, mean, var = inputs[:5]
+            from bncompile.lower.kernels.compute import DTYPES
+
+            if str(x.ty.dtype) not in DTYPES:
+                # float64: TVM's batch_norm with the momentum converted to its (PyTorch) convention
+                ctx.fallbacks.append(str((attr.get("tvm_custom") or {}).get("name")))
+                attr = dict(attr)
+                attr["momentum"] = 1.0 - float(attr.get("momentum", 0.9))
+                return super()._impl_v15(bb, inputs, attr, params)
+            outs = _emit_bn_kernel(ctx, bb, attr, op="BatchNormalization", x=x, params=[scale, bias, mean, var],
+                                   epsilon=attr.get("epsilon", 1e-5), momentum=attr.get("momentum", 0.9),
+                                   layout="bn")
+            return relax.Tuple([outs[0], cast_like(bb, outs[1], mean), cast_like(bb, outs[2], var)])
+
+        _impl_v14 = _impl_v15
+
+    convs = {"BatchNormalization": BatchNormalization}
+
+    for kind in custom_ops.OPS.values():
+        def impl(cls, bb, inputs, attr, params, _kind=kind):
+            a = {**_kind.attributes, **{k: v for k, v in attr.items() if k != "tvm_custom"}}
+            if _kind.ghost and a.get("virtual_batch_size") is None:
+                raise InputError(f"node {_node_label(attr)} ({_kind.name}): virtual_batch_size is required")
+            x = inputs[0]
+            names = _kind.inputs
+            get = dict(zip(names, inputs))
+            if _kind.renorm:
+                # kernel variables: gamma, beta, moving_mean, moving_variance (unused), stddev, renorm_mean/_stddev
+                params_ = [get["scale"], get["B"], get["mean"], get["stddev"], get["stddev"], get["renorm_mean"],
+                           get["renorm_stddev"]]
+                clip = []
+                for key in ("dmax", "rmax", "rmin"):
+                    v = float(a[key])
+                    if math.isfinite(v) and not (key == "rmin" and v <= 0):
+                        clip.append((key, v))
+                clipping = tuple(sorted(clip))
+            else:
+                params_ = [get["scale"], get["B"], get["mean"], get["var"]]
+                clipping = ()
+            adj = (get["adj_scale"], get["adj_bias"]) if _kind.adjust else None
+            outs = _emit_bn_kernel(ctx, bb, attr, op=_kind.name, x=x, params=params_, adjustment=adj,
+                                   epsilon=a["epsilon"], momentum=a["momentum"],
+                                   renorm_momentum=a.get("renorm_momentum", 0.99), renorm=_kind.renorm,
+                                   clipping=clipping, ghost=a.get("virtual_batch_size") if _kind.ghost else None,
+                                   layout="canonical")
+            like = get["scale"]
+            return relax.Tuple([outs[0]] + [cast_like(bb, o, like) for o in outs[1:]])
+
+        convs[kind.name] = type(kind.name, (fe.OnnxOpConverter,), {"_impl_v1": classmethod(impl)})
+    return convs

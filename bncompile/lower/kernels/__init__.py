@@ -1,0 +1,405 @@
+"""Batch-normalization kernels compiled with TVM: ``compile_batchnorm(config, input_shape) -> Kernel``.
+
+``Kernel.run(feeds)`` takes and returns the names of the training-step ONNX model of the same
+config: inputs ``x``, the variables by Keras name (``gamma`` if scale, ``beta`` if center,
+``moving_mean``, ``moving_variance``, with renorm ``moving_stddev``, ``renorm_mean``,
+``renorm_stddev``; any array with the right element count), and ``adjustment_scale`` /
+``adjustment_bias`` when ``config.adjustment == "inputs"``; outputs ``y`` and ``<name>_new`` for each
+of ``config.updated_variable_names()``. Inference (``training=False`` or a non-trainable config)
+returns ``y`` only.
+
+Adjustment inputs (any shape that broadcasts against x) are materialized on the host: per channel
+when they vary only along the normalized axes (the kernel then folds them into one scale and one
+bias per channel), else broadcast to x's full shape (a second kernel variant reading them per
+element, compiled on first use). A ``RandomAdjustment`` config draws per-channel uniform values
+with NumPy (a generator seeded by the config's seed, fresh draws at each call) unless the feeds give
+them, and returns them as ``adjustment_scale`` / ``adjustment_bias``.
+
+``Kernel.run_tvm(feeds, out=None)`` is the hot path: TVM tensors in, TVM tensors out, no copies
+(x and the variables are viewed in the kernel's canonical shape; pass ``out`` to reuse outputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from bncompile.config import BatchNormConfig, RandomAdjustment, training_effective
+from bncompile.errors import ConfigError, InputError, UnsupportedError
+from bncompile.lower.kernels.compute import (KernelSpec, batchnorm_numpy, canonical_shape, make_spec,
+                                             prim_func)
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict = {}
+_LOCK = threading.Lock()
+# y of at least this many bytes is written with streaming stores on x86 (Kernel._streaming): well past
+# what the caches keep for the next reader, where a cached write only costs a read of y from memory
+STREAMING_MIN_BYTES = 4 << 20
+
+
+@dataclass
+class Built:
+    """One compiled kernel variant."""
+
+    spec: KernelSpec
+    schedule: str
+    executable: Any
+    target: dict
+    streaming: bool = False      # y written with non-temporal stores (schedules.nt_store_pass)
+
+    @property
+    def func(self):
+        return self.executable["main"] if hasattr(self.executable, "__getitem__") else self.executable
+
+
+def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None = None,
+               streaming: bool = False) -> Built:
+    """Compile ``spec`` for ``target`` (cached per spec, target, schedule and variant within the process).
+
+    ``streaming``: write y with non-temporal stores (x86 llvm targets only, else ignored; see
+    :func:`bncompile.kernels.schedules.nt_store_pass`): faster when y is much larger than the caches.
+    """
+    from bncompile.lower import targets, tvm as _tvm
+    from bncompile.lower.kernels import schedules
+
+    tdict = targets.target_dict(target)
+    nt = bool(streaming) and schedules.nt_stores_apply(tdict)
+    key = (spec, repr(sorted(tdict.items())), schedule, nt)
+    with _LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    func = prim_func(spec)
+    name, sch = schedules.schedule(spec, func, target=tdict, rule=schedule)
+    if tdict.get("kind") == "cuda":
+        try:
+            _tvm.verify_memory(sch.mod, tdict)      # catches host code touching device buffers
+        except Exception as err:
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds} "
+                                   f"(host code reads device memory: {first})") from None
+    nt = nt and name in schedules.STREAMING_RULES
+    if nt:   # y written with streaming stores (schedules.nt_store_pass)
+        ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=schedules.nt_store_pipeline())
+    else:
+        ex = _tvm.build(sch.mod, tdict)
+    if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):
+        raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds}")
+    built = Built(spec=spec, schedule=name, executable=ex, target=tdict, streaming=nt)
+    log.info("compiled batchnorm kernel %s %s %s with schedule %s", spec.kinds, spec.shape, spec.dtype, name)
+    with _LOCK:
+        _CACHE[key] = built
+    return built
+
+
+def clear_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()
+
+
+class Kernel:
+    """A compiled batch normalization for one config, input shape (batch may be None), target, dtype."""
+
+    def __init__(self, config: BatchNormConfig, input_shape: Sequence, *, training: bool = True,
+                 target: Any = "llvm", dtype: str = "float32", schedule: str | None = None):
+        from bncompile.lower import targets, tvm as _tvm
+
+        if not isinstance(config, BatchNormConfig):
+            raise ConfigError(f"config: expected a BatchNormConfig, got {type(config).__name__}")
+        self.config = config
+        self.input_shape = tuple(None if d is None else int(d) for d in input_shape)
+        if any(d is None for d in self.input_shape[1:]):
+            raise ConfigError(f"input_shape: only the batch dimension may be None, got {self.input_shape}")
+        self.training = training_effective(config, training)
+        self.dtype = dtype
+        self.target = targets.target_dict(target)
+        self.device = _tvm.device_for(self.target)
+        self.schedule_rule = schedule
+        self.resolved = config.resolve(len(self.input_shape))
+        self.param_shape = config.param_shape(self.input_shape)
+        self._variants: dict[str | None, Built] = {}
+        base_adj = None
+        if self.training and config.adjustment is not None:
+            base_adj = "channel"
+        self.spec = make_spec(config, self.input_shape, training=self.training, dtype=dtype, adjustment=base_adj)
+        self._built(base_adj)                          # compile now: errors surface here
+        self._rng = (np.random.default_rng(config.adjustment.seed)
+                     if isinstance(config.adjustment, RandomAdjustment) else None)
+
+    # ---- names
+    @property
+    def input_names(self) -> list[str]:
+        names = ["x"] + self._variable_names()
+        if self.training and self.config.adjustment == "inputs":
+            names += ["adjustment_scale", "adjustment_bias"]
+        return names
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["y"]
+        if self.training:
+            names += [n + "_new" for n in self.config.updated_variable_names()]
+            if isinstance(self.config.adjustment, RandomAdjustment):
+                names += ["adjustment_scale", "adjustment_bias"]
+        return names
+
+    @property
+    def schedule(self) -> str:
+        return self._built(self.spec.adjustment).schedule
+
+    @property
+    def executable(self):
+        return self._built(self.spec.adjustment).executable
+
+    def _variable_names(self) -> list[str]:
+        return self.spec.variable_names()
+
+    def _built(self, adjustment: str | None, streaming: bool = False) -> Built:
+        key = (adjustment, streaming) if streaming else adjustment
+        b = self._variants.get(key)
+        if b is None:
+            spec = self.spec if adjustment == self.spec.adjustment else \
+                make_spec(self.config, self.input_shape, training=self.training, dtype=self.dtype,
+                          adjustment=adjustment)
+            b = build_spec(spec, target=self.target, schedule=self.schedule_rule, streaming=streaming)
+            self._variants[key] = b
+        return b
+
+    def _streaming(self, x_shape: Sequence[int]) -> bool:
+        """Whether a call on x of ``x_shape`` uses the streaming-store variant: float32 y of at least
+        ``STREAMING_MIN_BYTES`` on an x86 llvm target (smaller outputs stay in cache for their reader)."""
+        from bncompile.lower.kernels import schedules
+
+        if self.dtype != "float32" or not schedules.nt_stores_apply(self.target):
+            return False
+        return int(np.prod([int(d) for d in x_shape])) * 4 >= STREAMING_MIN_BYTES
+
+    # ---- shapes
+    def _check_x_shape(self, shape: Sequence[int]) -> None:
+        shape = tuple(int(s) for s in shape)
+        exp = self.input_shape
+        if len(shape) != len(exp) or any(e is not None and e != s for e, s in zip(exp, shape)):
+            raise InputError(f"x: shape {shape} does not match the compiled input shape "
+                             f"{tuple('?' if e is None else e for e in exp)}")
+        vbs = self.spec.virtual_batch_size
+        if vbs and shape[0] % vbs:
+            raise ConfigError(f"virtual_batch_size: {vbs} does not divide the batch size {shape[0]}; "
+                              "use a batch that is a multiple of it")
+
+    def _adjustment_mode(self, x_shape, scale, bias) -> str:
+        """'channel' when both adjustment inputs vary only along the normalized axes, else 'full'."""
+        rank = len(x_shape)
+        for a in (scale, bias):
+            shp = tuple(a.shape)
+            try:
+                out = np.broadcast_shapes(shp, tuple(x_shape))
+            except ValueError:
+                raise InputError(f"adjustment: shape {shp} does not broadcast against x {tuple(x_shape)}") from None
+            if out != tuple(x_shape):
+                raise InputError(f"adjustment: shape {shp} broadcasts x {tuple(x_shape)} to {out}")
+            padded = (1,) * (rank - len(shp)) + shp
+            if any(d != 1 for i, d in enumerate(padded) if i not in self.resolved.axes):
+                return "full"
+        return "channel"
+
+    # ---- NumPy path
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run one step on NumPy arrays (or TVM tensors); returns NumPy arrays by output name."""
+        from bncompile.lower import tvm as _tvm
+
+        feeds = dict(feeds)
+        if "x" not in feeds:
+            raise InputError("feeds: 'x' is missing")
+        if (all(_tvm.is_tvm_tensor(v) for v in feeds.values()) and self.config.adjustment is None
+                and set(self.spec.variable_names()) <= set(feeds)
+                and set(feeds) <= set(self.spec.variable_names()) | {"x"}):
+            outs = self.run_tvm(feeds)
+            return {k: v.numpy() for k, v in outs.items()}
+        x = feeds.pop("x")
+        x = x.numpy() if _tvm.is_tvm_tensor(x) else np.asarray(x)
+        self._check_x_shape(x.shape)
+        x = np.ascontiguousarray(x.astype(_np_dtype(self.dtype), copy=False))
+        variables = self._variables(x.shape, feeds)
+        adj_arrays, extra_out, mode = self._adjustment(x.shape, feeds)
+        unknown = sorted(set(feeds) - set(self.config.variable_names()) - {"adjustment_scale", "adjustment_bias"})
+        if unknown:
+            raise InputError(f"feeds: unknown input(s) {unknown}; expected some of {self.input_names}")
+        built = self._built(mode, self._streaming(x.shape))
+        spec = built.spec
+        cs = canonical_shape(spec, x.shape)
+        dev = self.device
+        args = [_tvm.to_tensor(x.reshape(cs), dev)]
+        args += [_tvm.to_tensor(variables[n].reshape(spec.channel_shape), dev) for n in spec.variable_names()]
+        for a in adj_arrays:
+            args.append(_tvm.to_tensor(a.reshape(spec.adjustment_shape() if mode == "channel" else cs), dev))
+        outs = [_tvm.empty(cs, self.dtype, dev)] + [_tvm.empty(spec.channel_shape, "float32", dev)
+                                                    for _ in spec.updated_names()]
+        built.func(*args, *outs)
+        result = {"y": outs[0].numpy().reshape(x.shape)}
+        for name, t in zip(spec.updated_names(), outs[1:]):
+            result[name + "_new"] = t.numpy().reshape(self.param_shape)
+        result.update(extra_out)
+        return result
+
+    def _variables(self, x_shape, feeds) -> dict[str, np.ndarray]:
+        names = self.config.variable_names()
+        given = {k: feeds.pop(k) for k in list(feeds) if k in names}
+        given = {k: (v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else np.asarray(v))
+                 for k, v in given.items()}
+        shape = tuple(int(s) for s in x_shape)
+        size = int(np.prod(self.param_shape))
+        for k, v in given.items():
+            if v.size != size:
+                raise InputError(f"feeds[{k!r}]: has {v.size} elements, expected {size} (shape {self.param_shape})")
+        missing = [n for n in self.spec.variable_names() if n not in given]
+        out = {k: np.asarray(v, dtype=np.float32) for k, v in given.items()}
+        if missing:
+            init = self.config.initial_variables(shape, {k: v.astype(np.float64) for k, v in given.items()})
+            for n in missing:
+                out[n] = init[n].astype(np.float32)
+        return out
+
+    def _adjustment(self, x_shape, feeds):
+        """(arrays for the kernel, extra outputs, kernel adjustment mode)."""
+        cfg = self.config.adjustment
+        if not self.training or cfg is None:
+            for k in ("adjustment_scale", "adjustment_bias"):
+                feeds.pop(k, None)
+            return [], {}, None
+        s, b = feeds.pop("adjustment_scale", None), feeds.pop("adjustment_bias", None)
+        extra = {}
+        if s is None or b is None:
+            if cfg == "inputs":
+                raise InputError("feeds: this config has adjustment='inputs'; give adjustment_scale and "
+                                 "adjustment_bias (arrays that broadcast against x)")
+            C = int(np.prod(self.resolved.channel_shape(x_shape)))
+            s = self._rng.uniform(cfg.scale_range[0], cfg.scale_range[1], C)
+            b = self._rng.uniform(cfg.bias_range[0], cfg.bias_range[1], C)
+            extra = {"adjustment_scale": s.reshape(self.param_shape).astype(np.float32),
+                     "adjustment_bias": b.reshape(self.param_shape).astype(np.float32)}
+            s = s.reshape(self.resolved.broadcast_shape(x_shape))
+            b = b.reshape(self.resolved.broadcast_shape(x_shape))
+        s = np.asarray(s.numpy() if hasattr(s, "numpy") and not isinstance(s, np.ndarray) else s, np.float32)
+        b = np.asarray(b.numpy() if hasattr(b, "numpy") and not isinstance(b, np.ndarray) else b, np.float32)
+        if isinstance(cfg, RandomAdjustment):
+            bshape = self.resolved.broadcast_shape(x_shape)
+            s = s.reshape(bshape) if s.size == int(np.prod(bshape)) else s
+            b = b.reshape(bshape) if b.size == int(np.prod(bshape)) else b
+        mode = self._adjustment_mode(x_shape, s, b)
+        if mode == "channel":
+            bshape = self.resolved.broadcast_shape(x_shape)
+            arrays = [np.ascontiguousarray(np.broadcast_to(a.reshape((1,) * (len(x_shape) - a.ndim) + a.shape),
+                                                           bshape)) for a in (s, b)]
+        else:
+            arrays = [np.ascontiguousarray(np.broadcast_to(a, tuple(x_shape))) for a in (s, b)]
+        return arrays, extra, mode
+
+    # ---- TVM path
+    def run_tvm(self, feeds: Mapping[str, Any], out: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run on TVM tensors already on the kernel's device; no copies.
+
+        ``feeds`` holds x and every variable of the kernel (and per-channel adjustment tensors for an
+        adjustment config, in the variables' shape); ``out`` optionally gives the output tensors
+        (any shapes with the right element counts) to write into. Returns the output tensors by name.
+        """
+        from bncompile.lower import tvm as _tvm
+
+        mode = "channel" if self.spec.adjustment else None
+        x = feeds["x"]
+        xs = tuple(int(d) for d in x.shape)
+        self._check_x_shape(xs)
+        built = self._built(mode, self._streaming(xs))
+        spec = built.spec
+        cs = canonical_shape(spec, xs)
+        args = [_tvm.view(x, cs)]
+        for n in spec.variable_names():
+            if n not in feeds:
+                raise InputError(f"feeds: run_tvm needs every variable; {n!r} is missing")
+            args.append(_tvm.view(feeds[n], spec.channel_shape))
+        if spec.adjustment:
+            for n in ("adjustment_scale", "adjustment_bias"):
+                if n not in feeds:
+                    raise InputError(f"feeds: run_tvm needs per-channel {n!r} for this config")
+                args.append(_tvm.view(feeds[n], spec.channel_shape))
+        out = dict(out or {})
+        names = ["y"] + [n + "_new" for n in spec.updated_names()]
+        result = {}
+        for name in names:
+            t = out.get(name)
+            if t is None:
+                t = _tvm.empty(xs if name == "y" else self.param_shape, self.dtype if name == "y" else "float32",
+                               self.device)
+            result[name] = t
+        outs = [_tvm.view(result["y"], cs)] + [_tvm.view(result[n], spec.channel_shape) for n in names[1:]]
+        built.func(*args, *outs)
+        return result
+
+    def bind(self, feeds: Mapping[str, Any], out: Mapping[str, Any] | None = None):
+        """Pre-bind TVM tensors; returns ``(call, outputs)`` where ``call()`` runs one step in place.
+
+        The lowest-overhead way to run a step repeatedly (benchmarks, training loops that swap buffers).
+        """
+        from bncompile.lower import tvm as _tvm
+
+        result = self.run_tvm(feeds, out)           # validates, allocates and warms up
+        spec = self._built("channel" if self.spec.adjustment else None).spec
+        func = self._built(spec.adjustment, self._streaming(tuple(int(d) for d in feeds["x"].shape))).func
+        cs = canonical_shape(spec, tuple(int(d) for d in feeds["x"].shape))
+        args = [_tvm.view(feeds["x"], cs)] + [_tvm.view(feeds[n], spec.channel_shape) for n in spec.variable_names()]
+        if spec.adjustment:
+            args += [_tvm.view(feeds[n], spec.channel_shape) for n in ("adjustment_scale", "adjustment_bias")]
+        names = ["y"] + [n + "_new" for n in spec.updated_names()]
+        args += [_tvm.view(result["y"], cs)] + [_tvm.view(result[n], spec.channel_shape) for n in names[1:]]
+
+        def call():
+            func(*args)
+
+        return call, result
+
+    def numpy_twin(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The same algorithm in NumPy float32 (for checking the kernel apart from TVM)."""
+        feeds = dict(feeds)
+        x = np.asarray(feeds.pop("x"))
+        variables = self._variables(x.shape, feeds)
+        adj_arrays, extra, mode = self._adjustment(x.shape, feeds)
+        spec = self._built(mode).spec
+        cs = canonical_shape(spec, x.shape)
+        adj = tuple(a.reshape(spec.adjustment_shape() if mode == "channel" else cs) for a in adj_arrays) or None
+        res = batchnorm_numpy(spec, x.reshape(cs), {k: v.reshape(spec.channel_shape) for k, v in variables.items()},
+                              adj)
+        out = {"y": res["y"].reshape(x.shape)}
+        for n in spec.updated_names():
+            out[n + "_new"] = res[n + "_new"].reshape(self.param_shape)
+        out.update(extra)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Kernel({self.spec.kinds} {self.spec.shape} {self.dtype} training={self.training} "
+                f"target={self.target.get('kind')} schedule={self.schedule})")
+
+
+def _np_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def compile_batchnorm(config: BatchNormConfig, input_shape: Sequence, *, training: bool = True,
+                      target: Any = "llvm", dtype: str = "float32", schedule: str | None = None) -> Kernel:
+    """Compile ``config`` for inputs of ``input_shape`` (``None`` allowed for the batch).
+
+    ``target``: ``"llvm"`` (host CPU), ``"cuda"`` (sm_90) or a TVM target dict. ``dtype``: x's and y's
+    dtype (float32, float16, bfloat16); statistics and variables are float32. ``schedule`` forces a
+    schedule rule by name (see :mod:`bncompile.kernels.schedules`).
+    """
+    return Kernel(config, input_shape, training=training, target=target, dtype=dtype, schedule=schedule)
+
+
+__all__ = ["compile_batchnorm", "Kernel", "build_spec", "clear_cache", "KernelSpec", "make_spec"]

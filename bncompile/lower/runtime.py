@@ -1,0 +1,264 @@
+"""The compiled model: ``CompiledModel.run`` / ``export``, and :func:`load` of an exported library.
+
+``CompiledModel.export(path)`` writes the library and ``<path>.json`` (input/output names, dtypes and
+shapes, target); default values of inputs that had an initializer go to ``<path>.defaults.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from bncompile._version import __version__
+from bncompile.errors import InputError, UnsupportedError
+from bncompile.lower import tvm as _tvm
+from bncompile.lower.targets import host_arch, runnable_here, target_arch
+
+__all__ = ["CompiledModel", "load", "cuda_source", "value_infos", "fmt_shape", "FORMAT"]
+
+FORMAT = "bncompile-library/1"
+AARCH64_CXX = "aarch64-linux-gnu-g++"
+
+_ELEM_TO_NP = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
+               onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+               onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
+               onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.INT16: "int16"}
+
+
+def value_dims(vi) -> list | None:
+    """The dims of a ValueInfoProto (int, dim_param str, or None), None when it has no shape."""
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def value_infos(values) -> list[dict]:
+    """``[{"name", "dtype", "shape"}]`` of ONNX graph inputs or outputs (the metadata of a library)."""
+    out = []
+    for v in values:
+        elem = v.type.tensor_type.elem_type
+        out.append({"name": v.name, "dtype": _ELEM_TO_NP.get(elem, onnx.helper.tensor_dtype_to_np_dtype(elem).name
+                                                             if elem else "float32"),
+                    "shape": value_dims(v)})
+    return out
+
+
+class CompiledModel:
+    """A compiled ONNX graph: ``run(feeds) -> outputs`` by onnxruntime's names, ``export(path)``."""
+
+    def __init__(self, *, executable=None, module=None, target: dict, target_name: str, inputs: list[dict],
+                 outputs: list[dict], defaults: Mapping[str, np.ndarray] | None = None, info: dict | None = None,
+                 path: str | None = None):
+        self._executable = executable
+        self._module = module
+        self.target = dict(target)
+        self.target_name = target_name
+        self.inputs = inputs
+        self.outputs = outputs
+        self.defaults = dict(defaults or {})
+        self.info = dict(info or {})
+        self.path = path
+        self._vm = None
+        self._device = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel(target={self.target_name}, inputs={self.input_names}, "
+                f"outputs={self.output_names})")
+
+    # ---- running
+    def prepare(self) -> "CompiledModel":
+        """Load the library and create the virtual machine now (otherwise the first ``run`` does it);
+        raises UnsupportedError where the target cannot run on this machine."""
+        self._machine()
+        return self
+
+    def _machine(self):
+        if self._vm is None:
+            why = runnable_here(self.target)
+            if why:
+                raise UnsupportedError(f"cannot run here: {why}")
+            tvm = _tvm.tvm()
+            self._device = _tvm.device_for(self.target)
+            mod = self._executable if self._executable is not None else self._module
+            if mod is None:
+                mod = tvm.runtime.load_module(self.path)
+                self._module = mod
+            self._vm = tvm.relax.VirtualMachine(mod, self._device)
+        return self._vm, self._device
+
+    def _check_feeds(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        unknown = sorted(set(feeds) - set(self.input_names))
+        if unknown:
+            raise InputError(f"feeds: unknown input(s) {', '.join(map(repr, unknown))}; the model's inputs are "
+                             f"{', '.join(self.input_names)}")
+        arrays = []
+        bound: dict[str, int] = {}
+        for spec in self.inputs:
+            name = spec["name"]
+            if name in feeds:
+                v = feeds[name]
+                a = v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else np.asarray(v)
+            elif name in self.defaults:
+                a = self.defaults[name]
+            else:
+                raise InputError(f"feeds: input {name!r} is missing (inputs: {', '.join(self.input_names)})")
+            dt = spec["dtype"]
+            if dt == "bfloat16":
+                import ml_dtypes
+
+                npdt = np.dtype(ml_dtypes.bfloat16)
+            else:
+                npdt = np.dtype(dt)
+            if a.dtype != npdt:
+                if a.dtype.kind == npdt.kind or (a.dtype.kind in "iub" and npdt.kind in "iuf"):
+                    a = a.astype(npdt)
+                else:
+                    raise InputError(f"input {name!r}: dtype {a.dtype} does not match the model's {dt}")
+            shape = spec.get("shape")
+            if shape is not None:
+                if a.ndim != len(shape):
+                    raise InputError(f"input {name!r}: shape {tuple(a.shape)} has rank {a.ndim}; the model expects "
+                                     f"rank {len(shape)} {fmt_shape(shape)}")
+                for i, (want, got) in enumerate(zip(shape, a.shape)):
+                    if isinstance(want, int) and want > 0 and want != got:
+                        raise InputError(f"input {name!r}: shape {tuple(a.shape)} does not match the compiled "
+                                         f"shape {fmt_shape(shape)} (dimension {i} must be {want})")
+                    if isinstance(want, str):
+                        if bound.setdefault(want, int(got)) != int(got):
+                            raise InputError(f"input {name!r}: dimension {i} ({want}) is {got} but another "
+                                             f"input has {want} = {bound[want]}")
+                        mult = (self.info.get("dim_multiples") or {}).get(want)
+                        if mult and int(got) % int(mult):
+                            raise InputError(f"input {name!r}: dimension {i} ({want}) is {got}, which is not a "
+                                             f"multiple of {mult} (the virtual_batch_size of a ghost batch norm)")
+            arrays.append(np.ascontiguousarray(a))
+        return arrays
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run on NumPy arrays by input name (inputs with an initializer may be omitted)."""
+        arrays = self._check_feeds(feeds)
+        vm, dev = self._machine()
+        tvm = _tvm.tvm()
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        try:
+            res = vm["main"](*args)
+        except (ValueError, TypeError) as err:
+            msg = str(err).strip().splitlines()
+            raise InputError(f"run: {msg[-1] if msg else type(err).__name__}") from None
+        outs = [res] if isinstance(res, tvm.runtime.Tensor) else list(res)
+        if len(outs) != len(self.outputs):
+            raise UnsupportedError(f"run: the library returned {len(outs)} outputs, expected {len(self.outputs)}")
+        return {o["name"]: t.numpy() for o, t in zip(self.outputs, outs)}
+
+    __call__ = run
+
+    # ---- export / load
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "bncompile": __version__, "target": self.target_name,
+                "target_dict": self.target, "inputs": self.inputs, "outputs": self.outputs,
+                "defaults": sorted(self.defaults), **{k: v for k, v in self.info.items() if k != "defaults"}}
+
+    def export(self, path, *, cc: str | None = None) -> Path:
+        """Write the library to ``path`` (a ``.tar`` of objects when the name ends in .tar), plus
+        ``<path>.json`` (and ``<path>.defaults.npz`` when some inputs have defaults)."""
+        from bncompile._io import atomic_output, check_output_path
+
+        if self._executable is None:
+            if self.path is None:
+                raise UnsupportedError("export: this model has no executable to export")
+            p = check_output_path(path, what="library")
+            shutil.copyfile(self.path, p)
+        else:
+            p = check_output_path(path, what="library")
+            kwargs = {}
+            if not p.name.endswith(".tar"):
+                cc = cc or self._default_cc()
+                if cc:
+                    kwargs["cc"] = cc
+            tmpdir = tempfile.mkdtemp(prefix=f".{p.name}.", dir=str(p.parent) if str(p.parent) else ".")
+            try:
+                tmp = Path(tmpdir) / p.name
+                try:
+                    self._executable.export_library(str(tmp), **kwargs)
+                except Exception as err:
+                    raise UnsupportedError(f"export: linking {p.name} failed: {str(err).strip().splitlines()[-1]}"
+                                           ) from None
+                os.replace(tmp, p)
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        with atomic_output(str(p) + ".json", what="metadata") as tmp:
+            tmp.write_text(json.dumps(self.metadata(), indent=1, default=str) + "\n")
+        dpath = Path(str(p) + ".defaults.npz")
+        if self.defaults:
+            with atomic_output(dpath, what="defaults") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **self.defaults)
+        elif dpath.exists():
+            dpath.unlink()
+        self.path = str(p)
+        return p
+
+    def _default_cc(self) -> str | None:
+        triple = str(self.target.get("mtriple", ""))
+        arch = target_arch(self.target) if triple else None
+        if arch and arch != host_arch():
+            if arch == "aarch64":
+                if shutil.which(AARCH64_CXX) is None:
+                    raise UnsupportedError(f"export: the aarch64 cross compiler {AARCH64_CXX} is not on PATH: "
+                                           "`apt-get install g++-aarch64-linux-gnu`, or export to a .tar of "
+                                           "object files and link it on the device")
+                return AARCH64_CXX
+            raise UnsupportedError(f"export: no cross compiler known for {triple}; export to a .tar instead")
+        return None
+
+
+def fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(d) if d is not None else "?" for d in shape) + ")"
+
+
+def cuda_source(cm: CompiledModel) -> str:
+    """The CUDA C source of a model compiled for ``cuda`` (for inspection and nvcc checks)."""
+    return _tvm.cuda_source(cm._executable)
+
+
+def load(path) -> CompiledModel:
+    """Load a library written by :meth:`CompiledModel.export` (needs ``<path>.json`` beside it)."""
+    from bncompile._io import check_input_file
+
+    p = check_input_file(path, "library")
+    meta_path = Path(str(p) + ".json")
+    if not meta_path.exists():
+        raise InputError(f"library {str(p)!r} has no metadata file {meta_path.name!r} beside it: export it with "
+                         "bncompile compile (which writes both)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as err:
+        raise InputError(f"metadata file {str(meta_path)!r} is not valid JSON: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"metadata file {str(meta_path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    defaults = {}
+    dpath = Path(str(p) + ".defaults.npz")
+    if meta.get("defaults") and dpath.exists():
+        with np.load(dpath) as z:
+            defaults = {k: z[k] for k in z.files}
+    cm = CompiledModel(target=meta["target_dict"], target_name=meta["target"], inputs=meta["inputs"],
+                       outputs=meta["outputs"], defaults=defaults,
+                       info={k: v for k, v in meta.items() if k in ("kernels", "seconds", "dim_multiples")},
+                       path=str(p))
+    return cm
