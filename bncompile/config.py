@@ -5,7 +5,7 @@ Defaults are Keras 2's. ``resolve(rank)`` turns a config plus an input rank into
 path, the epsilon it would use) that the reference, the ONNX builder and the TVM kernels
 all share, so the three can never disagree on what a config means.
 
-Keras behaviours reproduced here (``../shared/docs/batchnorm-semantics.md``):
+Keras behaviours reproduced here (``docs/batchnorm-semantics.md``):
 
 * ``fused=None`` takes the fused path for rank 4/5 inputs when the single axis is 1 or the
   last; rank 5 with another axis falls back silently; ``fused=True`` where it cannot apply is

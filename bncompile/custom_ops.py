@@ -14,7 +14,7 @@ from any Keras axis (int or list) with a Reshape (and a Transpose for non-contig
 function body serves every rank and axis, and its numbers come from attributes only. Parameters and
 statistics are 1-D ``(C,)``, float32 (float64 with float64 inputs); ``X`` may be float16 or bfloat16.
 
-Semantics (``../shared/docs/batchnorm-semantics.md``), with ``EMA_m(v, t) = v*m + t*(1-m)``:
+Semantics (``docs/batchnorm-semantics.md``), with ``EMA_m(v, t) = v*m + t*(1-m)``:
 
 * statistics over N, M, A (ghost: per virtual batch, the strided samples {g, g+G, ...} with
   G = N/virtual_batch_size; the moving statistics take the average of the group means and variances);

@@ -1,6 +1,6 @@
 """Float64 NumPy reference of every batch-normalization mode: the project's oracle.
 
-Written from ``../shared/docs/batchnorm-semantics.md`` (Keras 2 semantics), independent of the
+Written from ``docs/batchnorm-semantics.md`` (Keras 2 semantics), independent of the
 ONNX graphs and TVM kernels it checks. Notation: ``EMA_m(v, t) = v*m + t*(1-m)``.
 
 * inference: ``y = (x - moving_mean)/sqrt(moving_variance + eps)*gamma + beta``.
