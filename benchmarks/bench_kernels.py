@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from bncompile.kernels.bench import print_table, run_kernel_benchmark
+from bncompile.bench.kernels import print_table, run_kernel_benchmark
 
 
 def main(argv=None) -> int:

@@ -1,17 +1,24 @@
-"""ONNX helpers shared by the commands: safe loading, saving, onnxruntime sessions, random feeds.
+"""ONNX helpers shared by the commands: the one home of model loading and saving, the
+``--input-shape`` grammar, onnxruntime sessions and random feeds.
 
 * :func:`load_model_ir` / :func:`load_model_proto` read a model file after checking it
   (exists, is ONNX, passes ``onnx.checker.check_model(full_check=True)``, external data stays inside
-  the model's folder). onnx-ir reads external data lazily (memory mapped).
+  the model's folder). onnx-ir reads external data lazily (memory mapped). :func:`as_model_proto`
+  takes a path or an in-memory ``ModelProto`` (the API's "model or path" arguments);
+  :func:`model_from_proto` turns a checked proto into onnx-ir.
   :func:`detach_tensors` copies proto-backed tensors out so the parsed proto can be freed.
 * :func:`save_model_ir` writes a model atomically; it writes external data beside the output
   (``<output>.data``) when the input had external data or the model would exceed protobuf's 2 GB,
   else one self-contained file streamed one tensor at a time (:func:`write_model_streaming`).
   The output never points back at the input's data file. :func:`serialize_model` gives the
   ``ModelProto`` without the redundant initializer value_info onnx-ir adds.
+* :func:`save_model_proto` writes a ``ModelProto`` atomically.
+* :func:`parse_input_shapes` / :func:`parse_shape`: the ``--input-shape`` grammar
+  (:mod:`bncompile.shapes`).
 * :func:`make_session` builds an onnxruntime session with **all** graph optimizations off (the
   default level fuses Conv+BatchNormalization itself and would hide a bug).
-* :func:`random_feeds` draws seeded random inputs for a session's inputs.
+* :func:`draw_feeds` draws seeded random inputs; :func:`random_feeds` for a session's inputs,
+  :func:`model_feeds` for a model's inputs at given shapes.
 * :func:`compare_outputs` measures max abs / relative error between two runs.
 * :func:`model_to_float32` converts a float16/bfloat16 model to a float32 twin (the accuracy reference).
 
@@ -32,6 +39,7 @@ import onnx
 
 from bncompile._io import atomic_output, check_input_file
 from bncompile.errors import InputError
+from bncompile.shapes import parse_input_shapes, parse_shape  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +55,29 @@ _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
 
 # --------------------------------------------------------------------------- loading
 
-def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of a graph and its subgraphs (initializers and tensor attributes)."""
-    yield from graph.initializer
-    for sp in graph.sparse_initializer:
-        yield sp.values
-        yield sp.indices
+def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph``, then each of its subgraphs (attributes of its nodes), depth first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
             if attr.HasField("g"):
-                yield from _iter_tensor_protos(attr.g)
+                yield from _iter_graphs(attr.g)
             for g in attr.graphs:
-                yield from _iter_tensor_protos(g)
+                yield from _iter_graphs(g)
+
+
+def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs (initializers and tensor attributes)."""
+    for g in _iter_graphs(graph):
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
 
 
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
@@ -222,6 +238,29 @@ def model_from_proto(proto: onnx.ModelProto, *, check: bool = True, base_dir=Non
     return model
 
 
+def as_model_proto(model, *, check: bool = True, copy: bool = False, what: str = "model"
+                   ) -> onnx.ModelProto:
+    """A path or an in-memory ``onnx.ModelProto`` -> a checked ``ModelProto``.
+
+    A path goes through :func:`load_model_proto` (external data loaded, never from outside the
+    model's folder); a proto is checked (``check``) and copied (``copy``), and refused when it
+    refers to external data (nothing to resolve it against: pass the path instead).
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return load_model_proto(model, check=check)
+    if isinstance(model, onnx.ModelProto):
+        if external_data_locations(model):
+            raise InputError(f"the in-memory {what} refers to external data: pass the model's path instead")
+        if check:
+            check_model(model, what=what)
+        if copy:
+            twin = onnx.ModelProto()
+            twin.CopyFrom(model)
+            return twin
+        return model
+    raise InputError(f"{what}: expected a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
 # --------------------------------------------------------------------------- saving
 
 def has_external_tensors(model) -> bool:
@@ -268,19 +307,23 @@ def save_model_ir(model, path, *, external_data: bool | None = None) -> Path | N
     return out.parent / data_name if data_name else None
 
 
+def save_model_proto(model: onnx.ModelProto, path) -> Path:
+    """Write a ``ModelProto`` (self-contained) to ``path`` atomically."""
+    out = Path(path)
+    with atomic_output(out) as tmp:
+        onnx.save(model, str(tmp))
+    return out
+
+
 def _drop_initializer_value_info(graph: onnx.GraphProto, names=None) -> None:
     """Remove value_info entries that only repeat an initializer's type (onnx-ir adds them)."""
-    names = set(names or ()) | {t.name for t in graph.initializer}
-    if any(vi.name in names for vi in graph.value_info):
-        kept = [vi for vi in graph.value_info if vi.name not in names]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                _drop_initializer_value_info(attr.g)
-            for sub in attr.graphs:
-                _drop_initializer_value_info(sub)
+    for g in _iter_graphs(graph):
+        drop = set(names or ()) if g is graph else set()
+        drop |= {t.name for t in g.initializer}
+        if any(vi.name in drop for vi in g.value_info):
+            kept = [vi for vi in g.value_info if vi.name not in drop]
+            del g.value_info[:]
+            g.value_info.extend(kept)
 
 
 def serialize_model(model) -> onnx.ModelProto:
@@ -359,24 +402,6 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto):
         raise InputError(f"onnxruntime cannot load the model: {first}") from None
 
 
-def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
-    """Parse ``["x=1,3,224,224", ...]`` into ``{"x": (1, 3, 224, 224)}``."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs or ():
-        name, sep, dims = spec.rpartition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.split(",") if d.strip() != "")
-            if any(d < 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise InputError(f"--input-shape {spec!r}: expected NAME=D1,D2,... with "
-                             "non-negative integers, e.g. x=1,3,224,224") from None
-        shapes[name] = shape
-    return shapes
-
-
 def input_specs(session, input_shapes: Mapping[str, Sequence[int]] | None = None
                 ) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, concrete shape, ORT type) of each session input; a free first dim defaults to 1."""
@@ -410,25 +435,60 @@ def input_specs(session, input_shapes: Mapping[str, Sequence[int]] | None = None
     return specs
 
 
-def random_feeds(session, *, seed: int = 0, input_shapes=None) -> dict[str, np.ndarray]:
-    """Seeded random inputs for every input of an onnxruntime session (normal floats, small ints)."""
+def _ort_dtype(type_: str):
+    """The NumPy dtype of an onnxruntime input type such as ``tensor(float)``; None when it has none."""
+    if type_ in _FLOAT_TYPES:
+        return np.dtype(_FLOAT_TYPES[type_])
+    if type_ == "tensor(bfloat16)":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    if type_ == "tensor(bool)":
+        return np.dtype(bool)
+    if type_.startswith(("tensor(int", "tensor(uint")):
+        return np.dtype(type_[len("tensor("):-1])
+    return None
+
+
+def draw_feeds(inputs: Sequence[tuple[str, Sequence[int], object]], *, seed: int = 0
+               ) -> dict[str, np.ndarray]:
+    """Seeded random values for ``(name, shape, dtype)`` triples, drawn in order from one generator:
+    standard normal floats (float16/32/64, bfloat16), bools with probability 1/2, integers in
+    [0, 4). ``dtype`` is a NumPy dtype, or a type name (named in the error) when it has none."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for name, shape, type_ in input_specs(session, input_shapes):
-        if type_ in _FLOAT_TYPES:
-            feeds[name] = rng.standard_normal(shape).astype(_FLOAT_TYPES[type_])
-        elif type_ == "tensor(bfloat16)":
-            import ml_dtypes
-            feeds[name] = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
-        elif type_ == "tensor(bool)":
+    for name, shape, dtype in inputs:
+        kind = dtype.kind if isinstance(dtype, np.dtype) else None
+        if kind == "f" or (kind is not None and dtype.name == "bfloat16"):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif kind == "b":
             feeds[name] = rng.random(shape) < 0.5
-        elif type_.startswith("tensor(int") or type_.startswith("tensor(uint"):
-            dtype = np.dtype(type_[len("tensor("):-1])
+        elif kind is not None and kind in "iu":
             feeds[name] = rng.integers(0, 4, size=shape).astype(dtype)
         else:
-            raise InputError(f"input {name!r} has type {type_}: bncompile cannot draw random "
+            raise InputError(f"input {name!r} has type {dtype}: bncompile cannot draw random "
                              "values for it")
     return feeds
+
+
+def random_feeds(session, *, seed: int = 0, input_shapes=None) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every input of an onnxruntime session (see :func:`draw_feeds`)."""
+    return draw_feeds([(name, shape, _ort_dtype(type_) or type_)
+                       for name, shape, type_ in input_specs(session, input_shapes)], seed=seed)
+
+
+def model_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """Seeded random values for the graph inputs named in ``shapes`` (in that order), typed from
+    the model (see :func:`draw_feeds`)."""
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
+    inputs = []
+    for name, shape in shapes.items():
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[name]))
+        except (KeyError, TypeError, ValueError):
+            dtype = onnx.TensorProto.DataType.Name(types[name]).lower()
+        inputs.append((name, shape, dtype))
+    return draw_feeds(inputs, seed=seed)
 
 
 def compare_outputs(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> dict:
@@ -485,23 +545,20 @@ def _type_to_float32(tp: onnx.TypeProto) -> None:
         _type_to_float32(tp.optional_type.elem_type)
 
 
-def _graph_to_float32(g: onnx.GraphProto) -> None:
-    for t in g.initializer:
-        _tensor_to_float32(t)
-    for vi in (*g.input, *g.output, *g.value_info):
-        _type_to_float32(vi.type)
-    for node in g.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                _tensor_to_float32(attr.t)
-            for t in attr.tensors:
-                _tensor_to_float32(t)
-            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in _LOW:
-                attr.i = onnx.TensorProto.FLOAT
-            if attr.HasField("g"):
-                _graph_to_float32(attr.g)
-            for sub in attr.graphs:
-                _graph_to_float32(sub)
+def _graph_to_float32(graph: onnx.GraphProto) -> None:
+    for g in _iter_graphs(graph):
+        for t in g.initializer:
+            _tensor_to_float32(t)
+        for vi in (*g.input, *g.output, *g.value_info):
+            _type_to_float32(vi.type)
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    _tensor_to_float32(attr.t)
+                for t in attr.tensors:
+                    _tensor_to_float32(t)
+                if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in _LOW:
+                    attr.i = onnx.TensorProto.FLOAT
 
 
 def model_to_float32(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -202,7 +202,7 @@ def test_readme_cli_tour_runs(tmp_path):
         argv = shlex.split(line.split("  #")[0])
         assert argv[0] == "bncompile", line
         if argv[:3] == ["bncompile", "bench", "--kernels"]:
-            continue  # a minutes-long benchmark; its code path is tested in test_kernels_bench.py
+            continue  # a minutes-long benchmark; its code path is tested in tests/bench/test_kernels.py
         argv[0] = str(CONSOLE_SCRIPT)
         r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"

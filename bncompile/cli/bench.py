@@ -1,14 +1,12 @@
 """``bncompile bench model.onnx [--batch 1,8] [--threads N] ...``: compare runtimes against onnxruntime.
 
 ``bncompile bench --kernels`` runs the TVM batch-normalization kernel benchmark instead
-(:func:`bncompile.kernels.bench.run_kernel_benchmark`).
+(:func:`bncompile.bench.kernels.run_kernel_benchmark`).
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import inspect
 import json
 from pathlib import Path
 
@@ -17,8 +15,8 @@ from bncompile.errors import InputError, UnsupportedError
 DESCRIPTION = (
     "Time a model on the same seeded inputs, in interleaved rounds (so machine drift cancels), in "
     "onnxruntime at its default optimization level (the baseline) and with all optimizations off, "
-    "the bncompile-folded model in onnxruntime at both levels, the TVM-compiled model (when "
-    "bncompile's compiler works; otherwise marked unavailable) and CUDA versions where present. "
+    "the bncompile-folded model in onnxruntime at both levels, the TVM-compiled model (marked "
+    "unavailable, with the reason, when it does not compile) and CUDA versions where present. "
     "Prints median/p90 latency, throughput, the ratio to onnxruntime, the max error against it and "
     "peak memory. --kernels runs the TVM kernel benchmark instead. Exit 0 ok, 2 bad input.")
 
@@ -119,23 +117,11 @@ def run(args) -> int:
 
 def _run_kernels(args) -> int:
     from bncompile._io import atomic_output
+    from bncompile.bench.kernels import format_table, run_kernel_benchmark
 
-    try:
-        kb = importlib.import_module("bncompile.kernels.bench")
-        run_kernel_benchmark = kb.run_kernel_benchmark
-    except (ImportError, AttributeError) as err:
-        raise UnsupportedError(f"--kernels needs bncompile.kernels.bench.run_kernel_benchmark, which cannot "
-                               f"be imported here ({type(err).__name__}: {err})") from None
-    params = inspect.signature(run_kernel_benchmark).parameters
-    kwargs = {"repeat": args.repeat}
-    if "threads" in params:
-        kwargs["threads"] = args.threads
-    if "target" in params:
-        kwargs["target"] = args.target
-    result = run_kernel_benchmark(**kwargs)
+    result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
     if args.json:
         with atomic_output(args.json, what="--json") as tmp:
             Path(tmp).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    fmt = getattr(kb, "format_table", None)
-    print(fmt(result) if fmt else json.dumps(result, indent=2, default=str))
+    print(format_table(result))
     return 0

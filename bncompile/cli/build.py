@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from bncompile._io import atomic_output, check_input_file
+from bncompile._io import check_input_file
 from bncompile.errors import ConfigError, InputError
 
 DESCRIPTION = """Build an ONNX model (opset 15) of one Keras BatchNormalization layer, in inference mode
@@ -36,21 +36,6 @@ def _clipping(text: str) -> dict:
         except ValueError:
             raise ConfigError(f"renorm_clipping: {key.strip()} must be a number, got {value!r}") from None
     return out
-
-
-def _shape(text: str) -> list:
-    dims = []
-    for d in text.replace("x", ",").split(","):
-        d = d.strip()
-        if d in ("N", "n", "None", "?", "-1", "batch"):
-            dims.append(None)
-        else:
-            try:
-                dims.append(int(d))
-            except ValueError:
-                raise InputError(f"--input-shape: {d!r} is not a dimension; use e.g. 8,32,32,16 or N,32,32,16") \
-                    from None
-    return dims
 
 
 def add_arguments(p) -> None:
@@ -110,10 +95,13 @@ def config_from_args(args):
 
 
 def run(args) -> int:
+    import onnx
+
+    from bncompile import onnx_utils
     from bncompile.builder import build_model
 
     config = config_from_args(args)
-    shape = _shape(args.input_shape)
+    shape = onnx_utils.parse_shape(args.input_shape)
     weights = None
     if args.weights:
         path = check_input_file(args.weights, "weights")
@@ -123,11 +111,8 @@ def run(args) -> int:
         except Exception as err:  # noqa: BLE001 - any unreadable npz is a bad input
             raise InputError(f"weights file {args.weights!r} is not a readable .npz ({err})") from None
     model = build_model(config, shape, training=args.training, dtype=args.dtype, weights=weights)
-    import onnx
-
     onnx.checker.check_model(model, full_check=True)
-    with atomic_output(args.output) as tmp:
-        onnx.save(model, str(tmp))
+    onnx_utils.save_model_proto(model, args.output)
     summary = {
         "output": args.output,
         "mode": "training" if any(o.name.endswith("_new") for o in model.graph.output) else "inference",

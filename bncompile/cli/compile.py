@@ -28,30 +28,8 @@ def add_arguments(p) -> None:
                    help="do not fold inference BatchNormalization before compiling")
 
 
-def parse_input_shapes(items) -> dict:
-    shapes = {}
-    for item in items or []:
-        name, sep, dims = item.partition("=")
-        if not sep or not name.strip():
-            raise InputError(f"--input-shape: expected NAME=D1,D2,..., got {item!r}")
-        out = []
-        for d in dims.split(","):
-            d = d.strip()
-            if d.lstrip("-").isdigit():
-                v = int(d)
-                if v == 0 or v < -1:
-                    raise InputError(f"--input-shape {item!r}: dimensions must be positive (or -1 / N for a "
-                                     "dynamic one)")
-                out.append(v if v > 0 else None)
-            elif d and d.replace("_", "").isalnum() or d == "?":
-                out.append(None if d == "?" else d)
-            else:
-                raise InputError(f"--input-shape {item!r}: {d!r} is not a dimension")
-        shapes[name.strip()] = out
-    return shapes
-
-
 def run(args) -> int:
+    from bncompile import onnx_utils
     from bncompile._io import check_input_file, check_output_path
     from bncompile.lower.driver import compile
     from bncompile.lower.targets import resolve_target
@@ -65,7 +43,7 @@ def run(args) -> int:
     name, _ = resolve_target(target)          # unknown targets fail before any work
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{name}.so")
     check_output_path(out, what="library")
-    shapes = parse_input_shapes(args.input_shape)
+    shapes = onnx_utils.parse_input_shapes(args.input_shape, dynamic=True, named=True)
     t = time.perf_counter()
     cm = compile(str(src), target=target, input_shapes=shapes or None, fold=args.fold)
     cm.export(out)

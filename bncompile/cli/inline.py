@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bncompile._io import atomic_output, check_input_file
+from bncompile._io import check_input_file
 from bncompile.errors import InputError
 
 DESCRIPTION = """Inline bncompile's custom ops (model-local functions) into plain standard ops, for
@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import onnx
 
-    from bncompile import custom_ops
+    from bncompile import custom_ops, onnx_utils
     from bncompile.inline import inline_with_report
 
     src = check_input_file(args.model)
@@ -32,16 +32,11 @@ def run(args) -> int:
     out = Path(args.output) if args.output else (src if args.in_place else src.with_suffix(".inlined.onnx"))
     if out.resolve() == src.resolve() and not args.in_place:
         raise InputError(f"output {str(out)!r} is the input model: pass --in-place to overwrite it, or choose -o")
-    try:
-        model = onnx.load(str(src))
-    except Exception as err:  # noqa: BLE001 - protobuf raises several types on bad bytes
-        raise InputError(f"{str(src)!r} is not a readable ONNX model ({type(err).__name__}); "
-                         "check the file is complete") from None
     custom_ops.register_schemas()
+    model = onnx_utils.load_model_proto(src)
     result, report = inline_with_report(model)
     onnx.checker.check_model(result, full_check=True)
-    with atomic_output(out) as tmp:
-        onnx.save(result, str(tmp))
+    onnx_utils.save_model_proto(result, out)
     report["output"] = str(out)
     if args.json:
         print(json.dumps(report, indent=2))

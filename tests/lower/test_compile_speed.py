@@ -162,8 +162,8 @@ def test_generic_x86_64_target_runs(compiler):
 
 def test_conv_schedule_shape(compiler):
     """The packed conv function is parallel, vectorized, and has no predicate (even splits only)."""
-    import tvm
-    from tvm import relax
+    from bncompile.lower import tvm as _shim
+    tvm, relax = _shim.tvm(), _shim.submodule("tvm.relax")
 
     from bncompile.lower import graph_schedules as gs
     from bncompile.lower.targets import target_dict
@@ -197,7 +197,8 @@ def test_conv_schedule_shape(compiler):
 def test_bncompile_kernels_are_left_alone(compiler):
     """Training-mode BN becomes OUR call_tir kernel: never rescheduled, never fused."""
     from bncompile.lower import graph_schedules as gs
-    import tvm
+    from bncompile.lower import tvm as _shim
+    tvm = _shim.tvm()
 
     rng = np.random.default_rng(6)
     c = 16
@@ -232,8 +233,8 @@ def test_dynamic_shapes_keep_alias_info(compiler):
     then drops the alias info of every function in the module (the conv accumulators go to memory after
     each FMA, 2.5x slower). The pipeline gives single-buffer functions the attribute: every PrimFunc of the
     lowered module must carry it."""
-    import tvm
-    from tvm import relax
+    from bncompile.lower import tvm as _shim
+    tvm, relax = _shim.tvm(), _shim.submodule("tvm.relax")
 
     from bncompile.lower import graph_schedules as gs
     from bncompile.lower.targets import target_dict

@@ -17,7 +17,9 @@ from bncompile.config import BatchNormConfig, RandomAdjustment
 from bncompile.errors import ConfigError, InputError, UnsupportedError
 from bncompile.reference import batchnorm, run_steps
 
-import tvm as tvm_mod  # noqa: E402
+from bncompile.lower import tvm as _shim  # noqa: E402
+
+tvm_mod = _shim.tvm()
 pytestmark = pytest.mark.tvm
 
 from bncompile.kernels import compile_batchnorm  # noqa: E402

@@ -1,4 +1,4 @@
-"""The kernel benchmark runs end to end on a tiny case and reports every figure."""
+"""`bncompile.bench.kernels`: the kernel benchmark runs end to end on a tiny case and reports every figure."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
 
 def test_benchmark_small_case(tmp_path):
-    from bncompile.kernels.bench import format_table, run_kernel_benchmark
+    from bncompile.bench.kernels import format_table, run_kernel_benchmark
 
     path = tmp_path / "bench.json"
     res = run_kernel_benchmark([((4, 8, 6, 6), 1), ((4, 8, 6, 6), 1, "renorm"), ((2, 5, 5, 16), -1)],
@@ -27,8 +26,8 @@ def test_benchmark_small_case(tmp_path):
 
 
 def test_benchmark_cuda_skips_without_gpu():
-    from bncompile import _tvm
-    from bncompile.kernels.bench import format_table, run_kernel_benchmark
+    from bncompile.lower import tvm as _tvm
+    from bncompile.bench.kernels import format_table, run_kernel_benchmark
 
     if _tvm.cuda_available():
         pytest.skip("a GPU is present")

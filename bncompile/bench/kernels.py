@@ -1,7 +1,8 @@
 """Benchmark of the TVM batch-normalization kernels against onnxruntime and NumPy.
 
-For each case, in one run and interleaved (one call of each implementation per round, so that
-machine noise hits them alike), the median time of:
+For each case, in one run and interleaved (:func:`bncompile.bench.timing.time_interleaved`: one
+call of each implementation per round, the order rotated every round, so that machine noise hits
+them alike; 2 warm-up rounds), the median time of:
 
 * ``tvm``: the compiled training-mode kernel (y and every updated variable), pre-bound TVM tensors;
 * ``tvm_infer``: the compiled inference kernel of the same config (y from the moving statistics);
@@ -23,12 +24,12 @@ import json
 import logging
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from bncompile.bench.timing import time_interleaved
 from bncompile.config import BatchNormConfig
 
 log = logging.getLogger(__name__)
@@ -125,21 +126,8 @@ def _numpy_runner(x, axis):
     return call
 
 
-def _time_interleaved(runners: dict, repeat: int, warmup: int = 2) -> dict[str, list[float]]:
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(repeat):
-        for name, fn in runners.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = True):
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
     from bncompile.kernels import compile_batchnorm
 
     cfg = case.config()
@@ -166,7 +154,7 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     ``shapes``: a list of :class:`Case` or of ``(shape, axis)`` / ``(shape, axis, variant)`` tuples;
     default :data:`DEFAULT_CASES`. ``json_path`` writes the result as JSON too.
     """
-    from bncompile import _tvm
+    from bncompile.lower import tvm as _tvm
 
     if _tvm.target_kind(target) == "cuda" and not _tvm.cuda_available():
         log.warning("benchmark: no CUDA GPU here; the CUDA benchmark is skipped")
@@ -196,7 +184,7 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
                    "ort_train": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads),
                    "ort_infer": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads),
                    "numpy": _numpy_runner(x, case.axis)}
-        times = _time_interleaved(runners, repeat)
+        times, _ = time_interleaved(runners, repeat, warmup=2)
         med = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
         nbytes = 2 * x.nbytes
         row = {"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
@@ -216,8 +204,12 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     out = {"machine": {"cpu": _tvm.host_cpu(), "threads": threads, "target": target, "repeat": repeat},
            "cases": results}
     if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(out, fh, indent=2)
+        from pathlib import Path
+
+        from bncompile._io import atomic_output
+
+        with atomic_output(json_path, what="json") as tmp:
+            Path(tmp).write_text(json.dumps(out, indent=2))
     return out
 
 

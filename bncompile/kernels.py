@@ -1,7 +1,5 @@
 """``bncompile.kernels``: the public name of the batch-normalization kernels, which live in
 :mod:`bncompile.lower.kernels` (``compile_batchnorm(config, input_shape) -> Kernel``; see there).
-
-(``bncompile/kernels/bench.py`` stays here until it moves to ``bncompile/bench/kernels.py``.)
 """
 
 from bncompile.lower.kernels import *  # noqa: F401,F403

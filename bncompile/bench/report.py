@@ -1,0 +1,148 @@
+"""What a benchmark measured: one :class:`VariantResult` per (variant, batch) in a :class:`BenchReport`,
+its JSON form (``bncompile/schemas/bench.schema.json``) and its plain-text table."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+#: the variant every ratio and error is measured against
+BASELINE = "ort"
+
+
+@dataclass
+class VariantResult:
+    """One variant at one batch size. ``status`` is ``ok`` or ``unavailable`` (then ``reason``)."""
+
+    variant: str
+    batch: int
+    status: str = "ok"
+    reason: str | None = None
+    median_ms: float | None = None
+    mean_ms: float | None = None
+    min_ms: float | None = None
+    p10_ms: float | None = None
+    p25_ms: float | None = None
+    p75_ms: float | None = None
+    p90_ms: float | None = None
+    throughput: float | None = None          # samples per second, batch / median
+    ratio: float | None = None               # median of per-round (variant / ort) latency ratios
+    ratio_of_medians: float | None = None
+    cpu_median_ms: float | None = None       # process CPU time per call (all threads)
+    cpu_ratio: float | None = None           # median of per-round CPU-time ratios to ort
+    max_abs_err: float | None = None         # against ort's outputs
+    max_rel_err: float | None = None
+    peak_rss_mb: float | None = None
+    run_rss_mb: float | None = None
+    memory_method: str | None = None
+    samples: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (a non-finite error, e.g. from a shape mismatch, becomes null)."""
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class BenchReport:
+    """What :func:`benchmark` measured: settings, machine and one :class:`VariantResult` per
+    (batch, variant). ``.to_dict()`` follows ``bncompile/schemas/bench.schema.json``."""
+
+    model: str
+    inputs: dict                              # name -> shape with the batch as "N" when free
+    batches: list
+    threads: int
+    target: str
+    repeat: int
+    warmup: int
+    seed: int
+    variants: list
+    results: list = field(default_factory=list)
+    fold: dict | None = None
+    machine: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def result(self, variant: str, batch: int) -> VariantResult | None:
+        for r in self.results:
+            if r.variant == variant and r.batch == batch:
+                return r
+        return None
+
+    def ratios(self) -> dict:
+        """``{"<variant>@<batch>": ratio}`` of every measured variant (for reproducibility checks)."""
+        return {f"{r.variant}@{r.batch}": r.ratio for r in self.results if r.status == "ok"}
+
+    def cpu_ratios(self) -> dict:
+        """``{"<variant>@<batch>": cpu_ratio}``: the same from process CPU time."""
+        return {f"{r.variant}@{r.batch}": r.cpu_ratio for r in self.results if r.status == "ok"}
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "tool": "bncompile bench",
+                "model": self.model, "inputs": self.inputs, "batches": list(self.batches),
+                "threads": self.threads, "target": self.target, "repeat": self.repeat,
+                "warmup": self.warmup, "seed": self.seed, "baseline": BASELINE,
+                "variants": list(self.variants), "fold": self.fold, "machine": self.machine,
+                "seconds": self.seconds, "results": [r.to_dict() for r in self.results]}
+
+    def table(self) -> str:
+        """A plain-text table, one row per (batch, variant)."""
+        head = (f"{'batch':>5}  {'variant':<17} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} "
+                f"{'samples/s':>10} {'vs ort':>7} {'cpu vs':>7} {'max err':>9} {'peak MB':>8} {'run MB':>7}")
+        lines = [f"model {self.model}  inputs {_fmt_inputs(self.inputs)}", head, "-" * len(head)]
+        for r in self.results:
+            if r.status != "ok":
+                lines.append(f"{r.batch:>5}  {r.variant:<17} unavailable: {r.reason}")
+                continue
+            lines.append(
+                f"{r.batch:>5}  {r.variant:<17} {r.median_ms:10.3f} {r.p10_ms:9.3f} {r.p90_ms:9.3f} "
+                f"{r.throughput:10.1f} {r.ratio:7.3f} {_fmt_ratio(r.cpu_ratio):>7} {_fmt_err(r.max_rel_err):>9} "
+                f"{_fmt_mb(r.peak_rss_mb):>8} {_fmt_mb(r.run_rss_mb):>7}")
+        m = self.machine
+        lines.append(
+            f"(interleaved: {self.repeat} rounds after {self.warmup} warm-up; {self.threads} thread(s); "
+            f"target {self.target}; cpu {m.get('cpu', '?')}, {m.get('cores', '?')} cores; "
+            "vs ort = median per-round latency ratio to onnxruntime default, <1 faster; cpu vs = the "
+            "same from process CPU time (steadier on a busy machine); "
+            "max err = max abs error / max |ort output|; peak MB = RSS high-water of load+runs in a "
+            "fresh process, run MB = during runs only)")
+        return "\n".join(lines)
+
+
+def _fmt_inputs(inputs: dict) -> str:
+    return ", ".join(f"{k} [{','.join(map(str, v))}]" for k, v in inputs.items())
+
+
+def _fmt_ratio(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _fmt_err(v) -> str:
+    return "-" if v is None else ("0" if v == 0 else f"{v:.1e}")
+
+
+def _fmt_mb(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def machine_info(threads: int) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count() or 1, "platform": platform.platform(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "tvm_num_threads": os.environ.get("TVM_NUM_THREADS")}
