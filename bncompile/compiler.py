@@ -347,7 +347,7 @@ def _prepare(model: onnx.ModelProto, *, fold: bool, input_shapes) -> tuple[onnx.
     custom_ops.register_schemas()
     _apply_input_shapes(model, input_shapes)
     if fold:
-        from bncompile.fold import fold as fold_bn
+        from bncompile.folding import fold as fold_bn
 
         t = time.perf_counter()
         model = fold_bn(model, check=False, validate=False).model
