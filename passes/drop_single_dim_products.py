@@ -43,7 +43,8 @@ class DropSingleDimProductsPass(ir.passes.InPlacePass):
                 entries.append(Entry.of(node, LEFT, why))
                 continue
             out = node.outputs[0]
-            out.replace_all_uses_with(node.inputs[0])
+            for user, index in list(out.uses()):
+                user.replace_input_with(index, node.inputs[0])
             if not out.is_graph_output():       # keep graph outputs named: leave the node in place
                 graph.remove(node, safe=True)
             entries.append(Entry.of(node, "bypassed"))
