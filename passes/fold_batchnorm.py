@@ -239,17 +239,22 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if old is not None:
             self._orphans.append(old)
 
-    def _conv(self, node, out, channels):
+    def _conv_weights(self, node):
+        """(W, bias or None, None) of a Conv/ConvTranspose, or (None, None, reason)."""
         w, why = self._weight(node, 1, "weight")
         if w is None:
-            return None, why
+            return None, None, why
         if w.ndim < 3:
-            return None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
-        b = None
+            return None, None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b, why = self._weight(node, 2, "bias")
-            if b is None:
-                return None, why
+            return (w, b, None) if b is not None else (None, None, why)
+        return w, None, None
+
+    def _conv(self, node, out, channels):
+        w, b, why = self._conv_weights(node)
+        if w is None:
+            return None, why
         wname = node.inputs[1].name or "W"
 
         def apply(k, shift):
@@ -264,19 +269,12 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return _Target(w.shape[0], w.ndim, node_label(node), "Conv", out, apply), None
 
     def _conv_transpose(self, node, out, channels):
-        w, why = self._weight(node, 1, "weight")
+        w, b, why = self._conv_weights(node)
         if w is None:
             return None, why
-        if w.ndim < 3:
-            return None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
         group = attr_int(node, "group", 1)
         if group < 1 or w.shape[0] % group:
             return None, f"{node_label(node)} group={group} does not divide {w.shape[0]} input channels"
-        b = None
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            b, why = self._weight(node, 2, "bias")
-            if b is None:
-                return None, why
         per_group = w.shape[1]
         n_out = per_group * group
         wname = node.inputs[1].name or "W"
@@ -341,13 +339,18 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                     "MatMul's last (column) axis")
         return None
 
+    def _matmul_weight(self, node):
+        """(the constant 2-D right operand of a MatMul, None), or (None, reason)."""
+        w, why = self._weight(node, 1, "right operand")
+        if w is not None and w.ndim != 2:
+            return None, f"{node_label(node)} right operand has rank {w.ndim}, expected 2"
+        return w, why
+
     def _matmul(self, node, out, channels, *, repeat: int = 1, rank: int | None = 2,
                 check_rank: bool = True):
-        w, why = self._weight(node, 1, "right operand")
+        w, why = self._matmul_weight(node)
         if w is None:
             return None, why
-        if w.ndim != 2:
-            return None, f"{node_label(node)} right operand has rank {w.ndim}, expected 2"
         if check_rank:
             why = self._matmul_rank_check(node, out)
             if why:
@@ -387,11 +390,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         b, why = self._weight(node, 1 - i, "bias")
         if b is None:
             return None, why
-        w, why = self._weight(mm, 1, "right operand")
+        w, why = self._matmul_weight(mm)
         if w is None:
             return None, why
-        if w.ndim != 2:
-            return None, f"{node_label(mm)} right operand has rank {w.ndim}, expected 2"
         n = w.shape[1]
         if b.ndim > 2 or (b.ndim >= 1 and b.shape[-1] not in (1, n)):
             return None, f"{node_label(node)} bias of shape {b.shape} does not broadcast to (M, {n})"
