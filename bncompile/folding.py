@@ -229,7 +229,7 @@ def fold(model_or_path, *, output=None, in_place: bool = False, decompose: bool 
 
     Raises InputError (bad input; exit 2) or VerificationError (check failed; exit 1).
     """
-    from bncompile.passes.pipeline import Pipeline, fold_passes
+    from bncompile.passes.pipeline import Pipeline, fold_passes  # the passes, before the clock starts
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -283,9 +283,7 @@ def fold(model_or_path, *, output=None, in_place: bool = False, decompose: bool 
 
 def _report_entries(pipeline) -> tuple[list[BatchNormDecision], list[list[str]]]:
     """The BN decisions and the constant-folded ``[op, name]`` pairs, from the passes' results."""
-    from bncompile.passes.decompose_batchnorm import DecomposeBatchNormPass
-    from bncompile.passes.fold_batchnorm import FoldBatchNormPass
-    from bncompile.passes.fold_constants import FoldConstantsPass
+    from bncompile.passes.pipeline import DecomposeBatchNormPass, FoldBatchNormPass, FoldConstantsPass
 
     fc = pipeline.result_of(FoldConstantsPass)
     constants_folded = [[e.op, e.name] for e in fc.changed] if fc is not None else []

@@ -24,6 +24,9 @@ import onnx_ir as ir
 
 from bncompile.errors import BncompileError
 from bncompile.passes._result import RewriteResult
+from bncompile.passes.decompose_batchnorm import DecomposeBatchNormPass
+from bncompile.passes.fold_batchnorm import FoldBatchNormPass
+from bncompile.passes.fold_constants import FoldConstantsPass
 
 __all__ = ["Pipeline", "Prepared", "fold_passes", "inline_passes", "prepare_for_lowering"]
 
@@ -78,10 +81,6 @@ class Pipeline(ir.passes.PassManager):
 
 def fold_passes(*, fold_constants: bool = True, absorb_affine: bool = True,
                 decompose: bool = False) -> list[ir.passes.PassBase]:
-    from bncompile.passes.decompose_batchnorm import DecomposeBatchNormPass
-    from bncompile.passes.fold_batchnorm import FoldBatchNormPass
-    from bncompile.passes.fold_constants import FoldConstantsPass
-
     passes: list[ir.passes.PassBase] = [FoldConstantsPass()] if fold_constants else []
     passes.append(FoldBatchNormPass(absorb_affine=absorb_affine))
     if decompose:
@@ -91,6 +90,7 @@ def fold_passes(*, fold_constants: bool = True, absorb_affine: bool = True,
 
 def inline_passes(*, keep: Mapping[tuple[str, str], str] | None = None,
                   drop_definitions: bool = False) -> list[ir.passes.PassBase]:
+    # imported here: onnx-ir's inliner is not needed by fold
     from bncompile.passes.inline_functions import InlineFunctionsPass
     from bncompile.passes.normalize_constants import NormalizeConstantsPass
 
