@@ -100,7 +100,7 @@ def resnet50(*, with_bn: bool, seed: int = 0) -> onnx.ModelProto:
 
 _CHILD = r"""
 import json, os, sys, threading, time, tracemalloc
-from bncompile.fold import fold
+from bncompile.folding import fold
 fold(sys.argv[2], check=False)                      # warm up imports and code paths
 PAGE = os.sysconf("SC_PAGE_SIZE")
 def rss():                                         # Linux: resident pages from /proc/self/statm

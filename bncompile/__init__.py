@@ -19,9 +19,9 @@ _LAZY = {
     "build_model": ("bncompile.builder", "build_model"),
     "reference": ("bncompile.reference", None),
     "custom_ops": ("bncompile.custom_ops", None),
-    "fold": ("bncompile.fold", None),          # a callable module: bncompile.fold(model)
-    "FoldResult": ("bncompile.fold", "FoldResult"),
-    "inline": ("bncompile.inline", None),      # a callable module: bncompile.inline(model)
+    "fold": ("bncompile.folding", "fold"),
+    "FoldResult": ("bncompile.folding", "FoldResult"),
+    "inline": ("bncompile.inlining", "inline"),
     "compile": ("bncompile.lower.driver", "compile"),
     "load": ("bncompile.lower.runtime", "load"),
     "CompiledModel": ("bncompile.lower.runtime", "CompiledModel"),

@@ -242,8 +242,21 @@ def add_initializer(graph: ir.Graph, model: ir.Model, names: Names, base: str,
     return value
 
 
-def remove_if_unused(value: ir.Value | None, model: ir.Model, consts: Constants) -> int:
-    """Remove an orphaned constant (initializer, Constant or Identity chain); returns nodes removed."""
+def remove_orphans(values, model: ir.Model, consts: Constants) -> int:
+    """Remove the constants among ``values`` that nothing uses any more (initializer, Constant or
+    Identity chain); returns the nodes removed.
+
+    A pass collects the inputs of every node it replaces, so one constant feeding several rewritten
+    nodes is listed several times: each value is visited once, and a value whose producer an earlier
+    chain already removed is skipped.
+    """
+    removed = 0
+    for value in dict.fromkeys(v for v in values if v is not None):
+        removed += _remove_if_unused(value, model, consts)
+    return removed
+
+
+def _remove_if_unused(value: ir.Value | None, model: ir.Model, consts: Constants) -> int:
     removed = 0
     while value is not None and not value.uses() and not value.is_graph_output():
         graph = value.graph
@@ -255,7 +268,9 @@ def remove_if_unused(value: ir.Value | None, model: ir.Model, consts: Constants)
             graph.initializers.pop(value.name, None)
             return removed
         node = value.producer()
-        if node is None or not (is_onnx_op(node, "Constant") or is_onnx_op(node, "Identity")):
+        if node is None or node.graph is None:  # no producer, or already removed
+            return removed
+        if not (is_onnx_op(node, "Constant") or is_onnx_op(node, "Identity")):
             return removed
         if any(o.uses() or o.is_graph_output() for o in node.outputs):
             return removed

@@ -26,7 +26,8 @@ import onnx_ir as ir
 
 from bncompile.passes._common import (FLOAT_DTYPES, Constants, Names, add_initializer, batchnorm_mode,
                                       bn_affine, bypass, is_onnx_op, node_label, opset_of, rank_of,
-                                      remove_if_unused)
+                                      remove_orphans)
+from bncompile.passes._result import LEFT, Entry, RewriteResult
 
 log = logging.getLogger(__name__)
 
@@ -36,36 +37,27 @@ __all__ = ["DecomposeBatchNormPass"]
 class DecomposeBatchNormPass(ir.passes.InPlacePass):
     """Replace each inference BatchNormalization by Mul + Add with per-channel constants.
 
-    After the call, ``self.results`` maps ``id(node)`` of each BN seen to ``(action, reason)``
-    where action is "decomposed" or "left", and ``self.labels`` maps it to the node's name.
+    Returns a :class:`~bncompile.passes._result.RewriteResult` with one entry per BN node seen,
+    action "decomposed" or "left" (with the reason).
     """
 
-    def __init__(self):
-        super().__init__()
-        self.results: dict[int, tuple[str, str | None]] = {}
-        self.labels: dict[int, str] = {}
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.results, self.labels = {}, {}
+    def call(self, model: ir.Model) -> RewriteResult:
         consts, names = Constants(model), Names(model)
         orphans: list[ir.Value] = []
+        entries: list[Entry] = []
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if not is_onnx_op(node, "BatchNormalization") or node.graph is None:
                 continue
-            self.labels[id(node)] = node.name or "(unnamed)"
             params = [v for v in node.inputs[1:] if v is not None]
             why = self._decompose(node, model, consts, names)
+            entries.append(Entry.of(node, LEFT if why else "decomposed", why))
             if why is None:
                 orphans.extend(params)
-                self.results[id(node)] = ("decomposed", None)
                 log.info("decomposed %s into Mul + Add", node_label(node))
             else:
-                self.results[id(node)] = ("left", why)
                 log.info("left %s: %s", node_label(node), why)
-        for value in orphans:
-            remove_if_unused(value, model, consts)
-        modified = any(a == "decomposed" for a, _ in self.results.values())
-        return ir.passes.PassResult(model, modified=modified)
+        remove_orphans(orphans, model, consts)
+        return RewriteResult.of(model, self, entries)
 
     def _decompose(self, bn: ir.Node, model: ir.Model, consts: Constants, names: Names) -> str | None:
         opset = opset_of(bn, model)

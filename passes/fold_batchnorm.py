@@ -54,29 +54,12 @@ import onnx_ir as ir
 
 from bncompile.passes._common import (Constants, Names, add_initializer, attr_float,
                                       attr_int, batchnorm_mode, bn_affine, bypass, is_onnx_op,
-                                      node_label, opset_of, rank_of, remove_if_unused, value_label)
+                                      node_label, opset_of, rank_of, remove_orphans, value_label)
+from bncompile.passes._result import LEFT, Entry, RewriteResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchNormDecision", "FoldBatchNormPass"]
-
-
-@dataclasses.dataclass
-class BatchNormDecision:
-    """What the pass did with one BatchNormalization node."""
-
-    node: str
-    graph: str
-    opset: int
-    mode: str                      # "inference", "training", "spatial=0"
-    action: str                    # "folded", "left" (the decompose pass may set "decomposed")
-    into: str | None = None        # e.g. "Conv 'conv1'"
-    into_op: str | None = None
-    absorbed: list[str] = dataclasses.field(default_factory=list)
-    reason: str | None = None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+__all__ = ["FoldBatchNormPass"]
 
 
 @dataclasses.dataclass
@@ -95,69 +78,57 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold inference BatchNormalization (and trailing per-channel Mul/Add) into Conv,
     ConvTranspose, Gemm, MatMul (+Add) and Reshape-of-Gemm/MatMul producers.
 
-    After the call, ``self.decisions`` lists one :class:`BatchNormDecision` per BN node seen.
+    Returns a :class:`~bncompile.passes._result.RewriteResult` with one entry per BN node seen,
+    action "folded" or "left" (with the reason); detail: ``graph`` ("main" or the subgraph's name),
+    ``opset``, ``mode`` ("inference", "training", "spatial=0"), ``into`` (e.g. "Conv 'conv1'"),
+    ``into_op`` and ``absorbed`` (labels of the trailing Mul/Add folded with it).
     """
 
     def __init__(self, *, absorb_affine: bool = True):
         super().__init__()
         self.absorb_affine = absorb_affine
-        self.decisions: list[BatchNormDecision] = []
-        self.by_node: dict[int, BatchNormDecision] = {}  # id(BN node) -> decision
 
     # ------------------------------------------------------------------ driver
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RewriteResult:
         self._model = model
         self._consts = Constants(model)
         self._names = Names(model)
         self._orphans: list[ir.Value] = []
-        decisions: dict[int, BatchNormDecision] = {}
-        order: list[int] = []
-        modified = False
+        entries: dict[ir.Node, Entry] = {}      # insertion order: the order BNs were first seen
         for _sweep in range(8):
             folded_this_sweep = False
             for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
                 if not is_onnx_op(node, "BatchNormalization") or node.graph is None:
                     continue
-                key = id(node)
-                if key in decisions and decisions[key].action == "folded":
+                if node in entries and entries[node].changed:
                     continue
-                decision = self._visit(node)
-                if key not in decisions:
-                    order.append(key)
-                decisions[key] = decision
-                if decision.action == "folded":
-                    folded_this_sweep = modified = True
+                entries[node] = entry = self._visit(node)
+                folded_this_sweep = folded_this_sweep or entry.changed
             if not folded_this_sweep:
                 break
-        for value in self._orphans:
-            remove_if_unused(value, model, self._consts)
-        self.decisions = [decisions[k] for k in order]
-        self.by_node = {k: decisions[k] for k in order}
-        for d in self.decisions:
-            if d.action == "folded":
-                log.info("folded BatchNormalization %r into %s", d.node, d.into)
+        remove_orphans(self._orphans, model, self._consts)
+        for e in entries.values():
+            if e.changed:
+                log.info("folded BatchNormalization %r into %s", e.name or "(unnamed)", e.detail["into"])
             else:
-                log.info("left BatchNormalization %r: %s", d.node, d.reason)
-        return ir.passes.PassResult(model, modified=modified)
+                log.info("left BatchNormalization %r: %s", e.name or "(unnamed)", e.reason)
+        return RewriteResult.of(model, self, list(entries.values()))
 
-    def _visit(self, bn: ir.Node) -> BatchNormDecision:
+    def _visit(self, bn: ir.Node) -> Entry:
         opset = opset_of(bn, self._model)
         graph_name = "main" if bn.graph is self._model.graph else (bn.graph.name or "subgraph")
         mode, why = batchnorm_mode(bn, opset)
-        decision = BatchNormDecision(node=bn.name or "(unnamed)", graph=graph_name, opset=opset,
-                                     mode=mode, action="left")
-        if why is not None:
-            decision.reason = why
-            return decision
-        reason = self._try_fold(bn, decision)
-        if reason is not None:
-            decision.reason = reason
-        else:
-            decision.action = "folded"
-        return decision
+        entry = Entry.of(bn, LEFT, graph=graph_name, opset=opset, mode=mode, into=None,
+                         into_op=None, absorbed=[])
+        if why is None:
+            why = self._try_fold(bn, entry.detail)
+        if why is None:
+            entry.action = "folded"
+        entry.reason = why
+        return entry
 
     # ------------------------------------------------------------------ checks + rewrite
-    def _try_fold(self, bn: ir.Node, decision: BatchNormDecision) -> str | None:
+    def _try_fold(self, bn: ir.Node, detail: dict) -> str | None:
         k, shift, why = bn_affine(bn, self._consts)
         if why is not None:
             return why
@@ -184,9 +155,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         for node in doomed:
             self._orphans.extend(inp for inp in node.inputs if inp is not None)
         bn.graph.remove(list(reversed(doomed)), safe=True)
-        decision.into = target.describe
-        decision.into_op = target.op_type
-        decision.absorbed = [node_label(n) for n in absorbed]
+        detail.update(into=target.describe, into_op=target.op_type,
+                      absorbed=[node_label(n) for n in absorbed])
         return None
 
     def _check_producer_output(self, bn: ir.Node, x: ir.Value | None) -> str | None:
@@ -269,17 +239,22 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if old is not None:
             self._orphans.append(old)
 
-    def _conv(self, node, out, channels):
+    def _conv_weights(self, node):
+        """(W, bias or None, None) of a Conv/ConvTranspose, or (None, None, reason)."""
         w, why = self._weight(node, 1, "weight")
         if w is None:
-            return None, why
+            return None, None, why
         if w.ndim < 3:
-            return None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
-        b = None
+            return None, None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b, why = self._weight(node, 2, "bias")
-            if b is None:
-                return None, why
+            return (w, b, None) if b is not None else (None, None, why)
+        return w, None, None
+
+    def _conv(self, node, out, channels):
+        w, b, why = self._conv_weights(node)
+        if w is None:
+            return None, why
         wname = node.inputs[1].name or "W"
 
         def apply(k, shift):
@@ -294,19 +269,12 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return _Target(w.shape[0], w.ndim, node_label(node), "Conv", out, apply), None
 
     def _conv_transpose(self, node, out, channels):
-        w, why = self._weight(node, 1, "weight")
+        w, b, why = self._conv_weights(node)
         if w is None:
             return None, why
-        if w.ndim < 3:
-            return None, f"{node_label(node)} weight has rank {w.ndim}, expected >= 3"
         group = attr_int(node, "group", 1)
         if group < 1 or w.shape[0] % group:
             return None, f"{node_label(node)} group={group} does not divide {w.shape[0]} input channels"
-        b = None
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            b, why = self._weight(node, 2, "bias")
-            if b is None:
-                return None, why
         per_group = w.shape[1]
         n_out = per_group * group
         wname = node.inputs[1].name or "W"
@@ -371,13 +339,18 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                     "MatMul's last (column) axis")
         return None
 
+    def _matmul_weight(self, node):
+        """(the constant 2-D right operand of a MatMul, None), or (None, reason)."""
+        w, why = self._weight(node, 1, "right operand")
+        if w is not None and w.ndim != 2:
+            return None, f"{node_label(node)} right operand has rank {w.ndim}, expected 2"
+        return w, why
+
     def _matmul(self, node, out, channels, *, repeat: int = 1, rank: int | None = 2,
                 check_rank: bool = True):
-        w, why = self._weight(node, 1, "right operand")
+        w, why = self._matmul_weight(node)
         if w is None:
             return None, why
-        if w.ndim != 2:
-            return None, f"{node_label(node)} right operand has rank {w.ndim}, expected 2"
         if check_rank:
             why = self._matmul_rank_check(node, out)
             if why:
@@ -417,11 +390,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         b, why = self._weight(node, 1 - i, "bias")
         if b is None:
             return None, why
-        w, why = self._weight(mm, 1, "right operand")
+        w, why = self._matmul_weight(mm)
         if w is None:
             return None, why
-        if w.ndim != 2:
-            return None, f"{node_label(mm)} right operand has rank {w.ndim}, expected 2"
         n = w.shape[1]
         if b.ndim > 2 or (b.ndim >= 1 and b.shape[-1] not in (1, n)):
             return None, f"{node_label(node)} bias of shape {b.shape} does not broadcast to (M, {n})"

@@ -32,7 +32,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bncompile.passes._common import Constants, remove_if_unused
+from bncompile.passes._common import Constants, remove_orphans
+from bncompile.passes._result import LEFT, Entry, RewriteResult
 
 log = logging.getLogger(__name__)
 
@@ -46,49 +47,45 @@ _NEVER = frozenset({"Constant", "Identity", "BatchNormalization"})
 class FoldConstantsPass(ir.passes.InPlacePass):
     """Replace nodes whose inputs are all constants by initializers (see the module docstring).
 
-    After the call, ``self.folded`` lists ``(op_type, node name)`` of each node evaluated and
-    ``self.skipped`` ``(op_type, node name, reason)`` of constant-input nodes left alone.
+    Returns a :class:`~bncompile.passes._result.RewriteResult` with an entry per node evaluated
+    (action "folded") and per constant-input node refused (LEFT, with the reason).
     """
 
     def __init__(self, *, max_elements: int = 1 << 24, only_feeding_layers: bool = True):
         super().__init__()
         self.max_elements = max_elements
         self.only_feeding_layers = only_feeding_layers
-        self.folded: list[tuple[str, str]] = []
-        self.skipped: list[tuple[str, str, str]] = []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.folded, self.skipped = [], []
+    def call(self, model: ir.Model) -> RewriteResult:
         consts = Constants(model)
         orphans: list[ir.Value] = []
+        entries: list[Entry] = []
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
         wanted = _wanted_values(nodes) if self.only_feeding_layers else None
         for node in nodes:
             if node.graph is None:
                 continue
-            if wanted is not None and not any(id(o) in wanted for o in node.outputs):
+            if wanted is not None and not any(o in wanted for o in node.outputs):
                 continue
             why = self._refuse(node, consts)
             if why == "":
                 continue  # not a candidate at all
-            if why is not None:
-                self.skipped.append((node.op_type, node.name or "", why))
-                log.debug("constant folding skipped %s %r: %s", node.op_type, node.name, why)
-                continue
-            arrays = [consts.get(v) if v is not None else None for v in node.inputs]
-            results, why = self._evaluate(node, arrays, model)
+            results = None
+            if why is None:
+                arrays = [consts.get(v) if v is not None else None for v in node.inputs]
+                results, why = self._evaluate(node, arrays, model)
             if results is None:
-                self.skipped.append((node.op_type, node.name or "", why))
+                entries.append(Entry.of(node, LEFT, why))
                 log.debug("constant folding skipped %s %r: %s", node.op_type, node.name, why)
                 continue
+            entries.append(Entry.of(node, "folded"))
             orphans.extend(v for v in node.inputs if v is not None)  # before removal clears them
             self._replace(node, results, model)
-            self.folded.append((node.op_type, node.name or ""))
-        for value in orphans:
-            remove_if_unused(value, model, consts)
-        if self.folded:
-            log.info("constant-folded %d node(s)", len(self.folded))
-        return ir.passes.PassResult(model, modified=bool(self.folded))
+        remove_orphans(orphans, model, consts)
+        result = RewriteResult.of(model, self, entries)
+        if result.changed:
+            log.info("constant-folded %d node(s)", len(result.changed))
+        return result
 
     def _refuse(self, node: ir.Node, consts: Constants) -> str | None:
         """'' when the node is no candidate, a reason when it is refused, None to fold it."""
@@ -168,14 +165,14 @@ _READS = {"BatchNormalization": slice(1, 5), "Conv": slice(1, 3), "ConvTranspose
           "Reshape": slice(1, 2)}
 
 
-def _wanted_values(nodes: list[ir.Node]) -> set[int]:
-    """ids of values that feed, through any chain of nodes, an input the BN fold reads."""
-    wanted: set[int] = set()
+def _wanted_values(nodes: list[ir.Node]) -> set[ir.Value]:
+    """The values that feed, through any chain of nodes, an input the BN fold reads."""
+    wanted: set[ir.Value] = set()
     for node in nodes:
         sl = _READS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if sl is not None:
-            wanted.update(id(v) for v in node.inputs[sl] if v is not None)
+            wanted.update(v for v in node.inputs[sl] if v is not None)
     for node in reversed(nodes):
-        if any(id(o) in wanted for o in node.outputs):
-            wanted.update(id(v) for v in node.inputs if v is not None)
+        if any(o in wanted for o in node.outputs):
+            wanted.update(v for v in node.inputs if v is not None)
     return wanted

@@ -1,58 +1,66 @@
-"""Inline bncompile's custom ops (model-local functions) into standard ONNX ops.
+"""Inline model-local functions (bncompile's custom ops among them) into their bodies.
 
 For runtimes and tools that read no model-local functions (TensorRT, TVM's ONNX frontend). The
 rewrite is exact: every call of a function is replaced by its body with the call's attributes
-substituted (onnx-ir's ``InlinePass``), so the output computes the same values. Afterwards:
+substituted (onnx-ir's ``InlinePass``), so the output computes the same values. Afterwards the
+functions and opset imports nothing uses any more are dropped.
 
-* ``Constant`` nodes with ``value_float(s)`` / ``value_int(s)`` (what an attribute reference becomes)
-  are rewritten to an equivalent ``value`` tensor, because TVM's Constant converter reads only ``value``;
-* functions and opset imports nothing uses any more are dropped.
+Valid for any model; a model without functions is returned unchanged. Options:
 
-Valid for any model; a model without functions is returned unchanged.
+* ``keep``: functions (``(domain, name)`` -> the reason) whose calls stay calls; each such call is
+  reported as left, with that reason;
+* ``drop_definitions``: also drop the definitions of the kept functions (compile's preparation: the
+  lowering implements bncompile's custom ops itself and reads no function bodies).
+
+``Constant(value_float=...)`` nodes that an attribute reference becomes are left to
+:mod:`bncompile.passes.normalize_constants`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
 
+from bncompile.passes._result import LEFT, Entry, RewriteResult
+
 logger = logging.getLogger(__name__)
 
-_SCALAR_KINDS = {
-    "value_float": np.float32, "value_floats": np.float32,
-    "value_int": np.int64, "value_ints": np.int64,
-}
+__all__ = ["InlineFunctionsPass"]
 
 
 class InlineFunctionsPass(ir.passes.InPlacePass):
-    """Inline every model-local function call and normalize the Constants it leaves."""
+    """Inline every model-local function call (but those of ``keep``) and drop unused functions.
 
-    def __init__(self):
+    Returns a :class:`~bncompile.passes._result.RewriteResult`: one entry per call in the model's
+    graphs (action "inlined", or LEFT with the reason it was kept; detail ``function``) and
+    ``detail["functions"]``, the sorted ``domain::name`` of every function the model defined.
+    """
+
+    def __init__(self, *, keep: Mapping[tuple[str, str], str] | None = None,
+                 drop_definitions: bool = False):
         super().__init__()
-        self.report: dict = {}
+        self.keep = dict(keep or {})
+        self.drop_definitions = drop_definitions
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RewriteResult:
         names = sorted(f"{d}::{n}" for (d, n, _o) in model.functions)
-        calls = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph)
-                    if (node.domain, node.op_type, node.overload) in model.functions)
-        InlinePass()(model)
-        rewritten = 0
+        entries = []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            if (node.domain, node.op_type, node.overload) not in model.functions:
                 continue
-            for key, dtype in _SCALAR_KINDS.items():
-                attr = node.attributes.get(key)
-                if attr is None:
-                    continue
-                value = np.asarray(attr.value, dtype=dtype)
-                del node.attributes[key]
-                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(value))
-                rewritten += 1
+            why = self.keep.get((node.domain, node.op_type))
+            entries.append(Entry.of(node, LEFT if why else "inlined", why,
+                                    function=f"{node.domain}::{node.op_type}"))
+        InlinePass(criteria=lambda f: (f.domain, f.name) not in self.keep)(model)
+        dropped = bool(self.drop_definitions and model.functions)
+        if dropped:
+            model.functions.clear()
         RemoveUnusedFunctionsPass()(model)
         RemoveUnusedOpsetsPass()(model)
-        self.report = {"functions": names, "calls_inlined": calls, "constants_rewritten": rewritten}
-        logger.info("inlined %d call(s) of %s", calls, ", ".join(names) or "no function")
-        return ir.passes.PassResult(model, modified=bool(calls or rewritten))
+        result = RewriteResult.of(model, self, entries, functions=names)
+        result.modified = result.modified or dropped
+        logger.info("inlined %d call(s) of %s", len(result.changed), ", ".join(names) or "no function")
+        return result

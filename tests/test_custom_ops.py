@@ -7,7 +7,7 @@ import pytest
 
 from bncompile import BatchNormConfig, ConfigError, build_model, custom_ops
 from bncompile.config import RandomAdjustment
-from bncompile.inline import inline
+from bncompile.inlining import inline
 from bncompile.reference import batchnorm
 from helpers.bn import check_steps, random_weights
 from helpers import assert_close, ort_run, ort_session
@@ -252,8 +252,8 @@ def test_inference_models_have_no_custom_op(kw):
 
 def test_training_models_are_not_folded():
     """A fold must not touch training-step models: nothing in them is an inference BN."""
-    pytest.importorskip("bncompile.fold")
-    from bncompile.fold import fold
+    pytest.importorskip("bncompile.folding")
+    from bncompile.folding import fold
     for kw in (dict(renorm=True), dict(virtual_batch_size=2), dict(), dict(adjustment="inputs")):
         m = build_model(BatchNormConfig(axis=1, **kw), [4, 3, 5, 5], training=True)
         res = fold(m, check=False)

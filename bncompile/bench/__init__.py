@@ -5,7 +5,7 @@ Variants (each on the same seeded inputs, per batch size):
 * ``ort``: onnxruntime CPU at its default optimization level (``ORT_ENABLE_ALL``, which fuses
   Conv+BN itself). It is the baseline of every ratio and every error.
 * ``ort-noopt``: onnxruntime with all graph optimizations off (``ORT_DISABLE_ALL``).
-* ``folded-ort`` / ``folded-ort-noopt``: the model folded by :func:`bncompile.fold.fold`, in
+* ``folded-ort`` / ``folded-ort-noopt``: the model folded by :func:`bncompile.fold`, in
   onnxruntime at both levels.
 * ``tvm``: the model compiled by ``bncompile.compiler.compile(..., fold=True)`` for ``target``.
   When the compilation fails, the variant is reported ``unavailable`` with the reason and the

@@ -80,7 +80,7 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
     if any(v.startswith("folded-") for v in chosen):
         t = time.perf_counter()
         try:
-            from bncompile.fold import fold
+            from bncompile.folding import fold
             res = fold(model, check=False, validate=False)
             folded_bytes = res.model.SerializeToString()
             rep = res.report

@@ -52,7 +52,7 @@ def default_output(model: Path) -> Path:
 
 def run(args) -> int:
     from bncompile import onnx_utils
-    from bncompile.fold import fold
+    from bncompile.folding import fold
 
     model = check_input_file(args.model)
     if args.in_place:

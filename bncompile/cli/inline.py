@@ -24,7 +24,7 @@ def run(args) -> int:
     import onnx
 
     from bncompile import custom_ops, onnx_utils
-    from bncompile.inline import inline_with_report
+    from bncompile.inlining import inline_with_report
 
     src = check_input_file(args.model)
     if args.in_place and args.output:

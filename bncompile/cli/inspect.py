@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
 
 def inspect_model(model_or_path) -> dict:
     """The BN nodes of a model and what ``fold`` would do with each (the model is not changed)."""
-    from bncompile.fold import fold
+    from bncompile.folding import fold
 
     result = fold(model_or_path, check=False)
     r = result.report

@@ -6,12 +6,16 @@
 
 Pipeline:
 
-1. load the model; apply ``input_shapes`` to the graph inputs (a name -> dims; a str dim stays free);
-2. fold inference BatchNormalization with :func:`bncompile.fold.fold` (``fold=True``; no verification);
-3. inline model-local functions other than bncompile's custom ops (``ai.bncompile``), rewriting the
-   ``Constant(value_float=...)`` forms TVM's Constant converter cannot read; graph inputs that also have
-   an initializer become real inputs (their initializer is kept as the default value ``run`` feeds).
-   Steps 1-3 are :func:`bncompile.lower.prepare.prepare`;
+1. load the model (:func:`bncompile.onnx_utils.as_model_proto`: external data never read from outside
+   the model's folder) into onnx-ir;
+2. the graph passes of :func:`bncompile.passes.pipeline.prepare_for_lowering`, one onnx-ir pipeline:
+   apply ``input_shapes`` to the graph inputs (a name -> dims; a str dim stays free); fold inference
+   BatchNormalization (``fold=True``; no verification); inline model-local functions other than
+   bncompile's custom ops (``ai.bncompile``) and rewrite the ``Constant(value_float=...)`` forms TVM's
+   Constant converter cannot read; undo the builder's shape products that TVM cannot import; graph
+   inputs that also have an initializer become real inputs (their initializer is kept as the default
+   value ``run`` feeds);
+3. serialize to the ``ModelProto`` TVM's frontend reads;
 4. check every operator against the Relax ONNX frontend's converter map and report ALL unsupported ones
    in one :class:`UnsupportedError` (:mod:`bncompile.lower.frontend`);
 5. ``tvm.relax.frontend.onnx.from_onnx`` with converter overrides (:mod:`bncompile.lower.frontend`):
@@ -30,9 +34,7 @@ codegen works without a GPU), or a TVM target dict. The result is a :class:`bnco
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
 import time
 from typing import Any, Mapping
 
@@ -41,7 +43,6 @@ import onnx
 from bncompile.errors import BncompileError, InputError, UnsupportedError
 from bncompile.lower import frontend
 from bncompile.lower import tvm as _tvm
-from bncompile.lower.prepare import prepare
 from bncompile.lower.runtime import CompiledModel, value_infos
 from bncompile.lower.targets import resolve_target
 
@@ -50,18 +51,17 @@ log = logging.getLogger(__name__)
 __all__ = ["compile"]
 
 
-def _load_model(model) -> onnx.ModelProto:
-    from bncompile._io import check_input_file
+def _prepare(model, *, fold: bool, input_shapes) -> tuple[onnx.ModelProto, dict]:
+    """Steps 1-3 of the module docstring: (the proto TVM's frontend reads, default values of inputs)."""
+    import onnx_ir as ir
 
-    if isinstance(model, onnx.ModelProto):
-        return copy.deepcopy(model)
-    if isinstance(model, (str, os.PathLike)):
-        p = check_input_file(model, "model")
-        try:
-            return onnx.load(str(p))
-        except Exception as err:
-            raise InputError(f"model file {str(p)!r} is not a readable ONNX model: {err}") from None
-    raise InputError(f"model: expected a path or an onnx.ModelProto, got {type(model).__name__}")
+    from bncompile import custom_ops, onnx_utils
+    from bncompile.passes.pipeline import prepare_for_lowering
+
+    custom_ops.register_schemas()
+    proto = onnx_utils.as_model_proto(model, check=False, copy=True)
+    prep = prepare_for_lowering(ir.serde.deserialize_model(proto), fold=fold, input_shapes=input_shapes)
+    return onnx_utils.serialize_model(prep.model), prep.defaults
 
 
 def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,  # noqa: A001
@@ -70,8 +70,7 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
     t0 = time.perf_counter()
     target_name, tdict = resolve_target(target)
     tvm = _tvm.tvm()
-    proto = _load_model(model)
-    proto, defaults = prepare(proto, fold=fold, input_shapes=input_shapes)
+    proto, defaults = _prepare(model, fold=fold, input_shapes=input_shapes)
     t_prep = time.perf_counter() - t0
 
     ctx = frontend.KernelContext(tdict)

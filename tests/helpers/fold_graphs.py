@@ -1,4 +1,5 @@
-"""Seeded builders of small ONNX graphs for the fold tests (random data, never only 0/1)."""
+"""Seeded builders of small ONNX graphs for the fold and pass tests (random data, never only 0/1), and
+:func:`run_pass`, which runs one pass directly with the full checker before and after."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bncompile import onnx_utils
-from bncompile.fold import fold
+from bncompile.folding import fold
 
 NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
               np.dtype(np.float64): TensorProto.DOUBLE, np.dtype(np.int64): TensorProto.INT64}
@@ -276,3 +277,49 @@ def unused_initializers(model: onnx.ModelProto) -> set[str]:
                     walk(sub)
     walk(model.graph)
     return {t.name for t in model.graph.initializer} - used
+
+
+def run_pass(pass_, model: onnx.ModelProto, *, check: bool = True):
+    """Run one onnx-ir pass directly on a copy of ``model``; the full ONNX checker runs before and
+    after. Returns (the rewritten ModelProto, the pass's result)."""
+    import copy
+
+    import onnx_ir as ir
+
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    irm = ir.serde.deserialize_model(copy.deepcopy(model))
+    result = pass_(irm)
+    out = onnx_utils.serialize_model(irm)
+    if check:
+        onnx.checker.check_model(out, full_check=True)
+    return out, result
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def nodes(model: onnx.ModelProto) -> list[tuple]:
+    """The main graph's nodes as (op, inputs, outputs, attributes), to compare graphs that went
+    through onnx-ir (which may reorder a proto's fields)."""
+    return [(n.domain, n.op_type, list(n.input), list(n.output),
+             sorted((a.name, a.SerializeToString()) for a in n.attribute)) for n in model.graph.node]
+
+
+#: a model calling a foreign model-local function twice, both calls fed by one Constant; the body
+#: turns its attribute into ``Constant(value_float=@alpha)``
+FOREIGN = """
+<ir_version: 8, opset_import: ["" : 15, "mylib" : 1]>
+g (float[2,3] x) => (float[2,3] y) {
+  c = Constant <value = float[3] {0.5, -1.25, 2.0}> ()
+  a = mylib.ScaleShift <alpha = 1.5> (x, c)
+  y = mylib.ScaleShift <alpha = -0.75> (a, c)
+}
+<domain: "mylib", opset_import: ["" : 15]>
+ScaleShift <alpha> (x, b) => (y) {
+  s = Constant <value_float: float = @alpha> ()
+  m = Mul (x, s)
+  y = Add (m, b)
+}
+"""

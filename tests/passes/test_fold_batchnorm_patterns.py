@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from bncompile.fold import fold
+from bncompile.folding import fold
 from helpers.fold_graphs import (G, bn_count, conv_bn, convtranspose_bn, fold_and_check, gemm_bn,
                          matmul_bn, reshape_bn)
 

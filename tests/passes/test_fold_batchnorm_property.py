@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bncompile.fold import fold
+from bncompile.folding import fold
 from helpers.fold_graphs import G, assert_equivalent, bn_count, unused_initializers
 
 

@@ -1,12 +1,13 @@
 """``bncompile.fold``: fold inference BatchNormalization into the layer before it, and prove it.
 
->>> from bncompile.fold import fold
+>>> from bncompile import fold
 >>> result = fold("model.onnx", output="model.folded.onnx")    # doctest: +SKIP
 >>> print(result.report.summary())                              # doctest: +SKIP
 
-Pipeline (each an onnx-ir pass in ``bncompile.passes``): constant-only subexpressions to
-initializers (``fold_constants``), then the fold (``fold_batchnorm``), then optionally
-``decompose_batchnorm`` for what could not be folded. By default the result is verified: the full
+Pipeline (:func:`bncompile.passes.pipeline.fold_passes`, each an onnx-ir pass in
+``bncompile.passes``): constant-only subexpressions to initializers (``fold_constants``), then the
+fold (``fold_batchnorm``), then optionally ``decompose_batchnorm`` for what could not be folded.
+The report is built from the passes' results. By default the result is verified: the full
 ONNX checker, then the original and folded models run in onnxruntime with all graph optimizations
 off on seeded random inputs; a float16/bfloat16 model must also be no less accurate than the
 unfolded one against a float32 twin of the original (every float16 tensor, type and Cast made
@@ -38,13 +39,31 @@ from bncompile.errors import InputError, VerificationError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold", "FoldResult", "FoldReport", "CheckResult", "DEFAULT_TOLERANCE"]
+__all__ = ["fold", "FoldResult", "FoldReport", "BatchNormDecision", "CheckResult", "DEFAULT_TOLERANCE"]
 
 #: Default max relative error (max abs error / largest |reference| output) per output dtype.
 DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 #: A low-precision folded model's max error against the float32 twin may be at most this factor
 #: times the unfolded model's.
 FP16_NOT_WORSE_FACTOR = 1.5
+
+
+@dataclasses.dataclass
+class BatchNormDecision:
+    """What fold did with one BatchNormalization node (from ``FoldBatchNormPass``'s entry)."""
+
+    node: str
+    graph: str
+    opset: int
+    mode: str                      # "inference", "training", "spatial=0"
+    action: str                    # "folded", "left", "decomposed"
+    into: str | None = None        # e.g. "Conv 'conv1'"
+    into_op: str | None = None
+    absorbed: list[str] = dataclasses.field(default_factory=list)
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -210,9 +229,7 @@ def fold(model_or_path, *, output=None, in_place: bool = False, decompose: bool 
 
     Raises InputError (bad input; exit 2) or VerificationError (check failed; exit 1).
     """
-    from bncompile.passes.decompose_batchnorm import DecomposeBatchNormPass
-    from bncompile.passes.fold_batchnorm import FoldBatchNormPass
-    from bncompile.passes.fold_constants import FoldConstantsPass
+    from bncompile.passes.pipeline import Pipeline, fold_passes  # the passes, before the clock starts
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -232,21 +249,10 @@ def fold(model_or_path, *, output=None, in_place: bool = False, decompose: bool 
 
     t = time.perf_counter()
     before = _count_ops(model)
-    constants_folded: list = []
-    if fold_constants:
-        fc = FoldConstantsPass()
-        fc(model)
-        constants_folded = [list(x) for x in fc.folded]
-    fb = FoldBatchNormPass(absorb_affine=absorb_affine)
-    fb(model)
-    decisions = fb.decisions
-    if decompose:
-        dp = DecomposeBatchNormPass()
-        dp(model)
-        for key, (action, _why) in dp.results.items():
-            d = fb.by_node.get(key)
-            if d is not None and action == "decomposed" and d.action == "left":
-                d.action = "decomposed"
+    pipeline = Pipeline(fold_passes(fold_constants=fold_constants, absorb_affine=absorb_affine,
+                                    decompose=decompose))
+    pipeline(model)
+    decisions, constants_folded = _report_entries(pipeline)
     after = _count_ops(model)
     seconds["fold"] = time.perf_counter() - t
 
@@ -273,6 +279,25 @@ def fold(model_or_path, *, output=None, in_place: bool = False, decompose: bool 
         err.result = result  # the report of what was done, for the CLI and callers
         raise err
     return result
+
+
+def _report_entries(pipeline) -> tuple[list[BatchNormDecision], list[list[str]]]:
+    """The BN decisions and the constant-folded ``[op, name]`` pairs, from the passes' results."""
+    from bncompile.passes.pipeline import DecomposeBatchNormPass, FoldBatchNormPass, FoldConstantsPass
+
+    fc = pipeline.result_of(FoldConstantsPass)
+    constants_folded = [[e.op, e.name] for e in fc.changed] if fc is not None else []
+    dec = pipeline.result_of(DecomposeBatchNormPass)
+    decomposed = {e.node for e in dec.changed} if dec is not None else set()
+    decisions = []
+    for e in pipeline.result_of(FoldBatchNormPass).entries:
+        action = "decomposed" if not e.changed and e.node in decomposed else e.action
+        d = e.detail
+        decisions.append(BatchNormDecision(
+            node=e.name or "(unnamed)", graph=d["graph"], opset=d["opset"], mode=d["mode"],
+            action=action, into=d["into"], into_op=d["into_op"], absorbed=d["absorbed"],
+            reason=e.reason))
+    return decisions, constants_folded
 
 
 def _failure_message(c: CheckResult) -> str:
@@ -382,7 +407,3 @@ def _verify(model_or_path, path, result: FoldResult, *, check_runs, seed, input_
                        max_elem_rel=agg["max_elem_rel"], passed=passed, input_shapes=shapes_used,
                        low_precision=low_precision, note=note)
 
-
-from bncompile._callable_module import make_callable  # noqa: E402
-
-make_callable(__name__, "fold")  # `bncompile.fold(model)` works even after `import bncompile.fold`

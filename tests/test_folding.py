@@ -15,7 +15,7 @@ import pytest
 from bncompile import onnx_utils
 from bncompile.cli import main
 from bncompile.errors import InputError
-from bncompile.fold import fold
+from bncompile.folding import fold
 from helpers.fold_graphs import G, assert_equivalent, bn_count, conv_bn
 
 

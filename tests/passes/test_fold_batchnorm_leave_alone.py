@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 from bncompile import onnx_utils
 from bncompile.errors import VerificationError
-from bncompile.fold import FP16_NOT_WORSE_FACTOR, fold
+from bncompile.folding import FP16_NOT_WORSE_FACTOR, fold
 from helpers.fold_graphs import G, bn_count, conv_bn, fold_and_check
 
 
