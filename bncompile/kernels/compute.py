@@ -295,7 +295,7 @@ def batchnorm_te(spec: KernelSpec):
                                                                    const(math.sqrt(spec.epsilon))),
                            name="renorm_inv_s")
 
-        def r_expr(c):
+        def r_expr(*c):      # one index per channel axis (axis lists: several)
             r = bstd[c] * inv_s[c]
             if "rmin" in clip:
                 r = te.max(r, const(clip["rmin"]))
@@ -303,7 +303,7 @@ def batchnorm_te(spec: KernelSpec):
                 r = te.min(r, const(clip["rmax"]))
             return r
 
-        def d_expr(c):
+        def d_expr(*c):      # one index per channel axis (axis lists: several)
             p = bmean_parts(c)
             d = ((p[0] - params["renorm_mean"][c]) + p[1]) * inv_s[c]
             if "dmax" in clip:
