@@ -511,16 +511,15 @@ def compensated_sum(te, tirx):
 
     if not _KSUM_REGISTERED:
         # rfactor and cross-thread reductions only split reducers of the s_tir registry: add this one
-        from bncompile import _tvm
-
         import ctypes
 
-        import tvm_ffi
+        from bncompile import _tvm
 
-        register = _tvm.tvm().get_global_func("s_tir.schedule.RegisterReducer")
+        tvm = _tvm.tvm()
+        register = tvm.get_global_func("s_tir.schedule.RegisterReducer")
         # the identity getter is called with the init values (FloatImm), not with dtypes
-        getters = [tvm_ffi.convert(lambda x, y: list(combine(tuple(x), tuple(y)))),
-                   tvm_ffi.convert(lambda vals: list(identity(*(str(v.ty.dtype) for v in vals))))]
+        getters = [tvm.runtime.convert(lambda x, y: list(combine(tuple(x), tuple(y)))),
+                   tvm.runtime.convert(lambda vals: list(identity(*(str(v.ty.dtype) for v in vals))))]
         # The registry (a C++ static) outlives the interpreter: were its last references to these Python
         # callbacks dropped at static destruction, their deleters would take the GIL of a finalized
         # interpreter and crash the process at exit. One leaked reference each keeps them alive.

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 
-from bncompile.config import BatchNormConfig  # noqa: E402
-from bncompile.reference import batchnorm  # noqa: E402
+from bncompile.config import BatchNormConfig
+from bncompile.reference import batchnorm
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-from bncompile.kernels import compile_batchnorm  # noqa: E402
+from bncompile.kernels import compile_batchnorm
 
 TOL = 5e-5      # float32: relative to max(1, |expected|)
 

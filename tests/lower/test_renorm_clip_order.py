@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.bn import check_steps
 
 from bncompile import BatchNormConfig, build_model, custom_ops
 from bncompile.inline import inline
 from bncompile.reference import batchnorm
-from helpers.bn import check_steps
 
 custom_ops.register_schemas()
 
