@@ -246,7 +246,8 @@ class BatchNormConfig:
                   "moving_variance_initializer"):
             set_(k, normalize_initializer(getattr(self, k), argument=k))
         # renorm_clipping: keys rmax/rmin/dmax only (Keras checks them only with renorm=True and ignores the
-        # argument otherwise), numbers, and rmax >= rmin (the rule; Keras itself would clip r to rmax)
+        # argument otherwise), numbers. rmax < rmin is accepted as Keras accepts it: r = min(max(r, rmin), rmax)
+        # (tf.clip_by_value), so r is rmax there; every path (reference, ONNX ops, kernels) clips in that order.
         clip = self.renorm_clipping
         if clip is not None and not self.renorm:
             set_("renorm_clipping", None)
@@ -257,8 +258,6 @@ class BatchNormConfig:
             if bad:
                 raise ConfigError(f"renorm_clipping: invalid key(s) {bad}; allowed keys are rmax, rmin, dmax")
             clip = {k: _as_float(v, f"renorm_clipping[{k!r}]") for k, v in clip.items() if v is not None}
-            if "rmax" in clip and "rmin" in clip and clip["rmax"] < clip["rmin"]:
-                raise ConfigError(f"renorm_clipping: rmax ({clip['rmax']}) is below rmin ({clip['rmin']})")
             set_("renorm_clipping", dict(clip))
         vbs = self.virtual_batch_size
         if vbs is not None:

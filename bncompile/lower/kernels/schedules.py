@@ -135,7 +135,7 @@ def cpu_channel_first(spec: KernelSpec, func):
             _, qi = sch.split(loops[-1], [None, vec])
             sch.rfactor(qi, factor_axis=nstat)
     c = sch.get_loops("shift")[0]
-    movers = (["sum_rf"] if vec > 1 else []) + ["sum", "mean"] + (["sqsum_rf"] if vec > 1 else []) + ["sqsum"]
+    movers = (["sum_rf"] if vec > 1 else []) + ["sum", "mean64", "mean"] + (["sqsum_rf"] if vec > 1 else []) + ["sqsum"]
     movers += [n for n in names if n not in movers and n not in ("shift", "sum_rf", "sqsum_rf")]
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
@@ -176,7 +176,7 @@ def _channel_first_lanes(spec: KernelSpec, func):
     sch.reorder(loops[-2], loops[-1], loops[-3])
     for b in REDUCTIONS:                             # sum / sqsum over (n, p, lane): partials per lane
         sch.rfactor(sch.get_loops(b)[-1], factor_axis=1)
-    movers = ["sum_rf", "sum", "mean", "sqsum_rf", "sqsum"]
+    movers = ["sum_rf", "sum", "mean64", "mean", "sqsum_rf", "sqsum"]
     movers += [b for b in names if b not in movers and b not in ("shift", "bsum", "bm2")]
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
@@ -210,7 +210,8 @@ def cpu_channels_last(spec: KernelSpec, func):
     if ci == 64 and C % 128 == 0 and C >= 256:
         ci = 128      # stripes of 128 channels (rows of 512 B), two 64-wide vectors each (measured: -13%)
     co, _ = sch.split(sch.get_loops("shift")[0], [None, ci])
-    movers = ["sum", "mean", "sqsum"] + [n for n in names if n not in ("shift", "sum", "mean", "sqsum", "y")] + ["y"]
+    stats = ("sum", "mean64", "mean", "sqsum")
+    movers = list(stats) + [n for n in names if n not in ("shift", "y") + stats] + ["y"]
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), co, preserve_unit_loops=True)
     sch.parallel(co)
@@ -308,7 +309,8 @@ def _channels_last_blocked(spec: KernelSpec, func):
     _inline_parameter_only(sch, _blocks(sch))
     sch.compute_inline(sch.get_sblock("shift"))      # one load of x[0, 0, c, 0] where it is used
     for b in ("bsum", "bm2"):                         # block statistics with the channels contiguous
-        sch.transform_layout(sch.get_sblock(b), ("write", 0), lambda c, n, pb, j: (n, pb, j, c))
+        for k in (0, 1):                              # the sums and their compensations
+            sch.transform_layout(sch.get_sblock(b), ("write", k), lambda c, n, pb, j: (n, pb, j, c))
     c, n, pb, j, _, _ = sch.get_loops("bsum")          # j: the one lane (Q = 1)
     sch.reorder(n, pb, j, c)
     blk = sch.fuse(n, pb, j)
@@ -425,7 +427,8 @@ def cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
     sch.bind(tx, "threadIdx.x")
     # every scalar read by other threads of this block lives in shared memory
     for b in ["shift", *REDUCTIONS, *_cuda_scalar_blocks(names)]:
-        sch.set_scope(sch.get_sblock(b), 0, "shared")
+        for k in range(len(sch.get(sch.get_sblock(b)).writes)):   # the compensated sums write two
+            sch.set_scope(sch.get_sblock(b), k, "shared")
     return sch
 
 
