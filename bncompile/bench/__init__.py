@@ -7,7 +7,7 @@ Variants (each on the same seeded inputs, per batch size):
 * ``ort-noopt``: onnxruntime with all graph optimizations off (``ORT_DISABLE_ALL``).
 * ``folded-ort`` / ``folded-ort-noopt``: the model folded by :func:`bncompile.fold`, in
   onnxruntime at both levels.
-* ``tvm``: the model compiled by ``bncompile.compiler.compile(..., fold=True)`` for ``target``.
+* ``tvm``: the model compiled by ``bncompile.compile(..., fold=True)`` for ``target``.
   When the compilation fails, the variant is reported ``unavailable`` with the reason and the
   benchmark goes on.
 * ``ort-cuda``, ``folded-ort-cuda``, ``tvm-cuda``: only when onnxruntime has its CUDA provider or

@@ -239,6 +239,34 @@ def _emit_bn_kernel(ctx: KernelContext, bb, attr, *, op: str, x, params: list, a
     return [y] + [bb.emit(relax.TupleGetItem(res, i + 1)) for i in range(len(spec.updated_names()))]
 
 
+def _expand_runtime(data, shape):
+    """TE: ONNX ``Expand`` of ``data`` to ``shape`` where some of data's dims are symbolic (a graph input
+    such as an adjustment of any shape that broadcasts against x). Whether such a dim is 1 is known only
+    at run time, so each one is read at ``0 if d == 1 else i``, clamped to ``d - 1`` so that a feed that
+    does not broadcast cannot read past its buffer (``CompiledModel.run`` refuses those)."""
+    te, tirx = _tvm.te(), _tvm.tirx()
+    dshape = list(data.shape)
+    pad = len(shape) - len(dshape)
+    out = list(shape)
+    for k, d in enumerate(dshape):     # ONNX: a target dim of 1 keeps data's dim
+        s = out[k + pad]
+        if isinstance(s, tirx.IntImm) and int(s) == 1:
+            out[k + pad] = d
+
+    def f(*idx):
+        src = []
+        for k, d in enumerate(dshape):
+            i = tirx.Cast("int64", idx[k + pad])
+            if isinstance(d, tirx.IntImm):
+                src.append(tirx.const(0, "int64") if int(d) == 1 else i)
+            else:
+                d = tirx.Cast("int64", d)
+                src.append(tirx.Select(d == 1, tirx.const(0, "int64"), tirx.min(i, d - 1)))
+        return data(*src)
+
+    return te.compute(out, f, name="T_expand")
+
+
 def make_converters(ctx: KernelContext) -> dict:
     from bncompile import custom_ops
 
@@ -272,7 +300,25 @@ def make_converters(ctx: KernelContext) -> dict:
 
         _impl_v14 = _impl_v15
 
-    convs = {"BatchNormalization": BatchNormalization}
+    class Expand(fe.Expand):
+        """Expand of data with symbolic dims: a run-time broadcast (:func:`_expand_runtime`). TVM 0.27's
+        converter emits ``broadcast_to``, whose legalization reads a symbolic dim as if it equalled the
+        target dim (a (1, C) adjustment with a dynamic batch is read at rows 1..N-1, past its buffer), and
+        with a static target it compares PrimExprs with ``==`` and fails."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            data, shape = inputs[0], inputs[1]
+            dshape = getattr(getattr(data, "ty", None), "shape", None)
+            tirx = _tvm.tirx()
+            if (isinstance(shape, relax.ShapeExpr) and dshape is not None and hasattr(dshape, "values")
+                    and any(not isinstance(d, tirx.IntImm) for d in dshape.values)):
+                return bb.emit_te(_expand_runtime, data, list(shape.values), primfunc_name_hint="bnc_expand")
+            return super()._impl_v13(bb, inputs, attr, params)
+
+        _impl_v8 = _impl_v13
+
+    convs = {"BatchNormalization": BatchNormalization, "Expand": Expand}
 
     for kind in custom_ops.OPS.values():
         def impl(cls, bb, inputs, attr, params, _kind=kind):

@@ -18,10 +18,10 @@ from bncompile.reference import batchnorm
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-from bncompile import _tvm
+from bncompile.lower import tvm as _tvm
 from bncompile.kernels import compile_batchnorm
-from bncompile.kernels.compute import make_spec, prim_func
-from bncompile.kernels.schedules import schedule
+from bncompile.lower.kernels.compute import make_spec, prim_func
+from bncompile.lower.kernels.schedules import schedule
 
 
 def _close(actual, expected, tol=2e-5, what=""):

@@ -11,7 +11,7 @@ import pytest
 from helpers.bn import check_steps
 
 from bncompile import BatchNormConfig, build_model, custom_ops
-from bncompile.inline import inline
+from bncompile.inlining import inline
 from bncompile.reference import batchnorm
 
 custom_ops.register_schemas()
@@ -43,10 +43,6 @@ def test_onnx_model_matches_reference(shape, axis, clip, rng):
 
 
 def test_compile_matches_reference(rng):
-    from bncompile import _tvm
-
-    if not _tvm.available():
-        pytest.skip("TVM 0.27 with tvm-ffi 0.1.14 is not installed")
     import bncompile
 
     cfg = BatchNormConfig(axis=-1, renorm=True, renorm_clipping={"rmax": 0.5, "rmin": 2.0, "dmax": 0.3})

@@ -62,7 +62,7 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
     """Compile ``spec`` for ``target`` (cached per spec, target, schedule and variant within the process).
 
     ``streaming``: write y with non-temporal stores (x86 llvm targets only, else ignored; see
-    :func:`bncompile.kernels.schedules.nt_store_pass`): faster when y is much larger than the caches.
+    :func:`bncompile.lower.kernels.schedules.nt_store_pass`): faster when y is much larger than the caches.
     """
     from bncompile.lower import targets, tvm as _tvm
     from bncompile.lower.kernels import schedules
@@ -397,7 +397,7 @@ def compile_batchnorm(config: BatchNormConfig, input_shape: Sequence, *, trainin
 
     ``target``: ``"llvm"`` (host CPU), ``"cuda"`` (sm_90) or a TVM target dict. ``dtype``: x's and y's
     dtype (float32, float16, bfloat16); statistics and variables are float32. ``schedule`` forces a
-    schedule rule by name (see :mod:`bncompile.kernels.schedules`).
+    schedule rule by name (see :mod:`bncompile.lower.kernels.schedules`).
     """
     return Kernel(config, input_shape, training=training, target=target, dtype=dtype, schedule=schedule)
 

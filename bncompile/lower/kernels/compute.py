@@ -1,7 +1,7 @@
 """Batch normalization as pure TE compute definitions (no schedule), plus their NumPy twin.
 
 One PrimFunc computes ``y`` and every variable a training step updates. The math is
-``../shared/docs/batchnorm-semantics.md``'s, with ONNX/Keras momentum (``EMA_m(v, t) = v*m + t*(1-m)``):
+``docs/batchnorm-semantics.md``'s, with ONNX/Keras momentum (``EMA_m(v, t) = v*m + t*(1-m)``):
 
 * statistics per channel ``c`` (and per virtual batch ``g`` for ghost BN) over every other axis:
   ``K = x[first element]`` (a shift taken from the data), ``mu' = sum(x - K)/n``,
@@ -513,7 +513,7 @@ def compensated_sum(te, tirx):
         # rfactor and cross-thread reductions only split reducers of the s_tir registry: add this one
         import ctypes
 
-        from bncompile import _tvm
+        from bncompile.lower import tvm as _tvm
 
         tvm = _tvm.tvm()
         register = tvm.get_global_func("s_tir.schedule.RegisterReducer")

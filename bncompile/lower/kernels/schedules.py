@@ -1,4 +1,4 @@
-"""Schedules for the batch-normalization PrimFuncs of :mod:`bncompile.kernels.compute`, per target.
+"""Schedules for the batch-normalization PrimFuncs of :mod:`bncompile.lower.kernels.compute`, per target.
 
 A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply".
 :func:`schedule` tries the rules of a target kind in order. Rules never change the math. Every CPU
