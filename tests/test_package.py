@@ -209,3 +209,15 @@ def test_readme_cli_tour_runs(tmp_path):
         ran += 1
     assert (tmp_path / "model.folded.onnx").exists() and (tmp_path / "bench.png").exists()
     assert ran == len(lines) - 1
+
+
+def test_every_package_folder_is_packaged():
+    """pyproject's explicit package list names every folder with an __init__.py (a missing one installs
+    fine in editable mode and breaks the wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "bncompile").rglob("__init__.py")}
+    found.add("bncompile.passes")
+    assert (ROOT / "passes" / "__init__.py").exists()
+    assert found == listed, (sorted(found - listed), sorted(listed - found))

@@ -40,11 +40,12 @@ def _stat_blocks(axis, shape):
     (1, (2, 6, 8, 8), "cpu_channel_first"),             # Q = 64: one vector per row
 ])
 def test_blocked_statistics_paths(axis, shape, rule):
-    from bncompile.lower.kernels import schedules
+    from bncompile.lower.kernels.schedules import STAT_BLOCK_FLOATS
+    from bncompile.lower.kernels.schedules._common import _divisor
 
     if axis == -1:      # several blocks per sample
         P, C = shape[1] * shape[2], shape[3]
-        assert P // schedules._divisor(P, schedules.STAT_BLOCK_FLOATS // C) >= 2
+        assert P // _divisor(P, STAT_BLOCK_FLOATS // C) >= 2
     name, script = _stat_blocks(axis, shape)
     assert name == rule and 'sblock("bsum' in script and 'sblock("bm2' in script
     assert "T.where" not in script

@@ -1,0 +1,83 @@
+"""Schedules for the batch-normalization PrimFuncs of :mod:`bncompile.lower.kernels.compute`, per target.
+
+A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply".
+:func:`schedule` tries the rules of a target kind in order. Rules never change the math. Every CPU
+split divides its loop exactly: TVM 0.27 silently drops the ``T.where`` predicate of a non-divisible
+split once a block is moved under the split loop (tvm-0.27.md §2), so extents are factored with
+:func:`_divisor` (tests assert the scheduled CPU IR has no ``T.where``). The CUDA rules split unevenly
+only where no block is moved under the split afterwards, and the predicates show in the source.
+
+CPU (``llvm``)
+  * ``cpu_inference``: one streaming pass, parallel over rows, vectorized along the contiguous axis.
+  * ``cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; also ghost BN): one
+    parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
+    squares, scalars, y), so the channel's slice comes from memory once and is re-read from cache;
+    the reductions are vectorized along Q (lane blocks of each row, combined exactly, when Q has a
+    vector factor >= 8 and the layout is one channel run without ghost groups; else rfactor).
+  * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): blocked statistics (x
+    read from memory once: blocks of <= 256 KB get both passes while cached, then combine exactly),
+    parallel over blocks, vectorized across channels.
+  * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): parallel over blocks of
+    channels, vectorized across the channels of a row; y in the same task while the stripe is cached.
+  * ``cpu_generic`` (axis lists that are not one run of axes; ghost channels-last): parallel only.
+CUDA (arch sm_90 by default)
+  * ``cuda_block_per_channel`` (channel-first with C >= 2x the SM count, or ghost with a static batch):
+    one thread block per channel; the reductions are cross-thread (warp shuffles), y is written by the
+    same block, every scalar other threads read lives in shared memory (ThreadSync puts the barriers),
+    and the per-group averages of ghost BN are cross-thread reductions too (no shared read-modify-write
+    by every thread).
+  * ``cuda_two_phase`` (other single-run layouts): chunked partial sums through rfactor with coalesced
+    loads (threads along the contiguous axis: Q for channel-first, C for channels-last), a second phase
+    combining the partials, per-channel scalar kernels and an elementwise y kernel. Kernel boundaries
+    order the global writes and reads, so no value is read by another thread of the kernel writing it.
+  * ``cuda_generic`` (axis lists, ghost with a symbolic batch, inference): every block its own kernel
+    over its fused spatial loops; reductions serial per thread. Correct, not fast.
+"""
+
+from __future__ import annotations
+
+from bncompile.lower import tvm as _tvm
+from bncompile.lower.kernels.compute import KernelSpec
+from bncompile.lower.kernels.schedules._common import REDUCTIONS, Rule, _sched, log
+from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELINE, STAT_BLOCK_FLOATS,
+                                                     STREAMING_RULES, Y_TASK_BYTES, cpu_channel_first,
+                                                     cpu_channels_last, cpu_channels_last_rows, cpu_generic,
+                                                     cpu_inference, nt_store_pass, nt_store_pipeline,
+                                                     nt_stores_apply)
+from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_generic, cuda_two_phase
+
+# --------------------------------------------------------------------------- dispatch
+
+RULES: dict[str, list[tuple[str, Rule]]] = {
+    "llvm": [("cpu_inference", cpu_inference), ("cpu_channel_first", cpu_channel_first),
+             ("cpu_channels_last_rows", cpu_channels_last_rows), ("cpu_channels_last", cpu_channels_last),
+             ("cpu_generic", cpu_generic)],
+    "cuda": [("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
+             ("cuda_generic", cuda_generic)],
+}
+
+
+def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
+    """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch)."""
+    kind = _tvm.target_kind(target)
+    rules = RULES.get(kind)
+    if rules is None:
+        from bncompile.errors import UnsupportedError
+        raise UnsupportedError(f"target: no batch-normalization schedules for target kind {kind!r}; "
+                               "use 'llvm' or 'cuda'")
+    for name, fn in rules:
+        if rule is not None and name != rule:
+            continue
+        sch = fn(spec, func)
+        if sch is not None:
+            log.debug("batchnorm kernel %s: schedule %s", spec.kinds, name)
+            return name, sch
+    if rule is not None:
+        from bncompile.errors import UnsupportedError
+        raise UnsupportedError(f"schedule {rule!r} does not apply to layout {spec.kinds} {spec.shape}")
+    return "unscheduled", _sched(func)
+
+
+__all__ = ["RULES", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
+           "Y_TASK_BYTES", "Rule", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_generic", "cpu_inference",
+           "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

@@ -1,0 +1,79 @@
+"""Helpers shared by the per-target schedule rules of the batch-normalization kernels."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from bncompile.lower import tvm as _tvm
+from bncompile.lower.kernels.compute import KernelSpec
+
+log = logging.getLogger(__name__)
+
+Rule = Callable[[KernelSpec, object], object]
+
+REDUCTIONS = ("sum", "sqsum")
+CUDA_THREADS = 256
+H100_SMS = 132
+
+
+def _divisor(n: int, limit: int) -> int:
+    """Largest divisor of ``n`` that is <= ``limit`` (1 when n is not a static int)."""
+    if not isinstance(n, int):
+        return 1
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _vector_factor(n: int, lanes: int = 16) -> int:
+    """A vector width for a loop of ``n``: a multiple of ``lanes`` dividing n when one exists, else the
+    largest divisor <= 2*lanes."""
+    if not isinstance(n, int):
+        return 1
+    for f in (4 * lanes, 2 * lanes, lanes):
+        if n % f == 0 and n >= f:
+            return f
+    return _divisor(n, 2 * lanes)
+
+
+def _blocks(sch) -> list[str]:
+    """Names of the blocks of the function, in program order."""
+    root = sch.get_sblock("root") if _has_block(sch, "root") else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    return [sch.get(b).name_hint for b in blocks]
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:
+        return False
+
+
+def _sched(func):
+    return _tvm.s_tir().Schedule(func)
+
+
+def _inline_parameter_only(sch, names: list[str], keep=("shift",)) -> list[str]:
+    """Inline the blocks that read only function inputs (``bias_c`` without renorm, ``renorm_inv_s``).
+
+    Moved under a channel loop, such a block would be computed for every channel at each iteration
+    (its region is not tied to the loop), dragging its consumers along. Returns the remaining names.
+    """
+    out = []
+    for n in names:
+        blk = sch.get_sblock(n)
+        if n not in keep and not sch.get_producers(blk):
+            try:
+                sch.compute_inline(blk)
+                continue
+            except Exception:  # an output block: leave it
+                pass
+        out.append(n)
+    return out
+
+
+# --------------------------------------------------------------------------- CPU
