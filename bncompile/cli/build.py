@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--input-shape", required=True, type=str,
                    help="input shape, comma-separated; N (or None, ?) for a dynamic batch, e.g. N,32,32,16")
     p.add_argument("--training", action="store_true", help="build a training step (default: inference)")
+    p.add_argument("--gradients", action="store_true",
+                   help="with --training: also take dy and output dx, dgamma, dbeta (the gradients of sum(y*dy))")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--weights", metavar="W.npz", help="initial variable values by Keras name (gamma, beta, ...)")
     p.add_argument("-o", "--output", default="batchnorm.onnx", help="output path (default: batchnorm.onnx)")
@@ -110,7 +112,10 @@ def run(args) -> int:
                 weights = {k: z[k] for k in z.files}
         except Exception as err:  # noqa: BLE001 - any unreadable npz is a bad input
             raise InputError(f"weights file {args.weights!r} is not a readable .npz ({err})") from None
-    model = build_model(config, shape, training=args.training, dtype=args.dtype, weights=weights)
+    if args.gradients and not args.training:
+        raise ConfigError("--gradients: the gradients belong to a training step; add --training")
+    model = build_model(config, shape, training=args.training, dtype=args.dtype, weights=weights,
+                        gradients=args.gradients)
     onnx.checker.check_model(model, full_check=True)
     onnx_utils.save_model_proto(model, args.output)
     summary = {

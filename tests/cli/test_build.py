@@ -113,3 +113,14 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, capsys):
     with pytest.raises(OSError):
         main(["build", "--input-shape", "2,3", "-o", str(tmp_path / "out.onnx")])
     assert os.listdir(tmp_path) == []
+
+
+def test_build_with_gradients(tmp_path):
+    out = tmp_path / "bn.onnx"
+    assert main(["build", "--input-shape", "N,3,4", "--axis", "1", "--training", "--gradients", "-o", str(out)]) == 0
+    m = onnx.load(out)
+    onnx.checker.check_model(m, full_check=True)
+    assert [i.name for i in m.graph.input][-1] == "dy"
+    assert [o.name for o in m.graph.output][-3:] == ["dx", "dgamma", "dbeta"]
+    assert main(["build", "--input-shape", "N,3,4", "--gradients", "-o", str(tmp_path / "no.onnx")]) == 2
+    assert not (tmp_path / "no.onnx").exists()
