@@ -12,7 +12,7 @@ DESCRIPTION = (
     "(input/output names, dtypes, shapes). Inference BatchNormalization is folded first; training-mode "
     "BatchNormalization and bncompile's custom ops run bncompile's own kernels. Targets: llvm (this CPU), "
     "x86_64, aarch64 (cross-compiled with aarch64-linux-gnu-g++), cuda (sm_90; --arch or cuda:sm_80). "
-    "Run the result with `bncompile run` or the C++ runner (bncompile/runner). Exit 0 ok, 2 bad input.")
+    "Run the result with `bncompile run` or the C++ runner (bncompile/lower/runner). Exit 0 ok, 2 bad input.")
 
 
 def add_arguments(p) -> None:
