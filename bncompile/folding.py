@@ -159,8 +159,7 @@ class FoldReport:
             where = f" [{d.graph}]" if d.graph != "main" else ""
             if d.action == "folded":
                 extra = f" (with {', '.join(d.absorbed)})" if d.absorbed else ""
-                nxt = "the next layer, " if d.direction == "next" else ""
-                lines.append(f"  folded      {d.node}{where} into {nxt}{d.into}{extra}")
+                lines.append(f"  folded      {d.node}{where} into {d.into}{extra}")
             elif d.action == "decomposed":
                 lines.append(f"  decomposed  {d.node}{where} into Mul + Add (not folded: {d.reason})")
             else:
