@@ -20,7 +20,7 @@ model is not converted):
 1. every finite float32 constant stays finite in float16 (``|t| < 65520``, float16's largest value
    after rounding);
 2. the inputs the spec types as ``tensor(float)`` only (``Resize`` scales, ``Upsample`` scales) are
-   constants: they stay float32 and are not converted;
+   constants or graph inputs: they stay float32 (not computed by a node, whose type would change);
 3. the model has no model-local functions with float32 bodies (their types are not rewritten).
 """
 
@@ -47,7 +47,8 @@ _DTYPE_ATTRS = {"Cast": "to", "RandomNormal": "dtype", "RandomUniform": "dtype",
 
 
 def _to_f16(arr: np.ndarray, what: str) -> np.ndarray:
-    out = arr.astype(np.float16)
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float16)
     overflow = np.isfinite(arr) & ~np.isfinite(out)
     if overflow.any():
         worst = float(np.abs(arr[overflow]).max())
