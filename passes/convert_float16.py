@@ -79,13 +79,14 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
                 for op_index in _FLOAT32_ONLY:
                     if is_onnx_op(node, op_index[0]) and len(node.inputs) > op_index[1]:
                         v = node.inputs[op_index[1]]
-                        if v is not None and v.dtype == F32:
-                            if v.const_value is None and v.producer() is not None \
-                                    and not is_onnx_op(v.producer(), "Constant"):
-                                raise InputError(f"cannot convert to float16: the float32-only "
-                                                 f"input {value_label(v)} of {node_label(node)} "
-                                                 "is computed at run time")
-                            keep.add(v)
+                        if v is None or v.name == "":
+                            continue
+                        if v.const_value is None and v.producer() is not None \
+                                and not is_onnx_op(v.producer(), "Constant"):
+                            raise InputError(f"cannot convert to float16: the float32-only "
+                                             f"input {value_label(v)} of {node_label(node)} "
+                                             "is computed at run time")
+                        keep.add(v)
         for graph in model.graphs():
             for value in graph.initializers.values():
                 if value in keep or value.const_value is None or value.const_value.dtype != F32:
