@@ -1,6 +1,9 @@
 """Benchmark `bncompile fold` on a ResNet-50-sized model (about 25.5M parameters, 53 BatchNormalization).
 
-Prints: fold time without the check (load + passes, then serialization and save separately), peak
+Prints, beside onnxruntime's own optimize-and-save of the same model (``SessionOptions.
+optimized_model_filepath`` at ORT_ENABLE_BASIC, which folds Conv+BN; load, optimize, save), the
+wall time and peak RSS of ``fold(path, output=..., check=False)`` (load, passes, save), each in a
+fresh subprocess, median of 3; then: fold time without the check (load + passes, then serialization and save separately), peak
 memory (process RSS growth in a fresh subprocess, and Python allocations from tracemalloc) against
 the model's size, and onnxruntime latency of the folded model against the same network built without
 BN (conv with bias), measured interleaved. Weights are random and seeded.
@@ -157,7 +160,69 @@ print(json.dumps(out))
 """
 
 
-def child(args):
+_ORT_CHILD = r"""
+import json, os, sys, threading, time
+import onnxruntime as ort
+PAGE = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+def run(path, out):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = out
+    so.log_severity_level = 3
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+run(sys.argv[2], sys.argv[3])                       # warm up
+rss0 = rss(); peak = [rss0]; done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss()); time.sleep(0.001)
+if sys.argv[4] == "peak":                          # one run, in this fresh process
+    th = threading.Thread(target=sample, daemon=True); th.start()
+    run(sys.argv[1], sys.argv[3])
+    done.set(); th.join()
+    print(json.dumps({"rss_peak_delta": max(peak[0], rss()) - rss0})); sys.exit(0)
+times = []
+for i in range(3):
+    t = time.perf_counter(); run(sys.argv[1], sys.argv[3]); times.append(time.perf_counter() - t)
+print(json.dumps({"s": sorted(times)[1]}))
+"""
+
+_FOLD_SAVE_CHILD = r"""
+import json, os, sys, threading, time
+from bncompile.folding import fold
+PAGE = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+fold(sys.argv[2], output=sys.argv[3], check=False)  # warm up
+rss0 = rss(); peak = [rss0]; done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss()); time.sleep(0.001)
+if sys.argv[4] == "peak":                          # one run, in this fresh process
+    th = threading.Thread(target=sample, daemon=True); th.start()
+    fold(sys.argv[1], output=sys.argv[3], check=False)
+    done.set(); th.join()
+    print(json.dumps({"rss_peak_delta": max(peak[0], rss()) - rss0})); sys.exit(0)
+times = []
+for i in range(3):
+    t = time.perf_counter(); fold(sys.argv[1], output=sys.argv[3], check=False); times.append(time.perf_counter() - t)
+print(json.dumps({"s": sorted(times)[1]}))
+"""
+
+
+def child(args, code=None):
+    if code is not None:
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"benchmark child failed:\n{proc.stderr}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _child(args)
+
+
+def _child(args):
     proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"benchmark child failed:\n{proc.stderr}")
@@ -216,6 +281,17 @@ def main(argv=None):
         print(f"model: ResNet-50-sized, {n_params / 1e6:.1f}M parameters, {n_bn} BatchNormalization, "
               f"{size / 2**20:.1f} MiB on disk")
 
+        ours, theirs = ({**child([bn_path, tiny_path, os.path.join(d, f"r50_{k}.onnx"), "time"], code),
+                         **child([bn_path, tiny_path, os.path.join(d, f"r50_{k}.onnx"), "peak"], code)}
+                        for k, code in (("ours", _FOLD_SAVE_CHILD), ("ort", _ORT_CHILD)))
+        print("load + fold + save to file: median of 3 warmed-up runs; peak RSS growth of one run in a "
+              "fresh process (warmed up on a tiny model):")
+        print(f"  bncompile fold (no numeric check):        {ours['s']:.3f} s, peak "
+              f"{ours['rss_peak_delta'] / 2**20:.1f} MiB = {ours['rss_peak_delta'] / size:.2f}x model")
+        print(f"  onnxruntime ORT_ENABLE_BASIC + save:      {theirs['s']:.3f} s, peak "
+              f"{theirs['rss_peak_delta'] / 2**20:.1f} MiB = {theirs['rss_peak_delta'] / size:.2f}x model")
+        print(f"  bncompile / onnxruntime time: {ours['s'] / theirs['s']:.2f}x (target < 1); "
+              f"bncompile peak {ours['rss_peak_delta'] / size:.2f}x the model (target < 2)")
         timing = child([bn_path, tiny_path, "time", os.path.join(d, "r50_timing.onnx")])
         mem = child([bn_path, tiny_path, "rss"])
         trace = child([bn_path, tiny_path, "trace"])

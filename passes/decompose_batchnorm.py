@@ -4,7 +4,10 @@ Equation: ``y = x * k + shift`` with ``k = scale / sqrt(var + epsilon)`` and
 ``shift = B - mean * k``, precomputed in float64 and rounded once to X's dtype. For ``spatial=1``
 (all opsets' default) the constants have shape (C, 1, ..., 1) (rank of X minus one, so they
 broadcast along axis 1); for opset 6/7 ``spatial=0`` they keep the parameters' (C, D1..Dn) shape,
-which broadcasts against X's (N, C, D1..Dn) directly.
+which broadcasts against X's (N, C, D1..Dn) directly. Before opset 7, Mul and Add broadcast only
+when asked (``broadcast=1``), aligning the second operand at ``axis``: there the constants keep the
+parameters' shape ((C,), or (C, D1..Dn) for spatial=0) and the Mul and Add carry ``broadcast=1,
+axis=1``, which is the same per-channel map.
 
 Valid only when (one check each; a BN that fails one is left and reported):
 
@@ -73,9 +76,14 @@ class DecomposeBatchNormPass(ir.passes.InPlacePass):
             rank = rank_of(y, consts)
         if rank is None:
             return "the rank of X is unknown, so the broadcast shape of the constants is unknown"
+        legacy = {"broadcast": 1, "axis": 1} if opset < 7 else {}
         if mode == "spatial=0":
             if rank != 1 + k.ndim:
                 return f"spatial=0 parameters of rank {k.ndim} do not match X of rank {rank}"
+            shape = k.shape
+        elif legacy:
+            if k.ndim != 1 or rank < 2:
+                return f"parameters of shape {k.shape} for X of rank {rank}"
             shape = k.shape
         else:
             if k.ndim != 1 or rank < 2:
@@ -96,8 +104,11 @@ class DecomposeBatchNormPass(ir.passes.InPlacePass):
         s_val = add_initializer(graph, model, names, f"{base}_shift", shift.reshape(shape).astype(np_dtype))
         mul_out = ir.Value(name=names.new(f"{base}_mul"), type=y.type, shape=y.shape)
         add_out = ir.Value(name=names.new(f"{base}_add"), type=y.type, shape=y.shape)
-        mul = ir.Node("", "Mul", [x, k_val], outputs=[mul_out], name=names.new(f"{base}_Mul"))
-        add = ir.Node("", "Add", [mul_out, s_val], outputs=[add_out], name=names.new(f"{base}_Add"))
+        attrs = [ir.AttrInt64(key, value) for key, value in legacy.items()]
+        mul = ir.Node("", "Mul", [x, k_val], outputs=[mul_out], name=names.new(f"{base}_Mul"),
+                      attributes=attrs)
+        add = ir.Node("", "Add", [mul_out, s_val], outputs=[add_out], name=names.new(f"{base}_Add"),
+                      attributes=attrs)
         graph.insert_before(bn, [mul, add])
         bypass(y, add_out)
         graph.remove(bn, safe=True)

@@ -16,7 +16,10 @@ Valid only when (one check each; a node that fails one is left as it is):
    ``Identity`` (already resolvable), and has no subgraph attribute (If, Loop, Scan);
 2. it is deterministic: not ``Random*``, ``Multinomial``, ``Bernoulli`` or ``Dropout``;
 3. it is not ``BatchNormalization`` (``onnx.reference`` is wrong for opsets 7 and 9);
-4. every input is a constant (no overridable graph input, nothing computed at run time);
+4. every input is a constant (no overridable graph input, nothing computed at run time), except
+   the second input of ``CastLike``, of which only the element type is read: ``CastLike(c, x)``
+   is a constant when ``c`` is and ``x``'s element type is declared (the dynamo exporter with
+   ``optimize=False`` writes each absent Conv bias as ``Expand(CastLike(0, input), shape)``);
 5. none of its outputs is a graph output (their producer stays visible);
 6. evaluation with ``onnx.reference`` succeeds and each result has at most ``max_elements``
    elements and the output's declared dtype (when declared).
@@ -72,7 +75,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
                 continue  # not a candidate at all
             results = None
             if why is None:
-                arrays = [consts.get(v) if v is not None else None for v in node.inputs]
+                arrays = [None if v is None else consts.get(v) if _type_only(node, i) is None
+                          else _type_only(node, i) for i, v in enumerate(node.inputs)]
                 results, why = self._evaluate(node, arrays, model)
             if results is None:
                 entries.append(Entry.of(node, LEFT, why))
@@ -94,8 +98,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                for attr in node.attributes.values()):
             return ""
-        for v in node.inputs:
-            if v is not None and consts.get(v) is None:
+        for i, v in enumerate(node.inputs):
+            if v is not None and consts.get(v) is None and _type_only(node, i) is None:
                 return ""
         if node.op_type in _NON_DETERMINISTIC:
             return "not deterministic"
@@ -157,6 +161,17 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             graph.register_initializer(new)
             if (model.ir_version or 0) < 4 and graph is model.graph:
                 graph.inputs.append(new)
+
+
+def _type_only(node: ir.Node, index: int) -> np.ndarray | None:
+    """An empty array of the declared element type of an input only its type is read of
+    (``CastLike``'s second), or None."""
+    if index != 1 or node.op_type != "CastLike" or node.inputs[index].dtype is None:
+        return None
+    try:
+        return np.zeros((0,), dtype=node.inputs[index].dtype.numpy())
+    except Exception:  # a type without a NumPy dtype
+        return None
 
 
 #: inputs whose constant value the BN fold reads, per consumer op

@@ -6,7 +6,8 @@
 ``PassError``). ``fold``, ``inline`` and compile's preparation each build one:
 
 * :func:`fold_passes`: ``FoldConstantsPass`` (optional), ``FoldBatchNormPass``,
-  ``DecomposeBatchNormPass`` (optional);
+  ``DecomposeBatchNormPass`` (optional), ``ConvertFloat16Pass`` (optional, last: each weight is
+  rounded to float16 once, after the fold);
 * :func:`inline_passes`: ``InlineFunctionsPass``, ``NormalizeConstantsPass``;
 * :func:`prepare_for_lowering`: ``ApplyInputShapesPass``, the fold passes (optional),
   ``InlineFunctionsPass`` (bncompile's custom ops kept as calls, their definitions dropped),
@@ -80,11 +81,14 @@ class Pipeline(ir.passes.PassManager):
 
 
 def fold_passes(*, fold_constants: bool = True, absorb_affine: bool = True,
-                decompose: bool = False) -> list[ir.passes.PassBase]:
+                decompose: bool = False, float16: bool = False) -> list[ir.passes.PassBase]:
     passes: list[ir.passes.PassBase] = [FoldConstantsPass()] if fold_constants else []
     passes.append(FoldBatchNormPass(absorb_affine=absorb_affine))
     if decompose:
         passes.append(DecomposeBatchNormPass())
+    if float16:
+        from bncompile.passes.convert_float16 import ConvertFloat16Pass
+        passes.append(ConvertFloat16Pass())
     return passes
 
 

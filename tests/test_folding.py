@@ -296,3 +296,156 @@ def test_cli_decompose_and_left_reasons_in_json(tmp_path, capsys):
     assert "decomposed  bn_after_relu into Mul + Add" in out
     assert bn_count(onnx.load(tmp_path / "dec.onnx")) == 0
     assert_equivalent(onnx.load(p), onnx.load(tmp_path / "dec.onnx"))
+
+
+# ----------------------------------------------------------------------------- float16 policy
+def _fp32_cnn(seed=30, layers=3, c=8):
+    g = G(seed=seed)
+    y = g.input("x", [2, c, 8, 8])
+    for i in range(layers):
+        y = g.node("Relu", [g.bn(g.conv(y, c, c, name=f"conv{i}"), c, name=f"bn{i}")], name=f"relu{i}")
+    g.output(g.node("Identity", [y], outputs=["y"]))
+    return g.model()
+
+
+def test_float16_model_folded_by_default_and_both_errors_reported(tmp_path, capsys):
+    m = conv_bn(dtype=np.float16, bn_dtype=np.float32, seed=31, c_in=8, c_out=16)
+    p, report = tmp_path / "m16.onnx", tmp_path / "r.json"
+    onnx.save(m, p)
+    rc, out, err = run_cli(p, "-o", tmp_path / "o.onnx", "--report", report, capsys=capsys)
+    assert rc == 0, err
+    assert "float16 accuracy vs float32 twin (max rel error): unfolded" in out
+    lp = json.loads(report.read_text())["check"]["low_precision"]
+    assert lp["folded_vs_float32"] <= lp["limit"] and lp["unfolded_vs_float32"] > 0
+    assert_equivalent(m, onnx.load(tmp_path / "o.onnx"), rtol=1e-2)
+
+
+def _accuracy(model, reference, seeds=range(5)):
+    """Mean over seeds of the RMS error (relative to the output range) against ``reference``."""
+    s, ref = onnx_utils.make_session(model), onnx_utils.make_session(reference)
+    errs = []
+    for seed in seeds:
+        feeds = onnx_utils.random_feeds(ref, seed=seed)
+        want = ref.run(None, feeds)
+        got = s.run(None, {k: v.astype(np.float16) for k, v in feeds.items()})
+        errs.append(onnx_utils.compare_outputs(want, got)["rms_rel"])
+    return float(np.mean(errs))
+
+
+def test_fold_float16_is_no_less_accurate_than_the_unfolded_float16_twin():
+    from bncompile.passes.convert_float16 import ConvertFloat16Pass
+    from helpers.fold_graphs import run_pass
+
+    m = _fp32_cnn()
+    r = fold(m, float16=True, check=True, check_runs=3)
+    out = r.model
+    assert {t.data_type for t in out.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert out.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert out.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert bn_count(out) == 0 and r.report.float16 and r.report.check.passed
+    lp = r.report.check.low_precision
+    assert lp["folded_vs_float32"] <= lp["unfolded_vs_float32"] * 1.5
+    twin16, _ = run_pass(ConvertFloat16Pass(), m)                 # the same converter, no fold
+    assert _accuracy(out, m) <= _accuracy(twin16, m)
+
+
+def test_cli_float16_flag_and_strict(tmp_path, capsys):
+    p = tmp_path / "m.onnx"
+    onnx.save(_fp32_cnn(seed=32, layers=2), p)
+    rc, out, err = run_cli(p, "-o", tmp_path / "o16.onnx", "--float16", "--strict-float16", capsys=capsys)
+    assert rc == 0, err
+    assert "converted to float16 after folding" in out and "vs the float32 original" in out
+    assert onnx.load(tmp_path / "o16.onnx").graph.input[0].type.tensor_type.elem_type == 10
+
+
+def test_cli_float16_flag_refuses_a_float16_model(tmp_path, capsys):
+    p = tmp_path / "m16.onnx"
+    onnx.save(conv_bn(dtype=np.float16, seed=33), p)
+    rc, out, err = run_cli(p, "--float16", capsys=capsys)
+    assert rc == 2 and "already has float16" in err
+
+
+# ----------------------------------------------------------------------------- unchanged, old opsets
+def test_unchanged_model_exits_0_without_onnxruntime(tmp_path, capsys, monkeypatch):
+    g = G(seed=34)
+    x = g.input("x", [2, 3, 4, 4])
+    g.bn(g.node("Relu", [x]), 3, outputs=["y", "rm", "rv"], training_mode=1)
+    g.output("y", shape=[2, 3, 4, 4])
+    p, report = tmp_path / "train.onnx", tmp_path / "r.json"
+    onnx.save(g.model(), p)
+
+    def no_ort(*a, **k):
+        raise AssertionError("onnxruntime must not be needed for an unchanged model")
+    monkeypatch.setattr(onnx_utils, "make_session", no_ort)
+    rc, out, err = run_cli(p, "-o", tmp_path / "o.onnx", "--report", report, capsys=capsys)
+    assert rc == 0, err
+    assert "unchanged: nothing to fold; check: not needed" in out
+    data = json.loads(report.read_text())
+    assert data["unchanged"] is True and data["check"] is None
+    assert data["verification"] == "not needed (unchanged)"
+
+
+def _opset6_conv_bn(seed=35, training_bn=False):
+    g = G(seed=seed, opset=6, ir_version=3)
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.bn(g.conv(x, 3, 4, name="conv"), 4, name="bn", is_test=1)
+    if training_bn:
+        y = g.bn(g.node("Relu", [y], name="relu"), 4, name="bn_train", is_test=0)
+    g.output(g.node("Relu", [y], outputs=["y"]), shape=[2, 4, 5, 5])
+    return g.model()
+
+
+def test_opset6_model_verified_with_onnx_reference(tmp_path, capsys):
+    p, report = tmp_path / "old.onnx", tmp_path / "r.json"
+    m = _opset6_conv_bn()
+    onnx.save(m, p)
+    with pytest.raises(InputError, match="NOT_IMPLEMENTED|cannot load"):
+        onnx_utils.make_session(m)                                # onnxruntime has no BN(6)
+    rc, out, err = run_cli(p, "-o", tmp_path / "o.onnx", "--report", report, capsys=capsys)
+    assert rc == 0, err
+    data = json.loads(report.read_text())
+    assert data["verification"] == "onnx.reference+onnxruntime" and data["check"]["passed"]
+    assert data["check"]["runtimes"] == {"original": "onnx.reference", "folded": "onnxruntime"}
+    assert "runtimes: original in onnx.reference" in out
+
+
+def test_opset6_model_that_cannot_be_run_right_is_saved_unverified(tmp_path, capsys):
+    p, report = tmp_path / "old.onnx", tmp_path / "r.json"
+    onnx.save(_opset6_conv_bn(seed=36, training_bn=True), p)
+    rc, out, err = run_cli(p, "-o", tmp_path / "o.onnx", "--report", report, capsys=capsys)
+    assert rc == 0, err
+    assert "check: UNVERIFIED" in out and "warning: the folded model is UNVERIFIED" in out
+    assert "'bn_train' is in training mode" in out
+    data = json.loads(report.read_text())
+    assert data["verification"] == "unverified" and data["check"] is None and data["warnings"]
+    assert (tmp_path / "o.onnx").exists()
+    rc, out, err = run_cli(p, "-o", tmp_path / "q.onnx", "-q", capsys=capsys)
+    assert rc == 0 and out == "" and "warning: the folded model is UNVERIFIED" in err
+
+
+def test_opset6_decompose_is_valid_opset6_broadcasting(tmp_path, capsys):
+    """--decompose at opset 6: (C,) operands with broadcast=1, axis=1; the full checker passes and
+    the corrected onnx.reference matches a float64 NumPy evaluation of the BN."""
+    from bncompile import reference_runtime
+
+    g = G(seed=37, opset=6, ir_version=3)
+    x = g.input("x", [2, 3, 4, 5])
+    g.bn(g.node("Relu", [x], name="relu"), 3, name="bn", is_test=1, outputs=["y"])
+    g.output("y", shape=[2, 3, 4, 5])
+    m = g.model()
+    r = fold(m, decompose=True, check=True)
+    assert r.report.verification == "onnx.reference" and r.report.check.passed
+    out = r.model
+    onnx.checker.check_model(out, full_check=True)
+    mul, add = out.graph.node[1:]
+    for n in (mul, add):
+        assert {a.name: a.i for a in n.attribute} == {"broadcast": 1, "axis": 1}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    gamma, beta, mean, var = (inits[n] for n in m.graph.node[1].input[1:])
+    eps = m.graph.node[1].attribute[0].f
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)}
+    r64 = np.maximum(feeds["x"].astype(np.float64), 0)
+    sh = (1, 3, 1, 1)
+    want = (r64 - mean.reshape(sh)) / np.sqrt(var.reshape(sh) + eps) * gamma.reshape(sh) + beta.reshape(sh)
+    got = reference_runtime.Session(out).run(None, feeds)[0]
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()

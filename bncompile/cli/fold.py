@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="save weights in <output>.data (auto: when the input had external "
                              "data or the model exceeds 2 GB)")
+    parser.add_argument("--float16", action="store_true",
+                        help="fold a float32 model in float32, then convert the result to float16 "
+                             "(inputs and outputs too): each weight is rounded once")
+    parser.add_argument("--strict-float16", action="store_true",
+                        help="a float16 result must be no less accurate against float32 than the "
+                             "unfolded float16 model (default: within the float16 tolerance)")
     parser.add_argument("--report", metavar="OUT.json", help="also write the report as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
@@ -74,7 +81,8 @@ def run(args) -> int:
         result = fold(model, output=None, in_place=args.in_place, decompose=args.decompose,
                       fold_constants=args.fold_constants, absorb_affine=args.absorb_affine,
                       check=args.check > 0, check_runs=max(args.check, 1), seed=args.seed,
-                      input_shapes=shapes, tolerance=args.tolerance)
+                      input_shapes=shapes, tolerance=args.tolerance, float16=args.float16,
+                      strict_float16=args.strict_float16)
     except VerificationError as err:  # nothing written; show what was done, then exit 1
         failed = getattr(err, "result", None)
         if failed is not None:
@@ -94,3 +102,6 @@ def _emit(report, args) -> None:
             Path(tmp).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     if not args.quiet:
         print(report.summary())
+    else:
+        for warning in report.warnings:
+            print(f"bncompile fold: warning: {warning}", file=sys.stderr)

@@ -323,3 +323,47 @@ ScaleShift <alpha> (x, b) => (y) {
   y = Add (m, b)
 }
 """
+
+
+# ------------------------------------------------------------------------- exporters' patterns
+
+def tf2onnx_conv_bn(*, bias_add=True, seed=0, c_in=4, c=6, pad=1, blocks=1, extra_use=False,
+                    perms=((0, 2, 3, 1), (0, 3, 1, 2))):
+    """A Keras Conv2D (+ BiasAdd) + BatchNormalization + ReLU in NHWC as tf2onnx writes it with its
+    optimizers off: the Conv runs in NCHW between layout Transposes, the BiasAdd is an Add of a (C,)
+    vector in NHWC, and the BN runs in NCHW between its own Transposes."""
+    g = G(seed=seed, opset=13)
+    y = g.input("x", [2, 5, 6, c_in])
+    for b in range(blocks):
+        t = g.node("Transpose", [y], perm=[0, 3, 1, 2], name=f"conv{b}_in")
+        cin = c_in if b == 0 else c
+        conv = g.node("Conv", [t, g.init(g.rand(c, cin, 3, 3))], name=f"conv{b}",
+                      pads=[pad] * 4, kernel_shape=[3, 3])
+        t = g.node("Transpose", [conv], perm=list(perms[0]), name=f"conv{b}_out")
+        if bias_add:
+            t = g.node("Add", [t, g.init(g.rand(c))], name=f"bias{b}")
+        t = g.node("Transpose", [t], perm=list(perms[1]), name=f"bn{b}_in")
+        bn = g.bn(t, c, name=f"bn{b}")
+        t = g.node("Transpose", [bn], perm=[0, 2, 3, 1], name=f"bn{b}_out")
+        y = g.node("Relu", [t], name=f"relu{b}")
+    if extra_use:
+        g.node("Identity", ["conv0_out_out" if not bias_add else "bias1_out"], outputs=["side"])
+        g.output("side")
+    g.output(g.node("Identity", [y], outputs=["y"]))
+    return g.model()
+
+
+def dynamo_conv_bn(*, seed=0, c_in=3, c=5, opset=18):
+    """A torch Conv2d(bias=False) + BatchNorm2d as the dynamo exporter writes them with
+    ``optimize=False``: the absent bias is ``Expand(CastLike(0.0, input), Expand(Shape(W)[0:1], [1]))``."""
+    g = G(seed=seed, opset=opset)
+    x = g.input("x", [2, c_in, 6, 6])
+    w = g.init(g.rand(c, c_in, 3, 3), "weight")
+    zero = g.const(np.array(0.0, np.float32))
+    like = g.node("CastLike", [zero, x], name="castlike")
+    dim0 = g.node("Shape", [w], start=0, end=1, name="shape")
+    shape = g.node("Expand", [dim0, g.const(np.array([1], np.int64))], name="bias_shape")
+    bias = g.node("Expand", [like, shape], name="bias")
+    y = g.node("Conv", [x, w, bias], name="conv", pads=[1, 1, 1, 1])
+    g.output(g.bn(y, c, name="bn", outputs=["y"]))
+    return g.model()
