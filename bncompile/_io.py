@@ -123,9 +123,8 @@ def check_files(files: Files) -> None:
         for i in files.inputs:
             if not i.replaceable and _same(o.path, i.path):
                 same = "is" if os.path.realpath(o.path) == str(o.path.absolute()) else "leads to"
-                raise InputError(f"{o.flag} {str(o.path)!r} {same} the {i.what} {str(i.path)!r}, which this "
-                                 f"command reads: choose another {o.flag}"
-                                 + (" (or --in-place)" if i.what == "model" and o.flag == "-o" else ""))
+                raise InputError(f"{o.flag}: the {o.what} {str(o.path)!r} {same} the {i.what} "
+                                 f"{str(i.path)!r}, which this command reads: choose another {o.flag}")
     for k, a in enumerate(files.outputs):
         for b in files.outputs[k + 1:]:
             if _same(a.path, b.path):

@@ -46,6 +46,7 @@ COMMANDS = {
     "compile": "compile an ONNX model into a TVM library",
     "run": "run a compiled library on inputs from .npy files",
     "bench": "compare runtimes against onnxruntime",
+    "runner": "build the C++ runner (no Python needed) into a folder",
 }
 
 
