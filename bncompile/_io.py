@@ -10,7 +10,8 @@
 * :func:`atomic_output_dir`: for outputs written as several files (a model and its external data, a
   library written by a linker), a hidden folder ``.NAME.bncompile-<pid>.tmp`` in the output's folder
   whose files are moved into place on success and which is removed on failure or signal; after a
-  SIGKILL, the next run writing the same output removes it (:func:`clean_stale`, when its pid is dead).
+  SIGKILL, the next run writing the same output removes it (:func:`clean_stale`, when its pid is dead),
+  or, when the kill came while complete files were being moved into place, finishes the move.
 
 Outputs get the mode ``0666 & ~umask`` (a linker's executable output ``0777 & ~umask``), like any file
 a user creates.
@@ -30,6 +31,9 @@ from bncompile.errors import InputError, OutputError, os_error_message
 #: suffix of the fallback temporaries (files and folders) in an output's folder
 TMP_TAG = ".bncompile-"
 TMP_SUFFIX = ".tmp"
+#: written in a multi-file output's hidden folder once every file is complete: a run killed while
+#: moving them is finished by the next run (so the folder never keeps a new data file beside an old model)
+COMMIT_MARK = ".complete"
 
 
 # --------------------------------------------------------------------------- single paths
@@ -167,7 +171,11 @@ def clean_stale(path) -> None:
         pid = name[len(prefix):-len(TMP_SUFFIX)]
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
-        _remove(folder / name)
+        tmp = folder / name
+        if (tmp / COMMIT_MARK).is_file():     # killed while moving a complete output: finish the move
+            with contextlib.suppress(OSError):
+                _move_out(tmp, p)
+        _remove(tmp)
 
 
 def _remove(p: Path) -> None:
@@ -176,6 +184,13 @@ def _remove(p: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
+
+
+def _move_out(tmp: Path, p: Path) -> None:
+    """Move the files of a hidden output folder beside ``p``: companions first, ``p`` itself last."""
+    names = sorted((n for n in os.listdir(tmp) if n != COMMIT_MARK), key=lambda n: n == p.name)
+    for name in names:
+        os.replace(tmp / name, _folder(p) / name)
 
 
 def _write_error(err: OSError, p: Path, what: str, flag: str) -> OutputError:
@@ -274,9 +289,8 @@ def atomic_output_dir(path, *, what: str = "output", flag: str = "-o"):
         raise _folder_error(err, _folder(p), what, flag) from None
     try:
         yield tmp
-        names = sorted(os.listdir(tmp), key=lambda n: n == p.name)   # the main file last
-        for name in names:
-            os.replace(tmp / name, _folder(p) / name)
+        (tmp / COMMIT_MARK).touch()
+        _move_out(tmp, p)
     except OSError as err:
         raise _write_error(err, p, what, flag) from None
     finally:

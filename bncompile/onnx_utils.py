@@ -629,7 +629,8 @@ def compare_outputs(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray
         with np.errstate(invalid="ignore"):
             elem = np.where(diff == 0, 0.0, diff / denom)
         max_elem = max(max_elem, float(np.nan_to_num(elem, nan=np.inf).max()))
-        rms = float(np.sqrt(np.mean(np.square(np.where(np.isfinite(diff), diff, 0.0)))))
+        with np.errstate(over="ignore"):
+            rms = float(np.sqrt(np.mean(np.square(np.where(np.isfinite(diff), diff, 0.0)))))
         rms_rel = max(rms_rel, rms / scale if scale > 0 else 0.0)
     return {"max_abs": max_abs, "max_rel": max_rel, "max_elem_rel": max_elem, "rms_rel": rms_rel,
             "nonfinite_agreed": agreed, "nan_mismatch": mismatch}

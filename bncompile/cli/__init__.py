@@ -32,6 +32,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 
 from bncompile._io import check_files
 from bncompile._version import __version__
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
         print(f"bncompile: error: name a command ({', '.join(COMMANDS)}); "
               "see 'bncompile --help'", file=sys.stderr)
         return 2
-    with _signals_unwind(), _native_stderr(replay=args.verbose):
+    with _signals_unwind(), _native_stderr(replay=args.verbose), warnings.catch_warnings():
+        if not args.verbose:    # a library's warning about a bad model would be a line beside the error
+            warnings.simplefilter("ignore")
         _logging(args.verbose)
         try:
             files = getattr(args._module, "files", None)

@@ -355,7 +355,9 @@ def test_full_disk_one_line_nothing_left(case, originals, tmp_path, capfd, monke
 
 def test_compile_link_failure_on_full_disk_is_one_line(originals, tmp_path, capfd, monkeypatch):
     """g++ on a full disk prints its (truncated) command line: the user gets the problem and the fix."""
-    import tvm
+    from bncompile.lower import tvm as _tvm
+
+    tvm = _tvm.tvm()
 
     d = tmp_path / "case"
     d.mkdir()
