@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bncompile._io import atomic_output, check_input_file
+from bncompile._io import atomic_output, atomic_output_dir, check_input_file
 from bncompile.errors import InputError
 from bncompile.shapes import parse_input_shapes, parse_shape  # noqa: F401 - re-exported
 
@@ -80,36 +80,83 @@ def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from attr.tensors
 
 
-def external_data_locations(model: onnx.ModelProto) -> list[str]:
-    """The ``location`` of every external tensor of ``model`` (main graph, subgraphs, functions)."""
-    locations = []
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of ``model`` stored as external data (main graph, subgraphs, functions)."""
     tensors = list(_iter_tensor_protos(model.graph))
     for fn in model.functions:
         for node in fn.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
                     tensors.append(attr.t)
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            locations.append(info.get("location", ""))
-    return locations
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
-def check_external_data(model: onnx.ModelProto, base_dir: str | os.PathLike) -> None:
-    """Refuse external data that leaves the model's folder (absolute path, ``..``) or is missing."""
+def external_data_locations(model: onnx.ModelProto) -> list[str]:
+    """The ``location`` of every external tensor of ``model`` (main graph, subgraphs, functions)."""
+    return [{e.key: e.value for e in t.external_data}.get("location", "") for t in _external_tensors(model)]
+
+
+def _declared_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's dims and type need, None for types without a fixed item size."""
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if t.data_type in (onnx.TensorProto.STRING,):
+        return None
+    count = 1
+    for d in t.dims:
+        count *= int(d)
+    return count * itemsize
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: str | os.PathLike) -> list[Path]:
+    """Refuse external data that leaves the model's folder (absolute path, ``..``), is missing, or is
+    shorter than a tensor's offset + length (or than its dims need); returns the data files."""
     base = Path(base_dir).resolve()
-    for loc in sorted(set(external_data_locations(model))):
-        if not loc or os.path.isabs(loc) or Path(loc).is_absolute() or loc.startswith(("\\", "/")):
-            raise InputError(f"external data location {loc!r} is absolute or empty: it must be a "
-                             f"file name relative to the model's folder {str(base)!r}")
-        target = (base / loc).resolve()
-        if ".." in Path(loc).parts or not target.is_relative_to(base):
-            raise InputError(f"external data location {loc!r} leaves the model's folder "
-                             f"{str(base)!r}: move the data file beside the model")
-        if not target.is_file():
-            raise InputError(f"external data file {str(target)!r} (location {loc!r}) does not "
-                             "exist: keep the data file beside the model")
+    files: dict[str, Path] = {}
+    for t in _external_tensors(model):
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if loc not in files:
+            if not loc or os.path.isabs(loc) or Path(loc).is_absolute() or loc.startswith(("\\", "/")):
+                raise InputError(f"external data location {loc!r} is absolute or empty: it must be a "
+                                 f"file name relative to the model's folder {str(base)!r}")
+            target = (base / loc).resolve()
+            if ".." in Path(loc).parts or not target.is_relative_to(base):
+                raise InputError(f"external data location {loc!r} leaves the model's folder "
+                                 f"{str(base)!r}: move the data file beside the model")
+            if not target.is_file():
+                raise InputError(f"external data file {str(target)!r} (location {loc!r}) does not "
+                                 "exist: keep the data file beside the model")
+            files[loc] = target
+        target = files[loc]
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise InputError(f"tensor {t.name!r}: external data offset/length {info.get('offset')!r}/"
+                             f"{info.get('length')!r} are not integers: re-save the model") from None
+        need = _declared_bytes(t)
+        if offset < 0 or (length is not None and length < 0):
+            raise InputError(f"tensor {t.name!r}: negative external data offset or length: re-save the model")
+        if length is not None and need is not None and length < need:
+            raise InputError(f"tensor {t.name!r} of shape {list(t.dims)} needs {need} bytes but its external "
+                             f"data length is {length}: the model is damaged; re-save it")
+        end = offset + (length if length is not None else (need or 0))
+        size = target.stat().st_size
+        if end > size:
+            raise InputError(f"external data file {str(target)!r} holds {size} bytes but tensor {t.name!r} "
+                             f"needs bytes {offset}..{end}: the file is truncated; copy it again "
+                             "with the model")
+    return sorted(set(files.values()))
+
+
+def model_files(path) -> list[Path]:
+    """A model file and every external data file it uses (checked: inside its folder, present, long
+    enough): what a command reads when it reads the model."""
+    p = check_input_file(path)
+    return [p, *check_external_data(_parse_model(p), p.parent)]
 
 
 def _parse_model(path: Path) -> onnx.ModelProto:
@@ -299,10 +346,11 @@ def save_model_ir(model, path, *, external_data: bool | None = None) -> Path | N
     if external_data is None:
         external_data = needs_external_data(model)
     data_name = out.name + ".data" if external_data else None
-    with atomic_output(out) as tmp:
-        if data_name:
-            ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
-        else:
+    if data_name:   # two files: through a hidden folder beside the output (the data moves first)
+        with atomic_output_dir(out) as tmp:
+            ir.save(model, tmp / out.name, external_data=data_name, size_threshold_bytes=1024)
+    else:
+        with atomic_output(out) as tmp:
             write_model_streaming(model, tmp)
     return out.parent / data_name if data_name else None
 
@@ -449,31 +497,83 @@ def _ort_dtype(type_: str):
     return None
 
 
-def draw_feeds(inputs: Sequence[tuple[str, Sequence[int], object]], *, seed: int = 0
-               ) -> dict[str, np.ndarray]:
+def feed_bytes_limit() -> int:
+    """The most bytes :func:`draw_feeds` draws: half the machine's physical memory (at least 1 GiB)."""
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        phys = 16 << 30
+    return max(1 << 30, phys // 2)
+
+
+def check_feed_sizes(inputs: Sequence[tuple[str, Sequence[int], object]]) -> None:
+    """Refuse input shapes whose random values would not fit in memory, naming the input and the fix."""
+    total = 0
+    for name, shape, dtype in inputs:
+        count = 1
+        for d in shape:
+            count *= max(int(d), 0)
+        itemsize = dtype.itemsize if isinstance(dtype, np.dtype) else 8
+        total += count * max(itemsize, 8)     # float64 draws before the cast
+        if total > feed_bytes_limit():
+            raise InputError(f"input {name!r} of shape {list(shape)} needs {count * itemsize / 2**30:.3g} GiB "
+                             f"of random values, more than this machine's memory allows: give smaller "
+                             f"sizes with --input-shape {name}=... (or a smaller --batch)")
+
+
+def draw_feeds(inputs: Sequence[tuple[str, Sequence[int], object]], *, seed: int = 0,
+               positive: frozenset | set = frozenset()) -> dict[str, np.ndarray]:
     """Seeded random values for ``(name, shape, dtype)`` triples, drawn in order from one generator:
-    standard normal floats (float16/32/64, bfloat16), bools with probability 1/2, integers in
-    [0, 4). ``dtype`` is a NumPy dtype, or a type name (named in the error) when it has none."""
+    standard normal floats (float16/32/64, bfloat16; their absolute values for the names in
+    ``positive``, e.g. BatchNormalization variances), bools with probability 1/2, integers in
+    [0, 4). Every value is an ``np.ndarray`` of the input's dtype (0-d for a scalar input).
+    ``dtype`` is a NumPy dtype, or a type name (named in the error) when it has none. Shapes whose
+    values would not fit in memory are refused (:func:`check_feed_sizes`)."""
+    check_feed_sizes(inputs)
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, shape, dtype in inputs:
         kind = dtype.kind if isinstance(dtype, np.dtype) else None
         if kind == "f" or (kind is not None and dtype.name == "bfloat16"):
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
+            values = rng.standard_normal(shape)
+            if name in positive:
+                values = np.abs(values) + 0.5
+            feeds[name] = np.asarray(values).astype(dtype)
         elif kind == "b":
-            feeds[name] = rng.random(shape) < 0.5
+            feeds[name] = np.asarray(rng.random(shape) < 0.5, dtype=np.bool_)
         elif kind is not None and kind in "iu":
-            feeds[name] = rng.integers(0, 4, size=shape).astype(dtype)
+            feeds[name] = np.asarray(rng.integers(0, 4, size=shape)).astype(dtype)
         else:
             raise InputError(f"input {name!r} has type {dtype}: bncompile cannot draw random "
                              "values for it")
     return feeds
 
 
-def random_feeds(session, *, seed: int = 0, input_shapes=None) -> dict[str, np.ndarray]:
+def random_feeds(session, *, seed: int = 0, input_shapes=None, positive=frozenset()) -> dict[str, np.ndarray]:
     """Seeded random inputs for every input of an onnxruntime session (see :func:`draw_feeds`)."""
     return draw_feeds([(name, shape, _ort_dtype(type_) or type_)
-                       for name, shape, type_ in input_specs(session, input_shapes)], seed=seed)
+                       for name, shape, type_ in input_specs(session, input_shapes)], seed=seed,
+                      positive=positive)
+
+
+def variance_inputs(model) -> set[str]:
+    """Names of graph inputs that feed a BatchNormalization's variance (input 4), in any graph of an
+    ``onnx.ModelProto`` or ``onnx_ir.Model``: random check values for them must be positive."""
+    graph = model.graph
+    if isinstance(model, onnx.ModelProto):
+        names = {vi.name for vi in graph.input}
+        nodes = [n for g in _iter_graphs(graph) for n in g.node]
+        return {n.input[4] for n in nodes
+                if n.op_type == "BatchNormalization" and len(n.input) > 4 and n.input[4] in names}
+    import onnx_ir as ir
+
+    names = {v.name for v in graph.inputs}
+    out = set()
+    for n in ir.traversal.RecursiveGraphIterator(graph):
+        if n.op_type == "BatchNormalization" and len(n.inputs) > 4 and n.inputs[4] is not None \
+                and n.inputs[4].name in names:
+            out.add(n.inputs[4].name)
+    return out
 
 
 def model_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, seed: int = 0
@@ -495,7 +595,11 @@ def compare_outputs(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray
     """Errors of ``actual`` against ``reference`` over all outputs, in float64: ``max_abs``,
     ``max_rel`` (max abs error / largest |reference|), ``max_elem_rel``
     (``|a-r| / max(|r|, 1e-6 * max|r|)``) and ``rms_rel`` (root-mean-square error / largest
-    |reference|, the most stable measure of accuracy)."""
+    |reference|, the most stable measure of accuracy). A NaN (or the same infinity) at the same place
+    in both is agreement; ``nonfinite_agreed`` counts those elements, ``nan_mismatch`` the places
+    where only one side is NaN (an infinite error)."""
+    agreed = 0
+    mismatch = 0
     max_abs = 0.0
     max_rel = 0.0
     max_elem = 0.0
@@ -505,21 +609,31 @@ def compare_outputs(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray
         a64 = np.asarray(a).astype(np.float64)
         if r64.shape != a64.shape:
             return {"max_abs": float("inf"), "max_rel": float("inf"), "max_elem_rel": float("inf"),
-                    "rms_rel": float("inf"), "note": f"shape {a64.shape} != {r64.shape}"}
+                    "rms_rel": float("inf"), "nonfinite_agreed": agreed, "nan_mismatch": mismatch,
+                    "note": f"shape {a64.shape} != {r64.shape}"}
         if r64.size == 0:
             continue
-        same_nonfinite = ~np.isfinite(r64) & (r64 == a64)
-        diff = np.where(same_nonfinite, 0.0, np.abs(a64 - r64))
+        nan_r, nan_a = np.isnan(r64), np.isnan(a64)
+        same_nonfinite = (nan_r & nan_a) | (np.isinf(r64) & (r64 == a64))
+        agreed += int(np.count_nonzero(same_nonfinite))
+        mismatch += int(np.count_nonzero(nan_r ^ nan_a))
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(same_nonfinite, 0.0, np.abs(a64 - r64))
         diff = np.nan_to_num(diff, nan=np.inf)
         scale = float(np.max(np.abs(np.where(np.isfinite(r64), r64, 0.0))))
         err = float(diff.max())
         max_abs = max(max_abs, err)
         max_rel = max(max_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
         floor = max(scale * 1e-6, np.finfo(np.float64).tiny)
-        max_elem = max(max_elem, float((diff / np.maximum(np.abs(r64), floor)).max()))
-        rms = float(np.sqrt(np.mean(np.square(np.where(np.isfinite(diff), diff, 0.0)))))
+        denom = np.where(np.isfinite(r64), np.maximum(np.abs(r64), floor), np.inf)
+        with np.errstate(invalid="ignore"):
+            elem = np.where(diff == 0, 0.0, diff / denom)
+        max_elem = max(max_elem, float(np.nan_to_num(elem, nan=np.inf).max()))
+        with np.errstate(over="ignore"):
+            rms = float(np.sqrt(np.mean(np.square(np.where(np.isfinite(diff), diff, 0.0)))))
         rms_rel = max(rms_rel, rms / scale if scale > 0 else 0.0)
-    return {"max_abs": max_abs, "max_rel": max_rel, "max_elem_rel": max_elem, "rms_rel": rms_rel}
+    return {"max_abs": max_abs, "max_rel": max_rel, "max_elem_rel": max_elem, "rms_rel": rms_rel,
+            "nonfinite_agreed": agreed, "nan_mismatch": mismatch}
 
 
 # --------------------------------------------------------------------------- dtype twin

@@ -31,6 +31,9 @@ _X_SEPARATED = re.compile(rf"{_DIM}(?:x{_DIM})+")
 
 _EXAMPLE = "e.g. x=1,3,224,224"
 
+#: the largest dimension the grammar takes (ONNX runtimes index with int32 in places; larger is a typo)
+MAX_DIM = 2**31 - 1
+
 
 def _items(text: str) -> list[str]:
     items = []
@@ -55,6 +58,9 @@ def parse_shape(text: str, *, dynamic: bool = True, named: bool = False, spec: s
     for item in _items(str(text)):
         if _INT.fullmatch(item):
             value = int(item)
+            if value > MAX_DIM:
+                raise InputError(f"--input-shape {spec!r}: dimension {value} is larger than 2^31-1: "
+                                 f"give a real size, {example}")
             if value >= 0:
                 dims.append(value)
                 continue

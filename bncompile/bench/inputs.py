@@ -32,10 +32,10 @@ def parse_batches(text: str) -> tuple[int, ...]:
     """``"1,8"`` -> ``(1, 8)``; InputError naming the value otherwise."""
     try:
         values = tuple(int(t) for t in str(text).split(","))
-        if not values or any(v < 1 for v in values):
+        if not values or any(v < 1 or v > 2**31 - 1 for v in values):
             raise ValueError
     except ValueError:
-        raise InputError(f"--batch {text!r}: give positive integers separated by commas, e.g. 1,8") from None
+        raise InputError(f"--batch {text!r}: give positive integers (below 2^31) separated by commas, e.g. 1,8") from None
     if len(set(values)) != len(values):
         raise InputError(f"--batch {text!r}: a batch size is repeated; give each once")
     return values

@@ -10,6 +10,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from bncompile._io import Files
+from bncompile.cli import _args
 from bncompile.errors import InputError, UnsupportedError
 
 DESCRIPTION = (
@@ -29,18 +31,18 @@ def add_arguments(parser) -> None:
                         help="benchmark the TVM batch-normalization kernels instead of a model")
     parser.add_argument("--batch", default=None, metavar="B1,B2,...",
                         help="batch sizes for a free batch dimension (default 1, or the model's fixed batch)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=_args.count(1, 4096, "a number of threads"), default=None, metavar="N",
                         help=f"intra-op threads of onnxruntime and TVM (default {DEFAULT_THREADS}: "
                              "reproducible on a busy machine)")
     parser.add_argument("--target", default="llvm", help="TVM target of the tvm variant (default llvm)")
-    parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, metavar="R",
+    parser.add_argument("--repeat", type=_args.count(1, 10**6, "a number of rounds"), default=DEFAULT_REPEAT, metavar="R",
                         help=f"timed interleaved rounds (default {DEFAULT_REPEAT})")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="W",
+    parser.add_argument("--warmup", type=_args.count(0, 10**6, "a number of rounds"), default=DEFAULT_WARMUP, metavar="W",
                         help=f"discarded warm-up rounds (default {DEFAULT_WARMUP})")
     parser.add_argument("--variants", default=None, metavar="V1,V2,...",
                         help=f"variants to run (ort always runs): {', '.join(ALL_VARIANTS)} "
                              "(default: all CPU ones and the CUDA ones available)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=_args.seed, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                         help="shape of an input with free non-batch dimensions (repeatable)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
@@ -49,6 +51,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", metavar="OUT.png", help="also draw a bar chart (needs matplotlib)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar on stderr")
+
+
+def files(args) -> Files:
+    """The model and its external data (read); --json and --plot (written)."""
+    from bncompile import onnx_utils
+
+    f = Files()
+    if args.model and not args.kernels:
+        for k, p in enumerate(onnx_utils.model_files(args.model)):
+            f.read(p, "model" if k == 0 else "model's external data file")
+    return f.write(args.json, "JSON results", "--json").write(args.plot, "plot", "--plot")
 
 
 def _check_output(path, flag: str) -> None:
@@ -105,7 +118,7 @@ def run(args) -> int:
     shapes = onnx_utils.parse_input_shapes(args.input_shape)
     report = benchmark(args.model, batches=batches, threads=args.threads, target=args.target,
                        repeat=args.repeat, warmup=args.warmup, variants=variants,
-                       progress=args.progress, seed=args.seed, memory=args.memory,
+                       progress=args.progress and _is_terminal(), seed=args.seed, memory=args.memory,
                        input_shapes=shapes)
     if args.json:
         write_json(report, args.json)
@@ -113,6 +126,16 @@ def run(args) -> int:
         plot(report, args.plot)
     print(report.table())
     return 0
+
+
+def _is_terminal() -> bool:
+    """A progress bar only on a terminal (in a log or a pipe it is noise beside the one-line error)."""
+    import sys
+
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _run_kernels(args) -> int:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from bncompile._io import check_input_file
+from bncompile._io import Files, check_input_file
 from bncompile.errors import ConfigError, InputError
 
 DESCRIPTION = """Build an ONNX model (opset 15) of one Keras BatchNormalization layer, in inference mode
@@ -66,6 +66,12 @@ def add_arguments(p) -> None:
     g.add_argument("--name", type=str)
 
 
+def files(args) -> Files:
+    """--keras-config and --weights (read); the model (written)."""
+    return (Files().read(args.keras_config, "--keras-config file").read(args.weights, "--weights file")
+            .write(args.output, "model"))
+
+
 def config_from_args(args):
     from bncompile.config import BatchNormConfig
 
@@ -108,7 +114,7 @@ def run(args) -> int:
     if args.weights:
         path = check_input_file(args.weights, "weights")
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 weights = {k: z[k] for k in z.files}
         except Exception as err:  # noqa: BLE001 - any unreadable npz is a bad input
             raise InputError(f"weights file {args.weights!r} is not a readable .npz ({err})") from None

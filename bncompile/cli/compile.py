@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from bncompile._io import Files
 from bncompile.errors import InputError
 
 DESCRIPTION = (
@@ -28,21 +29,47 @@ def add_arguments(p) -> None:
                    help="do not fold inference BatchNormalization before compiling")
 
 
-def run(args) -> int:
-    from bncompile import onnx_utils
-    from bncompile._io import check_input_file, check_output_path
-    from bncompile.lower.driver import compile
-    from bncompile.lower.targets import resolve_target
-
-    src = check_input_file(args.model, "model")
+def _target(args) -> str:
     target = args.target
     if args.arch:
         if not target.lower().startswith("cuda"):
             raise InputError(f"--arch {args.arch} applies to --target cuda only (got --target {target})")
         target = f"cuda:{args.arch}"
-    name, _ = resolve_target(target)          # unknown targets fail before any work
-    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{name}.so")
-    check_output_path(out, what="library")
+    return target
+
+
+def output_path(args) -> Path:
+    from bncompile.lower.targets import resolve_target
+
+    name, _ = resolve_target(_target(args))          # unknown targets fail before any work
+    src = Path(args.model)
+    return Path(args.output) if args.output else src.with_name(f"{src.stem}.{name}.so")
+
+
+def files(args) -> Files:
+    """The model and its external data (read); the library, its .json and .defaults.npz (written)."""
+    from bncompile import onnx_utils
+
+    f = Files()
+    for k, p in enumerate(onnx_utils.model_files(args.model)):
+        f.read(p, "model" if k == 0 else "model's external data file")
+    out = output_path(args)
+    f.write(out, "library")
+    f.write(Path(str(out) + ".json"), "library's metadata (<library>.json)")
+    f.write(Path(str(out) + ".defaults.npz"), "library's default inputs (<library>.defaults.npz)")
+    return f
+
+
+def run(args) -> int:
+    from bncompile import onnx_utils
+    from bncompile._io import check_input_file
+    from bncompile.lower.driver import compile
+    from bncompile.lower.targets import resolve_target
+
+    src = check_input_file(args.model, "model")
+    target = _target(args)
+    name, _ = resolve_target(target)
+    out = output_path(args)
     shapes = onnx_utils.parse_input_shapes(args.input_shape, dynamic=True, named=True)
     t = time.perf_counter()
     cm = compile(str(src), target=target, input_shapes=shapes or None, fold=args.fold)

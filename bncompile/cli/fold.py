@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from bncompile._io import atomic_output, check_input_file, check_output_path
+from bncompile._io import Files, atomic_output, check_input_file
+from bncompile.cli import _args
 from bncompile.errors import InputError, VerificationError
 
 DESCRIPTION = (
@@ -28,15 +29,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-absorb", dest="absorb_affine", action="store_false",
                         help="do not fold a per-channel Mul/Add that follows a BN")
     check = parser.add_mutually_exclusive_group()
-    check.add_argument("--check", type=int, default=2, metavar="N",
+    check.add_argument("--check", type=_args.count(0, 10**4, "a number of random input sets"), default=2,
+                       metavar="N",
                        help="number of random input sets to verify with (default 2)")
     check.add_argument("--no-check", dest="check", action="store_const", const=0,
                        help="skip the verification")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=_args.seed, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                         help="shape of an input with free dimensions (repeatable); a free batch "
                              "dimension defaults to 1")
-    parser.add_argument("--tolerance", type=float, default=None,
+    parser.add_argument("--tolerance", type=_args.tolerance, default=None,
                         help="max relative error (abs error / largest |output|); default per dtype: "
                              "float32 1e-4, float16 1e-2, bfloat16 5e-2, float64 1e-9")
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
@@ -57,24 +59,46 @@ def default_output(model: Path) -> Path:
     return model.with_name(name + ".folded.onnx")
 
 
+def output_path(args) -> Path:
+    model = Path(args.model)
+    if args.in_place:
+        if args.output and not _same_path(args.output, model):
+            raise InputError("--in-place and -o name different files: give one of them")
+        return model
+    output = Path(args.output) if args.output else default_output(model)
+    if _same_path(output, model):
+        raise InputError(f"output {str(output)!r} is the input: pass --in-place to overwrite it")
+    return output
+
+
+def _same_path(a, b) -> bool:
+    import os
+
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def files(args) -> Files:
+    """What fold reads (the model and its external data) and writes (the model, its data file, the
+    report). With --in-place the model and its data may be replaced."""
+    from bncompile import onnx_utils
+
+    output = output_path(args)
+    f = Files()
+    for k, p in enumerate(onnx_utils.model_files(args.model)):
+        f.read(p, "model" if k == 0 else "model's external data file", replaceable=args.in_place)
+    f.write(output, "folded model")
+    if args.external_data != "never":
+        f.write(Path(str(output) + ".data"), "folded model's external data file")
+    f.write(args.report, "report", "--report")
+    return f
+
+
 def run(args) -> int:
     from bncompile import onnx_utils
     from bncompile.folding import fold
 
     model = check_input_file(args.model)
-    if args.in_place:
-        if args.output and Path(args.output).resolve() != model.resolve():
-            raise InputError("--in-place and -o name different files: give one of them")
-        output = model
-    else:
-        output = Path(args.output) if args.output else default_output(model)
-        if output.resolve() == model.resolve():
-            raise InputError(f"output {str(output)!r} is the input: pass --in-place to overwrite it")
-    if args.check < 0:
-        raise InputError(f"--check {args.check}: give a number of random input sets >= 1, or --no-check")
-    check_output_path(output)
-    if args.report:
-        check_output_path(Path(args.report), what="report", flag="--report")
+    output = output_path(args)
     shapes = onnx_utils.parse_input_shapes(args.input_shape)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from bncompile._io import check_input_file
+from bncompile._io import Files, check_input_file
 from bncompile.errors import InputError
 
 DESCRIPTION = """Inline bncompile's custom ops (model-local functions) into plain standard ops, for
@@ -20,6 +21,27 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def output_path(args) -> Path:
+    src = Path(args.model)
+    if args.in_place and args.output:
+        raise InputError("give either -o or --in-place, not both")
+    out = Path(args.output) if args.output else (src if args.in_place else src.with_suffix(".inlined.onnx"))
+    if os.path.realpath(out) == os.path.realpath(src) and not args.in_place:
+        raise InputError(f"output {str(out)!r} is the input model: pass --in-place to overwrite it, or choose -o")
+    return out
+
+
+def files(args) -> Files:
+    """The model and its external data (read; replaced with --in-place), the inlined model (written,
+    self-contained)."""
+    from bncompile import onnx_utils
+
+    f = Files()
+    for k, p in enumerate(onnx_utils.model_files(args.model)):
+        f.read(p, "model" if k == 0 else "model's external data file", replaceable=args.in_place and k == 0)
+    return f.write(output_path(args), "inlined model")
+
+
 def run(args) -> int:
     import onnx
 
@@ -27,11 +49,7 @@ def run(args) -> int:
     from bncompile.inlining import inline_with_report
 
     src = check_input_file(args.model)
-    if args.in_place and args.output:
-        raise InputError("give either -o or --in-place, not both")
-    out = Path(args.output) if args.output else (src if args.in_place else src.with_suffix(".inlined.onnx"))
-    if out.resolve() == src.resolve() and not args.in_place:
-        raise InputError(f"output {str(out)!r} is the input model: pass --in-place to overwrite it, or choose -o")
+    out = output_path(args)
     custom_ops.register_schemas()
     model = onnx_utils.load_model_proto(src)
     result, report = inline_with_report(model)

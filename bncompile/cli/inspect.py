@@ -13,6 +13,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def files(args):
+    """The model and its external data (read); nothing is written."""
+    from bncompile import onnx_utils
+    from bncompile._io import Files
+
+    f = Files()
+    for k, p in enumerate(onnx_utils.model_files(args.model)):
+        f.read(p, "model" if k == 0 else "model's external data file")
+    return f
+
+
 def inspect_model(model_or_path) -> dict:
     """The BN nodes of a model and what ``fold`` would do with each (the model is not changed)."""
     from bncompile.folding import fold

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 
+from bncompile._io import Files
 from bncompile.errors import InputError
 
 DESCRIPTION = (
@@ -18,6 +20,20 @@ def add_arguments(p) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy",
                    help="an input (repeatable); NAME= may be left out when the model has one input")
     p.add_argument("-o", "--output", help="write the outputs to this .npz (keys: output names)")
+
+
+def files(args) -> Files:
+    """The library and its sidecars, every --input file (read); the -o .npz (written)."""
+    lib = Path(args.library)
+    f = Files().read(lib, "library")
+    for suffix, what in ((".json", "library's metadata"), (".defaults.npz", "library's default inputs")):
+        side = Path(str(lib) + suffix)
+        if side.exists():
+            f.read(side, what)
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        f.read(path if sep else item, f"input file of --input {item}")
+    return f.write(args.output, "outputs (.npz)")
 
 
 def parse_inputs(items, names: list[str]) -> dict:
@@ -34,20 +50,24 @@ def parse_inputs(items, names: list[str]) -> dict:
             raise InputError(f"--input {item!r}: the model has no input {name!r} (inputs: {', '.join(names)})")
         p = check_input_file(path, f"input {name!r}")
         try:
-            feeds[name] = np.load(p, allow_pickle=False)
-        except Exception as err:
-            raise InputError(f"input file {str(p)!r} is not a readable .npy file: {err}") from None
+            value = np.load(p, allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a bad input
+            raise InputError(f"input file {str(p)!r} is not a readable .npy file ({type(err).__name__}): "
+                             "save it with numpy.save") from None
+        if not isinstance(value, np.ndarray):
+            raise InputError(f"input file {str(p)!r} is an .npz archive, not one .npy array: save the "
+                             "input with numpy.save")
+        feeds[name] = value
     return feeds
 
 
 def run(args) -> int:
-    from bncompile._io import atomic_output, check_output_path
+    from bncompile._io import atomic_output
     from bncompile.lower.runtime import load
 
     cm = load(args.library)
     feeds = parse_inputs(args.input, cm.input_names)
-    if args.output:
-        check_output_path(args.output, what="output")
+    cm.prepare()
     outs = cm.run(feeds)
     if args.output:
         with atomic_output(args.output) as tmp:

@@ -7,9 +7,7 @@ shapes, target); default values of inputs that had an initializer go to ``<path>
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,7 +15,7 @@ import numpy as np
 import onnx
 
 from bncompile._version import __version__
-from bncompile.errors import InputError, UnsupportedError
+from bncompile.errors import BncompileError, InputError, UnsupportedError
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.targets import host_arch, runnable_here, target_arch
 
@@ -96,10 +94,20 @@ class CompiledModel:
             tvm = _tvm.tvm()
             self._device = _tvm.device_for(self.target)
             mod = self._executable if self._executable is not None else self._module
-            if mod is None:
-                mod = tvm.runtime.load_module(self.path)
-                self._module = mod
-            self._vm = tvm.relax.VirtualMachine(mod, self._device)
+            try:
+                if mod is None:
+                    check_library_file(self.path)
+                    mod = tvm.runtime.load_module(self.path)
+                    self._module = mod
+                self._vm = tvm.relax.VirtualMachine(mod, self._device)
+            except BncompileError:
+                raise
+            except Exception as err:
+                from bncompile.errors import first_line
+
+                raise InputError(f"library {self.path!r} cannot be loaded as a TVM Relax library "
+                                 f"({first_line(err, 200)}): give a library written by bncompile compile "
+                                 "for this machine") from None
         return self._vm, self._device
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
@@ -177,39 +185,33 @@ class CompiledModel:
     def export(self, path, *, cc: str | None = None) -> Path:
         """Write the library to ``path`` (a ``.tar`` of objects when the name ends in .tar), plus
         ``<path>.json`` (and ``<path>.defaults.npz`` when some inputs have defaults)."""
-        from bncompile._io import atomic_output, check_output_path
+        from bncompile._io import atomic_output_dir, check_output_path
 
-        if self._executable is None:
-            if self.path is None:
-                raise UnsupportedError("export: this model has no executable to export")
-            p = check_output_path(path, what="library")
-            shutil.copyfile(self.path, p)
-        else:
-            p = check_output_path(path, what="library")
-            kwargs = {}
-            if not p.name.endswith(".tar"):
-                cc = cc or self._default_cc()
-                if cc:
-                    kwargs["cc"] = cc
-            tmpdir = tempfile.mkdtemp(prefix=f".{p.name}.", dir=str(p.parent) if str(p.parent) else ".")
-            try:
-                tmp = Path(tmpdir) / p.name
+        p = check_output_path(path, what="library")
+        if self._executable is None and self.path is None:
+            raise UnsupportedError("export: this model has no executable to export")
+        kwargs = {}
+        if self._executable is not None and not p.name.endswith(".tar"):
+            cc = cc or self._default_cc()
+            if cc:
+                kwargs["cc"] = cc
+        dpath = Path(str(p) + ".defaults.npz")
+        # the library, its .json and .defaults.npz: written in a hidden folder beside the output,
+        # moved into place together on success (the library last); nothing left on failure
+        with atomic_output_dir(p, what="library") as tmpdir:
+            tmp = Path(tmpdir) / p.name
+            if self._executable is None:
+                shutil.copyfile(self.path, tmp)
+            else:
                 try:
                     self._executable.export_library(str(tmp), **kwargs)
                 except Exception as err:
-                    raise UnsupportedError(f"export: linking {p.name} failed: {str(err).strip().splitlines()[-1]}"
-                                           ) from None
-                os.replace(tmp, p)
-            finally:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-        with atomic_output(str(p) + ".json", what="metadata") as tmp:
-            tmp.write_text(json.dumps(self.metadata(), indent=1, default=str) + "\n")
-        dpath = Path(str(p) + ".defaults.npz")
-        if self.defaults:
-            with atomic_output(dpath, what="defaults") as tmp:
-                with open(tmp, "wb") as f:
+                    raise UnsupportedError(f"export: linking {p.name} failed: {_link_error(err)}") from None
+            (Path(tmpdir) / (p.name + ".json")).write_text(json.dumps(self.metadata(), indent=1, default=str) + "\n")
+            if self.defaults:
+                with open(Path(tmpdir) / dpath.name, "wb") as f:
                     np.savez(f, **self.defaults)
-        elif dpath.exists():
+        if not self.defaults and dpath.exists():
             dpath.unlink()
         self.path = str(p)
         return p
@@ -228,6 +230,21 @@ class CompiledModel:
         return None
 
 
+def _link_error(err: Exception) -> str:
+    """One line for a failed link: the OS problem it names (a full disk), else the compiler's last
+    message line, never the (possibly truncated) command line."""
+    from bncompile.errors import first_line, os_problem_in
+
+    text = str(err)
+    fix = os_problem_in(text)
+    if fix:
+        return fix
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.lstrip().startswith(("g++", "gcc", "cc ", "["))]
+    line = errors[-1] if errors else first_line(err)
+    return (line[:300] + "...") if len(line) > 300 else line
+
+
 def fmt_shape(shape) -> str:
     return "(" + ", ".join(str(d) if d is not None else "?" for d in shape) + ")"
 
@@ -237,8 +254,65 @@ def cuda_source(cm: CompiledModel) -> str:
     return _tvm.cuda_source(cm._executable)
 
 
+#: keys every library's metadata (``<library>.json``) holds
+_META_KEYS = ("format", "target", "target_dict", "inputs", "outputs")
+
+
+def check_library_file(path) -> None:
+    """Refuse a file that is not a complete shared library (or a ``.tar`` of objects) before TVM
+    maps it: a truncated ELF file would die of SIGBUS inside ``dlopen``. Checks the ELF header, and
+    that the file holds every byte its section and program headers point at."""
+    import struct
+    import tarfile
+
+    p = Path(path)
+    size = p.stat().st_size
+    if p.name.endswith(".tar"):
+        if not tarfile.is_tarfile(p):
+            raise InputError(f"library {str(p)!r} is not a .tar of object files: give the file "
+                             "bncompile compile wrote")
+        return
+    fix = "give the .so that bncompile compile wrote (compile the model again if it was damaged)"
+    with open(p, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF":
+            what = "is empty" if size == 0 else "is not a shared library (no ELF header)"
+            raise InputError(f"library {str(p)!r} {what}: {fix}")
+        cls, data = head[4], head[5]
+        if cls not in (1, 2) or data not in (1, 2):
+            raise InputError(f"library {str(p)!r} has a damaged ELF header: {fix}")
+        end = "<" if data == 1 else ">"
+        if cls == 2:
+            e_type, = struct.unpack_from(end + "H", head, 16)
+            phoff, shoff = struct.unpack_from(end + "QQ", head, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 54)
+            ph_fmt, ph_off, ph_size = end + "QQ", 8, 32   # p_offset, (p_vaddr) ... p_filesz at 32
+        else:
+            e_type, = struct.unpack_from(end + "H", head, 16)
+            phoff, shoff = struct.unpack_from(end + "II", head, 28)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 42)
+            ph_fmt, ph_off, ph_size = end + "I", 4, 16
+        if e_type != 3:    # ET_DYN
+            raise InputError(f"library {str(p)!r} is an ELF file but not a shared library: {fix}")
+        need = max(phoff + phentsize * phnum, shoff + shentsize * shnum if shnum else 0)
+        if need > size:
+            raise InputError(f"library {str(p)!r} is truncated ({size} bytes, its headers need {need}): {fix}")
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for k in range(phnum):
+            entry = table[k * phentsize:(k + 1) * phentsize]
+            offset, = struct.unpack_from(ph_fmt[:2], entry, ph_off)
+            filesz, = struct.unpack_from(ph_fmt[:2], entry, ph_size)
+            if offset + filesz > size:
+                raise InputError(f"library {str(p)!r} is truncated ({size} bytes, a segment ends at "
+                                 f"{offset + filesz}): {fix}")
+
+
 def load(path) -> CompiledModel:
-    """Load a library written by :meth:`CompiledModel.export` (needs ``<path>.json`` beside it)."""
+    """Load a library written by :meth:`CompiledModel.export` (needs ``<path>.json`` beside it).
+
+    Every file is checked before TVM sees it: the library is a complete shared object
+    (:func:`check_library_file`), the metadata is complete, the defaults file is a readable .npz."""
     from bncompile._io import check_input_file
 
     p = check_input_file(path, "library")
@@ -246,18 +320,38 @@ def load(path) -> CompiledModel:
     if not meta_path.exists():
         raise InputError(f"library {str(p)!r} has no metadata file {meta_path.name!r} beside it: export it with "
                          "bncompile compile (which writes both)")
+    check_library_file(p)
+    fix = "compile the model again with bncompile compile, which writes both"
     try:
         meta = json.loads(meta_path.read_text())
-    except ValueError as err:
-        raise InputError(f"metadata file {str(meta_path)!r} is not valid JSON: {err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"metadata file {str(meta_path)!r} is not valid JSON ({err}): {fix}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"metadata file {str(meta_path)!r} is not a JSON object: {fix}")
     if meta.get("format") != FORMAT:
         raise InputError(f"metadata file {str(meta_path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise InputError(f"metadata file {str(meta_path)!r} is incomplete (no {', '.join(missing)}): {fix}")
+    ok = isinstance(meta["target_dict"], dict) and all(
+        isinstance(meta[k], list) and all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                          and isinstance(v.get("dtype"), str)
+                                          and (v.get("shape") is None or isinstance(v.get("shape"), list))
+                                          for v in meta[k])
+        for k in ("inputs", "outputs"))
+    if not ok:
+        raise InputError(f"metadata file {str(meta_path)!r} is damaged (inputs, outputs or target_dict "
+                         f"have the wrong form): {fix}")
     defaults = {}
     dpath = Path(str(p) + ".defaults.npz")
     if meta.get("defaults") and dpath.exists():
-        with np.load(dpath) as z:
-            defaults = {k: z[k] for k in z.files}
-    cm = CompiledModel(target=meta["target_dict"], target_name=meta["target"], inputs=meta["inputs"],
+        try:
+            with np.load(dpath, allow_pickle=False) as z:
+                defaults = {k: z[k] for k in z.files}
+        except Exception as err:  # noqa: BLE001 - any unreadable npz is a bad input
+            raise InputError(f"defaults file {str(dpath)!r} is not a readable .npz ({type(err).__name__}): "
+                             f"{fix}") from None
+    cm = CompiledModel(target=meta["target_dict"], target_name=str(meta["target"]), inputs=meta["inputs"],
                        outputs=meta["outputs"], defaults=defaults,
                        info={k: v for k, v in meta.items() if k in ("kernels", "seconds", "dim_multiples")},
                        path=str(p))

@@ -187,6 +187,8 @@ int main(int argc, char** argv) {
   try {
     if (argc < 2) return Usage();
     std::string lib_path = argv[1];
+    // dlopen searches the library path for a bare file name: load ./model.so, as the user meant
+    if (lib_path.find('/') == std::string::npos) lib_path = "./" + lib_path;
     std::string outdir = ".";
     int repeat = 1;
     std::vector<std::pair<std::string, std::string>> args;  // (name or "", file)
