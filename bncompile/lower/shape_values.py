@@ -330,7 +330,10 @@ def fold_shape_values(model: onnx.ModelProto) -> dict:
     g = model.graph
     shapes = _inferred_shapes(model)
     vals: dict[str, _Value] = {}
+    inputs = {i.name for i in g.input}
     for t in g.initializer:
+        if t.name in inputs:       # an input with a default: the caller may feed another value
+            continue
         v = _as_value(numpy_helper.to_array(t))
         if v is not None:
             vals[t.name] = v

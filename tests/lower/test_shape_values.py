@@ -136,3 +136,17 @@ def test_shuffle_compiles_and_matches_onnxruntime(compiler, form, fold, dims):
                                           if dims[0] == "N" else ()):
         x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
         assert rel_err(cm.run({"x": x})["y"], ort_run(m, {"x": x})["y"]) < 1e-6
+
+
+def test_input_with_default_is_not_a_constant():
+    """An initializer that is also a graph input can be fed another value: not evaluated."""
+    nodes = [helper.make_node("Mul", ["m", "k"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("m", TP.INT64, [2])],
+                          [helper.make_tensor_value_info("y", TP.INT64, [2])], [_i("m", [1, 2]), _i("k", [3, 3])])
+    nodes2 = [helper.make_node("Mul", ["m", "k"], ["z"]), helper.make_node("Identity", ["z"], ["y"])]
+    g2 = helper.make_graph(nodes2, "g", [helper.make_tensor_value_info("m", TP.INT64, [2])],
+                           [helper.make_tensor_value_info("y", TP.INT64, [2])], [_i("m", [1, 2]), _i("k", [3, 3])])
+    for graph in (g, g2):
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+        assert fold_shape_values(m)["constants"] == 0
+        assert "Mul" in {n.op_type for n in m.graph.node}
