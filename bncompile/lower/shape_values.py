@@ -12,8 +12,9 @@ refuses ``Where``/``Floor`` of a shape value).
 numbers or :class:`Dim` symbols (a free dimension, e.g. the batch ``N``). The graph's value shapes come
 from ONNX shape inference. Then:
 
-1. every operator of the program whose outputs are all known numbers becomes an initializer (the
-   program collapses to constants wherever it does not depend on a free dimension);
+1. every operator of a Reshape's target program whose outputs are all known numbers becomes an
+   initializer (the program collapses to constants wherever it does not depend on a free dimension;
+   programs feeding other operators, e.g. an Expand's shape, are left to TVM's frontend);
 2. ``Reshape(data, s)`` whose ``s`` is known but for free dimensions gets a constant ``s'``:
    an unknown entry at position ``i`` that is the same symbol as ``data``'s dimension ``i`` becomes
    ``0`` (ONNX: copy that dimension; valid with ``allowzero=0``), and ONE remaining unknown entry becomes
@@ -338,6 +339,7 @@ def fold_shape_values(model: onnx.ModelProto) -> dict:
         if v is not None:
             vals[t.name] = v
     graph_outputs = {o.name for o in g.output}
+    feeds_reshape = _reshape_target_programs(g)
     replace: dict[str, np.ndarray] = {}          # node output -> constant
     fixed_nodes = set()
     reshapes = 0
@@ -366,7 +368,8 @@ def fold_shape_values(model: onnx.ModelProto) -> dict:
         for name, v in zip(node.output, outs):
             if v is not None and v.arr.size <= MAX_ELEMENTS:
                 vals[name] = v
-        if all(v is not None and _known(v.arr) for v in outs) and not graph_outputs & set(node.output):
+        if (all(v is not None and _known(v.arr) for v in outs) and not graph_outputs & set(node.output)
+                and feeds_reshape & set(node.output)):
             for name, v in zip(node.output, outs):
                 replace[name] = v.numpy()
             fixed_nodes.add(k)
@@ -385,6 +388,24 @@ def fold_shape_values(model: onnx.ModelProto) -> dict:
     log.info("shape programs: %d operators evaluated to constants, %d Reshape targets made constant",
              n_const, reshapes)
     return {"constants": n_const, "reshapes": reshapes}
+
+
+def _reshape_target_programs(g) -> set:
+    """Names of the values a Reshape's target is computed from (its target and, transitively, the inputs
+    of their producers): the only programs rewritten (others, e.g. an Expand's shape, TVM's frontend
+    reads as they are)."""
+    producer = {o: n for n in g.node for o in n.output}
+    todo = [n.input[1] for n in g.node if n.op_type == "Reshape" and len(n.input) > 1]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        p = producer.get(name)
+        if p is not None:
+            todo.extend(x for x in p.input if x)
+    return seen
 
 
 def _fix_reshape(node, target: _Value | None, data_dims, g, replace: dict) -> bool:
