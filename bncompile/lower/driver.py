@@ -60,8 +60,12 @@ def _prepare(model, *, fold: bool, input_shapes) -> tuple[onnx.ModelProto, dict]
 
     custom_ops.register_schemas()
     proto = onnx_utils.as_model_proto(model, check=False, copy=True)
+    from bncompile.lower.shape_values import fold_shape_values
+
     prep = prepare_for_lowering(ir.serde.deserialize_model(proto), fold=fold, input_shapes=input_shapes)
-    return onnx_utils.serialize_model(prep.model), prep.defaults
+    proto = onnx_utils.serialize_model(prep.model)
+    fold_shape_values(proto)       # shape programs feeding a Reshape (channel shuffle): constants, 0 / -1
+    return proto, prep.defaults
 
 
 def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,  # noqa: A001

@@ -73,7 +73,9 @@ def _schedule_of(func):
 
 def _inline_epilogue(sch, wb) -> None:
     """Inline the single-consumer element-wise chain after the write-back block ``wb`` (bias, relu,
-    residual add...) into it, so the epilogue runs at write-back; stop at the first that does not inline."""
+    residual add...) into it, so the epilogue runs at write-back; stop at the first that does not inline.
+    (Inlining the side branch of x * sigmoid(x) as well was no faster on AVX-512: the write-back reads the
+    channels-last accumulator with a stride.)"""
     while True:
         cons = sch.get_consumers(wb)
         if len(cons) != 1:
@@ -115,14 +117,15 @@ def vector_lanes(target=None) -> tuple[int, int]:
 def conv_tiling(out_channels: int, out_width: int | None, target=None,
                 out_height: int | None = None) -> tuple[int, int, int] | None:
     """``(output-channel block, width tile, row tile)`` of the register tile, or None when no block divides
-    the output channels. The block is 1 or 2 vector registers of channels; the width and row tiles divide
-    the output (even splits only), with ``vectors x width x rows`` accumulators, leaving registers for the
-    weight vectors and a broadcast. The most accumulators wins; ties: the wider block (fewer broadcasts per
-    FMA), then the wider width tile."""
+    the output channels. The block is 2 or 1 vector registers of channels, or half a register's lanes
+    (an 8-lane half of an AVX-512 register: ``40``, ``24`` or ``440`` channels; at least 4 lanes); the
+    width and row tiles divide the output (even splits only), with ``vectors x width x rows`` accumulators,
+    leaving registers for the weight vectors and a broadcast. The most accumulated lanes win; ties: the
+    wider block (fewer broadcasts per FMA), then the wider width tile."""
     lanes, regs = vector_lanes(target)
     best = None
-    for nv in (2, 1):
-        block = lanes * nv
+    blocks = [(lanes * 2, 2), (lanes, 1)] + ([(lanes // 2, 1)] if lanes // 2 >= 4 else [])
+    for block, nv in blocks:
         if out_channels % block:
             continue
         most = max(1, min(ACC_CAP.get(regs, 10) // nv, (regs - nv - 2) // nv))
@@ -130,7 +133,7 @@ def conv_tiling(out_channels: int, out_width: int | None, target=None,
             if th > 1 and (not out_height or out_height % th):
                 continue
             tw = _ow_tile(out_width, most // th) if out_width else 1
-            key = (nv * tw * th, nv, tw)
+            key = (block * tw * th, nv, tw)
             if best is None or key > best[0]:
                 best = (key, (block, tw, th))
     return None if best is None else best[1]
@@ -197,6 +200,24 @@ def legalize_conv2d(bb, call):
     return bb.call_te(conv2d_packed_te, x, wp, strides=_const_int_list(a.strides),
                       padding=_const_int_list(a.padding), out_channels=o, kernel=(kh, kw),
                       out_dtype="float32", block=block, primfunc_name_hint="conv2d_nchw16o")
+
+
+def legalize_sigmoid(bb, call):
+    """``relax.sigmoid`` -> ``1 / (1 + fast_exp(-x))`` for float32 (TVM's ``fast_exp``: a range-reduced
+    polynomial, relative error ~1e-7, that vectorizes; the ``exp`` intrinsic becomes one scalar ``expf``
+    call per element on CPUs). Other dtypes keep TVM's legalization."""
+    tvm = _tvm()
+    x = call.args[0]
+    if str(x.ty.dtype) != "float32":
+        return _shim.submodule("tvm.relax.transform.legalize_ops.common")._call_topi_without_attr(
+            tvm.topi.sigmoid, "tir_sigmoid")(bb, call)
+
+    def sigmoid_te(t):
+        e = tvm.topi.fast_exp(tvm.te.compute(t.shape, lambda *i: -t(*i), name="neg"))
+        return tvm.te.compute(t.shape, lambda *i: tvm.tirx.const(1.0, "float32") / (
+            tvm.tirx.const(1.0, "float32") + e(*i)), name="sigmoid")
+
+    return bb.call_te(sigmoid_te, x, primfunc_name_hint="sigmoid")
 
 
 # --------------------------------------------------------------------------- schedule rules
@@ -302,9 +323,85 @@ def schedule_conv(func, target=None):
         sch.vectorize(il[-1])
         wl = sch.get_loops(wb)
         # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
-        if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T % block == 0:
-            sch.vectorize(wl[-1])
+        if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T >= 4:
+            sch.vectorize(wl[-1])      # the epilogue (a sigmoid's polynomial...) runs on vectors
     _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
+    return sch
+
+
+#: TVM's conv2d blocks (``topi.nn.conv2d_nchw`` / ``group_conv2d_nchw`` / ``depthwise_conv2d_nchw``)
+TVM_CONV_BLOCKS = ("group_conv2d_nchw", "conv2d_nchw", "depthwise_conv2d_nchw")
+
+
+def row_tiling(out_width: int, out_height: int | None, lanes: int, regs: int) -> tuple[int, int]:
+    """``(width vector, rows)`` of :func:`schedule_conv_rows`: the whole output row when it fits in two
+    vector registers, else its largest divisor up to that (a multiple of 4 preferred); as many rows as keep
+    the accumulators within :data:`ACC_CAP` (rows divide the height: even splits only)."""
+    if out_width <= 2 * lanes:
+        tw = out_width
+    else:
+        divs = [d for d in range(2 * lanes, 0, -1) if out_width % d == 0]
+        tw = next((d for d in divs if d % 4 == 0), divs[0])
+    per_row = -(-tw // lanes)
+    most = max(1, min(4, ACC_CAP.get(regs, 10) // per_row))
+    th = next((t for t in range(most, 0, -1) if out_height and out_height % t == 0), 1)
+    return tw, th
+
+
+def schedule_conv_rows(func, target=None):
+    """TVM's own conv2d blocks (depthwise and grouped convolutions, and dense ones whose channels no
+    packed block divides): ``SSSS RRR`` over ``(n, f, y, x, rc, ry, rx)``. A register tile of output rows x
+    a vector along the output width (:func:`row_tiling`), the reduction loops outside it (the kernel window
+    unrolled), a local accumulator with the fused epilogue inlined into its write-back, parallel over batch x
+    channels x row tiles. A depthwise pad is computed per tile (its rows stay in cache); other pads are
+    computed once, parallel. None when the function has no such block or the shapes are symbolic."""
+    sch = _schedule_of(func)
+    convs = [b for b in _all_blocks(sch) if sch.get(b).name_hint.startswith(TVM_CONV_BLOCKS)]
+    if len(convs) != 1 or _iter_kinds(sch, convs[0]) != "SSSSRRR":
+        return None
+    blk = convs[0]
+    loops = sch.get_loops(blk)
+    if len(loops) != 7:
+        return None
+    n, f, y, x, rc, ry, rx = loops
+    exts = [_static(sch.get(lp).extent) for lp in loops]
+    if any(e is None for e in exts[1:]):
+        return None
+    _, F, OH, OW, RC, RY, RX = exts
+    lanes, regs = vector_lanes(target)
+    tw, th = row_tiling(OW, OH, lanes, regs)
+    yo, yi = sch.split(y, [None, th])
+    xo, xi = sch.split(x, [None, tw])
+    sch.reorder(n, f, yo, xo, rc, ry, rx, yi, xi)
+    wb = sch.cache_write(blk, 0, "local")
+    _inline_epilogue(sch, wb)
+    fused = sch.fuse(n, f, yo)
+    sch.parallel(fused)
+    sch.reverse_compute_at(wb, xo)
+    producers = sch.get_producers(blk)
+    if RC == 1:       # depthwise: the pad of one tile's rows, computed where it is used
+        for p in producers:
+            if "R" not in _iter_kinds(sch, p) and sch.get(p).name_hint.startswith("pad"):
+                try:
+                    sch.compute_at(p, xo)
+                    pl = sch.get_loops(p)
+                    if _static(sch.get(pl[-1]).extent) is not None:
+                        sch.vectorize(pl[-1]) if _static(sch.get(pl[-1]).extent) <= 4 * lanes else None
+                except Exception as err:  # noqa: BLE001 - the pad then runs on its own
+                    log.debug("pad stays at the root: %s", err)
+    if RY * RX <= 49:
+        sch.unroll(rx)
+        sch.unroll(ry)
+    if th > 1:
+        sch.unroll(yi)
+    sch.vectorize(xi)
+    init = sch.decompose_reduction(blk, rc)
+    il = sch.get_loops(init)
+    sch.vectorize(il[-1])
+    wl = sch.get_loops(wb)
+    if _static(sch.get(wl[-1]).extent) == tw:
+        sch.vectorize(wl[-1])
+    _schedule_leftovers(sch, lanes)
     return sch
 
 
@@ -437,7 +534,12 @@ def schedule_inner_vector_reduction(func, target=None):
         return None
     lanes = vector_lanes(target)[0]
     E = _static(sch.get(loops[ns - 1]).extent)
-    V = next((v for v in (lanes * 4, lanes * 2, lanes) if E is not None and E % v == 0), None)
+    V = None
+    if E is not None:     # the widest multiple of a full (else a half, a quarter) register dividing E
+        for unit in (u for u in (lanes, lanes // 2, lanes // 4) if u >= 4):
+            V = next((v for v in range(4 * lanes - 4 * lanes % unit, 0, -unit) if E % v == 0), None)
+            if V is not None:
+                break
     if V is None:
         return None
     jo, ji = sch.split(loops[ns - 1], [None, V])
@@ -496,6 +598,7 @@ def rules(applied: list | None = None) -> list[Rule]:
         return Rule(type(rule).__name__, lambda func, target: rule.apply(func, target, False), applied)
 
     return [Rule("conv2d_nchw16o", schedule_conv, applied),
+            Rule("conv2d_rows", schedule_conv_rows, applied),
             Rule("inner_vector_reduction", schedule_inner_vector_reduction, applied),
             dlight(dl.cpu.GEMV()), dlight(dl.cpu.Reduction()),
             Rule("generic", schedule_generic, applied)]
@@ -574,7 +677,8 @@ def pipeline(target, report: dict | None = None):
         _expect(legalize[0], "LegalizeOps")
         _expect(finalize[-1], "AttachGlobalSymbol")
         return [*cpu.library_dispatch_passes(target),
-                transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d}),
+                transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d,
+                                                               "relax.sigmoid": legalize_sigmoid}),
                 mark_opaque,
                 *legalize[1:],
                 schedule,
@@ -593,4 +697,4 @@ def _expect(pass_, name: str) -> None:
 
 
 __all__ = ["pipeline", "schedule_module", "rules", "Rule", "schedule_conv", "schedule_inner_vector_reduction",
-           "schedule_generic", "legalize_conv2d", "conv_tiling", "vector_lanes"]
+           "schedule_generic", "schedule_conv_rows", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes"]

@@ -1,0 +1,186 @@
+"""The CPU schedules for what edge networks are made of (:mod:`bncompile.lower.graph_schedules`):
+depthwise and grouped convolutions (``conv2d_rows``), pointwise convolutions whose channels only a
+half-register block divides, squeeze-and-excitation blocks, activation epilogues (HardSwish, HardSigmoid,
+Sigmoid as ``fast_exp``, Clip, x*sigmoid(x)), pooling, a classifier Gemm with an odd width. Each against
+onnxruntime (optimizations off) with static and free batch; no timing asserts. Tests that assert WHICH rule
+runs pin the CPU (AVX2 code runs on every x86-64 CPU these tests run on; the AVX-512 case only compiles)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import helpers.compile_models as M
+
+pytestmark = pytest.mark.tvm
+
+TOL = 1e-4          # max abs error / max |reference|, float32
+AVX2 = {"kind": "llvm", "mcpu": "haswell"}
+AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
+
+
+class G:
+    """A tiny graph: nodes and initializers with unique names."""
+
+    def __init__(self, seed=0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def c(self, a):
+        self.n += 1
+        name = f"c{self.n}"
+        self.inits.append(numpy_helper.from_array(np.asarray(a, np.float32), name))
+        return name
+
+    def op(self, op, ins, **attrs):
+        self.n += 1
+        out = f"{op.lower()}{self.n}"
+        self.nodes.append(helper.make_node(op, list(ins), [out], **attrs))
+        return out
+
+    def conv(self, x, ci, co, k, stride=1, group=1, bias=True):
+        w = self.rng.standard_normal((co, ci // group, k, k)) * np.sqrt(2.0 / (ci // group * k * k))
+        ins = [x, self.c(w)] + ([self.c(self.rng.normal(0, 0.1, co))] if bias else [])
+        return self.op("Conv", ins, kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group)
+
+    def model(self, y, ci, h, w, batch):
+        self.nodes.append(helper.make_node("Identity", [y], ["y"]))
+        g = helper.make_graph(self.nodes, "edge", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 [batch, ci, h, w])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], self.inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def _check(compiler, model, shape, *, target="llvm", batches=(1,)):
+    cm = compiler.compile(model, target=target)
+    for b in batches:
+        x = np.random.default_rng(b).standard_normal((b, *shape[1:])).astype(np.float32)
+        got = cm.run({"x": x})["y"]
+        want = M.ort_run(model, {"x": x})[0]
+        assert got.shape == want.shape
+        assert M.rel_err(got, want) < TOL
+    return cm
+
+
+def _conv_rules(cm):
+    return [r for name, r in cm.info["cpu_schedules"].items() if "conv" in name]
+
+
+ACTS = ["relu", "clip", "hardswish", "hardsigmoid", "sigmoid", "silu"]
+
+
+def act(g, x, kind):
+    if kind == "relu":
+        return g.op("Relu", [x])
+    if kind == "clip":
+        return g.op("Clip", [x, g.c(0.0), g.c(6.0)])
+    if kind == "hardswish":
+        return g.op("HardSwish", [x])
+    if kind == "hardsigmoid":
+        return g.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
+    if kind == "sigmoid":
+        return g.op("Sigmoid", [x])
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+# (channels, group, kernel, stride, height, width): depthwise (group == channels) and grouped (group width
+# 8, 16); odd channel counts and widths; kernels 3 and 5; strides 1 and 2
+GROUPED = [(7, 7, 3, 1, 9, 9), (13, 13, 5, 2, 11, 10), (32, 32, 3, 2, 16, 16), (24, 24, 5, 1, 14, 14),
+           (24, 3, 3, 1, 10, 10), (40, 5, 3, 2, 9, 13), (48, 3, 5, 1, 8, 8), (32, 2, 3, 2, 12, 12)]
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+@pytest.mark.parametrize("case", GROUPED, ids=lambda c: "c{}g{}k{}s{}_{}x{}".format(*c))
+def test_grouped_and_depthwise_convs(compiler, case, batch):
+    c, group, k, s, h, w = case
+    g = G(c + group)
+    y = act(g, g.conv("x", c, c, k, stride=s, group=group), "clip")
+    model = g.model(y, c, h, w, batch)
+    cm = _check(compiler, model, (2, c, h, w), batches=(2,) if batch == 2 else (1, 3))
+    assert _conv_rules(cm) == ["conv2d_rows"], cm.info["cpu_schedules"]
+
+
+@pytest.mark.parametrize("kind", ACTS)
+def test_depthwise_with_each_epilogue(compiler, kind):
+    g = G(1)
+    y = act(g, g.conv("x", 16, 16, 3, group=16), kind)
+    cm = _check(compiler, g.model(y, 16, 10, 10, 1), (1, 16, 10, 10), target=AVX2)
+    assert _conv_rules(cm) == ["conv2d_rows"], cm.info["cpu_schedules"]
+
+
+@pytest.mark.parametrize("kind", ACTS)
+@pytest.mark.parametrize("co", [24, 40, 58])
+def test_pointwise_with_each_epilogue(compiler, kind, co):
+    """1x1 convolutions: 24 and 40 channels take the packed rule (a full AVX2 register, an AVX-512 half
+    register); 58 (ShuffleNet's) only the row rule divides."""
+    g = G(co)
+    y = act(g, g.conv("x", 12, co, 1), kind)
+    model = g.model(y, 12, 7, 9, "N")
+    cm = _check(compiler, model, (1, 12, 7, 9), target=AVX2, batches=(1, 2))
+    assert _conv_rules(cm) == (["conv2d_rows"] if co == 58 else ["conv2d_nchw16o"]), cm.info["cpu_schedules"]
+
+
+def test_half_register_block_on_avx512():
+    """40 output channels on AVX-512: no 16- or 32-channel block divides them, an 8-lane half does."""
+    import bncompile
+
+    g = G(3)
+    model = g.model(g.op("Relu", [g.conv("x", 8, 40, 1)]), 8, 14, 14, 1)
+    cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
+    assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_squeeze_and_excitation_block(compiler, gate, batch):
+    """Depthwise conv -> SiLU -> GAP -> 1x1 (bias) -> relu -> 1x1 (bias) -> gate -> Mul -> 1x1 projection."""
+    g = G(5)
+    c = 24
+    h = act(g, g.conv("x", 8, c, 1), "silu")
+    h = act(g, g.conv(h, c, c, 3, group=c), "hardswish")
+    s = g.op("GlobalAveragePool", [h])
+    s = act(g, g.conv(s, c, 6, 1), "relu")
+    s = act(g, g.conv(s, 6, c, 1), gate)
+    y = g.conv(g.op("Mul", [h, s]), c, 16, 1)
+    _check(compiler, g.model(y, 8, 12, 12, batch), (1, 8, 12, 12), batches=(1,) if batch == 1 else (1, 2))
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+def test_pools_and_odd_width_classifier(compiler, batch):
+    """MaxPool, AveragePool, GlobalAveragePool, Flatten and a Gemm with 40 outputs (the inner-vector
+    reduction with a half-register or smaller vector) and 13 outputs (no vector divides: another rule)."""
+    g = G(7)
+    x = g.op("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    x = g.op("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
+    w = g.rng.standard_normal((40, 9)).astype(np.float32)
+    x = g.op("Gemm", [x, g.c(w), g.c(np.zeros(40))], transB=1)
+    x = g.op("Gemm", [act(g, x, "hardswish"), g.c(g.rng.standard_normal((13, 40))), g.c(np.ones(13))], transB=1)
+    cm = _check(compiler, g.model(x, 9, 15, 15, batch), (2, 9, 15, 15), target=AVX2,
+                batches=(2,) if batch == 2 else (1, 3))
+    assert "inner_vector_reduction" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+
+
+def test_row_tiling_divides_evenly():
+    from bncompile.lower.graph_schedules import row_tiling
+
+    for lanes, regs in ((8, 16), (16, 32), (4, 32)):
+        for ow in (1, 5, 7, 13, 14, 28, 56, 112, 97):
+            for oh in (1, 7, 9, 112):
+                tw, th = row_tiling(ow, oh, lanes, regs)
+                assert ow % tw == 0 and oh % th == 0 and tw <= max(ow, 2 * lanes)
+
+
+def test_mobilenet_like_stack_matches(compiler):
+    """An inverted-residual stack as the edge networks build it (expand 1x1 -> depthwise -> project 1x1
+    + residual), static and dynamic batch."""
+    for batch in (1, "N"):
+        g = G(11)
+        x = act(g, g.conv("x", 3, 16, 3, stride=2), "hardswish")
+        for cin, cout, s, k in ((16, 24, 2, 3), (24, 24, 1, 5), (24, 40, 2, 3)):
+            h = act(g, g.conv(x, cin, cin * 4, 1), "clip")
+            h = act(g, g.conv(h, cin * 4, cin * 4, k, stride=s, group=cin * 4), "clip")
+            h = g.conv(h, cin * 4, cout, 1)
+            x = g.op("Add", [h, x]) if s == 1 and cin == cout else h
+        _check(compiler, g.model(x, 3, 32, 32, batch), (1, 3, 32, 32), batches=(1,) if batch == 1 else (2,))
