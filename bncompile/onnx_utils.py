@@ -159,6 +159,47 @@ def model_files(path) -> list[Path]:
     return [p, *check_external_data(_parse_model(p), p.parent)]
 
 
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+_COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+
+
+def check_tensor_data(model: onnx.ModelProto, *, what: str = "model") -> None:
+    """Refuse a tensor stored in the model whose data is shorter than its dims and type need (a
+    corrupt or truncated tensor would otherwise be read past its end, or make a consumer allocate for
+    the declared size). Cheap: compares lengths only. External tensors are checked by
+    :func:`check_external_data`."""
+    tensors = list(_iter_tensor_protos(model.graph))
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue
+        count = 1
+        for d in t.dims:
+            if d < 0:
+                raise InputError(f"{what}: tensor {t.name!r} has a negative dimension {list(t.dims)}: "
+                                 "the model is corrupt; re-export it")
+            count *= int(d)
+        if t.HasField("raw_data"):
+            need = (count + 1) // 2 if t.data_type in _PACKED_4BIT else _declared_bytes(t)
+            have = len(t.raw_data)
+        else:
+            have = (len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data)
+                    + len(t.uint64_data))
+            need = (count + 1) // 2 if t.data_type in _PACKED_4BIT and t.int32_data else count
+            if t.data_type in _COMPLEX:
+                need *= 2
+            if have == 0 and count == 0:
+                continue
+        if need is not None and have < need:
+            raise InputError(f"{what}: tensor {t.name!r} of shape {list(t.dims)} holds {have} "
+                             f"{'bytes' if t.HasField('raw_data') else 'values'} where its shape needs {need}: "
+                             "the model is truncated or corrupt; re-export it")
+
+
 def _parse_model(path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -168,6 +209,7 @@ def _parse_model(path: Path) -> onnx.ModelProto:
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise InputError(f"{str(path)!r} is not an ONNX model (no graph or IR version): "
                          "check that the file is complete and is an .onnx file")
+    check_tensor_data(proto, what=f"model {str(path)!r}")
     return proto
 
 
@@ -277,6 +319,7 @@ def model_from_proto(proto: onnx.ModelProto, *, check: bool = True, base_dir=Non
         check_external_data(proto, base_dir)
     elif external_data_locations(proto):
         raise InputError("the in-memory model refers to external data: pass the model's path instead")
+    check_tensor_data(proto)
     if check:
         check_model(proto)
     model = ir.serde.deserialize_model(proto)
@@ -298,6 +341,7 @@ def as_model_proto(model, *, check: bool = True, copy: bool = False, what: str =
     if isinstance(model, onnx.ModelProto):
         if external_data_locations(model):
             raise InputError(f"the in-memory {what} refers to external data: pass the model's path instead")
+        check_tensor_data(model, what=what)
         if check:
             check_model(model, what=what)
         if copy:

@@ -99,3 +99,36 @@ def test_save_model_proto_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         onnx_utils.save_model_proto(_model(), tmp_path / "other.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_tensor_data_shorter_than_its_shape_is_refused_before_anything_reads_it():
+    """A 2^31-element initializer holding 8 bytes made compile allocate for the declared size (the
+    machine ran out of memory); every loader now compares the stored length with the shape first."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bncompile import onnx_utils
+    from bncompile.errors import InputError
+
+    def model(t):
+        g = helper.make_graph([helper.make_node("Identity", [t.name], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", t.data_type, None)], [t])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+
+    good = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    onnx_utils.check_tensor_data(model(good))
+    typed = helper.make_tensor("w", TensorProto.FLOAT, [2, 3], [1.0] * 6)
+    onnx_utils.check_tensor_data(model(typed))
+    short = onnx.TensorProto()
+    short.CopyFrom(good)
+    short.dims[:] = [2**31]
+    with pytest.raises(InputError, match="holds 24 bytes where its shape needs 8589934592"):
+        onnx_utils.check_tensor_data(model(short))
+    few = onnx.TensorProto()
+    few.CopyFrom(typed)
+    del few.float_data[-1]
+    with pytest.raises(InputError, match="holds 5 values"):
+        onnx_utils.as_model_proto(model(few), check=False)
+    if hasattr(TensorProto, "INT4"):
+        packed = helper.make_tensor("w", TensorProto.INT4, [3], [1, 2, 3])
+        onnx_utils.check_tensor_data(model(packed))
