@@ -107,13 +107,18 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
     return built
 
 
-def build_backward(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None = None) -> Built:
-    """Compile the backward kernel of ``spec`` for ``target`` (cached like :func:`build_spec`)."""
+def build_backward(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None = None,
+                   streaming: bool = False) -> Built:
+    """Compile the backward kernel of ``spec`` for ``target`` (cached like :func:`build_spec`);
+    ``streaming``: dx written with non-temporal stores (x86 llvm, the rules of
+    ``backward_cpu.STREAMING_RULES``; else ignored)."""
     from bncompile.lower import targets, tvm as _tvm
     from bncompile.lower.kernels import schedules
+    from bncompile.lower.kernels.schedules import backward_cpu
 
     tdict = targets.target_dict(target)
-    key = ("backward", spec, repr(sorted(tdict.items())), schedule)
+    nt = bool(streaming) and schedules.nt_stores_apply(tdict)
+    key = ("backward", spec, repr(sorted(tdict.items())), schedule, nt)
     with _LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
@@ -126,10 +131,14 @@ def build_backward(spec: KernelSpec, *, target: Any = "llvm", schedule: str | No
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise UnsupportedError(f"backward schedule {name} produced no CUDA kernel for layout {spec.kinds} "
                                    f"(host code reads device memory: {first})") from None
-    ex = _tvm.build(sch.mod, tdict)
+    nt = nt and name in backward_cpu.STREAMING_RULES
+    if nt:
+        ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=backward_cpu.nt_dx_pipeline())
+    else:
+        ex = _tvm.build(sch.mod, tdict)
     if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):
         raise UnsupportedError(f"backward schedule {name} produced no CUDA kernel for layout {spec.kinds}")
-    built = Built(spec=spec, schedule=name, executable=ex, target=tdict)
+    built = Built(spec=spec, schedule=name, executable=ex, target=tdict, streaming=nt)
     log.info("compiled batchnorm backward kernel %s %s %s with schedule %s", spec.kinds, spec.shape, spec.dtype,
              name)
     with _LOCK:
@@ -198,12 +207,13 @@ class Kernel:
     def backward_schedule(self) -> str | None:
         return self._built_backward(self.spec.adjustment).schedule if self.gradients else None
 
-    def _built_backward(self, adjustment: str | None) -> Built:
-        b = self._backward.get(adjustment)
+    def _built_backward(self, adjustment: str | None, streaming: bool = False) -> Built:
+        key = (adjustment, streaming) if streaming else adjustment
+        b = self._backward.get(key)
         if b is None:
             spec = self._built(adjustment).spec
-            b = build_backward(spec, target=self.target, schedule=self.backward_schedule_rule)
-            self._backward[adjustment] = b
+            b = build_backward(spec, target=self.target, schedule=self.backward_schedule_rule, streaming=streaming)
+            self._backward[key] = b
         return b
 
     @property
@@ -304,7 +314,7 @@ class Kernel:
             result[name + "_new"] = t.numpy().reshape(self.param_shape)
         result.update(extra_out)
         if dy is not None:
-            bb = self._built_backward(mode)
+            bb = self._built_backward(mode, self._streaming(x.shape))
             bargs = [args[0], _tvm.to_tensor(dy.reshape(cs), dev)]
             bargs += [_tvm.to_tensor(variables[n].reshape(spec.channel_shape), dev)
                       for n in backward_variable_names(spec)]
@@ -461,7 +471,7 @@ class Kernel:
         self._check_x_shape(xs)
         if tuple(int(d) for d in feeds["dy"].shape) != xs:
             raise InputError(f"dy: shape {tuple(feeds['dy'].shape)} is not the shape of y {xs}")
-        built = self._built_backward(self.spec.adjustment)
+        built = self._built_backward(self.spec.adjustment, self._streaming(xs))
         spec = built.spec
         cs = canonical_shape(spec, xs)
         names = backward_variable_names(spec)
