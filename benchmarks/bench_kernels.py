@@ -21,6 +21,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     result = run_kernel_benchmark(repeat=args.repeat, json_path=args.json_path, threads=args.threads)
     print_table(result)
+    from bncompile.bench.kernels import format_backward_table, run_backward_benchmark
+
+    print(format_backward_table(run_backward_benchmark(repeat=args.repeat, threads=args.threads)))
     return 0
 
 

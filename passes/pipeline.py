@@ -124,7 +124,7 @@ def prepare_for_lowering(model: ir.Model, *, fold: bool, input_shapes: Mapping |
 
     custom_ops.register_schemas()
     keep = {(custom_ops.DOMAIN, name): "a bncompile custom op: the lowering implements it"
-            for name in custom_ops.OPS}
+            for name in (*custom_ops.OPS, *custom_ops.GRAD_OPS)}
     pipeline = Pipeline([
         ApplyInputShapesPass(input_shapes),
         *(fold_passes() if fold else []),

@@ -239,3 +239,156 @@ def print_table(result: dict) -> None:
 
 
 __all__ = ["Case", "DEFAULT_CASES", "run_kernel_benchmark", "format_table", "print_table"]
+
+
+# --------------------------------------------------------------------------- backward (gradients)
+#
+# The backward kernel (compile_batchnorm(..., gradients=True), Kernel.bind_backward) beside the forward
+# training kernel and beside its floor: one read of x and dy and one write of dx, 1.5x onnxruntime's
+# inference BN on the same tensor (one read, one write). Every side pre-bound (Kernel.bind, ORT
+# IOBinding) and its inputs rotated over enough sets that each call finds them out of the caches.
+
+DEFAULT_BACKWARD_CASES = [
+    Case("NCHW", (32, 64, 56, 56), 1),
+    Case("NCHW", (32, 64, 56, 56), 1, "renorm"),
+    Case("NCHW", (32, 64, 56, 56), 1, "ghost"),
+    Case("NCHW", (64, 128, 28, 28), 1),
+    Case("NC", (256, 1024), 1),
+    Case("NHWC", (32, 56, 56, 64), -1),
+]
+BACKWARD_TARGET_VS_FLOOR = 1.3
+
+
+def machine_info(target: str = "llvm") -> dict:
+    """CPU model (the OS's name and LLVM's), float32 vector lanes of ``target``, cache sizes (bytes)."""
+    import platform
+
+    from bncompile.lower import targets, tvm as _tvm
+    from bncompile.lower.graph_schedules import vector_lanes
+    from bncompile.lower.kernels.schedules.backward_cpu import cache_sizes
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    lanes = None
+    if _tvm.target_kind(target) == "llvm":
+        with _tvm.make_target(targets.target_dict(target)):
+            lanes = vector_lanes()[0]
+    return {"cpu_model": model, "llvm_cpu": _tvm.host_cpu(), "cores": os.cpu_count(), "fp32_lanes": lanes,
+            "caches": {f"L{k}": v for k, v in sorted(cache_sizes().items())}}
+
+
+def _rotation(set_bytes: int) -> int:
+    """Input sets to rotate over: together at least twice the last-level cache (2 at least, 8 at most)."""
+    from bncompile.lower.kernels.schedules.backward_cpu import cache_sizes
+
+    llc = max(cache_sizes().values(), default=32 << 20)
+    return int(min(8, max(2, -(-2 * llc // max(1, set_bytes)))))
+
+
+def _rotating(calls: list):
+    state = [0]
+
+    def call():
+        calls[state[0] % len(calls)]()
+        state[0] += 1
+
+    return call
+
+
+def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, json_path: str | None = None,
+                           threads: int | None = None, target: str = "llvm") -> dict:
+    """The backward's time beside the forward's and beside its floor (see the section comment).
+
+    Returns ``{"machine": ..., "cases": [...]}`` with, per case, the medians in ms of ``fwd`` (training
+    forward), ``bwd`` (backward: dx, dgamma, dbeta) and ``ort_infer``; ``floor_ms = 1.5 * ort_infer``,
+    ``bwd_vs_floor`` (target <= :data:`BACKWARD_TARGET_VS_FLOOR`) and ``bwd_vs_fwd``.
+    """
+    from bncompile.kernels import compile_batchnorm
+    from bncompile.lower import tvm as _tvm
+    from bncompile.lower.kernels.backward import backward_variable_names
+
+    if _tvm.target_kind(target) == "cuda" and not _tvm.cuda_available():
+        log.warning("benchmark: no CUDA GPU here; the CUDA backward benchmark is skipped")
+        return {"machine": {"target": target, "skipped": "no CUDA GPU"}, "cases": []}
+    cases = [c if isinstance(c, Case) else Case("NC" if len(c[0]) == 2 else ("NCHW" if c[1] % len(c[0]) == 1
+                                                                            else "NHWC"),
+                                                tuple(int(d) for d in c[0]), int(c[1]), c[2] if len(c) > 2 else "plain")
+             for c in (shapes or DEFAULT_BACKWARD_CASES)]
+    threads = threads or os.cpu_count() or 1
+    rng = np.random.default_rng(0)
+    tvm = _tvm.tvm()
+    results = []
+    for case in cases:
+        cfg = case.config()
+        k = compile_batchnorm(cfg, (None,) + tuple(case.shape[1:]), target=target, gradients=True)
+        dev = k.device
+        variables = {n: v.astype(np.float32) for n, v in cfg.initial_variables(case.shape).items()}
+        nbytes = int(np.prod(case.shape)) * 4
+        fwd, bwd, ort_calls = [], [], []
+        for _ in range(_rotation(3 * nbytes)):
+            x = rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1
+            dy = rng.standard_normal(case.shape, dtype=np.float32)
+            xt = tvm.runtime.tensor(x, dev)
+            var_t = {n: tvm.runtime.tensor(v, dev) for n, v in variables.items()}
+            fwd.append(k.bind({"x": xt, **{n: var_t[n] for n in k.spec.variable_names()}})[0])
+            bfeeds = {"x": xt, "dy": tvm.runtime.tensor(dy, dev),
+                      **{n: var_t[n] for n in backward_variable_names(k.spec)}}
+            bwd.append(k.bind_backward(bfeeds)[0])
+            ax = case.axis % len(case.shape)
+            x_cf = x if ax == 1 else np.ascontiguousarray(np.moveaxis(x, ax, 1))
+            C = x_cf.shape[1]
+            params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
+                      "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
+            ort_calls.append(_ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads))
+        runners = {"fwd": _rotating(fwd), "bwd": _rotating(bwd), "ort_infer": _rotating(ort_calls)}
+        if dev.dlpack_device_type() != 1:
+            for name in ("fwd", "bwd"):
+                inner = runners[name]
+                runners[name] = lambda _f=inner: (_f(), dev.sync())
+        times, _ = time_interleaved(runners, repeat, warmup=2)
+        med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+        floor = 1.5 * med["ort_infer"]
+        results.append({"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
+                        "schedule": k.backward_schedule, "forward_schedule": k.schedule, "ms": med,
+                        "floor_ms": floor, "bwd_vs_floor": med["bwd"] / floor, "bwd_vs_fwd": med["bwd"] / med["fwd"],
+                        "bwd_gbps": 3 * nbytes / (med["bwd"] * 1e-3) / 1e9, "input_sets": len(bwd)})
+        log.info("backward benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
+    out = {"machine": {**machine_info(target), "threads": threads, "target": target, "repeat": repeat},
+           "cases": results}
+    if json_path:
+        from pathlib import Path
+
+        from bncompile._io import atomic_output
+
+        with atomic_output(json_path, what="json") as tmp:
+            Path(tmp).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def format_backward_table(result: dict) -> str:
+    """A plain-text table of :func:`run_backward_benchmark`'s result."""
+    m = result["machine"]
+    if m.get("skipped"):
+        return f"backward benchmark skipped for target {m.get('target')}: {m['skipped']}"
+    head = (f"{'case':<6} {'shape':<14} {'variant':<7} {'bwd schedule':<22} {'fwd ms':>7} {'bwd ms':>7} "
+            f"{'ort_inf':>7} {'floor':>7} {'bwd/floor':>9} {'bwd/fwd':>7} {'GB/s':>5}")
+    lines = [head, "-" * len(head)]
+    for r in result["cases"]:
+        ms = r["ms"]
+        lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
+                     f"{ms['fwd']:7.3f} {ms['bwd']:7.3f} {ms['ort_infer']:7.3f} {r['floor_ms']:7.3f} "
+                     f"{r['bwd_vs_floor']:9.2f} {r['bwd_vs_fwd']:7.2f} {r['bwd_gbps']:5.1f}")
+    caches = ", ".join(f"{k} {v // 1024} KiB" for k, v in m.get("caches", {}).items())
+    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; cpu {m.get('cpu_model')} "
+                 f"({m.get('llvm_cpu')}), {m.get('cores')} cores, {m['threads']} threads, fp32 lanes "
+                 f"{m.get('fp32_lanes')}, caches {caches}; floor = 1.5 x ORT inference BN: one read of x and "
+                 f"dy, one write of dx; target bwd/floor <= {BACKWARD_TARGET_VS_FLOOR})")
+    return "\n".join(lines)
+
+
+__all__ += ["DEFAULT_BACKWARD_CASES", "BACKWARD_TARGET_VS_FLOOR", "machine_info", "run_backward_benchmark",
+            "format_backward_table"]

@@ -143,8 +143,19 @@ def _run_kernels(args) -> int:
     from bncompile.bench.kernels import format_table, run_kernel_benchmark
 
     result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
+    backward = _run_kernels_backward(args)
     if args.json:
         with atomic_output(args.json, what="--json") as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=2, default=str) + "\n")
+            Path(tmp).write_text(json.dumps({**result, "backward": backward}, indent=2, default=str) + "\n")
     print(format_table(result))
+    from bncompile.bench.kernels import format_backward_table
+
+    print(format_backward_table(backward))
     return 0
+
+
+def _run_kernels_backward(args) -> dict:
+    """The backward section of ``--kernels`` (bncompile.bench.kernels.run_backward_benchmark)."""
+    from bncompile.bench.kernels import run_backward_benchmark
+
+    return run_backward_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)

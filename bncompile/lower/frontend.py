@@ -7,7 +7,10 @@
   (:mod:`bncompile.lower.kernels.compute`, scheduled by :mod:`bncompile.lower.kernels.schedules` for the
   target), never TVM's ``batch_norm`` (whose momentum is the PyTorch one: TVM 0.27's frontend passes ONNX's
   momentum through unchanged, which swaps the weights of the running-statistics update); inference
-  ``BatchNormalization`` keeps TVM's converter;
+  ``BatchNormalization`` keeps TVM's converter; the backward custom ops (``<Op>Grad``, from
+  ``build_model(..., gradients=True)``) become a ``call_tir`` of our backward kernel
+  (:mod:`bncompile.lower.kernels.backward`), so one library runs a full training step (the plain and
+  fused layers' backward is standard ops, which TVM fuses);
 * :func:`from_onnx` runs ``tvm.relax.frontend.onnx.from_onnx`` with those converters (installed by the
   shim's :func:`bncompile.lower.tvm.patched_onnx_converters`); symbolic dims (``dim_param``) stay symbolic.
 """
@@ -63,7 +66,7 @@ def unsupported_ops(model: onnx.ModelProto, convert_map: Mapping | None = None) 
             ok = n.op_type in convert_map or n.op_type in ("If", "Constant")
             key = n.op_type
         elif dom == CUSTOM_DOMAIN:
-            ok = n.op_type in custom_ops.OPS
+            ok = n.op_type in custom_ops.OPS or n.op_type in custom_ops.GRAD_OPS
             key = f"{dom}::{n.op_type}"
         else:
             ok, key = False, f"{dom}::{n.op_type}"
@@ -127,6 +130,7 @@ class KernelContext:
     def __init__(self, tdict: dict):
         self.tdict = tdict
         self.kernels: dict = {}        # KernelSpec -> GlobalVar
+        self.backward_kernels: dict = {}   # KernelSpec -> GlobalVar of its backward
         self.schedules: dict = {}      # kernel name -> schedule rule name
         self.fallbacks: list[str] = []
         self.multiples: dict[str, int] = {}   # symbolic dim name -> the batch must be a multiple of this
@@ -158,6 +162,33 @@ class KernelContext:
         return gv
 
 
+    def backward_kernel(self, bb, spec):
+        gv = self.backward_kernels.get(spec)
+        if gv is not None:
+            return gv
+        from bncompile.lower.kernels import backward
+
+        func = backward.backward_prim_func(spec)
+        rule = "unscheduled"
+        try:
+            from bncompile.lower.kernels import schedules
+
+            rule, sch = schedules.schedule_backward(spec, func, target=self.tdict)
+            func = sch.mod["main"]
+        except BncompileError as err:
+            log.info("batchnorm backward kernel %s left to the default pipeline: %s", spec.kinds, err)
+        except Exception as err:  # pragma: no cover - a schedule bug must not break the compile
+            log.warning("schedule of batchnorm backward kernel %s failed (%s); using the unscheduled kernel",
+                        spec.kinds, err)
+            func = backward.backward_prim_func(spec)
+            rule = "unscheduled"
+        name = f"bncompile_bn_grad_{len(self.backward_kernels)}"
+        gv = bb.add_func(func.with_attr("global_symbol", name), name)
+        self.backward_kernels[spec] = gv
+        self.schedules[name] = rule
+        return gv
+
+
 def _node_label(attr) -> str:
     name = (attr.get("tvm_custom") or {}).get("name")
     return repr(name) if name else "(unnamed)"
@@ -176,9 +207,66 @@ def _emit_bn_kernel(ctx: KernelContext, bb, attr, *, op: str, x, params: list, a
                     epsilon: float, momentum: float, renorm_momentum: float = 0.99, renorm: bool = False,
                     clipping: tuple = (), ghost: int | None = None, layout: str):
     """Emit OUR training kernel for x; returns ``[y, *updated stats]`` (float32 stats)."""
-    from bncompile.lower.kernels.compute import DTYPES, SYMBOLIC, KernelSpec
+    from bncompile.lower.kernels.compute import KernelSpec
 
     relax = _tvm.tvm().relax
+    dtype, shp, spec_shape, kinds, rshape, C = _kernel_layout(ctx, attr, op, x, ghost=ghost, layout=layout)
+    spec = KernelSpec(training=True, shape=spec_shape, kinds=kinds, dtype=dtype, epsilon=float(epsilon),
+                      momentum=float(momentum), renorm_momentum=float(renorm_momentum), renorm=renorm,
+                      clipping=clipping, adjustment="full" if adjustment is not None else None,
+                      virtual_batch_size=int(ghost) if ghost else None)
+    gv = ctx.kernel(bb, spec)
+    xc = bb.emit(relax.op.reshape(x, rshape))
+
+    def stat(p):
+        p = bb.emit(relax.op.reshape(p, (C,)))
+        return p if str(p.ty.dtype) == "float32" else bb.emit(relax.op.astype(p, "float32"))
+
+    args = [xc] + [stat(p) for p in params]
+    if adjustment is not None:
+        for a in adjustment:
+            a = a if str(a.ty.dtype) == "float32" else bb.emit(relax.op.astype(a, "float32"))
+            args.append(bb.emit(relax.op.broadcast_to(a, rshape)))
+    out_ty = [relax.TensorType(rshape, dtype)] + [relax.TensorType((C,), "float32")
+                                                  for _ in spec.updated_names()]
+    res = bb.emit(relax.call_tir(gv, args, out_ty=out_ty))
+    y = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 0), shp))
+    return [y] + [bb.emit(relax.TupleGetItem(res, i + 1)) for i in range(len(spec.updated_names()))]
+
+
+def _emit_bn_backward_kernel(ctx: KernelContext, bb, attr, *, op: str, x, dy, gamma, renorm_vars=None,
+                             adjustment=None, epsilon: float, clipping: tuple = (), ghost: int | None = None):
+    """Emit OUR backward kernel for x, dy (canonical (N, M, C, A)); returns ``[dx, dgamma, dbeta]``."""
+    from bncompile.lower.kernels.compute import KernelSpec
+
+    relax = _tvm.tvm().relax
+    dtype, shp, spec_shape, kinds, rshape, C = _kernel_layout(ctx, attr, op, x, ghost=ghost, layout="canonical")
+    spec = KernelSpec(training=True, shape=spec_shape, kinds=kinds, dtype=dtype, epsilon=float(epsilon),
+                      renorm=renorm_vars is not None, clipping=clipping,
+                      adjustment="full" if adjustment is not None else None,
+                      virtual_batch_size=int(ghost) if ghost else None)
+    gv = ctx.backward_kernel(bb, spec)
+
+    def f32(v):
+        return v if str(v.ty.dtype) == "float32" else bb.emit(relax.op.astype(v, "float32"))
+
+    def as_x(v):
+        return v if str(v.ty.dtype) == dtype else bb.emit(relax.op.astype(v, dtype))
+
+    args = [bb.emit(relax.op.reshape(x, rshape)), bb.emit(relax.op.reshape(as_x(dy), rshape))]
+    args += [f32(bb.emit(relax.op.reshape(p, (C,)))) for p in [gamma, *(renorm_vars or ())]]
+    for a in adjustment or ():
+        args.append(bb.emit(relax.op.broadcast_to(f32(a), rshape)))
+    out_ty = [relax.TensorType(rshape, dtype), relax.TensorType((C,), "float32"), relax.TensorType((C,), "float32")]
+    res = bb.emit(relax.call_tir(gv, args, out_ty=out_ty))
+    dx = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 0), shp))
+    return [dx, bb.emit(relax.TupleGetItem(res, 1)), bb.emit(relax.TupleGetItem(res, 2))]
+
+
+def _kernel_layout(ctx: KernelContext, attr, op: str, x, *, ghost, layout: str):
+    """``(dtype, x shape, spec shape, kinds, reshaped x shape, C)`` of a kernel call on x."""
+    from bncompile.lower.kernels.compute import DTYPES, SYMBOLIC
+
     dtype = str(x.ty.dtype)
     if dtype not in DTYPES:
         raise UnsupportedError(f"node {_node_label(attr)} ({op}): input dtype {dtype} is not supported by "
@@ -216,27 +304,7 @@ def _emit_bn_kernel(ctx: KernelContext, bb, attr, *, op: str, x, params: list, a
         spec_shape = (SYMBOLIC if n0 is None else n0, *mid)
         kinds = "RRCR"
         rshape = (N, *mid)
-    spec = KernelSpec(training=True, shape=spec_shape, kinds=kinds, dtype=dtype, epsilon=float(epsilon),
-                      momentum=float(momentum), renorm_momentum=float(renorm_momentum), renorm=renorm,
-                      clipping=clipping, adjustment="full" if adjustment is not None else None,
-                      virtual_batch_size=int(ghost) if ghost else None)
-    gv = ctx.kernel(bb, spec)
-    xc = bb.emit(relax.op.reshape(x, rshape))
-
-    def stat(p):
-        p = bb.emit(relax.op.reshape(p, (C,)))
-        return p if str(p.ty.dtype) == "float32" else bb.emit(relax.op.astype(p, "float32"))
-
-    args = [xc] + [stat(p) for p in params]
-    if adjustment is not None:
-        for a in adjustment:
-            a = a if str(a.ty.dtype) == "float32" else bb.emit(relax.op.astype(a, "float32"))
-            args.append(bb.emit(relax.op.broadcast_to(a, rshape)))
-    out_ty = [relax.TensorType(rshape, dtype)] + [relax.TensorType((C,), "float32")
-                                                  for _ in spec.updated_names()]
-    res = bb.emit(relax.call_tir(gv, args, out_ty=out_ty))
-    y = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 0), shp))
-    return [y] + [bb.emit(relax.TupleGetItem(res, i + 1)) for i in range(len(spec.updated_names()))]
+    return dtype, shp, spec_shape, kinds, rshape, C
 
 
 def _expand_runtime(data, shape):
@@ -332,12 +400,7 @@ def make_converters(ctx: KernelContext) -> dict:
                 # kernel variables: gamma, beta, moving_mean, moving_variance (unused), stddev, renorm_mean/_stddev
                 params_ = [get["scale"], get["B"], get["mean"], get["stddev"], get["stddev"], get["renorm_mean"],
                            get["renorm_stddev"]]
-                clip = []
-                for key in ("dmax", "rmax", "rmin"):
-                    v = float(a[key])
-                    if math.isfinite(v) and not (key == "rmin" and v <= 0):
-                        clip.append((key, v))
-                clipping = tuple(sorted(clip))
+                clipping = _clipping(a)
             else:
                 params_ = [get["scale"], get["B"], get["mean"], get["var"]]
                 clipping = ()
@@ -351,4 +414,31 @@ def make_converters(ctx: KernelContext) -> dict:
             return relax.Tuple([outs[0]] + [cast_like(bb, o, like) for o in outs[1:]])
 
         convs[kind.name] = type(kind.name, (fe.OnnxOpConverter,), {"_impl_v1": classmethod(impl)})
+
+    for gkind in custom_ops.GRAD_OPS.values():
+        def grad_impl(cls, bb, inputs, attr, params, _kind=gkind):
+            fwd = _kind.forward
+            a = {**_kind.attributes, **{k: v for k, v in attr.items() if k != "tvm_custom"}}
+            if fwd.ghost and a.get("virtual_batch_size") is None:
+                raise InputError(f"node {_node_label(attr)} ({_kind.name}): virtual_batch_size is required")
+            get = dict(zip(_kind.inputs, inputs))
+            outs = _emit_bn_backward_kernel(
+                ctx, bb, attr, op=_kind.name, x=get["X"], dy=get["dY"], gamma=get["scale"],
+                renorm_vars=(get["renorm_mean"], get["renorm_stddev"]) if fwd.renorm else None,
+                adjustment=(get["adj_scale"], get["adj_bias"]) if fwd.adjust else None, epsilon=a["epsilon"],
+                clipping=_clipping(a) if fwd.renorm else (),
+                ghost=a.get("virtual_batch_size") if fwd.ghost else None)
+            return relax.Tuple([cast_like(bb, outs[0], get["X"])] + [cast_like(bb, o, get["scale"]) for o in outs[1:]])
+
+        convs[gkind.name] = type(gkind.name, (fe.OnnxOpConverter,), {"_impl_v1": classmethod(grad_impl)})
     return convs
+
+
+def _clipping(a: Mapping) -> tuple:
+    """The kernel's renorm clipping from a custom op's attributes (no-op bounds dropped)."""
+    clip = []
+    for key in ("dmax", "rmax", "rmin"):
+        v = float(a[key])
+        if math.isfinite(v) and not (key == "rmin" and v <= 0):
+            clip.append((key, v))
+    return tuple(sorted(clip))

@@ -33,3 +33,18 @@ def test_benchmark_cuda_skips_without_gpu():
         pytest.skip("a GPU is present")
     res = run_kernel_benchmark([((4, 8), 1)], repeat=1, target="cuda")
     assert res["cases"] == [] and "skipped" in format_table(res)
+
+
+def test_backward_benchmark_small_case():
+    from bncompile.bench.kernels import format_backward_table, run_backward_benchmark
+
+    res = run_backward_benchmark([((4, 8, 6, 6), 1), ((4, 8, 6, 6), 1, "ghost"), ((2, 5, 5, 16), -1)], repeat=3)
+    assert len(res["cases"]) == 3
+    for row in res["cases"]:
+        assert set(row["ms"]) == {"fwd", "bwd", "ort_infer"}
+        assert row["floor_ms"] == pytest.approx(1.5 * row["ms"]["ort_infer"])
+        assert row["schedule"].startswith("bwd_cpu_") and row["input_sets"] >= 2
+    m = res["machine"]
+    assert m["fp32_lanes"] and m["cpu_model"]
+    table = format_backward_table(res)
+    assert "bwd/floor" in table and "fp32 lanes" in table

@@ -99,13 +99,17 @@ def test_cli_kernels_delegates(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(kernels, "run_kernel_benchmark", fake_run)
     monkeypatch.setattr(kernels, "format_table", lambda result: f"KERNEL TABLE {len(result['cases'])} case(s)")
+    monkeypatch.setattr(kernels, "run_backward_benchmark",
+                        lambda **kw: {"machine": {"target": kw["target"]}, "cases": [{"case": "bwd"}]})
+    monkeypatch.setattr(kernels, "format_backward_table", lambda result: "BACKWARD TABLE")
     js = tmp_path / "k.json"
     rc = main(["bench", "--kernels", "--repeat", "4", "--threads", "2", "--json", str(js)])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "KERNEL TABLE 1 case(s)" in out
+    assert "KERNEL TABLE 1 case(s)" in out and "BACKWARD TABLE" in out
     assert calls == {"repeat": 4, "threads": 2, "target": "llvm"}
     assert json.loads(js.read_text())["cases"] == [{"case": "NC"}]
+    assert json.loads(js.read_text())["backward"]["cases"] == [{"case": "bwd"}]
 
 
 def test_cli_kernels_refuses_model_and_model_flags(conv_path, capsys):

@@ -15,6 +15,14 @@ element, compiled on first use). A ``RandomAdjustment`` config draws per-channel
 with NumPy (a generator seeded by the config's seed, fresh draws at each call) unless the feeds give
 them, and returns them as ``adjustment_scale`` / ``adjustment_bias``.
 
+Gradients (``compile_batchnorm(..., gradients=True)``): a second kernel,
+:mod:`bncompile.lower.kernels.backward`, scheduled by
+:mod:`bncompile.lower.kernels.schedules.backward_cpu` / ``backward_cuda``. ``run(feeds)`` with ``dy`` (y's
+shape) in the feeds also returns ``dx`` (x's shape and dtype), ``dgamma`` (with scale) and ``dbeta``
+(with center) in the variables' Keras shapes: the gradients of ``sum(y * dy)`` of
+:func:`bncompile.reference.batchnorm_backward` (renorm's r and d from the variables before the update).
+``bind_backward`` pre-binds the backward alone.
+
 ``Kernel.run_tvm(feeds, out=None)`` is the hot path: TVM tensors in, TVM tensors out, no copies
 (x and the variables are viewed in the kernel's canonical shape; pass ``out`` to reuse outputs).
 """
@@ -30,6 +38,8 @@ import numpy as np
 
 from bncompile.config import BatchNormConfig, RandomAdjustment, training_effective
 from bncompile.errors import ConfigError, InputError, UnsupportedError
+from bncompile.lower.kernels.backward import (backward_numpy, backward_output_names, backward_prim_func,
+                                              backward_variable_names)
 from bncompile.lower.kernels.compute import (KernelSpec, batchnorm_numpy, canonical_shape, make_spec,
                                              prim_func)
 
@@ -97,6 +107,45 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
     return built
 
 
+def build_backward(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None = None,
+                   streaming: bool = False) -> Built:
+    """Compile the backward kernel of ``spec`` for ``target`` (cached like :func:`build_spec`);
+    ``streaming``: dx written with non-temporal stores (x86 llvm, the rules of
+    ``backward_cpu.STREAMING_RULES``; else ignored)."""
+    from bncompile.lower import targets, tvm as _tvm
+    from bncompile.lower.kernels import schedules
+    from bncompile.lower.kernels.schedules import backward_cpu
+
+    tdict = targets.target_dict(target)
+    nt = bool(streaming) and schedules.nt_stores_apply(tdict)
+    key = ("backward", spec, repr(sorted(tdict.items())), schedule, nt)
+    with _LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    name, sch = schedules.schedule_backward(spec, backward_prim_func(spec), target=tdict, rule=schedule)
+    if tdict.get("kind") == "cuda":
+        try:
+            _tvm.verify_memory(sch.mod, tdict)
+        except Exception as err:
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise UnsupportedError(f"backward schedule {name} produced no CUDA kernel for layout {spec.kinds} "
+                                   f"(host code reads device memory: {first})") from None
+    nt = nt and name in backward_cpu.STREAMING_RULES
+    if nt:
+        ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=backward_cpu.nt_dx_pipeline())
+    else:
+        ex = _tvm.build(sch.mod, tdict)
+    if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):
+        raise UnsupportedError(f"backward schedule {name} produced no CUDA kernel for layout {spec.kinds}")
+    built = Built(spec=spec, schedule=name, executable=ex, target=tdict, streaming=nt)
+    log.info("compiled batchnorm backward kernel %s %s %s with schedule %s", spec.kinds, spec.shape, spec.dtype,
+             name)
+    with _LOCK:
+        _CACHE[key] = built
+    return built
+
+
 def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
@@ -106,7 +155,8 @@ class Kernel:
     """A compiled batch normalization for one config, input shape (batch may be None), target, dtype."""
 
     def __init__(self, config: BatchNormConfig, input_shape: Sequence, *, training: bool = True,
-                 target: Any = "llvm", dtype: str = "float32", schedule: str | None = None):
+                 target: Any = "llvm", dtype: str = "float32", schedule: str | None = None,
+                 gradients: bool = False, backward_schedule: str | None = None):
         from bncompile.lower import targets, tvm as _tvm
 
         if not isinstance(config, BatchNormConfig):
@@ -128,6 +178,11 @@ class Kernel:
             base_adj = "channel"
         self.spec = make_spec(config, self.input_shape, training=self.training, dtype=dtype, adjustment=base_adj)
         self._built(base_adj)                          # compile now: errors surface here
+        self.gradients = bool(gradients)
+        self.backward_schedule_rule = backward_schedule
+        self._backward: dict[str | None, Built] = {}
+        if self.gradients:
+            self._built_backward(base_adj)
         self._rng = (np.random.default_rng(config.adjustment.seed)
                      if isinstance(config.adjustment, RandomAdjustment) else None)
 
@@ -147,6 +202,19 @@ class Kernel:
             if isinstance(self.config.adjustment, RandomAdjustment):
                 names += ["adjustment_scale", "adjustment_bias"]
         return names
+
+    @property
+    def backward_schedule(self) -> str | None:
+        return self._built_backward(self.spec.adjustment).schedule if self.gradients else None
+
+    def _built_backward(self, adjustment: str | None, streaming: bool = False) -> Built:
+        key = (adjustment, streaming) if streaming else adjustment
+        b = self._backward.get(key)
+        if b is None:
+            spec = self._built(adjustment).spec
+            b = build_backward(spec, target=self.target, schedule=self.backward_schedule_rule, streaming=streaming)
+            self._backward[key] = b
+        return b
 
     @property
     def schedule(self) -> str:
@@ -224,6 +292,7 @@ class Kernel:
         x = x.numpy() if _tvm.is_tvm_tensor(x) else np.asarray(x)
         self._check_x_shape(x.shape)
         x = np.ascontiguousarray(x.astype(_np_dtype(self.dtype), copy=False))
+        dy = self._dy(feeds, x)
         variables = self._variables(x.shape, feeds)
         adj_arrays, extra_out, mode = self._adjustment(x.shape, feeds)
         unknown = sorted(set(feeds) - set(self.config.variable_names()) - {"adjustment_scale", "adjustment_bias"})
@@ -244,7 +313,35 @@ class Kernel:
         for name, t in zip(spec.updated_names(), outs[1:]):
             result[name + "_new"] = t.numpy().reshape(self.param_shape)
         result.update(extra_out)
+        if dy is not None:
+            bb = self._built_backward(mode, self._streaming(x.shape))
+            bargs = [args[0], _tvm.to_tensor(dy.reshape(cs), dev)]
+            bargs += [_tvm.to_tensor(variables[n].reshape(spec.channel_shape), dev)
+                      for n in backward_variable_names(spec)]
+            bargs += args[1 + len(spec.variable_names()):]            # the adjustment tensors
+            bouts = [_tvm.empty(cs, self.dtype, dev)] + [_tvm.empty(spec.channel_shape, "float32", dev)
+                                                         for _ in backward_output_names(spec)[1:]]
+            bb.func(*bargs, *bouts)
+            result["dx"] = bouts[0].numpy().reshape(x.shape)
+            for name, t in zip(backward_output_names(spec)[1:], bouts[1:]):
+                result[name] = t.numpy().reshape(self.param_shape)
         return result
+
+    def _dy(self, feeds, x) -> np.ndarray | None:
+        """Pop ``dy`` from ``feeds`` (None when absent); checked against x's shape."""
+        from bncompile.lower import tvm as _tvm
+
+        dy = feeds.pop("dy", None)
+        if dy is None:
+            return None
+        if not self.gradients:
+            raise InputError("feeds: 'dy' given, but this kernel was compiled without gradients; "
+                             "use compile_batchnorm(..., gradients=True)")
+        dy = dy.numpy() if _tvm.is_tvm_tensor(dy) else np.asarray(dy)
+        if tuple(dy.shape) != tuple(x.shape):
+            raise InputError(f"dy: shape {tuple(dy.shape)} is not the shape of y {tuple(x.shape)}; "
+                             "pass dy of y's shape")
+        return np.ascontiguousarray(dy.astype(_np_dtype(self.dtype), copy=False))
 
     def _variables(self, x_shape, feeds) -> dict[str, np.ndarray]:
         names = self.config.variable_names()
@@ -361,10 +458,53 @@ class Kernel:
 
         return call, result
 
+    def bind_backward(self, feeds: Mapping[str, Any], out: Mapping[str, Any] | None = None):
+        """Pre-bind the backward alone on TVM tensors: ``feeds`` holds x, dy, the variables the backward
+        reads (``gamma`` with scale; ``renorm_mean``/``renorm_stddev`` with renorm; ``moving_mean``/
+        ``moving_variance`` in inference) and per-channel adjustment tensors for an adjustment config;
+        ``out`` optionally gives ``dx``/``dgamma``/``dbeta``. Returns ``(call, outputs)``."""
+        from bncompile.lower import tvm as _tvm
+
+        if not self.gradients:
+            raise InputError("bind_backward: this kernel was compiled without gradients")
+        xs = tuple(int(d) for d in feeds["x"].shape)
+        self._check_x_shape(xs)
+        if tuple(int(d) for d in feeds["dy"].shape) != xs:
+            raise InputError(f"dy: shape {tuple(feeds['dy'].shape)} is not the shape of y {xs}")
+        built = self._built_backward(self.spec.adjustment, self._streaming(xs))
+        spec = built.spec
+        cs = canonical_shape(spec, xs)
+        names = backward_variable_names(spec)
+        if spec.adjustment:
+            names = names + ["adjustment_scale", "adjustment_bias"]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise InputError(f"feeds: bind_backward needs {missing}")
+        args = [_tvm.view(feeds["x"], cs), _tvm.view(feeds["dy"], cs)]
+        args += [_tvm.view(feeds[n], spec.channel_shape) for n in names]
+        out = dict(out or {})
+        result = {}
+        for name in backward_output_names(spec):
+            t = out.get(name)
+            if t is None:
+                t = _tvm.empty(xs, self.dtype, self.device) if name == "dx" else \
+                    _tvm.empty(self.param_shape, "float32", self.device)
+            result[name] = t
+        args += [_tvm.view(result["dx"], cs)] + [_tvm.view(result[n], spec.channel_shape)
+                                                 for n in backward_output_names(spec)[1:]]
+        func = built.func
+
+        def call():
+            func(*args)
+
+        call()
+        return call, result
+
     def numpy_twin(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The same algorithm in NumPy float32 (for checking the kernel apart from TVM)."""
         feeds = dict(feeds)
         x = np.asarray(feeds.pop("x"))
+        dy = self._dy(feeds, x)
         variables = self._variables(x.shape, feeds)
         adj_arrays, extra, mode = self._adjustment(x.shape, feeds)
         spec = self._built(mode).spec
@@ -376,6 +516,11 @@ class Kernel:
         for n in spec.updated_names():
             out[n + "_new"] = res[n + "_new"].reshape(self.param_shape)
         out.update(extra)
+        if dy is not None:
+            grads = backward_numpy(spec, x.reshape(cs), dy.reshape(cs),
+                                   {k: v.reshape(spec.channel_shape) for k, v in variables.items()}, adj)
+            out["dx"] = grads.pop("dx").reshape(x.shape)
+            out.update({k: v.reshape(self.param_shape) for k, v in grads.items()})
         return out
 
     def __repr__(self) -> str:
@@ -392,14 +537,17 @@ def _np_dtype(dtype: str):
 
 
 def compile_batchnorm(config: BatchNormConfig, input_shape: Sequence, *, training: bool = True,
-                      target: Any = "llvm", dtype: str = "float32", schedule: str | None = None) -> Kernel:
+                      target: Any = "llvm", dtype: str = "float32", schedule: str | None = None,
+                      gradients: bool = False) -> Kernel:
     """Compile ``config`` for inputs of ``input_shape`` (``None`` allowed for the batch).
 
     ``target``: ``"llvm"`` (host CPU), ``"cuda"`` (sm_90) or a TVM target dict. ``dtype``: x's and y's
     dtype (float32, float16, bfloat16); statistics and variables are float32. ``schedule`` forces a
-    schedule rule by name (see :mod:`bncompile.lower.kernels.schedules`).
+    schedule rule by name (see :mod:`bncompile.lower.kernels.schedules`). ``gradients``: also compile the
+    backward, so that ``run`` with ``dy`` in the feeds returns ``dx``, ``dgamma`` and ``dbeta``.
     """
-    return Kernel(config, input_shape, training=training, target=target, dtype=dtype, schedule=schedule)
+    return Kernel(config, input_shape, training=training, target=target, dtype=dtype, schedule=schedule,
+                  gradients=gradients)
 
 
-__all__ = ["compile_batchnorm", "Kernel", "build_spec", "clear_cache", "KernelSpec", "make_spec"]
+__all__ = ["compile_batchnorm", "Kernel", "build_spec", "build_backward", "clear_cache", "KernelSpec", "make_spec"]

@@ -45,6 +45,7 @@ from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELIN
                                                      cpu_inference, nt_store_pass, nt_store_pipeline,
                                                      nt_stores_apply)
 from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_generic, cuda_two_phase
+from bncompile.lower.kernels.schedules import backward_cpu, backward_cuda
 
 # --------------------------------------------------------------------------- dispatch
 
@@ -78,6 +79,32 @@ def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
     return "unscheduled", _sched(func)
 
 
-__all__ = ["RULES", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
+# the backward kernels (bncompile.lower.kernels.backward): rules per target in backward_cpu / backward_cuda
+BACKWARD_RULES: dict[str, list[tuple[str, Rule]]] = {"llvm": backward_cpu.RULES, "cuda": backward_cuda.RULES}
+
+
+def schedule_backward(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
+    """Like :func:`schedule`, for the backward PrimFunc of ``spec``; the rules run inside the target's
+    scope (vector width from the target)."""
+    kind = _tvm.target_kind(target)
+    rules = BACKWARD_RULES.get(kind)
+    if rules is None:
+        from bncompile.errors import UnsupportedError
+        raise UnsupportedError(f"target: no backward schedules for target kind {kind!r}; use 'llvm' or 'cuda'")
+    with _tvm.make_target(target):
+        for name, fn in rules:
+            if rule is not None and name != rule:
+                continue
+            sch = fn(spec, func)
+            if sch is not None:
+                log.debug("batchnorm backward kernel %s: schedule %s", spec.kinds, name)
+                return name, sch
+    if rule is not None:
+        from bncompile.errors import UnsupportedError
+        raise UnsupportedError(f"schedule {rule!r} does not apply to layout {spec.kinds} {spec.shape}")
+    return "unscheduled", _sched(func)
+
+
+__all__ = ["RULES", "BACKWARD_RULES", "schedule_backward", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
            "Y_TASK_BYTES", "Rule", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_generic", "cpu_inference",
            "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

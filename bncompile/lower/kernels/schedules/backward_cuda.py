@@ -1,0 +1,63 @@
+"""CUDA schedule rules of the backward kernels (:mod:`bncompile.lower.kernels.backward`).
+
+* ``bwd_cuda_block_per_channel`` (channel-first with C >= 2x the SM count, or ghost with a static
+  batch): one thread block per channel; its one-pass reduction (four compensated sums) is a
+  cross-thread reduction (warp shuffles), the per-channel scalars live in shared memory (every scalar
+  other threads read: ThreadSync puts the barriers), and the same block writes the channel's dx, so x
+  and dy are read once for the sums and once more, from L2, for dx. Ghost BN: the group loop is serial
+  in the block, the sums over groups are cross-thread.
+* ``bwd_cuda_generic`` (every other layout, inference): the forward's generic rule, every block its
+  own kernel over its spatial loops, reductions serial per thread. Correct, not fast.
+"""
+
+from __future__ import annotations
+
+from bncompile.lower.kernels.compute import KernelSpec
+from bncompile.lower.kernels.schedules._common import CUDA_THREADS, H100_SMS, _blocks, _inline_parameter_only, _sched
+from bncompile.lower.kernels.schedules.cuda import cuda_generic
+
+_GROUP_SUMS = ("batch_mean64", "batch_var", "dgamma64", "dbeta64")
+_OUTPUTS = ("dx", "dgamma", "dbeta")
+
+
+def bwd_cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
+    if not spec.training or not spec.single_channel_run or spec.shape[-1] == 1:
+        return None
+    if int(spec.channel_shape[0]) < 2 * sms and not spec.ghost:
+        return None
+    if spec.ghost and any(not isinstance(d, int) for d in spec.shape):
+        return None                      # per-group scalars of a symbolic group count cannot be shared
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    nstat = 2 if spec.ghost else 1
+    c = sch.get_loops("shift")[0]
+    sch.bind(c, "blockIdx.x")
+    for b in [n for n in names if n != "shift"]:
+        sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
+    loops = sch.get_loops("red")
+    r = sch.fuse(*loops[1 + nstat:])     # c | c', [g], reduce...
+    _, tx = sch.split(r, [None, CUDA_THREADS])
+    sch.bind(tx, "threadIdx.x")
+    for b in _GROUP_SUMS:
+        if b in names:
+            g = sch.get_loops(b)[-1]
+            _, tx = sch.split(g, [None, min(CUDA_THREADS, 32 * -(-int(spec.stat_shape[-1]) // 32))])
+            sch.bind(tx, "threadIdx.x")
+    f = sch.fuse(*sch.get_loops("dx")[1:])
+    _, tx = sch.split(f, [None, CUDA_THREADS])
+    sch.bind(tx, "threadIdx.x")
+    for b in names:
+        if b in _OUTPUTS:
+            continue
+        for k in range(len(sch.get(sch.get_sblock(b)).writes)):   # the reduction writes eight
+            sch.set_scope(sch.get_sblock(b), k, "shared")
+    return sch
+
+
+def bwd_cuda_generic(spec: KernelSpec, func):
+    return cuda_generic(spec, func)
+
+
+RULES = [("bwd_cuda_block_per_channel", bwd_cuda_block_per_channel), ("bwd_cuda_generic", bwd_cuda_generic)]
+
+__all__ = ["RULES", "bwd_cuda_block_per_channel", "bwd_cuda_generic"]

@@ -1,0 +1,86 @@
+"""Issue 16: random backward-kernel configs against the float64 backward reference (hypothesis, seeded,
+bounded: 40 examples, well under a minute). Ranks 2-4, one axis or axis lists, renorm with any subset
+of clipping bounds, ghost BN, adjustment inputs of every broadcast shape, static or symbolic batch,
+means up to 1e3 x the spread, with or without scale/center."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from bncompile.config import BatchNormConfig  # noqa: E402
+from bncompile.reference import batchnorm_backward  # noqa: E402
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+from bncompile.kernels import compile_batchnorm  # noqa: E402
+
+TOL = 1e-4      # float32 gradients: relative to max(1, |expected|)
+
+
+@st.composite
+def cases(draw):
+    rank = draw(st.integers(2, 4))
+    ghost = draw(st.integers(0, 2)) == 0
+    vbs = draw(st.sampled_from([1, 2, 3])) if ghost else None
+    n = vbs * draw(st.integers(1, 3)) if vbs else draw(st.integers(2, 5))
+    shape = (n, *[draw(st.integers(1, 5)) for _ in range(rank - 1)])
+    axes = draw(st.lists(st.integers(1, rank - 1), min_size=1, max_size=rank - 1, unique=True))
+    axis = axes[0] if len(axes) == 1 and draw(st.booleans()) else sorted(axes)
+    renorm = draw(st.booleans())
+    clip = None
+    if renorm:
+        keys = draw(st.lists(st.sampled_from(["rmax", "rmin", "dmax"]), unique=True))
+        vals = {"rmax": draw(st.floats(0.5, 3.0)), "rmin": draw(st.floats(0.1, 1.0)), "dmax": draw(st.floats(0.0, 2.0))}
+        clip = {k: vals[k] for k in keys}
+    adjust = not ghost and draw(st.booleans())
+    kw = dict(axis=axis, renorm=renorm, renorm_clipping=clip, epsilon=draw(st.sampled_from([1e-3, 1e-5])),
+              center=draw(st.booleans()), scale=draw(st.booleans()), fused=False, virtual_batch_size=vbs,
+              adjustment="inputs" if adjust else None)
+    adj_shapes = None
+    if adjust:
+        def one():
+            dims = tuple(d if draw(st.booleans()) else 1 for d in shape)
+            return dims[draw(st.integers(0, rank)):]
+        adj_shapes = (one(), one())
+    loc = draw(st.sampled_from([0.0, 0.5, 30.0, 1e3]))
+    return BatchNormConfig(**kw), shape, draw(st.booleans()), adj_shapes, loc, draw(st.integers(0, 2**31 - 1))
+
+
+@seed(20240616)
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(cases())
+def test_random_backward_configs_match_reference(case):
+    cfg, shape, dynamic, adj_shapes, loc, s = case
+    rng = np.random.default_rng(s)
+    x = (loc + rng.normal(0, 1.5, shape)).astype(np.float32)
+    dy = rng.normal(0, 1.0, shape).astype(np.float32)
+    k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape, gradients=True)
+    variables = {}
+    for name, v in cfg.initial_variables(shape).items():
+        if name in ("moving_variance", "moving_stddev", "renorm_stddev", "gamma"):
+            variables[name] = (v * rng.uniform(0.7, 1.3, v.shape)).astype(np.float32)
+        else:
+            variables[name] = (v + loc + rng.normal(0, 0.2, v.shape)).astype(np.float32)
+    feeds = {"x": x, "dy": dy, **variables}
+    adj = None
+    if adj_shapes:
+        adj = (rng.uniform(0.9, 1.1, adj_shapes[0]).astype(np.float32),
+               rng.uniform(-0.1, 0.1, adj_shapes[1]).astype(np.float32))
+        feeds.update(adjustment_scale=adj[0], adjustment_bias=adj[1])
+    out = k.run(feeds)
+    ref = batchnorm_backward(cfg, x.astype(np.float64), dy.astype(np.float64), variables, training=True,
+                             adjustment=adj)
+    for name, exp in (("dx", ref.dx), ("dgamma", ref.dgamma), ("dbeta", ref.dbeta)):
+        if exp is None:
+            assert name not in out
+            continue
+        act = np.asarray(out[name], np.float64).reshape(exp.shape)
+        scale = max(1.0, float(np.abs(exp).max()))
+        np.testing.assert_allclose(act, exp, rtol=TOL, atol=TOL * scale, err_msg=f"{name} {cfg} {shape} {k}")
