@@ -25,6 +25,8 @@ TOL = 2e-5     # float32 gradients against float64
 CASES = {
     "nchw": (dict(axis=1), (None, 8, 6, 32), (4, 8, 6, 32), None, "bwd_cpu_channel_first"),
     "nchw_static_odd": (dict(axis=1, fused=False), (3, 5, 7, 9), (3, 5, 7, 9), None, "bwd_cpu_channel_first"),
+    # rows of 9216: several plain lane blocks per row (blocked reduction, M < Q/L)
+    "nchw_long_rows": (dict(axis=1), (None, 2, 96, 96), (3, 2, 96, 96), None, "bwd_cpu_channel_first"),
     "nhwc": (dict(axis=-1), (None, 5, 6, 24), (4, 5, 6, 24), None, "bwd_cpu_channels_last"),
     "nhwc_static": (dict(axis=-1), (4, 5, 6, 24), (4, 5, 6, 24), None, "bwd_cpu_channels_last"),
     "nc_wide": (dict(axis=-1, fused=False), (None, 300), (64, 300), None, "bwd_cpu_channels_last"),
@@ -122,7 +124,7 @@ def test_dynamic_batch_sizes(name):
         assert_close(out["dx"], ref.dx, TOL, f"dx@{batch}")
 
 
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "nchw_long_rows"])
 def test_large_mean(name):
     """Mean 1e3 x the spread: the one-pass statistics about the data shift stay exact enough."""
     cfg, k, feeds, out, adj, _ = _run_case(name, loc=2e3)
@@ -165,6 +167,35 @@ def test_cpu_backward_schedules_have_no_predicates():
         rule, sch = schedules.schedule_backward(spec, backward.backward_prim_func(spec), target="llvm")
         assert rule.startswith("bwd_cpu_"), rule
         assert "T.where" not in sch.mod.script(), name
+
+
+@pytest.mark.parametrize("name,lanes", [("nchw", 32), ("ghost_nchw", 32), ("nchw_long_rows", 32),
+                                        ("rank5", 8)])
+def test_channel_first_uses_lane_blocks(name, lanes):
+    """bwd_cpu_channel_first reduces through plain lane blocks (``bsum``, vectorized over L lanes)
+    folded into compensated totals; the target is pinned (haswell: 8 float32 lanes) so the lane count
+    is the same on AVX2 and AVX-512 hosts."""
+    from bncompile.lower.kernels import backward, schedules
+    from bncompile.lower.kernels.compute import make_spec
+
+    kw, kshape, *_ = CASES[name]
+    spec = make_spec(BatchNormConfig(**kw), kshape)
+    rule, sch = schedules.schedule_backward(spec, backward.backward_prim_func(spec),
+                                            target={"kind": "llvm", "mcpu": "haswell"})
+    assert rule == "bwd_cpu_channel_first"
+    script = sch.mod.script()
+    assert 'T.sblock("bsum_update")' in script and "T.where" not in script
+    assert f"T.vectorized({lanes})" in script
+
+
+def test_lane_block_sizes():
+    from bncompile.lower.kernels import backward
+
+    assert backward.lane_block(3136, 64) == 49
+    assert backward.lane_block(9216, 32) == 48          # 288 elements per lane: 6 blocks of 48
+    assert backward.lane_block(63, 21) == 3
+    assert backward.lane_block(64 * 67, 64) == 67        # a prime: the whole row lane (<= 4 x LANE_BLOCK)
+    assert backward.lane_block(16 * 257, 16) == 1        # a larger prime: blocks of one (exact, slow)
 
 
 def test_cache_sizes_come_from_the_os():

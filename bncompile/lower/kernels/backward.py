@@ -8,7 +8,10 @@ x-shaped adjustment), ``xk = x - K`` (K: the forward's data shift) and ``xc = xk
 
 * ONE pass over x and dy gives four compensated sums (:func:`compensated_sums`, the forward's
   TwoSum pairs): ``Σxk``, ``Σxk²``, ``Σu``, ``Σu·xk`` (plus ``Σdy`` and ``Σdy·adj_bias`` with an
-  x-shaped adjustment). The mean and variance are finalized in float64 (``var = Σxk²/n - mean'²``:
+  x-shaped adjustment). With ``spec.stat_lanes = L > 1`` (a CPU schedule's request) the sums come
+  from blocks instead (:func:`_blocked_red`): plain float32 lane sums over short runs of the
+  contiguous axis (in registers: one FMA or add per value), folded into the compensated pairs once
+  per block. The mean and variance are finalized in float64 (``var = Σxk²/n - mean'²``:
   the sums are exact to float32 rounding and K is a sample of the data, so this is within a few ulps
   of the forward's two-pass variance); ``Σu·xc = Σu·xk - mean·Σu``;
 * with ``w = gamma·r·adj_scale`` (per channel; r = 1 without renorm; renorm's r and d are constants,
@@ -200,7 +203,11 @@ def backward_te(spec: KernelSpec):
             out += (d, zero, d * adj["adjustment_bias"][i], zero)
         return out
 
-    red = te.compute(sshape, lambda *s: ksum(vals(s, r1), axis=r1), name="red")
+    lanes = int(spec.stat_lanes)
+    if lanes > 1:
+        red = _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs)
+    else:
+        red = te.compute(sshape, lambda *s: ksum(vals(s, r1), axis=r1), name="red")
 
     def total(k, s):
         return f64(red[2 * k][s]) + f64(red[2 * k + 1][s])
@@ -301,6 +308,69 @@ def backward_te(spec: KernelSpec):
     if spec.center:
         outputs.append(param_grad("dbeta", bterm))
     return inputs, outputs
+
+
+LANE_BLOCK = 64     # most elements per lane in a plain float32 block sum (blocked reductions)
+
+
+def lane_block(q: int, lanes: int) -> int:
+    """Elements per lane of one plain block sum: the largest divisor of ``m = q / lanes`` <= LANE_BLOCK;
+    when that is under 8 (m has no useful divisor, e.g. a prime), the whole row lane (m) while
+    m <= 4 * LANE_BLOCK, else that small divisor (slower, never less exact)."""
+    m = q // lanes
+    best = 1
+    for d in range(min(m, LANE_BLOCK), 0, -1):
+        if m % d == 0:
+            best = d
+            break
+    if best < 8 and m <= 4 * LANE_BLOCK:
+        return m
+    return best
+
+
+def _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs):
+    """The reduction ``red`` from blocks (``spec.stat_lanes = L > 1``): the last reduced axis (Q, the
+    contiguous one) is cut as ``q = (qb*M + j)*L + l``; block ``(lead..., qb, l)`` (M elements, one lane
+    of L) gets plain float32 sums of the values (one vector add or FMA per value and L elements, the
+    accumulators in registers), and the blocks combine through the compensated pairs. A block's own
+    rounding error is at most M*u relative to its sum of magnitudes (M <= :data:`LANE_BLOCK`), its
+    total is then carried exactly, so the sums stay within a few ulps of the one-pass compensated ones
+    for any n (the large-mean tests, mean 2e3 x the spread, hold the same tolerance)."""
+    Q = int(rshape[-1])
+    if Q % lanes:
+        raise ValueError(f"stat_lanes {lanes} must divide the last reduced extent {Q}")
+    M = lane_block(Q, lanes)
+    QB = Q // (lanes * M)
+    nval = len(sshape)
+    lead = tuple(rshape[:-1])
+
+    def plain_combine(a, b):
+        return tuple(a[k] + b[k] for k in range(pairs))
+
+    def plain_identity(*dtypes):
+        return tuple(tirx.const(0, d) for d in dtypes)
+
+    psum = te.comm_reducer(plain_combine, plain_identity, name=f"psum{pairs}")
+    bj = te.reduce_axis((0, M), name="bj")
+
+    def block(*idx):
+        s, rest = idx[:nval], idx[nval:]
+        qb, l = rest[-2], rest[-1]
+        v = vals(s, tuple(rest[:-2]) + ((qb * M + bj) * lanes + l,))
+        return psum(tuple(v[2 * k] for k in range(pairs)), axis=[bj])
+
+    bs = te.compute(sshape + lead + (QB, lanes), block, name="bsum")
+    zero = tirx.const(0.0, STAT)
+    ra = [te.reduce_axis((0, e), name=f"b{j}") for j, e in enumerate(lead + (QB, lanes))]
+
+    def combine(*s):
+        i = tuple(s) + tuple(ra)
+        out = ()
+        for k in range(pairs):
+            out += (bs[k][i], zero)
+        return out
+
+    return te.compute(sshape, lambda *s: ksum(combine(*s), axis=ra), name="red")
 
 
 def backward_prim_func(spec: KernelSpec):

@@ -10,8 +10,11 @@ where the cache allows:
 * ``bwd_cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; ghost too): one parallel
   task per channel reduces the channel's slab, computes its scalars and writes its dx. A slab (x and dy)
   that fits L2 is read from memory once; a larger one is re-read, but the reduction walks the batch
-  backwards (backward.py), so the dx pass starts on the part L2 still holds. Vectorized along Q
-  (partial sums per lane through rfactor).
+  backwards (backward.py), so the dx pass starts on the part L2 still holds. Vectorized along Q:
+  when Q has a vector factor L >= 8, through the blocked reduction (backward.py ``stat_lanes = L``:
+  plain lane sums over M <= 64 elements per lane in registers, folded into compensated per-lane
+  totals once per block; ~5 vector ops per L elements instead of ~20 for four compensated sums);
+  else per-lane compensated partial sums through rfactor.
 * ``bwd_cpu_channels_last`` (Q == 1, e.g. NHWC, (N, C)): when a stripe of channels over every row (x
   and dy) fits half of L2, one parallel task per stripe reduces it and writes its dx while cached (also
   with a symbolic batch when a sample has few rows, e.g. (N, C): per-sample partials would outweigh
@@ -90,6 +93,13 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
         return None
     q = int(spec.shape[-1])
     vec = _vector_factor(q, lanes())
+    if vec >= 8:
+        import dataclasses
+
+        from bncompile.lower.kernels.backward import backward_prim_func
+
+        bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=vec)
+        return _channel_first_blocked(bspec, backward_prim_func(bspec))
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     nstat = 2 if spec.ghost else 1
@@ -111,6 +121,35 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
     if vec > 1:
         _, di = sch.split(sch.get_loops("dx")[-1], [None, vec])
         sch.vectorize(di)
+    return sch
+
+
+def _channel_first_blocked(spec: KernelSpec, func):
+    """bwd_cpu_channel_first on the blocked reduction (backward.py, ``stat_lanes = L``): per channel
+    (one parallel task), each row chunk of M*L elements gets its plain lane sums in registers (block
+    ``bsum``, vectorized over the L lanes, FMAs), folded into the compensated per-lane totals
+    (``red_rf``, vectorized over the lanes) once per chunk; then the channel's scalars and its dx,
+    while the slab is in L2."""
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    nstat = 2 if spec.ghost else 1
+    sch.rfactor(sch.get_loops("red")[-1], factor_axis=nstat)      # red_rf[s..., l]
+    sch.compute_inline(sch.get_sblock("shift"))  # one load of x[0, .., c, 0] where it is used
+    loops = sch.get_loops("red_rf")       # c, [g], lead..., qb, l  (l spatial)
+    sch.compute_at(sch.get_sblock("bsum"), loops[-2], preserve_unit_loops=True)
+    c = loops[0]
+    _move_all_under(sch, c, [n for n in names if n not in ("shift", "bsum")])
+    sch.parallel(c)
+    sch.vectorize(sch.get_loops("red_rf")[-1])
+    bl = sch.get_loops("bsum")            # ... qb | l, j
+    sch.reorder(bl[-1], bl[-2])
+    bl = sch.get_loops("bsum")
+    sch.vectorize(bl[-1])
+    sch.decompose_reduction(sch.get_sblock("bsum"), bl[-2])
+    loops = sch.get_loops("red_rf")
+    sch.decompose_reduction(sch.get_sblock("red_rf"), loops[nstat])
+    _, di = sch.split(sch.get_loops("dx")[-1], [None, int(spec.stat_lanes)])
+    sch.vectorize(di)
     return sch
 
 
