@@ -11,6 +11,16 @@ them alike; 2 warm-up rounds), the median time of:
   write of x, the floor a training kernel (which must also reduce) is compared to;
 * ``numpy``: float32 NumPy (mean, var, normalize).
 
+Both sides run ``threads`` threads (TVM's pool is configured to it: TVM 0.27 would otherwise run half
+the logical CPUs on x86, one thread on a 2-core machine without SMT) and read and write the same kind
+of memory (aligned NumPy buffers, on transparent huge pages where Linux gives them; TVM's allocator
+does not ask for them, which cost ~20% on a 25 MB stream). Every implementation is pre-bound to several copies of (x, y) (:func:`rotation_copies`: together at
+least twice the host's L3) and one shared counter picks the next copy at every call, whoever makes
+it: no call finds its x (or its y) in a cache from an earlier call, as in a network, where each
+layer's input was written long before. The table's footer names the CPU, its vector width and cache
+sizes (:mod:`bncompile.lower.kernels.schedules.machine`), which the CPU schedules derive their
+blocking from.
+
 ONNX BatchNormalization normalizes axis 1, so a channels-last case runs the ORT baselines on the
 same-size channels-first tensor (same bytes, same channel count). ORT uses IOBinding with
 preallocated outputs, all graph optimizations off and no spinning thread pool (a spinning pool steals
@@ -82,7 +92,42 @@ def _ort_model(shape, *, training: bool):
     return model.SerializeToString()
 
 
-def _ort_runner(shape, arrays, *, training: bool, threads: int):
+class Rotation:
+    """A counter shared by every runner of a case: each call takes the next copy of (x, y)."""
+
+    def __init__(self, copies: int):
+        self.copies = max(1, int(copies))
+        self.i = 0
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.copies
+        return self.i
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """``a`` in aligned NumPy memory (huge pages where Linux gives them), for TVM and ORT alike."""
+    from bncompile.lower import tvm as _tvm
+
+    out = _tvm.aligned_numpy(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def rotation_copies(nbytes: int, l3: int, *, limit: int = 64) -> int:
+    """Copies of a (x, y) pair of ``nbytes`` that together pass twice the L3 between two uses of one."""
+    return int(min(limit, max(3, -(-2 * l3 // max(1, nbytes)) + 1)))
+
+
+def _rotating(calls: list, rot: Rotation):
+    def call():
+        return calls[rot.next() % len(calls)]()
+
+    return call
+
+
+def _ort_runner(shape, arrays, *, training: bool, threads: int, copies: Sequence | None = None,
+                rot: Rotation | None = None):
+    """onnxruntime with IOBinding; ``copies`` (a list of x arrays) with ``rot``: one binding per copy."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -93,40 +138,53 @@ def _ort_runner(shape, arrays, *, training: bool, threads: int):
     # interleaved rounds (measured: the TVM kernel timed right after ORT came out up to 1.7x slower)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(_ort_model(shape, training=training), so, providers=["CPUExecutionProvider"])
-    binding = sess.io_binding()
-    for name, arr in arrays.items():
-        binding.bind_cpu_input(name, arr)
-    outs = {"y": np.empty(shape, np.float32)}
-    if training:
-        outs.update(running_mean=np.empty(shape[1], np.float32), running_var=np.empty(shape[1], np.float32))
-    for name, arr in outs.items():
-        binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
 
-    keep = (arrays, outs)          # the binding holds raw pointers: keep the buffers alive
+    def bound(xarr):
+        binding = sess.io_binding()
+        feeds = {**arrays, "x": xarr}
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, arr)
+        outs = {"y": np.empty(shape, np.float32)}
+        if training:
+            outs.update(running_mean=np.empty(shape[1], np.float32), running_var=np.empty(shape[1], np.float32))
+        for name, arr in outs.items():
+            binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        keep = (feeds, outs)          # the binding holds raw pointers: keep the buffers alive
 
-    def call():
-        sess.run_with_iobinding(binding)
-        return keep
+        def call():
+            sess.run_with_iobinding(binding)
+            return keep
 
-    return call
+        return call
+
+    if copies is None:
+        return bound(arrays["x"])
+    return _rotating([bound(xc) for xc in copies], rot)
 
 
-def _numpy_runner(x, axis):
+def _numpy_runner(x, axis, *, copies: Sequence | None = None, rot: Rotation | None = None):
     red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
     C = x.shape[axis]
     shape = [1] * x.ndim
     shape[axis % x.ndim] = C
     gamma, beta = np.ones(shape, np.float32), np.zeros(shape, np.float32)
 
-    def call():
-        mean = x.mean(axis=red, keepdims=True)
-        var = x.var(axis=red, keepdims=True)
-        return (x - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta
+    def bound(xa):
+        def call():
+            mean = xa.mean(axis=red, keepdims=True)
+            var = xa.var(axis=red, keepdims=True)
+            return (xa - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta
 
-    return call
+        return call
+
+    if copies is None:
+        return bound(x)
+    return _rotating([bound(xc) for xc in copies], rot)
 
 
-def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = True):
+def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = True,
+                copies: Sequence | None = None, rot: Rotation | None = None):
+    """The compiled kernel pre-bound (Kernel.bind) to ``x``, or to each of ``copies`` rotated by ``rot``."""
     from bncompile.lower import tvm as _tvm
     from bncompile.kernels import compile_batchnorm
 
@@ -134,10 +192,17 @@ def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = Tr
     k = compile_batchnorm(cfg, (None,) + tuple(case.shape[1:]), target=target, training=training)
     dev = k.device
     variables = cfg.initial_variables(case.shape)
-    feeds = {"x": _tvm.tvm().runtime.tensor(x, dev)}      # an aligned (device) copy
-    for n in k.spec.variable_names():
-        feeds[n] = _tvm.tvm().runtime.tensor(variables[n].astype(np.float32), dev)
-    call, _ = k.bind(feeds)
+    params = {n: _tvm.tvm().runtime.tensor(variables[n].astype(np.float32), dev) for n in k.spec.variable_names()}
+
+    def bound(xa):
+        if dev.dlpack_device_type() == 1:   # the same (aligned, huge-page) memory ORT reads; y likewise
+            feeds = {"x": _tvm.to_tensor(xa, dev), **params}
+            call, _ = k.bind(feeds, out={"y": _tvm.host_tensor(xa.shape)})
+        else:
+            call, _ = k.bind({"x": _tvm.tvm().runtime.tensor(xa, dev), **params})
+        return call
+
+    call = bound(x) if copies is None else _rotating([bound(xc) for xc in copies], rot)
     if dev.dlpack_device_type() != 1:
         inner = call
 
@@ -169,28 +234,42 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
             name = "NC" if len(shape) == 2 else ("NCHW" if axis % len(shape) == 1 else "NHWC")
             cases.append(Case(name, shape, int(axis), rest[0] if rest else "plain"))
     threads = threads or os.cpu_count() or 1
+    machine = machine_info(target)
+    if _tvm.target_kind(target) == "llvm":
+        machine["tvm_threads"] = _tvm.set_num_threads(threads)
     rng = np.random.default_rng(0)
     results = []
     for case in cases:
         x = rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1
-        k, tvm_call = _tvm_runner(case, x, target=target)
+        ncopy = rotation_copies(2 * x.nbytes, machine["l3"])
+        xs = [_aligned_copy(np.roll(x, i) if i else x) for i in range(ncopy)]
+        rot = Rotation(ncopy)
+        k, tvm_call = _tvm_runner(case, x, target=target, copies=xs, rot=rot)
         ax = case.axis % len(case.shape)
-        x_cf = x if ax == 1 else np.ascontiguousarray(np.moveaxis(x, ax, 1))
+        xs_cf = xs if ax == 1 else [_aligned_copy(np.moveaxis(a, ax, 1)) for a in xs]
+        x_cf = xs_cf[0]
         C = x_cf.shape[1]
         params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
                   "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
-        _, tvm_infer = _tvm_runner(case, x, target=target, training=False)
+        _, tvm_infer = _tvm_runner(case, x, target=target, training=False, copies=xs, rot=rot)
         runners = {"tvm": tvm_call, "tvm_infer": tvm_infer,
-                   "ort_train": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads),
-                   "ort_infer": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads),
-                   "numpy": _numpy_runner(x, case.axis)}
+                   "ort_train": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads,
+                                            copies=xs_cf, rot=rot),
+                   "ort_infer": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads,
+                                            copies=xs_cf, rot=rot),
+                   "numpy": _numpy_runner(x, case.axis, copies=xs, rot=rot)}
         times, _ = time_interleaved(runners, repeat, warmup=2)
         med = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
+        # spread: the interquartile range of the per-round ratio TVM / ORT inference (ratios of one
+        # round's adjacent calls cancel the drift of a shared machine)
+        ratios = sorted(a / b for a, b in zip(times["tvm"], times["ort_infer"]))
+        q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
         nbytes = 2 * x.nbytes
         row = {"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
                "schedule": k.schedule, "ms": med,
                "gbps": {k2: nbytes / (v * 1e-3) / 1e9 for k2, v in med.items()},
                "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
+               "tvm_vs_ort_infer_iqr": [q(0.25), q(0.75)], "copies": ncopy,
                "ort_train_vs_tvm": med["ort_train"] / med["tvm"],
                "numpy_vs_tvm": med["numpy"] / med["tvm"],
                "tvm_vs_tvm_infer": med["tvm"] / med["tvm_infer"]}
@@ -201,8 +280,7 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
         base = plain.get((r["case"], tuple(r["shape"])))
         if r["variant"] != "plain" and base:
             r["vs_plain_training"] = r["ms"]["tvm"] / base
-    out = {"machine": {"cpu": _tvm.host_cpu(), "threads": threads, "target": target, "repeat": repeat},
-           "cases": results}
+    out = {"machine": {**machine, "threads": threads, "target": target, "repeat": repeat}, "cases": results}
     if json_path:
         from pathlib import Path
 
@@ -213,10 +291,39 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo ("" when the OS does not tell)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def machine_info(target="llvm") -> dict:
+    """The CPU the benchmark runs on and what the kernels' schedules derive from it."""
+    from bncompile.lower import targets, tvm as _tvm
+    from bncompile.lower.kernels.schedules.machine import cpu_machine
+
+    tdict = targets.target_dict(target)
+    info = {"cpu": _tvm.host_cpu(), "model": cpu_model(), "target_mcpu": tdict.get("mcpu", "")}
+    if tdict.get("kind") == "llvm":
+        m = cpu_machine(tdict)
+        info.update(lanes=m.lanes, l1d=m.l1d, l2=m.l2, l3=m.l3, caches=m.describe())
+    else:
+        from bncompile.lower.kernels.schedules.machine import DEFAULT_CACHES
+
+        info.update(l3=DEFAULT_CACHES["l3"])
+    return info
+
+
 def format_table(result: dict) -> str:
     """A plain-text table of :func:`run_kernel_benchmark`'s result."""
     head = (f"{'case':<6} {'shape':<14} {'variant':<7} {'schedule':<22} {'tvm ms':>7} {'GB/s':>5} "
-            f"{'tvm_inf':>7} {'ort_inf':>7} {'ort_trn':>7} {'numpy':>7} {'tvm/inf':>7} {'trn/tvm':>7} {'vs plain':>8}")
+            f"{'tvm_inf':>7} {'ort_inf':>7} {'ort_trn':>7} {'numpy':>7} {'tvm/inf':>7} {'(iqr)':>11} "
+            f"{'trn/tvm':>7} {'vs plain':>8}")
     lines = [head, "-" * len(head)]
     for r in result["cases"]:
         ms = r["ms"]
@@ -224,13 +331,22 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
                      f"{ms['tvm']:7.3f} {r['gbps']['tvm']:5.1f} {ms['tvm_infer']:7.3f} {ms['ort_infer']:7.3f} "
                      f"{ms['ort_train']:7.3f} {ms['numpy']:7.2f} {r['tvm_vs_ort_infer']:7.2f} "
-                     f"{r['ort_train_vs_tvm']:7.2f} {vp:>8}")
+                     f"{_iqr(r):>11} {r['ort_train_vs_tvm']:7.2f} {vp:>8}")
     m = result["machine"]
     if m.get("skipped"):
         return f"benchmark skipped for target {m.get('target')}: {m['skipped']}"
-    lines.append(f"(medians of {m['repeat']} interleaved rounds; cpu {m['cpu']}, {m['threads']} threads; "
-                 "tvm/inf = TVM training time / ORT inference floor; trn/tvm = ORT training / TVM)")
+    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; tvm/inf = TVM training time / "
+                 "ORT inference floor, (iqr) its per-round quartiles; trn/tvm = ORT training / TVM; "
+                 "vs plain = renorm or ghost / plain)")
+    cpu = f"{m.get('model') or '?'} (LLVM {m['cpu']})"
+    tgt = f", kernels built for mcpu={m['target_mcpu']}" if m.get("target_mcpu") and m["target_mcpu"] != m["cpu"] else ""
+    lines.append(f"cpu {cpu}, {m['threads']} threads (TVM {m.get('tvm_threads', '?')}); {m.get('caches', '')}{tgt}")
     return "\n".join(lines)
+
+
+def _iqr(row: dict) -> str:
+    lo_hi = row.get("tvm_vs_ort_infer_iqr")
+    return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}" if lo_hi else ""
 
 
 def print_table(result: dict) -> None:

@@ -7,7 +7,8 @@ split once a block is moved under the split loop (tvm-0.27.md §2), so extents a
 :func:`_divisor` (tests assert the scheduled CPU IR has no ``T.where``). The CUDA rules split unevenly
 only where no block is moved under the split afterwards, and the predicates show in the source.
 
-CPU (``llvm``)
+CPU (``llvm``): every rule derives its vector width and blocking from the target's vector lanes and the
+host's cache sizes (:mod:`~bncompile.lower.kernels.schedules.machine`), never from one CPU.
   * ``cpu_inference``: one streaming pass, parallel over rows, vectorized along the contiguous axis.
   * ``cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; also ghost BN): one
     parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
@@ -15,7 +16,7 @@ CPU (``llvm``)
     the reductions are vectorized along Q (lane blocks of each row, combined exactly, when Q has a
     vector factor >= 8 and the layout is one channel run without ghost groups; else rfactor).
   * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): blocked statistics (x
-    read from memory once: blocks of <= 256 KB get both passes while cached, then combine exactly),
+    read from memory once: blocks of <= L2/4 get both passes while cached, then combine exactly),
     parallel over blocks, vectorized across channels.
   * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): parallel over blocks of
     channels, vectorized across the channels of a row; y in the same task while the stripe is cached.
@@ -39,12 +40,14 @@ from __future__ import annotations
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules._common import REDUCTIONS, Rule, _sched, log
-from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELINE, STAT_BLOCK_FLOATS,
-                                                     STREAMING_RULES, Y_TASK_BYTES, cpu_channel_first,
-                                                     cpu_channels_last, cpu_channels_last_rows, cpu_generic,
-                                                     cpu_inference, nt_store_pass, nt_store_pipeline,
-                                                     nt_stores_apply)
+from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELINE, PREFETCH_ANNOTATION,
+                                                     STAT_BLOCK_FLOATS, STREAMING_RULES, Y_TASK_BYTES,
+                                                     cpu_channel_first, cpu_channels_last, cpu_channels_last_rows,
+                                                     cpu_generic, cpu_inference, cpu_pipeline, nt_store_pass,
+                                                     nt_store_pipeline, nt_stores_apply, prefetch_pass,
+                                                     stat_block_floats, y_task_bytes)
 from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_generic, cuda_two_phase
+from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
 # --------------------------------------------------------------------------- dispatch
 
@@ -57,8 +60,11 @@ RULES: dict[str, list[tuple[str, Rule]]] = {
 }
 
 
-def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
-    """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch)."""
+def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None, machine: CpuMachine | None = None):
+    """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch).
+
+    CPU rules get a :class:`~bncompile.lower.kernels.schedules.machine.CpuMachine` (``machine``, default:
+    the target's vector lanes and this host's caches) and derive their blocking from it."""
     kind = _tvm.target_kind(target)
     rules = RULES.get(kind)
     if rules is None:
@@ -68,7 +74,14 @@ def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
     for name, fn in rules:
         if rule is not None and name != rule:
             continue
-        sch = fn(spec, func)
+        if kind == "llvm":
+            if machine is None:
+                from bncompile.lower import targets
+
+                machine = cpu_machine(targets.target_dict(target))
+            sch = fn(spec, func, machine)
+        else:
+            sch = fn(spec, func)
         if sch is not None:
             log.debug("batchnorm kernel %s: schedule %s", spec.kinds, name)
             return name, sch
@@ -78,6 +91,6 @@ def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
     return "unscheduled", _sched(func)
 
 
-__all__ = ["RULES", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
-           "Y_TASK_BYTES", "Rule", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_generic", "cpu_inference",
+__all__ = ["CpuMachine", "cpu_machine", "stat_block_floats", "y_task_bytes", "RULES", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
+           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_generic", "cpu_inference",
            "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]
