@@ -1,8 +1,9 @@
 """Benchmark of the TVM batch-normalization kernels against onnxruntime and NumPy.
 
-For each case, in one run and interleaved (:func:`bncompile.bench.timing.time_interleaved`: one
+For each shape, in one run and interleaved (:func:`bncompile.bench.timing.time_interleaved`: one
 call of each implementation per round, the order rotated every round, so that machine noise hits
-them alike; 2 warm-up rounds), the median time of:
+them alike; 2 warm-up rounds; the variants of a shape, plain, renorm and ghost, in the same rounds, so
+``vs plain`` is the median of per-round ratios), the median time of:
 
 * ``tvm``: the compiled training-mode kernel (y and every updated variable), pre-bound TVM tensors;
 * ``tvm_infer``: the compiled inference kernel of the same config (y from the moving statistics);
@@ -61,15 +62,10 @@ class Case:
         return BatchNormConfig(**kw)
 
 
-DEFAULT_CASES = [
-    Case("NCHW", (32, 64, 56, 56), 1),
-    Case("NCHW", (32, 64, 56, 56), 1, "renorm"),
-    Case("NCHW", (32, 64, 56, 56), 1, "ghost"),
-    Case("NCHW", (64, 128, 28, 28), 1),
-    Case("NC", (256, 1024), 1),
-    Case("NHWC", (32, 56, 56, 64), -1),
-    Case("NHWC", (32, 56, 56, 64), -1, "renorm"),
-]
+DEFAULT_CASES = [Case(name, shape, axis, variant)
+                 for name, shape, axis in (("NCHW", (32, 64, 56, 56), 1), ("NCHW", (64, 128, 28, 28), 1),
+                                           ("NC", (256, 1024), 1), ("NHWC", (32, 56, 56, 64), -1))
+                 for variant in ("plain", "renorm", "ghost")]
 
 
 def _ort_model(shape, *, training: bool):
@@ -236,50 +232,17 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     threads = threads or os.cpu_count() or 1
     machine = machine_info(target)
     if _tvm.target_kind(target) == "llvm":
+        # TVM's workers spin ~300k iterations after each job by default, stealing the cores from the runner
+        # that comes next (ORT's pool is told not to spin either); read when TVM's pool starts
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
         machine["tvm_threads"] = _tvm.set_num_threads(threads)
     rng = np.random.default_rng(0)
     results = []
+    groups: dict[tuple, list[Case]] = {}       # the variants of one shape share their rounds
     for case in cases:
-        x = rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1
-        ncopy = rotation_copies(2 * x.nbytes, machine["l3"])
-        xs = [_aligned_copy(np.roll(x, i) if i else x) for i in range(ncopy)]
-        rot = Rotation(ncopy)
-        k, tvm_call = _tvm_runner(case, x, target=target, copies=xs, rot=rot)
-        ax = case.axis % len(case.shape)
-        xs_cf = xs if ax == 1 else [_aligned_copy(np.moveaxis(a, ax, 1)) for a in xs]
-        x_cf = xs_cf[0]
-        C = x_cf.shape[1]
-        params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
-                  "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
-        _, tvm_infer = _tvm_runner(case, x, target=target, training=False, copies=xs, rot=rot)
-        runners = {"tvm": tvm_call, "tvm_infer": tvm_infer,
-                   "ort_train": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads,
-                                            copies=xs_cf, rot=rot),
-                   "ort_infer": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads,
-                                            copies=xs_cf, rot=rot),
-                   "numpy": _numpy_runner(x, case.axis, copies=xs, rot=rot)}
-        times, _ = time_interleaved(runners, repeat, warmup=2)
-        med = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
-        # spread: the interquartile range of the per-round ratio TVM / ORT inference (ratios of one
-        # round's adjacent calls cancel the drift of a shared machine)
-        ratios = sorted(a / b for a, b in zip(times["tvm"], times["ort_infer"]))
-        q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
-        nbytes = 2 * x.nbytes
-        row = {"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
-               "schedule": k.schedule, "ms": med,
-               "gbps": {k2: nbytes / (v * 1e-3) / 1e9 for k2, v in med.items()},
-               "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
-               "tvm_vs_ort_infer_iqr": [q(0.25), q(0.75)], "copies": ncopy,
-               "ort_train_vs_tvm": med["ort_train"] / med["tvm"],
-               "numpy_vs_tvm": med["numpy"] / med["tvm"],
-               "tvm_vs_tvm_infer": med["tvm"] / med["tvm_infer"]}
-        results.append(row)
-        log.info("benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
-    plain = {(r["case"], tuple(r["shape"])): r["ms"]["tvm"] for r in results if r["variant"] == "plain"}
-    for r in results:
-        base = plain.get((r["case"], tuple(r["shape"])))
-        if r["variant"] != "plain" and base:
-            r["vs_plain_training"] = r["ms"]["tvm"] / base
+        groups.setdefault((case.name, case.shape, case.axis % len(case.shape)), []).append(case)
+    for group in groups.values():
+        results += _run_group(group, rng, machine, repeat=repeat, threads=threads, target=target)
     out = {"machine": {**machine, "threads": threads, "target": target, "repeat": repeat}, "cases": results}
     if json_path:
         from pathlib import Path
@@ -289,6 +252,59 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
         with atomic_output(json_path, what="json") as tmp:
             Path(tmp).write_text(json.dumps(out, indent=2))
     return out
+
+
+def _quartiles(values: Sequence[float]) -> list[float]:
+    v = sorted(values)
+    return [v[min(len(v) - 1, int(f * len(v)))] for f in (0.25, 0.5, 0.75)]
+
+
+def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: int, target) -> list[dict]:
+    """Time the variants of one shape in the same interleaved rounds, with the shared baselines."""
+    first = group[0]
+    x = rng.standard_normal(first.shape, dtype=np.float32) * 2 + 1
+    ncopy = rotation_copies(2 * x.nbytes, machine["l3"])
+    xs = [_aligned_copy(np.roll(x, i) if i else x) for i in range(ncopy)]
+    rot = Rotation(ncopy)
+    runners, kernels = {}, {}
+    for case in group:
+        kernels[case.variant], runners[f"tvm:{case.variant}"] = _tvm_runner(case, x, target=target, copies=xs, rot=rot)
+    ax = first.axis % len(first.shape)
+    xs_cf = xs if ax == 1 else [_aligned_copy(np.moveaxis(a, ax, 1)) for a in xs]
+    x_cf = xs_cf[0]
+    C = x_cf.shape[1]
+    params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
+              "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
+    _, runners["tvm_infer"] = _tvm_runner(first, x, target=target, training=False, copies=xs, rot=rot)
+    runners["ort_train"] = _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads,
+                                       copies=xs_cf, rot=rot)
+    runners["ort_infer"] = _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads,
+                                       copies=xs_cf, rot=rot)
+    runners["numpy"] = _numpy_runner(x, first.axis, copies=xs, rot=rot)
+    times, _ = time_interleaved(runners, repeat, warmup=2)
+    med_all = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
+    nbytes = 2 * x.nbytes
+    rows = []
+    for case in group:
+        mine = times[f"tvm:{case.variant}"]
+        med = {"tvm": med_all[f"tvm:{case.variant}"],
+               **{k2: med_all[k2] for k2 in ("tvm_infer", "ort_train", "ort_infer", "numpy")}}
+        # spread: quartiles of the per-round ratio TVM / ORT inference (ratios of one round's adjacent
+        # calls cancel the drift of a shared machine)
+        q = _quartiles([a / b for a, b in zip(mine, times["ort_infer"])])
+        row = {"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
+               "schedule": kernels[case.variant].schedule, "ms": med,
+               "gbps": {k2: nbytes / (v * 1e-3) / 1e9 for k2, v in med.items()},
+               "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
+               "tvm_vs_ort_infer_iqr": [q[0], q[2]], "copies": ncopy,
+               "ort_train_vs_tvm": med["ort_train"] / med["tvm"],
+               "numpy_vs_tvm": med["numpy"] / med["tvm"],
+               "tvm_vs_tvm_infer": med["tvm"] / med["tvm_infer"]}
+        if case.variant != "plain" and "tvm:plain" in times:    # per-round ratio to plain, same rounds
+            row["vs_plain_training"] = _quartiles([a / b for a, b in zip(mine, times["tvm:plain"])])[1]
+        rows.append(row)
+        log.info("benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
+    return rows
 
 
 def cpu_model() -> str:

@@ -154,3 +154,29 @@ def test_llvm_cpu_target_names():
         assert targets.target_dict("llvm:haswell") == HASWELL
     with pytest.raises(UnsupportedError, match="does not know the CPU"):
         targets.target_dict("llvm:no-such-cpu")
+
+
+@pytest.mark.parametrize("kw,shape,kshape", [
+    ({}, (8, 5, 6, 16), None),
+    ({}, (8, 5, 6, 16), (None, 5, 6, 16)),                                  # symbolic groups
+    ({"renorm": True, "renorm_clipping": {"rmin": 0.8, "dmax": 0.5}}, (8, 5, 6, 16), (None, 5, 6, 16)),
+    ({"center": False, "scale": False}, (12, 7, 70), (None, 7, 70)),       # C > one vector
+])
+@pytest.mark.parametrize("loc", [5.0, 3e4])
+def test_channels_last_ghost(kw, shape, kshape, loc):
+    """Ghost BN channels-last: one task per virtual-batch group, against the float64 reference."""
+    from bncompile.lower.kernels import compile_batchnorm
+    from bncompile.reference import batchnorm
+
+    cfg = BatchNormConfig(axis=-1, virtual_batch_size=4, fused=False, **kw)
+    spec = make_spec(cfg, kshape or shape)
+    name, sch = schedule(spec, prim_func(spec), target=HASWELL if X86 else "llvm")
+    assert name == "cpu_channels_last_ghost" and "T.where" not in sch.mod.script()
+    x = (loc + 3 * np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
+    k = compile_batchnorm(cfg, kshape or shape)
+    assert k.schedule == "cpu_channels_last_ghost"
+    out = k.run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref.y).max())))
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=1e-6 * max(1.0, float(np.abs(v).max())))

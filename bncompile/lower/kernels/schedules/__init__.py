@@ -20,7 +20,9 @@ host's cache sizes (:mod:`~bncompile.lower.kernels.schedules.machine`), never fr
     parallel over blocks, vectorized across channels.
   * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): parallel over blocks of
     channels, vectorized across the channels of a row; y in the same task while the stripe is cached.
-  * ``cpu_generic`` (axis lists that are not one run of axes; ghost channels-last): parallel only.
+  * ``cpu_channels_last_ghost`` (ghost BN with Q == 1, e.g. NHWC): one parallel task per virtual-batch
+    group (statistics vectorized across channels; y in the same task unless renorm needs every group).
+  * ``cpu_generic`` (axis lists that are not one run of axes): parallel only.
 CUDA (arch sm_90 by default)
   * ``cuda_block_per_channel`` (channel-first with C >= 2x the SM count, or ghost with a static batch):
     one thread block per channel; the reductions are cross-thread (warp shuffles), y is written by the
@@ -42,7 +44,8 @@ from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules._common import REDUCTIONS, Rule, _sched, log
 from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELINE, PREFETCH_ANNOTATION,
                                                      STAT_BLOCK_FLOATS, STREAMING_RULES, Y_TASK_BYTES,
-                                                     cpu_channel_first, cpu_channels_last, cpu_channels_last_rows,
+                                                     cpu_channel_first, cpu_channels_last, cpu_channels_last_ghost,
+                                                     cpu_channels_last_rows,
                                                      cpu_generic, cpu_inference, cpu_pipeline, nt_store_pass,
                                                      nt_store_pipeline, nt_stores_apply, prefetch_pass,
                                                      stat_block_floats, y_task_bytes)
@@ -54,7 +57,7 @@ from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 RULES: dict[str, list[tuple[str, Rule]]] = {
     "llvm": [("cpu_inference", cpu_inference), ("cpu_channel_first", cpu_channel_first),
              ("cpu_channels_last_rows", cpu_channels_last_rows), ("cpu_channels_last", cpu_channels_last),
-             ("cpu_generic", cpu_generic)],
+             ("cpu_channels_last_ghost", cpu_channels_last_ghost), ("cpu_generic", cpu_generic)],
     "cuda": [("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
              ("cuda_generic", cuda_generic)],
 }
@@ -92,5 +95,5 @@ def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None, 
 
 
 __all__ = ["CpuMachine", "cpu_machine", "stat_block_floats", "y_task_bytes", "RULES", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
-           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_generic", "cpu_inference",
+           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_channels_last_ghost", "cpu_generic", "cpu_inference",
            "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

@@ -291,6 +291,77 @@ def _channels_last_rfactor(spec: KernelSpec, func, mach: CpuMachine):
     return sch
 
 
+def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None = None):
+    """Ghost BN, channels last (x viewed as (v, G, P, C, 1), e.g. NHWC): one parallel task per group g
+    computes the group's statistics (sum, then centred sum of squares, vectorized across the contiguous
+    channels; the group's slab is re-read from L2/L3, not memory, when it fits there) and, when y needs
+    nothing from other groups (no renorm), normalizes the group in the same task; else y is its own
+    parallel pass over (v, g) rows. The per-channel averages over the groups are O(C*G) serial work."""
+    if not spec.training or spec.kinds != "RGRCR" or spec.shape[-1] != 1 or spec.adjustment == "full":
+        return None
+    mach = _machine(machine)
+    C = int(spec.channel_shape[0])
+    cv = C if C <= 4 * mach.lanes else _vector_factor(C, mach.lanes)
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    c, g = sch.get_loops("shift")
+    sch.reorder(g, c)
+    moved = []
+    for b in ("sum", "mean64", "mean", "sqsum", "var", "scale_c"):
+        if b not in names:
+            continue
+        try:
+            sch.reverse_compute_at(sch.get_sblock(b), g, preserve_unit_loops=True)
+            moved.append(b)
+        except Exception:  # noqa: BLE001 - reads statistics of every group (renorm): stays outside
+            continue
+    fused_y = False
+    if "scale_c" in moved:
+        try:
+            sch.reverse_compute_at(sch.get_sblock("y"), g, preserve_unit_loops=True)
+            fused_y = True
+        except Exception:  # noqa: BLE001 - y reads per-channel values of every group
+            fused_y = False
+    sch.parallel(g)
+    for b in REDUCTIONS:
+        vec = _channels_last_vector(sch, b, 1, C, cv)
+        sch.vectorize(vec)
+        loops = sch.get_loops(b)
+        sch.decompose_reduction(sch.get_sblock(b), loops[1] if cv == C else loops[2])
+    if fused_y:
+        v, _, p, cc, q = sch.get_loops("y")[1:]      # g | v, g (unit), p, c, q
+    else:
+        v, gg, p, cc, q = sch.get_loops("y")
+        sch.parallel(sch.fuse(v, gg))
+    if cv < C:
+        co, ci = sch.split(cc, [None, cv])
+        sch.reorder(co, q, ci)
+    else:
+        sch.reorder(q, cc)
+        ci = cc
+    sch.vectorize(ci)
+    # the group's per-channel scalars (float64 finalization) as vectors across the channels
+    for b in ["shift"] + [b for b in moved if b not in REDUCTIONS]:
+        loops = sch.get_loops(b)                    # g | c [, unit g']
+        cl = loops[1]
+        if cv < C:
+            _, cl = sch.split(cl, [None, cv])
+        if len(loops) > 2:
+            sch.reorder(*loops[2:], cl)
+        sch.vectorize(cl)
+    # the averages over the groups: parallel over channel vectors, the groups inner
+    for b in ("batch_shift", "batch_offset", "batch_var"):
+        if b not in names:
+            continue
+        cl, gl = sch.get_loops(b)
+        co, ci = sch.split(cl, [None, cv])
+        sch.reorder(co, gl, ci)
+        sch.parallel(co)
+        sch.vectorize(ci)
+        sch.decompose_reduction(sch.get_sblock(b), gl)
+    return sch
+
+
 def cpu_generic(spec: KernelSpec, func, machine: CpuMachine | None = None):
     sch = _sched(func)
     if not spec.training:
@@ -334,7 +405,7 @@ NT_PIPELINE = "bncompile_nt_stores"
 _NT_LANES = (8, 16, 32, 64)
 NT_MIN_TASK_BYTES = 16 * 1024     # bytes of y one parallel iteration must stream (amortizes its sfence)
 # the rules whose y pass gains from streaming stores (measured; cpu_channels_last re-reads y's stripe)
-STREAMING_RULES = ("cpu_channel_first", "cpu_channels_last_rows")
+STREAMING_RULES = ("cpu_channel_first", "cpu_channels_last_rows", "cpu_channels_last_ghost")
 
 
 def _nt_helper_ir(lanes: set) -> str:
