@@ -215,11 +215,12 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     ``shapes``: a list of :class:`Case` or of ``(shape, axis)`` / ``(shape, axis, variant)`` tuples;
     default :data:`DEFAULT_CASES`. ``json_path`` writes the result as JSON too.
     """
-    from bncompile.lower import tvm as _tvm
+    from bncompile.lower import targets, tvm as _tvm
 
+    label, target = target, targets.target_dict(target)     # names such as llvm:haswell, cuda:sm_80
     if _tvm.target_kind(target) == "cuda" and not _tvm.cuda_available():
         log.warning("benchmark: no CUDA GPU here; the CUDA benchmark is skipped")
-        return {"machine": {"target": target, "skipped": "no CUDA GPU"}, "cases": []}
+        return {"machine": {"target": label, "skipped": "no CUDA GPU"}, "cases": []}
     cases = []
     for s in (shapes or DEFAULT_CASES):
         if isinstance(s, Case):
@@ -243,7 +244,7 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
         groups.setdefault((case.name, case.shape, case.axis % len(case.shape)), []).append(case)
     for group in groups.values():
         results += _run_group(group, rng, machine, repeat=repeat, threads=threads, target=target)
-    out = {"machine": {**machine, "threads": threads, "target": target, "repeat": repeat}, "cases": results}
+    out = {"machine": {**machine, "threads": threads, "target": label, "repeat": repeat}, "cases": results}
     if json_path:
         from pathlib import Path
 

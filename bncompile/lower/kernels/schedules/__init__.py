@@ -1,6 +1,7 @@
 """Schedules for the batch-normalization PrimFuncs of :mod:`bncompile.lower.kernels.compute`, per target.
 
-A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply".
+A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply". CPU rules
+take a third argument, the :class:`~bncompile.lower.kernels.schedules.machine.CpuMachine`.
 :func:`schedule` tries the rules of a target kind in order. Rules never change the math. Every CPU
 split divides its loop exactly: TVM 0.27 silently drops the ``T.where`` predicate of a non-divisible
 split once a block is moved under the split loop (tvm-0.27.md §2), so extents are factored with
@@ -63,6 +64,17 @@ RULES: dict[str, list[tuple[str, Rule]]] = {
 }
 
 
+def _takes_machine(fn) -> bool:
+    """Whether a rule takes the CpuMachine as a third argument (the CPU rules here; a rule written as
+    ``rule(spec, func)`` is called that way)."""
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
+
+
 def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None, machine: CpuMachine | None = None):
     """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch).
 
@@ -77,7 +89,7 @@ def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None, 
     for name, fn in rules:
         if rule is not None and name != rule:
             continue
-        if kind == "llvm":
+        if kind == "llvm" and _takes_machine(fn):
             if machine is None:
                 from bncompile.lower import targets
 

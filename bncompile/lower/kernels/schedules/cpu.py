@@ -11,8 +11,9 @@ from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
 # Every blocking constant below is derived from a CpuMachine (the target's vector lanes, the host's
 # cache sizes; schedules/machine.py), never from one CPU:
-#   * vectors of 4 x lanes floats (64 on AVX-512, 32 on AVX2, 16 on SSE/NEON): four registers of
-#     independent accumulators per reduction, enough to hide the add latency;
+#   * channel-first lane blocks of 4 x lanes floats (64 on AVX-512, 32 on AVX2, 16 on SSE/NEON): four
+#     registers of independent accumulators per reduction (mcpu=haswell: 32 lanes were 24% faster than
+#     64 on NCHW 32x64x56x56); vectors across channels (channels-last) of min(64, 8 x lanes) floats;
 #   * channels-last statistics blocks of L2/4 bytes (two passes while the block is in L2);
 #   * channels-last y tasks of L2/8 bytes;
 #   * channel-first: a channel's slab (N*P*Q floats) is reduced and normalised by one task while it
@@ -24,6 +25,13 @@ PREFETCH_MIN_ROW_BYTES = 1024
 
 def _machine(machine: CpuMachine | None) -> CpuMachine:
     return machine if machine is not None else cpu_machine()
+
+
+def _row_lanes(mach: CpuMachine) -> int:
+    """The ``lanes`` argument of _vector_factor for vectors across channels (channels-last): vectors of
+    min(64, 8 x lanes) floats, 8 registers on AVX2 and 4 on AVX-512 (measured with mcpu=haswell: 4 AVX2
+    registers per row were 11-29% slower than 8 on NC 256x1024 and NHWC 32x56x56x64)."""
+    return min(64, 8 * mach.lanes) // 4
 
 
 def stat_block_floats(machine: CpuMachine | None = None) -> int:
@@ -136,12 +144,12 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
 def cpu_channels_last(spec: KernelSpec, func, machine: CpuMachine | None = None):
     if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1 or spec.ghost:
         return None
-    mach = _machine(machine)
-    V = 4 * mach.lanes
+    lanes = _row_lanes(_machine(machine))
+    V = 4 * lanes
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     C = int(spec.channel_shape[0])
-    ci = _vector_factor(C, mach.lanes) if C > V else C
+    ci = _vector_factor(C, lanes) if C > V else C
     if C > V and ci < 4:
         ci = C if C <= 4 * V else max(ci, _divisor(C, V))
     vi = ci
@@ -246,7 +254,8 @@ def _channels_last_y(sch, P: int, C: int, cv: int, mach: CpuMachine):
 
 def _channels_last_blocked(spec: KernelSpec, func, mach: CpuMachine):
     P, C = spec.shape[1], int(spec.channel_shape[0])
-    cv = C if C <= 4 * mach.lanes else _vector_factor(C, mach.lanes)
+    lanes = _row_lanes(mach)
+    cv = C if C <= 4 * lanes else _vector_factor(C, lanes)
     sch = _sched(func)
     _inline_parameter_only(sch, _blocks(sch))
     sch.compute_inline(sch.get_sblock("shift"))      # one load of x[0, 0, c, 0] where it is used
@@ -273,7 +282,8 @@ def _channels_last_rfactor(spec: KernelSpec, func, mach: CpuMachine):
     P, C = spec.shape[1], int(spec.channel_shape[0])
     sch = _sched(func)
     _inline_parameter_only(sch, _blocks(sch))
-    cv = C if C <= 4 * mach.lanes else _vector_factor(C, mach.lanes)
+    lanes = _row_lanes(mach)
+    cv = C if C <= 4 * lanes else _vector_factor(C, lanes)
     for b in REDUCTIONS:
         c, n, p, q = sch.get_loops(b)
         rf = sch.rfactor(n, factor_axis=0)            # partial sums per sample: <b>_rf[n, c]
@@ -299,9 +309,9 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
     parallel pass over (v, g) rows. The per-channel averages over the groups are O(C*G) serial work."""
     if not spec.training or spec.kinds != "RGRCR" or spec.shape[-1] != 1 or spec.adjustment == "full":
         return None
-    mach = _machine(machine)
+    lanes = _row_lanes(_machine(machine))
     C = int(spec.channel_shape[0])
-    cv = C if C <= 4 * mach.lanes else _vector_factor(C, mach.lanes)
+    cv = C if C <= 4 * lanes else _vector_factor(C, lanes)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     c, g = sch.get_loops("shift")
