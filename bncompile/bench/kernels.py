@@ -1,8 +1,9 @@
 """Benchmark of the TVM batch-normalization kernels against onnxruntime and NumPy.
 
-For each case, in one run and interleaved (:func:`bncompile.bench.timing.time_interleaved`: one
+For each shape, in one run and interleaved (:func:`bncompile.bench.timing.time_interleaved`: one
 call of each implementation per round, the order rotated every round, so that machine noise hits
-them alike; 2 warm-up rounds), the median time of:
+them alike; 2 warm-up rounds; the variants of a shape, plain, renorm and ghost, in the same rounds, so
+``vs plain`` is the median of per-round ratios), the median time of:
 
 * ``tvm``: the compiled training-mode kernel (y and every updated variable), pre-bound TVM tensors;
 * ``tvm_infer``: the compiled inference kernel of the same config (y from the moving statistics);
@@ -10,6 +11,16 @@ them alike; 2 warm-up rounds), the median time of:
 * ``ort_infer``: onnxruntime's inference-mode BatchNormalization on the same tensor: one read and one
   write of x, the floor a training kernel (which must also reduce) is compared to;
 * ``numpy``: float32 NumPy (mean, var, normalize).
+
+Both sides run ``threads`` threads (TVM's pool is configured to it: TVM 0.27 would otherwise run half
+the logical CPUs on x86, one thread on a 2-core machine without SMT) and read and write the same kind
+of memory (aligned NumPy buffers, on transparent huge pages where Linux gives them; TVM's allocator
+does not ask for them, which cost ~20% on a 25 MB stream). Every implementation is pre-bound to several copies of (x, y) (:func:`rotation_copies`: together at
+least twice the host's L3) and one shared counter picks the next copy at every call, whoever makes
+it: no call finds its x (or its y) in a cache from an earlier call, as in a network, where each
+layer's input was written long before. The table's footer names the CPU, its vector width and cache
+sizes (:mod:`bncompile.lower.kernels.schedules.machine`), which the CPU schedules derive their
+blocking from.
 
 ONNX BatchNormalization normalizes axis 1, so a channels-last case runs the ORT baselines on the
 same-size channels-first tensor (same bytes, same channel count). ORT uses IOBinding with
@@ -51,15 +62,10 @@ class Case:
         return BatchNormConfig(**kw)
 
 
-DEFAULT_CASES = [
-    Case("NCHW", (32, 64, 56, 56), 1),
-    Case("NCHW", (32, 64, 56, 56), 1, "renorm"),
-    Case("NCHW", (32, 64, 56, 56), 1, "ghost"),
-    Case("NCHW", (64, 128, 28, 28), 1),
-    Case("NC", (256, 1024), 1),
-    Case("NHWC", (32, 56, 56, 64), -1),
-    Case("NHWC", (32, 56, 56, 64), -1, "renorm"),
-]
+DEFAULT_CASES = [Case(name, shape, axis, variant)
+                 for name, shape, axis in (("NCHW", (32, 64, 56, 56), 1), ("NCHW", (64, 128, 28, 28), 1),
+                                           ("NC", (256, 1024), 1), ("NHWC", (32, 56, 56, 64), -1))
+                 for variant in ("plain", "renorm", "ghost")]
 
 
 def _ort_model(shape, *, training: bool):
@@ -82,7 +88,42 @@ def _ort_model(shape, *, training: bool):
     return model.SerializeToString()
 
 
-def _ort_runner(shape, arrays, *, training: bool, threads: int):
+class Rotation:
+    """A counter shared by every runner of a case: each call takes the next copy of (x, y)."""
+
+    def __init__(self, copies: int):
+        self.copies = max(1, int(copies))
+        self.i = 0
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.copies
+        return self.i
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """``a`` in aligned NumPy memory (huge pages where Linux gives them), for TVM and ORT alike."""
+    from bncompile.lower import tvm as _tvm
+
+    out = _tvm.aligned_numpy(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def rotation_copies(nbytes: int, l3: int, *, limit: int = 64) -> int:
+    """Copies of a (x, y) pair of ``nbytes`` that together pass twice the L3 between two uses of one."""
+    return int(min(limit, max(3, -(-2 * l3 // max(1, nbytes)) + 1)))
+
+
+def _rotating(calls: list, rot: Rotation):
+    def call():
+        return calls[rot.next() % len(calls)]()
+
+    return call
+
+
+def _ort_runner(shape, arrays, *, training: bool, threads: int, copies: Sequence | None = None,
+                rot: Rotation | None = None):
+    """onnxruntime with IOBinding; ``copies`` (a list of x arrays) with ``rot``: one binding per copy."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -93,40 +134,53 @@ def _ort_runner(shape, arrays, *, training: bool, threads: int):
     # interleaved rounds (measured: the TVM kernel timed right after ORT came out up to 1.7x slower)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(_ort_model(shape, training=training), so, providers=["CPUExecutionProvider"])
-    binding = sess.io_binding()
-    for name, arr in arrays.items():
-        binding.bind_cpu_input(name, arr)
-    outs = {"y": np.empty(shape, np.float32)}
-    if training:
-        outs.update(running_mean=np.empty(shape[1], np.float32), running_var=np.empty(shape[1], np.float32))
-    for name, arr in outs.items():
-        binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
 
-    keep = (arrays, outs)          # the binding holds raw pointers: keep the buffers alive
+    def bound(xarr):
+        binding = sess.io_binding()
+        feeds = {**arrays, "x": xarr}
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, arr)
+        outs = {"y": np.empty(shape, np.float32)}
+        if training:
+            outs.update(running_mean=np.empty(shape[1], np.float32), running_var=np.empty(shape[1], np.float32))
+        for name, arr in outs.items():
+            binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        keep = (feeds, outs)          # the binding holds raw pointers: keep the buffers alive
 
-    def call():
-        sess.run_with_iobinding(binding)
-        return keep
+        def call():
+            sess.run_with_iobinding(binding)
+            return keep
 
-    return call
+        return call
+
+    if copies is None:
+        return bound(arrays["x"])
+    return _rotating([bound(xc) for xc in copies], rot)
 
 
-def _numpy_runner(x, axis):
+def _numpy_runner(x, axis, *, copies: Sequence | None = None, rot: Rotation | None = None):
     red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
     C = x.shape[axis]
     shape = [1] * x.ndim
     shape[axis % x.ndim] = C
     gamma, beta = np.ones(shape, np.float32), np.zeros(shape, np.float32)
 
-    def call():
-        mean = x.mean(axis=red, keepdims=True)
-        var = x.var(axis=red, keepdims=True)
-        return (x - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta
+    def bound(xa):
+        def call():
+            mean = xa.mean(axis=red, keepdims=True)
+            var = xa.var(axis=red, keepdims=True)
+            return (xa - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta
 
-    return call
+        return call
+
+    if copies is None:
+        return bound(x)
+    return _rotating([bound(xc) for xc in copies], rot)
 
 
-def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = True):
+def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = True,
+                copies: Sequence | None = None, rot: Rotation | None = None):
+    """The compiled kernel pre-bound (Kernel.bind) to ``x``, or to each of ``copies`` rotated by ``rot``."""
     from bncompile.lower import tvm as _tvm
     from bncompile.kernels import compile_batchnorm
 
@@ -134,10 +188,17 @@ def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = Tr
     k = compile_batchnorm(cfg, (None,) + tuple(case.shape[1:]), target=target, training=training)
     dev = k.device
     variables = cfg.initial_variables(case.shape)
-    feeds = {"x": _tvm.tvm().runtime.tensor(x, dev)}      # an aligned (device) copy
-    for n in k.spec.variable_names():
-        feeds[n] = _tvm.tvm().runtime.tensor(variables[n].astype(np.float32), dev)
-    call, _ = k.bind(feeds)
+    params = {n: _tvm.tvm().runtime.tensor(variables[n].astype(np.float32), dev) for n in k.spec.variable_names()}
+
+    def bound(xa):
+        if dev.dlpack_device_type() == 1:   # the same (aligned, huge-page) memory ORT reads; y likewise
+            feeds = {"x": _tvm.to_tensor(xa, dev), **params}
+            call, _ = k.bind(feeds, out={"y": _tvm.host_tensor(xa.shape)})
+        else:
+            call, _ = k.bind({"x": _tvm.tvm().runtime.tensor(xa, dev), **params})
+        return call
+
+    call = bound(x) if copies is None else _rotating([bound(xc) for xc in copies], rot)
     if dev.dlpack_device_type() != 1:
         inner = call
 
@@ -154,11 +215,12 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     ``shapes``: a list of :class:`Case` or of ``(shape, axis)`` / ``(shape, axis, variant)`` tuples;
     default :data:`DEFAULT_CASES`. ``json_path`` writes the result as JSON too.
     """
-    from bncompile.lower import tvm as _tvm
+    from bncompile.lower import targets, tvm as _tvm
 
+    label, target = target, targets.target_dict(target)     # names such as llvm:haswell, cuda:sm_80
     if _tvm.target_kind(target) == "cuda" and not _tvm.cuda_available():
         log.warning("benchmark: no CUDA GPU here; the CUDA benchmark is skipped")
-        return {"machine": {"target": target, "skipped": "no CUDA GPU"}, "cases": []}
+        return {"machine": {"target": label, "skipped": "no CUDA GPU"}, "cases": []}
     cases = []
     for s in (shapes or DEFAULT_CASES):
         if isinstance(s, Case):
@@ -169,40 +231,20 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
             name = "NC" if len(shape) == 2 else ("NCHW" if axis % len(shape) == 1 else "NHWC")
             cases.append(Case(name, shape, int(axis), rest[0] if rest else "plain"))
     threads = threads or os.cpu_count() or 1
+    machine = machine_info(target)
+    if _tvm.target_kind(target) == "llvm":
+        # TVM's workers spin ~300k iterations after each job by default, stealing the cores from the runner
+        # that comes next (ORT's pool is told not to spin either); read when TVM's pool starts
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+        machine["tvm_threads"] = _tvm.set_num_threads(threads)
     rng = np.random.default_rng(0)
     results = []
+    groups: dict[tuple, list[Case]] = {}       # the variants of one shape share their rounds
     for case in cases:
-        x = rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1
-        k, tvm_call = _tvm_runner(case, x, target=target)
-        ax = case.axis % len(case.shape)
-        x_cf = x if ax == 1 else np.ascontiguousarray(np.moveaxis(x, ax, 1))
-        C = x_cf.shape[1]
-        params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
-                  "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
-        _, tvm_infer = _tvm_runner(case, x, target=target, training=False)
-        runners = {"tvm": tvm_call, "tvm_infer": tvm_infer,
-                   "ort_train": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads),
-                   "ort_infer": _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads),
-                   "numpy": _numpy_runner(x, case.axis)}
-        times, _ = time_interleaved(runners, repeat, warmup=2)
-        med = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
-        nbytes = 2 * x.nbytes
-        row = {"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
-               "schedule": k.schedule, "ms": med,
-               "gbps": {k2: nbytes / (v * 1e-3) / 1e9 for k2, v in med.items()},
-               "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
-               "ort_train_vs_tvm": med["ort_train"] / med["tvm"],
-               "numpy_vs_tvm": med["numpy"] / med["tvm"],
-               "tvm_vs_tvm_infer": med["tvm"] / med["tvm_infer"]}
-        results.append(row)
-        log.info("benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
-    plain = {(r["case"], tuple(r["shape"])): r["ms"]["tvm"] for r in results if r["variant"] == "plain"}
-    for r in results:
-        base = plain.get((r["case"], tuple(r["shape"])))
-        if r["variant"] != "plain" and base:
-            r["vs_plain_training"] = r["ms"]["tvm"] / base
-    out = {"machine": {"cpu": _tvm.host_cpu(), "threads": threads, "target": target, "repeat": repeat},
-           "cases": results}
+        groups.setdefault((case.name, case.shape, case.axis % len(case.shape)), []).append(case)
+    for group in groups.values():
+        results += _run_group(group, rng, machine, repeat=repeat, threads=threads, target=target)
+    out = {"machine": {**machine, "threads": threads, "target": label, "repeat": repeat}, "cases": results}
     if json_path:
         from pathlib import Path
 
@@ -213,10 +255,92 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     return out
 
 
+def _quartiles(values: Sequence[float]) -> list[float]:
+    v = sorted(values)
+    return [v[min(len(v) - 1, int(f * len(v)))] for f in (0.25, 0.5, 0.75)]
+
+
+def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: int, target) -> list[dict]:
+    """Time the variants of one shape in the same interleaved rounds, with the shared baselines."""
+    first = group[0]
+    x = rng.standard_normal(first.shape, dtype=np.float32) * 2 + 1
+    ncopy = rotation_copies(2 * x.nbytes, machine["l3"])
+    xs = [_aligned_copy(np.roll(x, i) if i else x) for i in range(ncopy)]
+    rot = Rotation(ncopy)
+    runners, kernels = {}, {}
+    for case in group:
+        kernels[case.variant], runners[f"tvm:{case.variant}"] = _tvm_runner(case, x, target=target, copies=xs, rot=rot)
+    ax = first.axis % len(first.shape)
+    xs_cf = xs if ax == 1 else [_aligned_copy(np.moveaxis(a, ax, 1)) for a in xs]
+    x_cf = xs_cf[0]
+    C = x_cf.shape[1]
+    params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
+              "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
+    _, runners["tvm_infer"] = _tvm_runner(first, x, target=target, training=False, copies=xs, rot=rot)
+    runners["ort_train"] = _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=True, threads=threads,
+                                       copies=xs_cf, rot=rot)
+    runners["ort_infer"] = _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads,
+                                       copies=xs_cf, rot=rot)
+    runners["numpy"] = _numpy_runner(x, first.axis, copies=xs, rot=rot)
+    times, _ = time_interleaved(runners, repeat, warmup=2)
+    med_all = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
+    nbytes = 2 * x.nbytes
+    rows = []
+    for case in group:
+        mine = times[f"tvm:{case.variant}"]
+        med = {"tvm": med_all[f"tvm:{case.variant}"],
+               **{k2: med_all[k2] for k2 in ("tvm_infer", "ort_train", "ort_infer", "numpy")}}
+        # spread: quartiles of the per-round ratio TVM / ORT inference (ratios of one round's adjacent
+        # calls cancel the drift of a shared machine)
+        q = _quartiles([a / b for a, b in zip(mine, times["ort_infer"])])
+        row = {"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
+               "schedule": kernels[case.variant].schedule, "ms": med,
+               "gbps": {k2: nbytes / (v * 1e-3) / 1e9 for k2, v in med.items()},
+               "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
+               "tvm_vs_ort_infer_iqr": [q[0], q[2]], "copies": ncopy,
+               "ort_train_vs_tvm": med["ort_train"] / med["tvm"],
+               "numpy_vs_tvm": med["numpy"] / med["tvm"],
+               "tvm_vs_tvm_infer": med["tvm"] / med["tvm_infer"]}
+        if case.variant != "plain" and "tvm:plain" in times:    # per-round ratio to plain, same rounds
+            row["vs_plain_training"] = _quartiles([a / b for a, b in zip(mine, times["tvm:plain"])])[1]
+        rows.append(row)
+        log.info("benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
+    return rows
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo ("" when the OS does not tell)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def machine_info(target="llvm") -> dict:
+    """The CPU the benchmark runs on and what the kernels' schedules derive from it."""
+    from bncompile.lower import targets, tvm as _tvm
+    from bncompile.lower.kernels.schedules.machine import cpu_machine
+
+    tdict = targets.target_dict(target)
+    info = {"cpu": _tvm.host_cpu(), "model": cpu_model(), "target_mcpu": tdict.get("mcpu", "")}
+    if tdict.get("kind") == "llvm":
+        m = cpu_machine(tdict)
+        info.update(lanes=m.lanes, l1d=m.l1d, l2=m.l2, l3=m.l3, caches=m.describe())
+    else:
+        from bncompile.lower.kernels.schedules.machine import DEFAULT_CACHES
+
+        info.update(l3=DEFAULT_CACHES["l3"])
+    return info
+
+
 def format_table(result: dict) -> str:
     """A plain-text table of :func:`run_kernel_benchmark`'s result."""
     head = (f"{'case':<6} {'shape':<14} {'variant':<7} {'schedule':<22} {'tvm ms':>7} {'GB/s':>5} "
-            f"{'tvm_inf':>7} {'ort_inf':>7} {'ort_trn':>7} {'numpy':>7} {'tvm/inf':>7} {'trn/tvm':>7} {'vs plain':>8}")
+            f"{'tvm_inf':>7} {'ort_inf':>7} {'ort_trn':>7} {'numpy':>7} {'tvm/inf':>7} {'(iqr)':>11} "
+            f"{'trn/tvm':>7} {'vs plain':>8}")
     lines = [head, "-" * len(head)]
     for r in result["cases"]:
         ms = r["ms"]
@@ -224,13 +348,22 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
                      f"{ms['tvm']:7.3f} {r['gbps']['tvm']:5.1f} {ms['tvm_infer']:7.3f} {ms['ort_infer']:7.3f} "
                      f"{ms['ort_train']:7.3f} {ms['numpy']:7.2f} {r['tvm_vs_ort_infer']:7.2f} "
-                     f"{r['ort_train_vs_tvm']:7.2f} {vp:>8}")
+                     f"{_iqr(r):>11} {r['ort_train_vs_tvm']:7.2f} {vp:>8}")
     m = result["machine"]
     if m.get("skipped"):
         return f"benchmark skipped for target {m.get('target')}: {m['skipped']}"
-    lines.append(f"(medians of {m['repeat']} interleaved rounds; cpu {m['cpu']}, {m['threads']} threads; "
-                 "tvm/inf = TVM training time / ORT inference floor; trn/tvm = ORT training / TVM)")
+    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; tvm/inf = TVM training time / "
+                 "ORT inference floor, (iqr) its per-round quartiles; trn/tvm = ORT training / TVM; "
+                 "vs plain = renorm or ghost / plain)")
+    cpu = f"{m.get('model') or '?'} (LLVM {m['cpu']})"
+    tgt = f", kernels built for mcpu={m['target_mcpu']}" if m.get("target_mcpu") and m["target_mcpu"] != m["cpu"] else ""
+    lines.append(f"cpu {cpu}, {m['threads']} threads (TVM {m.get('tvm_threads', '?')}); {m.get('caches', '')}{tgt}")
     return "\n".join(lines)
+
+
+def _iqr(row: dict) -> str:
+    lo_hi = row.get("tvm_vs_ort_infer_iqr")
+    return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}" if lo_hi else ""
 
 
 def print_table(result: dict) -> None:
@@ -238,7 +371,7 @@ def print_table(result: dict) -> None:
     print(format_table(result))  # noqa: T201 - the table printer is the one place that prints
 
 
-__all__ = ["Case", "DEFAULT_CASES", "run_kernel_benchmark", "format_table", "print_table"]
+__all__ = ["Case", "DEFAULT_CASES", "machine_info", "run_kernel_benchmark", "format_table", "print_table"]
 
 
 # --------------------------------------------------------------------------- backward (gradients)
@@ -259,46 +392,6 @@ DEFAULT_BACKWARD_CASES = [
 BACKWARD_TARGET_VS_FLOOR = 1.3
 
 
-def machine_info(target: str = "llvm") -> dict:
-    """CPU model (the OS's name and LLVM's), float32 vector lanes of ``target``, cache sizes (bytes)."""
-    import platform
-
-    from bncompile.lower import targets, tvm as _tvm
-    from bncompile.lower.graph_schedules import vector_lanes
-    from bncompile.lower.kernels.schedules.backward_cpu import cache_sizes
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    lanes = None
-    if _tvm.target_kind(target) == "llvm":
-        with _tvm.make_target(targets.target_dict(target)):
-            lanes = vector_lanes()[0]
-    return {"cpu_model": model, "llvm_cpu": _tvm.host_cpu(), "cores": os.cpu_count(), "fp32_lanes": lanes,
-            "caches": {f"L{k}": v for k, v in sorted(cache_sizes().items())}}
-
-
-def _rotation(set_bytes: int) -> int:
-    """Input sets to rotate over: together at least twice the last-level cache (2 at least, 8 at most)."""
-    from bncompile.lower.kernels.schedules.backward_cpu import cache_sizes
-
-    llc = max(cache_sizes().values(), default=32 << 20)
-    return int(min(8, max(2, -(-2 * llc // max(1, set_bytes)))))
-
-
-def _rotating(calls: list):
-    state = [0]
-
-    def call():
-        calls[state[0] % len(calls)]()
-        state[0] += 1
-
-    return call
-
-
 def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, json_path: str | None = None,
                            threads: int | None = None, target: str = "llvm") -> dict:
     """The backward's time beside the forward's and beside its floor (see the section comment).
@@ -310,6 +403,7 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
     from bncompile.kernels import compile_batchnorm
     from bncompile.lower import tvm as _tvm
     from bncompile.lower.kernels.backward import backward_variable_names
+    from bncompile.lower.kernels.schedules.machine import cpu_machine
 
     if _tvm.target_kind(target) == "cuda" and not _tvm.cuda_available():
         log.warning("benchmark: no CUDA GPU here; the CUDA backward benchmark is skipped")
@@ -329,7 +423,7 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
         variables = {n: v.astype(np.float32) for n, v in cfg.initial_variables(case.shape).items()}
         nbytes = int(np.prod(case.shape)) * 4
         fwd, bwd, ort_calls = [], [], []
-        for _ in range(_rotation(3 * nbytes)):
+        for _ in range(rotation_copies(3 * nbytes, cpu_machine().l3, limit=8)):
             x = rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1
             dy = rng.standard_normal(case.shape, dtype=np.float32)
             xt = tvm.runtime.tensor(x, dev)
@@ -344,7 +438,8 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
             params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
                       "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
             ort_calls.append(_ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads))
-        runners = {"fwd": _rotating(fwd), "bwd": _rotating(bwd), "ort_infer": _rotating(ort_calls)}
+        runners = {name: _rotating(calls, Rotation(len(calls)))
+                   for name, calls in (("fwd", fwd), ("bwd", bwd), ("ort_infer", ort_calls))}
         if dev.dlpack_device_type() != 1:
             for name in ("fwd", "bwd"):
                 inner = runners[name]
@@ -382,13 +477,11 @@ def format_backward_table(result: dict) -> str:
         lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
                      f"{ms['fwd']:7.3f} {ms['bwd']:7.3f} {ms['ort_infer']:7.3f} {r['floor_ms']:7.3f} "
                      f"{r['bwd_vs_floor']:9.2f} {r['bwd_vs_fwd']:7.2f} {r['bwd_gbps']:5.1f}")
-    caches = ", ".join(f"{k} {v // 1024} KiB" for k, v in m.get("caches", {}).items())
-    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; cpu {m.get('cpu_model')} "
-                 f"({m.get('llvm_cpu')}), {m.get('cores')} cores, {m['threads']} threads, fp32 lanes "
-                 f"{m.get('fp32_lanes')}, caches {caches}; floor = 1.5 x ORT inference BN: one read of x and "
+    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; cpu {m.get('model')} "
+                 f"({m.get('cpu')}), {os.cpu_count()} cores, {m['threads']} threads, {m.get('caches')}; floor = 1.5 x ORT inference BN: one read of x and "
                  f"dy, one write of dx; target bwd/floor <= {BACKWARD_TARGET_VS_FLOOR})")
     return "\n".join(lines)
 
 
-__all__ += ["DEFAULT_BACKWARD_CASES", "BACKWARD_TARGET_VS_FLOOR", "machine_info", "run_backward_benchmark",
+__all__ += ["DEFAULT_BACKWARD_CASES", "BACKWARD_TARGET_VS_FLOOR", "run_backward_benchmark",
             "format_backward_table"]

@@ -4,7 +4,8 @@ Targets, named plainly (``bncompile compile --target``, ``bncompile.compile(targ
 ``compile_batchnorm(target=...)``):
 
 * ``llvm`` (also ``cpu``, ``host``): the host CPU, by LLVM's name for it (detected: TVM 0.27 builds
-  ``mcpu="native"`` for generic);
+  ``mcpu="native"`` for generic); ``llvm:<cpu>`` (``llvm:haswell``): that CPU of the host's architecture (LLVM's name), e.g. to
+  build AVX2 kernels on an AVX-512 host;
 * ``x86_64`` (also ``x86-64``, ``amd64``): generic x86-64 Linux;
 * ``aarch64`` (also ``arm64``): 64-bit ARM Linux with NEON (cross-compiled);
 * ``cuda`` (also ``gpu``, ``nvidia``) or ``cuda:<arch>``: an NVIDIA GPU, :data:`DEFAULT_CUDA_ARCH` unless
@@ -62,6 +63,11 @@ def resolve_target(target: Any = "llvm") -> tuple[str, dict]:
         if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
             raise UnsupportedError(f"target: CUDA arch {arch!r} is not valid; use e.g. cuda:sm_80 or cuda:sm_90")
         return "cuda", {"kind": "cuda", "arch": arch}
+    if name == "llvm" and arch:
+        if not _tvm.tvm().target.codegen.llvm_is_valid_cpu(arch, f"{host_arch()}-linux-gnu"):
+            raise UnsupportedError(f"target: LLVM does not know the CPU {arch!r}; use e.g. llvm:haswell or "
+                                   "llvm:skylake-avx512")
+        return "llvm", {"kind": "llvm", "mcpu": arch}
     if name is not None and not arch:
         if name == "llvm":
             return "llvm", _with_defaults({"kind": "llvm"})

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
 import threading
 from typing import Any, Mapping
 
@@ -33,9 +34,23 @@ TVM_FFI_VERSION = "0.1.14.post1"
 ALIGNMENT = 64
 
 
+def _default_threads() -> None:
+    """TVM 0.27's runtime sizes its thread pool to half the logical CPUs on x86 (it assumes two
+    hyper-threads per core), so a compiled model used 1 of 2 cores where onnxruntime uses both. Unless
+    the user set ``TVM_NUM_THREADS``, the pool gets every CPU this process may run on, as onnxruntime's
+    does; the variable is read when the pool starts, so this runs before TVM is imported."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(max(1, n))
+
+
 @functools.lru_cache(maxsize=None)
 def tvm():
     """Import and return the ``tvm`` module, raising UnsupportedError when it is missing or mismatched."""
+    _default_threads()
     try:
         ffi = importlib.import_module("tvm_ffi")
     except ImportError as err:
@@ -153,6 +168,45 @@ def to_tensor(arr: np.ndarray, device):
 
 def empty(shape, dtype: str, device):
     return tvm().runtime.empty(tuple(int(s) for s in shape), dtype, device)
+
+
+def aligned_numpy(shape, dtype="float32") -> np.ndarray:
+    """A zeroed C-contiguous NumPy array whose data is :data:`ALIGNMENT`-aligned (so TVM can use it
+    without a copy). NumPy asks Linux for transparent huge pages on large allocations, which TVM's own
+    allocator does not: a 25 MB tensor streamed through a kernel measured ~20% faster on them."""
+    dt = np.dtype(dtype)
+    n = int(np.prod([int(s) for s in shape]))
+    buf = np.zeros(n * dt.itemsize + ALIGNMENT, np.uint8)
+    off = (-buf.ctypes.data) % ALIGNMENT
+    return buf[off:off + n * dt.itemsize].view(dt).reshape(tuple(int(s) for s in shape))
+
+
+def host_tensor(shape, dtype="float32"):
+    """A CPU TVM tensor over :func:`aligned_numpy` memory (zero-copy; huge pages where Linux gives them)."""
+    return tvm().runtime.from_dlpack(aligned_numpy(shape, dtype))
+
+
+def set_num_threads(n: int) -> int:
+    """Ask TVM's CPU thread pool for ``n`` threads sharing every core (no pinning); returns the count in use.
+
+    Without it TVM 0.27 runs ``hardware_concurrency() / 2`` threads on x86 (it assumes two hyperthreads
+    per core: one thread on a 2-core machine without SMT) and pins each to a core (on a shared machine a
+    pinned thread waits for its core while another is idle). Takes effect only before TVM first runs a
+    parallel kernel in this thread (the pool's size is fixed then); otherwise TVM_NUM_THREADS must be set
+    before the process starts.
+    """
+    t = tvm()
+    n = max(1, int(n))
+    configure = t.get_global_func("runtime.config_threadpool")
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(n))
+    configure(-3, n, [str(cpus[i % len(cpus)]) for i in range(n)])       # kSpecifyThreadShareAllCore
+    used = int(t.get_global_func("runtime.NumThreads")())
+    if used != n:
+        log.warning("TVM thread pool: %d thread(s) in use, %d asked (the pool was created before; set "
+                    "TVM_NUM_THREADS=%d before starting)", used, n, n)
+    return used
 
 
 def view(tensor, shape):

@@ -79,13 +79,14 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
 
     tdict = targets.target_dict(target)
     nt = bool(streaming) and schedules.nt_stores_apply(tdict)
-    key = (spec, repr(sorted(tdict.items())), schedule, nt)
+    machine = schedules.cpu_machine(tdict) if tdict.get("kind") == "llvm" else None
+    key = (spec, repr(sorted(tdict.items())), schedule, nt, machine)
     with _LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
         return hit
     func = prim_func(spec)
-    name, sch = schedules.schedule(spec, func, target=tdict, rule=schedule)
+    name, sch = schedules.schedule(spec, func, target=tdict, rule=schedule, machine=machine)
     if tdict.get("kind") == "cuda":
         try:
             _tvm.verify_memory(sch.mod, tdict)      # catches host code touching device buffers
@@ -94,8 +95,8 @@ def build_spec(spec: KernelSpec, *, target: Any = "llvm", schedule: str | None =
             raise UnsupportedError(f"schedule {name} produced no CUDA kernel for layout {spec.kinds} "
                                    f"(host code reads device memory: {first})") from None
     nt = nt and name in schedules.STREAMING_RULES
-    if nt:   # y written with streaming stores (schedules.nt_store_pass)
-        ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=schedules.nt_store_pipeline())
+    if tdict.get("kind") == "llvm":   # prefetches the schedule asked for; y streamed when nt (schedules.cpu_pipeline)
+        ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=schedules.cpu_pipeline(nt))
     else:
         ex = _tvm.build(sch.mod, tdict)
     if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):

@@ -15,7 +15,10 @@ One PrimFunc computes ``y`` and every variable a training step updates. The math
   rounding of the result, whatever the ratio of mean to spread.
   A CPU schedule may ask for *blocked* statistics instead (``KernelSpec.stat_block``/``stat_lanes``,
   :func:`_blocked_statistics`): the same two passes about K, per small block that is still in cache
-  for its second pass, then combined exactly, so x is read from memory once.
+  for its second pass, then combined exactly, so x is read from memory once. With
+  ``stat_plain_m2`` (blocks of at most :data:`PLAIN_M2_MAX` elements) a block's sum of squares is a
+  plain float32 sum about the block's centre: non-negative terms, so its relative error is bounded by
+  (m-1)*u whatever the data, and compensation is kept for the sums and across blocks.
 * ``A = rsqrt(var + eps) * r * adj_scale * gamma``, ``B = (d * adj_scale + adj_bias) * gamma + beta``,
   with ``r = 1, d = 0`` without renorm and ``adj = (1, 0)`` without adjustment.
 * renorm: ``s = max(renorm_stddev, sqrt(eps))``, ``r = clip(sqrt(var_B + eps)/s)``,
@@ -68,6 +71,7 @@ class KernelSpec:
     virtual_batch_size: int | None = None
     stat_block: int = 0          # >0: blocked statistics (_blocked_statistics): rows of P per block
     stat_lanes: int = 1          # ... and interleaved lanes of Q per row
+    stat_plain_m2: bool = False  # ... block sums of squares in plain float32 (short blocks: _blocked_statistics)
 
     @property
     def ghost(self) -> bool:
@@ -448,11 +452,33 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     def bmean(c, n, pb, j):
         return (bsum[0][c, n, pb, j] + bsum[1][c, n, pb, j]) / m
 
-    def bcent(c, n, pb, j):
-        return (f32(x[N - 1 - n, pb * B + ci, c, cq * L + j]) - shift[c]) - bmean(c, n, pb, j)
+    if spec.stat_plain_m2:
+        # M2 of a short block (m <= PLAIN_M2_MAX terms, all >= 0: a plain float32 sum is within (m-1)*u
+        # of it, relative) about the block centre z = fl(K + mean_b), one subtraction per element (exact
+        # by Sterbenz wherever |x| >> |x - z|). z misses K + mean_b by its rounding delta, so the sum is
+        # M2 + m*delta**2 - 2*delta*sum(x - K - mean_b); the last sum is the block's rounding residue
+        # (~0), and m*delta**2 (delta from exact float32 differences) is taken off when combining.
+        def bcentre(c, n, pb, j):   # opaque: TIR's simplifier would fold (K + b) - K - b to 0
+            return tirx.reinterpret("float32", tirx.reinterpret("int32", shift[c] + bmean(c, n, pb, j)))
 
-    bm2 = te.compute((C, N, PB, L), lambda c, n, pb, j: ksum((bcent(c, n, pb, j) * bcent(c, n, pb, j), zero),
-                                                             axis=[ci, cq]), name="bm2")
+        def bdev(c, n, pb, j):
+            return f32(x[N - 1 - n, pb * B + ci, c, cq * L + j]) - bcentre(c, n, pb, j)
+
+        bsq = te.compute((C, N, PB, L), lambda c, n, pb, j: te.sum(bdev(c, n, pb, j) * bdev(c, n, pb, j),
+                                                                   axis=[ci, cq]), name="bm2")
+
+        def m2_parts(c, n, pb, j):
+            dl = (bcentre(c, n, pb, j) - shift[c]) - bmean(c, n, pb, j)
+            return bsq[c, n, pb, j] - m * (dl * dl), zero
+    else:
+        def bcent(c, n, pb, j):
+            return (f32(x[N - 1 - n, pb * B + ci, c, cq * L + j]) - shift[c]) - bmean(c, n, pb, j)
+
+        bm2 = te.compute((C, N, PB, L), lambda c, n, pb, j: ksum((bcent(c, n, pb, j) * bcent(c, n, pb, j), zero),
+                                                                 axis=[ci, cq]), name="bm2")
+
+        def m2_parts(c, n, pb, j):
+            return bm2[0][c, n, pb, j], bm2[1][c, n, pb, j]
     rn = te.reduce_axis((0, N), name="rn")
     rp = te.reduce_axis((0, PB), name="rp")
     rj = te.reduce_axis((0, L), name="rj")
@@ -469,11 +495,15 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     def dev(c, n, pb, j):
         return bmean(c, n, pb, j) - mean[c]
 
-    sqsum = te.compute((C,), lambda c: ksum((bm2[0][c, sn, sp, sj] + m * (dev(c, sn, sp, sj) * dev(c, sn, sp, sj)),
-                                             bm2[1][c, sn, sp, sj]), axis=[sn, sp, sj]), name="sqsum")
+    def m2_term(c, n, pb, j):
+        v, comp = m2_parts(c, n, pb, j)
+        return v + m * (dev(c, n, pb, j) * dev(c, n, pb, j)), comp
+
+    sqsum = te.compute((C,), lambda c: ksum(m2_term(c, sn, sp, sj), axis=[sn, sp, sj]), name="sqsum")
     return ssum, mean64, mean, sqsum
 
 
+PLAIN_M2_MAX = 128       # longest block whose sum of squares may be a plain float32 sum (stat_plain_m2)
 SHIFT_MASK = 0xFFFFF000   # float32 bits kept in the shift K: sign, exponent, top 11 mantissa bits
 
 

@@ -1,13 +1,15 @@
 """Schedules for the batch-normalization PrimFuncs of :mod:`bncompile.lower.kernels.compute`, per target.
 
-A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply".
+A schedule is ``rule(spec, func) -> tvm.s_tir.Schedule | None``; None means "does not apply". CPU rules
+take a third argument, the :class:`~bncompile.lower.kernels.schedules.machine.CpuMachine`.
 :func:`schedule` tries the rules of a target kind in order. Rules never change the math. Every CPU
 split divides its loop exactly: TVM 0.27 silently drops the ``T.where`` predicate of a non-divisible
 split once a block is moved under the split loop (tvm-0.27.md §2), so extents are factored with
 :func:`_divisor` (tests assert the scheduled CPU IR has no ``T.where``). The CUDA rules split unevenly
 only where no block is moved under the split afterwards, and the predicates show in the source.
 
-CPU (``llvm``)
+CPU (``llvm``): every rule derives its vector width and blocking from the target's vector lanes and the
+host's cache sizes (:mod:`~bncompile.lower.kernels.schedules.machine`), never from one CPU.
   * ``cpu_inference``: one streaming pass, parallel over rows, vectorized along the contiguous axis.
   * ``cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; also ghost BN): one
     parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
@@ -15,11 +17,13 @@ CPU (``llvm``)
     the reductions are vectorized along Q (lane blocks of each row, combined exactly, when Q has a
     vector factor >= 8 and the layout is one channel run without ghost groups; else rfactor).
   * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): blocked statistics (x
-    read from memory once: blocks of <= 256 KB get both passes while cached, then combine exactly),
+    read from memory once: blocks of <= L2/4 get both passes while cached, then combine exactly),
     parallel over blocks, vectorized across channels.
   * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): parallel over blocks of
     channels, vectorized across the channels of a row; y in the same task while the stripe is cached.
-  * ``cpu_generic`` (axis lists that are not one run of axes; ghost channels-last): parallel only.
+  * ``cpu_channels_last_ghost`` (ghost BN with Q == 1, e.g. NHWC): one parallel task per virtual-batch
+    group (statistics vectorized across channels; y in the same task unless renorm needs every group).
+  * ``cpu_generic`` (axis lists that are not one run of axes): parallel only.
 CUDA (arch sm_90 by default)
   * ``cuda_block_per_channel`` (channel-first with C >= 2x the SM count, or ghost with a static batch):
     one thread block per channel; the reductions are cross-thread (warp shuffles), y is written by the
@@ -39,27 +43,44 @@ from __future__ import annotations
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules._common import REDUCTIONS, Rule, _sched, log
-from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELINE, STAT_BLOCK_FLOATS,
-                                                     STREAMING_RULES, Y_TASK_BYTES, cpu_channel_first,
-                                                     cpu_channels_last, cpu_channels_last_rows, cpu_generic,
-                                                     cpu_inference, nt_store_pass, nt_store_pipeline,
-                                                     nt_stores_apply)
+from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELINE, PREFETCH_ANNOTATION,
+                                                     STAT_BLOCK_FLOATS, STREAMING_RULES, Y_TASK_BYTES,
+                                                     cpu_channel_first, cpu_channels_last, cpu_channels_last_ghost,
+                                                     cpu_channels_last_rows,
+                                                     cpu_generic, cpu_inference, cpu_pipeline, nt_store_pass,
+                                                     nt_store_pipeline, nt_stores_apply, prefetch_pass,
+                                                     stat_block_floats, y_task_bytes)
 from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_generic, cuda_two_phase
 from bncompile.lower.kernels.schedules import backward_cpu, backward_cuda
+from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
 # --------------------------------------------------------------------------- dispatch
 
 RULES: dict[str, list[tuple[str, Rule]]] = {
     "llvm": [("cpu_inference", cpu_inference), ("cpu_channel_first", cpu_channel_first),
              ("cpu_channels_last_rows", cpu_channels_last_rows), ("cpu_channels_last", cpu_channels_last),
-             ("cpu_generic", cpu_generic)],
+             ("cpu_channels_last_ghost", cpu_channels_last_ghost), ("cpu_generic", cpu_generic)],
     "cuda": [("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
              ("cuda_generic", cuda_generic)],
 }
 
 
-def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
-    """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch)."""
+def _takes_machine(fn) -> bool:
+    """Whether a rule takes the CpuMachine as a third argument (the CPU rules here; a rule written as
+    ``rule(spec, func)`` is called that way)."""
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
+
+
+def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None, machine: CpuMachine | None = None):
+    """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch).
+
+    CPU rules get a :class:`~bncompile.lower.kernels.schedules.machine.CpuMachine` (``machine``, default:
+    the target's vector lanes and this host's caches) and derive their blocking from it."""
     kind = _tvm.target_kind(target)
     rules = RULES.get(kind)
     if rules is None:
@@ -69,7 +90,14 @@ def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
     for name, fn in rules:
         if rule is not None and name != rule:
             continue
-        sch = fn(spec, func)
+        if kind == "llvm" and _takes_machine(fn):
+            if machine is None:
+                from bncompile.lower import targets
+
+                machine = cpu_machine(targets.target_dict(target))
+            sch = fn(spec, func, machine)
+        else:
+            sch = fn(spec, func)
         if sch is not None:
             log.debug("batchnorm kernel %s: schedule %s", spec.kinds, name)
             return name, sch
@@ -105,6 +133,6 @@ def schedule_backward(spec: KernelSpec, func, *, target="llvm", rule: str | None
     return "unscheduled", _sched(func)
 
 
-__all__ = ["RULES", "BACKWARD_RULES", "schedule_backward", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
-           "Y_TASK_BYTES", "Rule", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_generic", "cpu_inference",
+__all__ = ["CpuMachine", "cpu_machine", "stat_block_floats", "y_task_bytes", "RULES", "BACKWARD_RULES", "schedule_backward", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
+           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_channels_last_ghost", "cpu_generic", "cpu_inference",
            "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

@@ -3,7 +3,7 @@
 A rule is ``rule(spec, func) -> Schedule | None`` like the forward's; the dispatch
 (:func:`bncompile.lower.kernels.schedules.schedule_backward`) calls it inside the target's scope, so
 the vector width comes from the target (:func:`bncompile.lower.graph_schedules.vector_lanes`), and the
-cache sizes from the OS (:func:`cache_sizes`). The backward reads x and dy once for its reductions
+cache sizes from the OS (:func:`cache_sizes`, the forward rules' machine model). The backward reads x and dy once for its reductions
 (one pass, four compensated sums per channel) and once for dx; the rules keep the second read in cache
 where the cache allows:
 
@@ -31,43 +31,25 @@ import functools
 import os
 
 from bncompile.lower.kernels.compute import KernelSpec
+from bncompile.lower.kernels.schedules.machine import cpu_machine
 from bncompile.lower.kernels.schedules._common import (_blocks, _divisor, _inline_parameter_only, _sched,
                                                       _vector_factor)
 
-CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
-FALLBACK_L2 = 256 * 1024        # when the OS does not say: the smallest L2 of current x86/ARM server cores
 Y_TASK_BYTES = 128 * 1024
 PARTIALS_MIN_ROWS = 64          # channels-last: below this many rows per sample, stripes beat per-sample partials
 
 
 @functools.lru_cache(maxsize=None)
 def cache_sizes() -> dict[int, int]:
-    """``{level: bytes}`` of the data/unified caches of cpu0, read from sysfs (empty when unreadable)."""
-    out: dict[int, int] = {}
-    try:
-        entries = sorted(os.listdir(CACHE_DIR))
-    except OSError:
-        return out
-    for e in entries:
-        if not e.startswith("index"):
-            continue
-        try:
-            def read(name, _e=e):
-                with open(os.path.join(CACHE_DIR, _e, name)) as fh:
-                    return fh.read().strip()
-
-            if read("type") not in ("Data", "Unified"):
-                continue
-            size = read("size").upper()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-            out[int(read("level"))] = int(size.rstrip("KMG")) * mult
-        except (OSError, ValueError):
-            continue
-    return out
+    """``{level: bytes}`` of the data caches one thread can count on: the forward rules' machine model
+    (:func:`bncompile.lower.kernels.schedules.machine.cpu_machine`: the OS's sizes, the
+    ``BNCOMPILE_CPU_CACHES`` override, or safe defaults)."""
+    m = cpu_machine()
+    return {1: m.l1d, 2: m.l2, 3: m.l3}
 
 
 def l2_bytes() -> int:
-    return cache_sizes().get(2, FALLBACK_L2)
+    return cpu_machine().l2
 
 
 def lanes() -> int:
