@@ -494,12 +494,18 @@ def _schedule_spatial(sch, blk, lanes: int = 8) -> None:
         raise ValueError("not a spatial block")
     exts = [_static(sch.get(lp).extent) for lp in loops]
     total = None if any(e is None for e in exts) else int(np.prod(exts))
-    inner = loops[-1]
-    outer = list(loops[:-1])
-    e_in = exts[-1]
-    vec = None
-    if e_in is not None:
-        vec = next((v for v in (lanes, 4) if e_in % v == 0 and e_in >= v), None)
+    # the innermost loops, fused until their extent is a multiple of a vector (14 x 14 -> 196: 4 lanes)
+    k, vec, prod = len(loops) - 1, None, 1
+    for j in range(len(loops) - 1, -1, -1):
+        if exts[j] is None:
+            break
+        prod *= exts[j]
+        vec = next((v for v in (lanes, lanes // 2, 4) if v >= 4 and prod % v == 0), None)
+        if vec is not None or prod >= 4 * lanes:
+            k = j
+            break
+    inner = sch.fuse(*loops[k:]) if vec is not None and k < len(loops) - 1 else loops[-1]
+    outer = list(loops[:k] if inner is not loops[-1] else loops[:-1])
     if vec is not None:
         io, ii = sch.split(inner, [None, vec])
         sch.vectorize(ii)
@@ -635,6 +641,71 @@ def schedule_inner_vector_reduction(func, target=None):
     return sch
 
 
+def schedule_global_pool(func, target=None):
+    """A function with one reduction block ``S.. R..`` over the innermost axes of its input (global
+    average/max pooling, ``ReduceMean`` over H, W) and element-wise blocks after it: the output positions
+    tiled by ``ILP`` (a divisor of their count), each tile summed as that many independent scalar chains
+    interleaved in one pass over the reduction (the chains hide the add latency that one accumulator per
+    output, dlight's ``cpu.Reduction``, waits on), a local accumulator with the epilogue (the mean's
+    divide) inlined into its write-back, parallel over the tiles. None when it does not apply."""
+    sch = _schedule_of(func)
+    reds = [b for b in _all_blocks(sch) if "R" in _iter_kinds(sch, b)]
+    if len(reds) != 1:
+        return None
+    blk = reds[0]
+    kinds = _iter_kinds(sch, blk)
+    ns = kinds.count("S")
+    loops = sch.get_loops(blk)
+    if ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
+        return None
+    block = sch.get(blk)
+    rvars = [iv.var for iv in block.iter_vars[ns:]]
+    # the reduction runs over the innermost axes of a read: x[..., r0, r1] (contiguous per output)
+    # and over ONE input (a pool, not a matmul: no weight indexed by the reduction)
+    out_buf = _region_buffer(block.writes[0])
+    uses = [r for r in block.reads if not _region_buffer(r).same_as(out_buf)]
+    if len(block.writes) != 1 or len(uses) != 1 or len(uses[0].region) < len(rvars) or not all(
+            _is_var(rg.min, v) and _static(rg.extent) == 1 for rg, v in zip(list(uses[0].region)[-len(rvars):], rvars)):
+        return None
+    exts = [_static(sch.get(lp).extent) for lp in loops]
+    if any(e is None for e in exts[ns:]):
+        return None
+    # tile the innermost spatial loop that is not 1 (the channels): a tile that crossed into the next
+    # batch row would make reverse_compute_at cover a whole row (TVM over-approximates the region) and
+    # write back values not yet reduced
+    j = max((i for i in range(ns) if exts[i] != 1), default=None)
+    if j is None or exts[j] is None:
+        return None
+    ilp = next((t for t in ILP if exts[j] % t == 0), None)
+    if ilp is None:
+        return None
+    so, si = sch.split(loops[j], [None, ilp])
+    red = loops[ns]       # (not fused: a fused h x w loop pays a division per element for its index)
+    sch.reorder(*loops[:j], so, *loops[j + 1:ns], *loops[ns:], si)
+    outer = sch.fuse(*loops[:j], so) if j else so
+    wb = sch.cache_write(blk, 0, "local")
+    _inline_epilogue(sch, wb)
+    sch.parallel(outer)
+    sch.reverse_compute_at(wb, outer)
+    sch.unroll(si)
+    init = sch.decompose_reduction(blk, red)
+    sch.unroll(sch.get_loops(init)[-1])
+    _schedule_leftovers(sch, vector_lanes(target)[0])
+    return sch
+
+
+#: independent accumulation chains of :func:`schedule_global_pool`, most first
+ILP = (8, 6, 4, 3, 2)
+
+
+def _region_buffer(region):
+    return getattr(region, "buffer", None) or getattr(region, "source", None)     # 0.27: .source
+
+
+def _is_var(expr, var) -> bool:
+    return expr.same_as(var)
+
+
 def _is_ours(func) -> bool:
     attrs = func.attrs
     if attrs is None:
@@ -675,6 +746,7 @@ def rules(applied: list | None = None) -> list[Rule]:
     return [Rule("conv2d_nchw16o", schedule_conv, applied),
             Rule("conv2d_rows", schedule_conv_rows, applied),
             Rule("inner_vector_reduction", schedule_inner_vector_reduction, applied),
+            Rule("global_pool", schedule_global_pool, applied),
             dlight(dl.cpu.GEMV()), dlight(dl.cpu.Reduction()),
             Rule("generic", schedule_generic, applied)]
 
@@ -772,4 +844,4 @@ def _expect(pass_, name: str) -> None:
 
 
 __all__ = ["pipeline", "schedule_module", "rules", "Rule", "schedule_conv", "schedule_inner_vector_reduction",
-           "schedule_generic", "schedule_conv_rows", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes"]
+           "schedule_generic", "schedule_conv_rows", "schedule_global_pool", "padded_channels", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes"]

@@ -209,3 +209,20 @@ def test_mobilenet_like_stack_matches(compiler):
             h = g.conv(h, cin * 4, cout, 1)
             x = g.op("Add", [h, x]) if s == 1 and cin == cout else h
         _check(compiler, g.model(x, 3, 32, 32, batch), (1, 3, 32, 32), batches=(1,) if batch == 1 else (2,))
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+@pytest.mark.parametrize("c,h,w", [(24, 14, 14), (13, 7, 7), (32, 9, 5), (6, 28, 28)])
+def test_global_pooling(compiler, c, h, w, batch):
+    """GlobalAveragePool and GlobalMaxPool (the SE block's squeeze, the head): the global_pool rule (chains
+    over a tile of channels) where a tile divides the channels, then SE's gate and Mul broadcast over H x W."""
+    g = G(c + h)
+    a = g.op("GlobalAveragePool", ["x"])
+    m = g.op("GlobalMaxPool", ["x"])
+    s = act(g, g.op("Add", [a, m]), "hardsigmoid")
+    y = g.op("Mul", ["x", s])
+    cm = _check(compiler, g.model(y, c, h, w, batch), (2, c, h, w), target=AVX2,
+                batches=(2,) if batch == 2 else (1, 3))
+    # 13 channels: no tile divides them (dlight's rule); the others: the channel tile of global_pool
+    want = 0 if c == 13 else 2
+    assert list(cm.info["cpu_schedules"].values()).count("global_pool") == want, cm.info["cpu_schedules"]
