@@ -9,7 +9,8 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
 1. ``nn.conv2d`` (NCHW/OIHW, float32, groups 1, dilation 1, a constant weight, output channels a multiple
    of the channel block) is legalized to OUR compute (:mod:`bncompile.lower.kernels.conv2d_packed`), whose
    weight is packed at compile time to ``[O/B, I, KH, KW, B]``, so a vector of B output channels loads
-   contiguously. Every other conv2d keeps TVM's legalization (and gets the generic rules below).
+   contiguously; output channels that no block divides are zero-padded to one (:func:`padded_channels`)
+   and sliced back. Every other conv2d keeps TVM's legalization (and gets the generic rules below).
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
    residual add become one PrimFunc). bncompile's own kernels (functions with a ``global_symbol``) are
    marked opaque first, so they are never fused.
@@ -24,6 +25,8 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    * :func:`schedule_inner_vector_reduction`: one reduction whose output's innermost axis is also the
      innermost axis of an input (dense/matmul with a ``[K, N]`` weight): that axis vectorized inside the
      reduction, local accumulator, epilogue inlined, parallel outside;
+   * :func:`schedule_global_pool`: a reduction over the innermost axes of one input (global average/max
+     pooling): a tile of channels reduced as independent scalar chains, the epilogue at write-back;
    * dlight's ``cpu.GEMV`` / ``cpu.Reduction``;
    * :func:`schedule_generic`: spatial blocks inlined where possible, then every root block: spatial ->
      innermost loop vectorized when it divides evenly, the others fused and parallel; simple reduction
