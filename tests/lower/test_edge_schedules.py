@@ -110,15 +110,40 @@ def test_depthwise_with_each_epilogue(compiler, kind):
 
 
 @pytest.mark.parametrize("kind", ACTS)
-@pytest.mark.parametrize("co", [24, 40, 58])
+@pytest.mark.parametrize("co", [24, 40, 58, 13])
 def test_pointwise_with_each_epilogue(compiler, kind, co):
     """1x1 convolutions: 24 and 40 channels take the packed rule (a full AVX2 register, an AVX-512 half
-    register); 58 (ShuffleNet's) only the row rule divides."""
+    register); 58 (ShuffleNet's) and 13 take it over 64 and 16 zero-padded channels, then a slice that
+    carries the epilogue. The whole epilogue (x * sigmoid(x), x * hardsigmoid(x): a side branch that joins
+    again) is fused into the conv's function."""
     g = G(co)
     y = act(g, g.conv("x", 12, co, 1), kind)
     model = g.model(y, 12, 7, 9, "N")
     cm = _check(compiler, model, (1, 12, 7, 9), target=AVX2, batches=(1, 2))
-    assert _conv_rules(cm) == (["conv2d_rows"] if co == 58 else ["conv2d_nchw16o"]), cm.info["cpu_schedules"]
+    assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]
+    assert len(cm.info["cpu_schedules"]) == 1, cm.info["cpu_schedules"]     # the whole epilogue fused
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("co,k,s", [(58, 1, 1), (116, 3, 2), (29, 5, 1), (10, 3, 1), (5, 3, 1), (232, 1, 2)])
+def test_zero_padded_output_channels(compiler, co, k, s, batch):
+    """Dense convs whose output channels no block divides: zero-padded to the next multiple of a register
+    (5 -> 8 is too much padding: TVM's conv and the row rule; 10 -> 12, a half AVX2 register), each with a
+    relu epilogue and a residual add after it (the slice carries both), against onnxruntime."""
+    from bncompile.lower.graph_schedules import padded_channels
+    from bncompile.lower.tvm import tvm
+
+    g = G(co + k)
+    ci = 7
+    y = act(g, g.conv("x", ci, co, k, stride=s), "relu")
+    y = g.op("Add", [y, g.conv("x", ci, co, 1, stride=s)])
+    cm = _check(compiler, g.model(y, ci, 11, 11, batch), (1, ci, 11, 11), target=AVX2,
+                batches=(1,) if batch == 1 else (1, 3))
+    with tvm().target.Target(AVX2):
+        padded = padded_channels(co)
+    assert padded == {58: 64, 116: 120, 29: 32, 10: 12, 5: None, 232: None}[co]     # 232: 8 divides it
+    want = "conv2d_rows" if co == 5 else "conv2d_nchw16o"
+    assert set(_conv_rules(cm)) == {want}, cm.info["cpu_schedules"]
 
 
 def test_half_register_block_on_avx512():
@@ -184,3 +209,20 @@ def test_mobilenet_like_stack_matches(compiler):
             h = g.conv(h, cin * 4, cout, 1)
             x = g.op("Add", [h, x]) if s == 1 and cin == cout else h
         _check(compiler, g.model(x, 3, 32, 32, batch), (1, 3, 32, 32), batches=(1,) if batch == 1 else (2,))
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+@pytest.mark.parametrize("c,h,w", [(24, 14, 14), (13, 7, 7), (32, 9, 5), (6, 28, 28)])
+def test_global_pooling(compiler, c, h, w, batch):
+    """GlobalAveragePool and GlobalMaxPool (the SE block's squeeze, the head): the global_pool rule (chains
+    over a tile of channels) where a tile divides the channels, then SE's gate and Mul broadcast over H x W."""
+    g = G(c + h)
+    a = g.op("GlobalAveragePool", ["x"])
+    m = g.op("GlobalMaxPool", ["x"])
+    s = act(g, g.op("Add", [a, m]), "hardsigmoid")
+    y = g.op("Mul", ["x", s])
+    cm = _check(compiler, g.model(y, c, h, w, batch), (2, c, h, w), target=AVX2,
+                batches=(2,) if batch == 2 else (1, 3))
+    # 13 channels: no tile divides them (dlight's rule); the others: the channel tile of global_pool
+    want = 0 if c == 13 else 2
+    assert list(cm.info["cpu_schedules"].values()).count("global_pool") == want, cm.info["cpu_schedules"]
