@@ -6,7 +6,7 @@ to the checker (a second parse, a second copy) and copying them out again into N
 file is memory-mapped and walked field by field down to each initializer: what comes back is the
 *skeleton*, the file's bytes with each large initializer's ``raw_data`` emptied (everything else
 byte for byte, so the parser, the checker and the converters see the same model), and where each
-emptied payload lies in the file, so it can be viewed in place (:func:`map_tensor`).
+emptied payload lies in the file, so it can be viewed in place (:func:`map_tensors`).
 
 A payload is emptied only when nothing that checks a model could look at its bytes except for
 their length, which is checked here instead: a numeric type NumPy holds plainly, exactly the bytes
@@ -15,6 +15,11 @@ inference reads the values of shape-like inputs only, a few elements). Anything 
 file (a malformed field, groups, a repeated ``raw_data``, two initializers of one name, a file over
 protobuf's 2 GiB) makes :func:`split_model` return None, and the caller parses the file the plain way,
 with the plain way's checks and messages.
+
+The arrays (:func:`map_tensors`) read the file as it is when they are used: replace the file by
+renaming a new one over it (as every bncompile output is written), never by rewriting it in place,
+while a model loaded from it is in use (a truncated file makes a read of the lost bytes fail with
+SIGBUS, as for any memory-mapped data, onnx-ir's external data included).
 
 Saving (:func:`tensor_chunk_head`): one initializer is written as a chunk
 ``ModelProto{graph{initializer{...}}}`` (see :func:`bncompile.onnx_utils.write_model_streaming`);
@@ -157,7 +162,7 @@ def _graph(buf, start: int, end: int, found: MappedTensors) -> list[bytes] | Non
 def split_model(path) -> tuple[bytes, MappedTensors] | None:
     """(skeleton bytes, emptied payloads) of a model file, or None when the file is left to the
     plain parser (see the module docstring)."""
-    if sys.byteorder != "little":
+    if sys.byteorder != "little" or os.name != "posix":   # Windows: a mapped file cannot be replaced
         return None
     try:
         with open(path, "rb") as f:
@@ -184,13 +189,30 @@ def split_model(path) -> tuple[bytes, MappedTensors] | None:
         return None
 
 
-def map_tensor(fd: int, offset: int, length: int, dtype: str, dims: tuple[int, ...]) -> np.ndarray:
-    """A read-only array over ``length`` bytes at ``offset`` of the open file ``fd``, in its own
-    memory map: nothing is read until used, and the map goes when the array does."""
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY
-    m = mmap.mmap(fd, offset - base + length, offset=base, access=mmap.ACCESS_READ)
-    return np.frombuffer(m, dtype=dtype, count=length // np.dtype(dtype).itemsize,
-                         offset=offset - base).reshape(dims)
+#: above this many tensors, one map of the whole file serves them all (a process may hold ~65000 maps)
+MAX_MAPS = 4096
+
+
+def map_tensors(path, mapped: MappedTensors) -> dict[str, np.ndarray]:
+    """A read-only array for each emptied payload, viewing the file in place: nothing is read until
+    used. Each tensor has a memory map of its own, which goes when its array does (a folded weight
+    leaves no pages of the old one behind); past :data:`MAX_MAPS` tensors, one map is shared.
+    Raises OSError where the file cannot be mapped."""
+    out = {}
+    with open(path, "rb") as f:
+        shared = None
+        if len(mapped) > MAX_MAPS:
+            shared = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        for name, (offset, length, dtype, dims) in mapped.items():
+            if shared is not None:
+                m, start = shared, offset
+            else:
+                base = offset - offset % mmap.ALLOCATIONGRANULARITY
+                m = mmap.mmap(f.fileno(), offset - base + length, offset=base, access=mmap.ACCESS_READ)
+                start = offset - base
+            out[name] = np.frombuffer(m, dtype=dtype, count=length // np.dtype(dtype).itemsize,
+                                      offset=start).reshape(dims)
+    return out
 
 
 def tensor_chunk_head(proto_before: onnx.TensorProto, nbytes: int, proto_after: onnx.TensorProto

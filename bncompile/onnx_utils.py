@@ -3,13 +3,16 @@
 
 * :func:`load_model_ir` / :func:`load_model_proto` read a model file after checking it
   (exists, is ONNX, passes ``onnx.checker.check_model(full_check=True)``, external data stays inside
-  the model's folder). onnx-ir reads external data lazily (memory mapped). :func:`as_model_proto`
+  the model's folder). onnx-ir reads external data lazily (memory mapped); :func:`load_model_ir`
+  memory-maps a file's large inline initializers too, parsing and checking the rest
+  (:mod:`bncompile._proto_wire`). :func:`as_model_proto`
   takes a path or an in-memory ``ModelProto`` (the API's "model or path" arguments);
   :func:`model_from_proto` turns a checked proto into onnx-ir.
   :func:`detach_tensors` copies proto-backed tensors out so the parsed proto can be freed.
 * :func:`save_model_ir` writes a model atomically; it writes external data beside the output
   (``<output>.data``) when the input had external data or the model would exceed protobuf's 2 GB,
-  else one self-contained file streamed one tensor at a time (:func:`write_model_streaming`).
+  else one self-contained file streamed one tensor at a time, each written from its own buffer
+  (:func:`write_model_streaming`).
   The output never points back at the input's data file. :func:`serialize_model` gives the
   ``ModelProto`` without the redundant initializer value_info onnx-ir adds.
 * :func:`save_model_proto` writes a ``ModelProto`` atomically.
@@ -28,6 +31,7 @@ Library code: logs, never prints.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -272,19 +276,17 @@ def load_model_ir(path, *, check: bool = True, detach: bool = True):
         # external data: the checker resolves its files against the model's folder
         check_model(p if had_external else _checker_bytes(skeleton, mapped, p),
                     what=f"model {str(p)!r}")
+    try:
+        arrays = _proto_wire.map_tensors(p, mapped)
+    except (OSError, ValueError):   # a file system without memory maps
+        return _load_model_ir_whole(p, check=check, detach=detach)
     model = ir.serde.deserialize_model(proto)
-    if mapped:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            inits = model.graph.initializers
-            for name, (offset, length, dtype, dims) in mapped.items():
-                t = inits[name].const_value
-                array = _proto_wire.map_tensor(fd, offset, length, dtype, dims)
-                inits[name].const_value = ir.Tensor(
-                    array, dtype=t.dtype, name=t.name, doc_string=t.doc_string,
-                    metadata_props=dict(t.metadata_props))
-        finally:
-            os.close(fd)
+    inits = model.graph.initializers
+    for name, array in arrays.items():
+        t = inits[name].const_value
+        inits[name].const_value = ir.Tensor(array, dtype=t.dtype, name=t.name, doc_string=t.doc_string,
+                                            metadata_props=dict(t.metadata_props))
+    del arrays
     if detach:
         detach_tensors(model)
     del proto
@@ -522,6 +524,12 @@ def write_model_streaming(model, path) -> None:
     encoded (:func:`bncompile._proto_wire.tensor_chunk_head`); its bytes are written straight from
     the array, so nothing the size of the model, nor of one tensor, is copied.
     """
+    with open(path, "wb") as f:
+        _write_model_chunks(model, f)
+
+
+def _write_model_chunks(model, f) -> None:
+    """:func:`write_model_streaming` into the binary file object ``f``."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -536,31 +544,30 @@ def write_model_streaming(model, path) -> None:
     _drop_initializer_value_info(head_proto.graph, {v.name for v in inits})
     head = head_proto.SerializeToString()
     del head_proto
-    with open(path, "wb") as f:
+    f.write(head)
+    del head
+    for value in inits:
+        raw = _plain_bytes(value.const_value)
+        if raw is None:
+            chunk = onnx.ModelProto()
+            chunk.graph.initializer.append(ir.serde.serialize_tensor(value.const_value))
+            chunk.graph.initializer[0].name = value.name
+            f.write(chunk.SerializeToString())
+            continue
+        t = value.const_value
+        before, after = onnx.TensorProto(), onnx.TensorProto()
+        # the fields ir.serde.serialize_tensor_into writes, less raw_data; the name is the value's
+        before.dims.extend(t.shape.numpy())
+        before.data_type = t.dtype.value
+        before.name = value.name
+        if t.doc_string:
+            after.doc_string = t.doc_string
+        for key in sorted(t.metadata_props):
+            after.metadata_props.add(key=key, value=t.metadata_props[key])
+        head, tail = _proto_wire.tensor_chunk_head(before, raw.nbytes, after)
         f.write(head)
-        del head
-        for value in inits:
-            raw = _plain_bytes(value.const_value)
-            if raw is None:
-                chunk = onnx.ModelProto()
-                chunk.graph.initializer.append(ir.serde.serialize_tensor(value.const_value))
-                chunk.graph.initializer[0].name = value.name
-                f.write(chunk.SerializeToString())
-                continue
-            t = value.const_value
-            before, after = onnx.TensorProto(), onnx.TensorProto()
-            # the fields ir.serde.serialize_tensor_into writes, less raw_data; the name is the value's
-            before.dims.extend(t.shape.numpy())
-            before.data_type = t.dtype.value
-            before.name = value.name
-            if t.doc_string:
-                after.doc_string = t.doc_string
-            for key in sorted(t.metadata_props):
-                after.metadata_props.add(key=key, value=t.metadata_props[key])
-            head, tail = _proto_wire.tensor_chunk_head(before, raw.nbytes, after)
-            f.write(head)
-            f.write(raw)
-            f.write(tail)
+        f.write(raw)
+        f.write(tail)
 
 
 def _plain_bytes(tensor) -> memoryview | None:
@@ -590,7 +597,9 @@ def model_on_disk(model) -> Iterator[str | bytes]:
     import onnx_ir as ir
 
     if not has_external_tensors(model) and tensor_bytes(model) < PROTO_LIMIT_BYTES:
-        yield serialize_model(model).SerializeToString()
+        buffer = io.BytesIO()            # one copy of the weights, not a proto and its serialization
+        _write_model_chunks(model, buffer)
+        yield buffer.getvalue()
         return
     with tempfile.TemporaryDirectory(prefix="bncompile-") as d:
         p = os.path.join(d, "model.onnx")

@@ -83,7 +83,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bncompile.passes._common import (Constants, Names, add_initializer, attr_float,
+from bncompile.passes._common import (Constants, Names, add_initializer, array_tensor, attr_float,
                                       attr_int, batchnorm_mode, bn_affine, bypass, is_onnx_op,
                                       node_label, opset_of, rank_of, remove_orphans, value_label)
 from bncompile.passes._result import LEFT, Entry, RewriteResult
@@ -540,7 +540,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if (old is not None and old.is_initializer() and old.graph is graph
                 and len(old.uses()) == 1 and not old.is_graph_output()
                 and not self._consts.is_overridable(old)):
-            tensor = ir.tensor(array, name=old.name)
+            tensor = array_tensor(array, name=old.name)
             old.const_value = tensor
             old.shape = ir.Shape(array.shape)
             old.type = ir.TensorType(tensor.dtype)

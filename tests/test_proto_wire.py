@@ -176,7 +176,10 @@ def test_the_checker_says_the_same_with_the_weights_left_in_the_file(tmp_path, k
         assert split is not None and "w" in split[1]        # the fast path was taken
 
 
-def test_loaded_tensors_are_the_same_and_mapped(tmp_path):
+@pytest.mark.parametrize("maps", ["one per tensor", "one shared"])
+def test_loaded_tensors_are_the_same_and_mapped(tmp_path, monkeypatch, maps):
+    if maps == "one shared":
+        monkeypatch.setattr(_proto_wire, "MAX_MAPS", 2)
     model = _with_subgraph(_conv_model(extra_inits=_many_types()))
     p = tmp_path / "m.onnx"
     onnx.save(model, p)
