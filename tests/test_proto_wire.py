@@ -238,3 +238,37 @@ def test_streaming_write_is_byte_identical_to_chunks_serialized_by_protobuf(tmp_
     inits = list(graph.initializers.values())
     chunks = b"".join(_protobuf_chunk(v) for v in inits)    # u8: not contiguous, protobuf's way
     assert expected.endswith(chunks)
+
+
+def _outcome(load):
+    try:
+        m = load()
+    except InputError as err:
+        return str(err)
+    return {n: (v.const_value.dtype, v.const_value.numpy().tobytes()) for n, v in m.graph.initializers.items()}
+
+
+def test_damaged_files_get_the_same_verdict_as_from_the_plain_parser(tmp_path):
+    import random
+
+    base = _with_subgraph(_conv_model(extra_inits=_many_types())).SerializeToString()
+    rng = random.Random(0)
+    p = tmp_path / "m.onnx"
+    verdicts = set()
+    for _ in range(80):
+        data = bytearray(base)
+        kind = rng.choice(["flip", "truncate", "insert", "delete"])
+        pos = rng.randrange(3000) if rng.random() < 0.7 else rng.randrange(len(data))   # mostly headers
+        if kind == "flip":
+            data[pos] = rng.randrange(256)
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = bytes([rng.randrange(256)])
+        else:
+            del data[pos:pos + 2]
+        p.write_bytes(bytes(data))
+        fast = _outcome(lambda: onnx_utils.load_model_ir(p))
+        assert fast == _outcome(lambda: onnx_utils._load_model_ir_whole(p, check=True, detach=True)), (kind, pos)
+        verdicts.add(isinstance(fast, str))
+    assert verdicts == {True, False}
