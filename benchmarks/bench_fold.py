@@ -3,12 +3,13 @@
 Prints, beside onnxruntime's own optimize-and-save of the same model (``SessionOptions.
 optimized_model_filepath`` at ORT_ENABLE_BASIC, which folds Conv+BN; load, optimize, save), the
 wall time and peak RSS of ``fold(path, output=..., check=False)`` (load, passes, save), each in a
-fresh subprocess, median of 3; then: fold time without the check (load + passes, then serialization and save separately), peak
+fresh subprocess, median of 3, and the two times again as ``--pairs`` interleaved pairs in one warmed
+process (the project's way of comparing on a shared machine); then: fold time without the check (load + passes, then serialization and save separately), peak
 memory (process RSS growth in a fresh subprocess, and Python allocations from tracemalloc) against
 the model's size, and onnxruntime latency of the folded model against the same network built without
 BN (conv with bias), measured interleaved. Weights are random and seeded.
 
-    python benchmarks/bench_fold.py [--runs 20] [--threads 2]
+    python benchmarks/bench_fold.py [--runs 20] [--threads 2] [--pairs 10]
 """
 
 from __future__ import annotations
@@ -213,6 +214,31 @@ print(json.dumps({"s": sorted(times)[1]}))
 """
 
 
+_PAIRS_CHILD = r"""
+import json, statistics, sys, time
+import onnxruntime as ort
+from bncompile.folding import fold
+def ort_run(path, out):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = out
+    so.log_severity_level = 3
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+def ours(path, out):
+    fold(path, output=out, check=False)
+runs = {"ours": ours, "ort": ort_run}
+for f in runs.values():                             # warm up on the model itself
+    f(sys.argv[1], sys.argv[2])
+times = {k: [] for k in runs}
+for i in range(int(sys.argv[3])):
+    order = ("ours", "ort") if i % 2 == 0 else ("ort", "ours")
+    for k in order:
+        t = time.perf_counter(); runs[k](sys.argv[1], sys.argv[2]); times[k].append(time.perf_counter() - t)
+print(json.dumps({"ours": statistics.median(times["ours"]), "ort": statistics.median(times["ort"]),
+                  "ratio": statistics.median(a / b for a, b in zip(times["ours"], times["ort"]))}))
+"""
+
+
 def child(args, code=None):
     if code is not None:
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
@@ -258,6 +284,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--pairs", type=int, default=10, help="interleaved fold/onnxruntime pairs in one process")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         bn_path, nobn_path = os.path.join(d, "r50_bn.onnx"), os.path.join(d, "r50_nobn.onnx")
@@ -292,6 +319,10 @@ def main(argv=None):
               f"{theirs['rss_peak_delta'] / 2**20:.1f} MiB = {theirs['rss_peak_delta'] / size:.2f}x model")
         print(f"  bncompile / onnxruntime time: {ours['s'] / theirs['s']:.2f}x (target < 1); "
               f"bncompile peak {ours['rss_peak_delta'] / size:.2f}x the model (target < 2)")
+        pairs = child([bn_path, os.path.join(d, "r50_pair.onnx"), str(args.pairs)], _PAIRS_CHILD)
+        print(f"  the same two in one process, {args.pairs} interleaved pairs (fairer on a shared machine): "
+              f"bncompile {pairs['ours']:.3f} s, onnxruntime {pairs['ort']:.3f} s, median ratio "
+              f"{pairs['ratio']:.2f}x")
         timing = child([bn_path, tiny_path, "time", os.path.join(d, "r50_timing.onnx")])
         mem = child([bn_path, tiny_path, "rss"])
         trace = child([bn_path, tiny_path, "trace"])

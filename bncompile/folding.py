@@ -451,10 +451,7 @@ def _verify(model_or_path, path, result: FoldResult, *, check_runs, seed, input_
     # 1. the full ONNX checker on the folded model
     with onnx_utils.model_on_disk(model) as folded_src:
         try:
-            if isinstance(folded_src, bytes):
-                onnx_utils.check_model(onnx.load_model_from_string(folded_src), what="folded model")
-            else:
-                onnx_utils.check_model(folded_src, what="folded model")
+            onnx_utils.check_model(folded_src, what="folded model")     # the bytes, or the path
         except InputError as err:
             return fail(str(err)), "onnxruntime", None
         # 2. original vs folded, all optimizations off

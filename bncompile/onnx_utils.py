@@ -3,13 +3,16 @@
 
 * :func:`load_model_ir` / :func:`load_model_proto` read a model file after checking it
   (exists, is ONNX, passes ``onnx.checker.check_model(full_check=True)``, external data stays inside
-  the model's folder). onnx-ir reads external data lazily (memory mapped). :func:`as_model_proto`
+  the model's folder). onnx-ir reads external data lazily (memory mapped); :func:`load_model_ir`
+  memory-maps a file's large inline initializers too, parsing and checking the rest
+  (:mod:`bncompile._proto_wire`). :func:`as_model_proto`
   takes a path or an in-memory ``ModelProto`` (the API's "model or path" arguments);
   :func:`model_from_proto` turns a checked proto into onnx-ir.
   :func:`detach_tensors` copies proto-backed tensors out so the parsed proto can be freed.
 * :func:`save_model_ir` writes a model atomically; it writes external data beside the output
   (``<output>.data``) when the input had external data or the model would exceed protobuf's 2 GB,
-  else one self-contained file streamed one tensor at a time (:func:`write_model_streaming`).
+  else one self-contained file streamed one tensor at a time, each written from its own buffer
+  (:func:`write_model_streaming`).
   The output never points back at the input's data file. :func:`serialize_model` gives the
   ``ModelProto`` without the redundant initializer value_info onnx-ir adds.
 * :func:`save_model_proto` writes a ``ModelProto`` atomically.
@@ -28,8 +31,10 @@ Library code: logs, never prints.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bncompile import _proto_wire
 from bncompile._io import atomic_output, atomic_output_dir, check_input_file
 from bncompile.errors import InputError
 from bncompile.shapes import parse_input_shapes, parse_shape  # noqa: F401 - re-exported
@@ -66,10 +72,11 @@ def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from _iter_graphs(g)
 
 
-def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of a graph and its subgraphs (initializers and tensor attributes)."""
+def _iter_tensor_protos(graph: onnx.GraphProto, skip=()) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs (initializers and tensor attributes), less
+    the initializers of ``graph`` itself named in ``skip``."""
     for g in _iter_graphs(graph):
-        yield from g.initializer
+        yield from (t for t in g.initializer if t.name not in skip) if g is graph and skip else g.initializer
         for sp in g.sparse_initializer:
             yield sp.values
             yield sp.indices
@@ -163,12 +170,13 @@ _PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E
 _COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 
 
-def check_tensor_data(model: onnx.ModelProto, *, what: str = "model") -> None:
+def check_tensor_data(model: onnx.ModelProto, *, what: str = "model", mapped=()) -> None:
     """Refuse a tensor stored in the model whose data is shorter than its dims and type need (a
     corrupt or truncated tensor would otherwise be read past its end, or make a consumer allocate for
     the declared size). Cheap: compares lengths only. External tensors are checked by
-    :func:`check_external_data`."""
-    tensors = list(_iter_tensor_protos(model.graph))
+    :func:`check_external_data`; the main-graph initializers named in ``mapped`` (left in the file
+    by :func:`bncompile._proto_wire.split_model`, which checked their length) are skipped."""
+    tensors = list(_iter_tensor_protos(model.graph, skip=mapped))
     for fn in model.functions:
         for node in fn.node:
             for attr in node.attribute:
@@ -213,10 +221,11 @@ def _parse_model(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def check_model(model: onnx.ModelProto | str | os.PathLike, *, what: str = "model") -> None:
-    """Run ``onnx.checker.check_model(full_check=True)``; raise InputError with its first line."""
+def check_model(model: onnx.ModelProto | bytes | str | os.PathLike, *, what: str = "model") -> None:
+    """Run ``onnx.checker.check_model(full_check=True)`` on a proto, its serialized bytes or a path;
+    raise InputError with its first line."""
     try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model),
+        onnx.checker.check_model(model if isinstance(model, (onnx.ModelProto, bytes)) else str(model),
                                  full_check=True)
     except Exception as err:  # ValidationError, InferenceError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -239,14 +248,91 @@ def load_model_ir(path, *, check: bool = True, detach: bool = True):
     """Load and check a model file as an ``onnx_ir.Model``; external data is read lazily.
 
     Raises InputError for a missing file, a directory, a non-ONNX or truncated file, a model that
-    fails the full checker, or external data outside the model's folder. Memory: the checker runs
-    first (its memory is returned before parsing); with ``detach`` the parsed proto is released
-    once its tensors are copied out (:func:`detach_tensors`). A caller that replaces most tensors
-    anyway can pass ``detach=False`` and call :func:`detach_tensors` afterwards (cheaper).
+    fails the full checker, or external data outside the model's folder.
+
+    The file is parsed once, and its large inline initializers are not copied: they are memory
+    mapped from the file and read when used (:mod:`bncompile._proto_wire`), and the checker sees
+    them as graph inputs of their type and shape (:func:`_checker_bytes`). Files that path does
+    not take (anything unusual) are parsed whole; ``detach`` then copies their tensors out of the
+    parsed proto so that it can be freed (:func:`detach_tensors`).
     """
     import onnx_ir as ir
 
     p = check_input_file(path)
+    split = _proto_wire.split_model(p)
+    if split is None:
+        return _load_model_ir_whole(p, check=check, detach=detach)
+    skeleton, mapped = split
+    try:
+        proto = onnx.ModelProto.FromString(skeleton)
+    except Exception:  # DecodeError: the plain path words the message
+        return _load_model_ir_whole(p, check=check, detach=detach)
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        return _load_model_ir_whole(p, check=check, detach=detach)
+    check_tensor_data(proto, what=f"model {str(p)!r}", mapped=mapped)
+    check_external_data(proto, p.parent)
+    had_external = bool(external_data_locations(proto))
+    if check:
+        # external data: the checker resolves its files against the model's folder
+        check_model(p if had_external else _checker_bytes(skeleton, mapped, p),
+                    what=f"model {str(p)!r}")
+    try:
+        arrays = _proto_wire.map_tensors(p, mapped)
+    except (OSError, ValueError):   # a file system without memory maps
+        return _load_model_ir_whole(p, check=check, detach=detach)
+    model = ir.serde.deserialize_model(proto)
+    inits = model.graph.initializers
+    for name, array in arrays.items():
+        t = inits[name].const_value
+        inits[name].const_value = ir.Tensor(array, dtype=t.dtype, name=t.name, doc_string=t.doc_string,
+                                            metadata_props=dict(t.metadata_props))
+    del arrays
+    if detach:
+        detach_tensors(model)
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    model.meta[HAD_EXTERNAL_DATA] = had_external
+    return model
+
+
+def _checker_bytes(skeleton: bytes, mapped: dict, path: Path) -> bytes:
+    """The model the full checker runs on when its large initializers were left in the file.
+
+    In IR >= 4, each such initializer that is not also a graph input becomes a graph input of the
+    same type and shape (an initializer need not be an input there). Shape inference sees the same types
+    and shapes; it reads values only of small, shape-like inputs (under
+    :data:`bncompile._proto_wire.MAP_MIN_BYTES`, kept as they are), and every check the checker
+    makes of a tensor's data (one data field, a defined type, enough bytes) was made for these by
+    :func:`bncompile._proto_wire.split_model`. One that is also a graph input (all of them in IR
+    3, where the checker requires it) gets its bytes back from the file, so the checker sees it as
+    it is."""
+    if not mapped:
+        return skeleton
+    ck = onnx.ModelProto.FromString(skeleton)
+    graph = ck.graph
+    inputs = {vi.name for vi in graph.input}
+    kept, moved = [], []
+    with open(path, "rb") as f:
+        for t in graph.initializer:
+            if t.name not in mapped:
+                kept.append(t)
+            elif t.name in inputs or ck.ir_version < 4:
+                offset, length = mapped[t.name][:2]
+                t.raw_data = os.pread(f.fileno(), length, offset)
+                kept.append(t)
+            else:
+                moved.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if moved:
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        graph.input.extend(moved)
+    return ck.SerializeToString()
+
+
+def _load_model_ir_whole(p: Path, *, check: bool, detach: bool):
+    """:func:`load_model_ir` for the files it does not split: the checker on the path, one parse."""
+    import onnx_ir as ir
+
     if check:
         try:
             check_model(p, what=f"model {str(p)!r}")
@@ -433,9 +519,17 @@ def write_model_streaming(model, path) -> None:
     The model without its main-graph initializers is serialized first; then each initializer is
     appended as its own ``ModelProto{graph{initializer}}`` chunk. Protobuf parsers merge repeated
     occurrences of an embedded message field (``graph``) and append repeated fields
-    (``initializer``), so the file parses to exactly the model ``ir.save`` would write, while peak
-    memory stays about one tensor instead of two full copies of the model.
+    (``initializer``), so the file parses to exactly the model ``ir.save`` would write. A tensor
+    held in a NumPy array (or memory-mapped from the input) has only its chunk's field headers
+    encoded (:func:`bncompile._proto_wire.tensor_chunk_head`); its bytes are written straight from
+    the array, so nothing the size of the model, nor of one tensor, is copied.
     """
+    with open(path, "wb") as f:
+        _write_model_chunks(model, f)
+
+
+def _write_model_chunks(model, f) -> None:
+    """:func:`write_model_streaming` into the binary file object ``f``."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -450,14 +544,51 @@ def write_model_streaming(model, path) -> None:
     _drop_initializer_value_info(head_proto.graph, {v.name for v in inits})
     head = head_proto.SerializeToString()
     del head_proto
-    with open(path, "wb") as f:
-        f.write(head)
-        del head
-        for value in inits:
+    f.write(head)
+    del head
+    for value in inits:
+        raw = _plain_bytes(value.const_value)
+        if raw is None:
             chunk = onnx.ModelProto()
             chunk.graph.initializer.append(ir.serde.serialize_tensor(value.const_value))
             chunk.graph.initializer[0].name = value.name
             f.write(chunk.SerializeToString())
+            continue
+        t = value.const_value
+        before, after = onnx.TensorProto(), onnx.TensorProto()
+        # the fields ir.serde.serialize_tensor_into writes, less raw_data; the name is the value's
+        before.dims.extend(t.shape.numpy())
+        before.data_type = t.dtype.value
+        before.name = value.name
+        if t.doc_string:
+            after.doc_string = t.doc_string
+        for key in sorted(t.metadata_props):
+            after.metadata_props.add(key=key, value=t.metadata_props[key])
+        head, tail = _proto_wire.tensor_chunk_head(before, raw.nbytes, after)
+        f.write(head)
+        f.write(raw)
+        f.write(tail)
+
+
+def _plain_bytes(tensor) -> memoryview | None:
+    """The bytes ``tensor.tobytes()`` would return, as a view of its NumPy array, for an
+    ``onnx_ir.Tensor`` over a C-contiguous little-endian array of a type stored as it is in memory;
+    None for anything else (packed 2/4/6-bit types, strings, proto-backed or external tensors)."""
+    import onnx_ir as ir
+
+    if type(tensor) is not ir.Tensor or tensor.dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+        return None
+    try:
+        if tensor.dtype.bitwidth not in (8, 16, 32, 64, 128):
+            return None
+    except TypeError:       # a type without a bit width
+        return None
+    array = tensor.raw
+    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous or array.dtype.hasobject \
+            or array.dtype.itemsize * 8 != tensor.dtype.bitwidth \
+            or array.dtype.byteorder not in ("<", "|", "=" if sys.byteorder == "little" else "<"):
+        return None
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 @contextlib.contextmanager
@@ -466,7 +597,9 @@ def model_on_disk(model) -> Iterator[str | bytes]:
     import onnx_ir as ir
 
     if not has_external_tensors(model) and tensor_bytes(model) < PROTO_LIMIT_BYTES:
-        yield serialize_model(model).SerializeToString()
+        buffer = io.BytesIO()            # one copy of the weights, not a proto and its serialization
+        _write_model_chunks(model, buffer)
+        yield buffer.getvalue()
         return
     with tempfile.TemporaryDirectory(prefix="bncompile-") as d:
         p = os.path.join(d, "model.onnx")

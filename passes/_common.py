@@ -229,11 +229,19 @@ class Names:
         return name
 
 
+def array_tensor(array, name: str | None = None):
+    """``ir.tensor(array, name=name)``: for a NumPy array, the same ``ir.Tensor`` built directly
+    (``ir.tensor`` first tries runtime protocol checks that cost more than the rest of a small fold)."""
+    if isinstance(array, (np.ndarray, np.generic)):
+        return ir.Tensor(array, name=name)
+    return ir.tensor(array, name=name)
+
+
 def add_initializer(graph: ir.Graph, model: ir.Model, names: Names, base: str,
                     array: np.ndarray) -> ir.Value:
     """Register a new initializer (also listed as a graph input in an IR-3 main graph)."""
     name = names.new(base)
-    tensor = ir.tensor(array, name=name)
+    tensor = array_tensor(array, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
     graph.register_initializer(value)

@@ -83,7 +83,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bncompile.passes._common import (Constants, Names, add_initializer, attr_float,
+from bncompile.passes._common import (Constants, Names, add_initializer, array_tensor, attr_float,
                                       attr_int, batchnorm_mode, bn_affine, bypass, is_onnx_op,
                                       node_label, opset_of, rank_of, remove_orphans, value_label)
 from bncompile.passes._result import LEFT, Entry, RewriteResult
@@ -91,6 +91,17 @@ from bncompile.passes._result import LEFT, Entry, RewriteResult
 log = logging.getLogger(__name__)
 
 __all__ = ["FoldBatchNormPass"]
+
+
+def _scaled(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``w * scale`` computed in float64 and rounded once to ``w``'s dtype: the same bits as
+    ``(w.astype(np.float64) * scale).astype(w.dtype)``, without the two float64 copies of ``w``
+    (NumPy's float types; others, e.g. bfloat16, take that expression)."""
+    if w.dtype not in (np.float16, np.float32, np.float64):
+        return (w.astype(np.float64) * scale).astype(w.dtype)
+    out = np.empty(np.broadcast_shapes(w.shape, scale.shape), dtype=w.dtype)
+    np.multiply(w, scale, out=out, dtype=np.float64, casting="same_kind")
+    return out
 
 
 @dataclasses.dataclass
@@ -529,7 +540,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if (old is not None and old.is_initializer() and old.graph is graph
                 and len(old.uses()) == 1 and not old.is_graph_output()
                 and not self._consts.is_overridable(old)):
-            tensor = ir.tensor(array, name=old.name)
+            tensor = array_tensor(array, name=old.name)
             old.const_value = tensor
             old.shape = ir.Shape(array.shape)
             old.type = ir.TensorType(tensor.dtype)
@@ -561,7 +572,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
         def apply(k, shift):
             scale = k.reshape((-1,) + (1,) * (w.ndim - 1))
-            new_w = (w.astype(np.float64) * scale).astype(w.dtype)
+            new_w = _scaled(w, scale)
             b64 = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
             new_b = (b64 * k + shift).astype(w.dtype)
             self._write(node, 1, new_w, f"{wname}_bnfold")
@@ -585,7 +596,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             grp = np.arange(w.shape[0]) // (w.shape[0] // group)
             channel = grp[:, None] * per_group + np.arange(per_group)[None, :]   # (I, O/g)
             scale = k[channel].reshape(channel.shape + (1,) * (w.ndim - 2))
-            new_w = (w.astype(np.float64) * scale).astype(w.dtype)
+            new_w = _scaled(w, scale)
             b64 = np.zeros(n_out) if b is None else b.astype(np.float64)
             new_b = (b64 * k + shift).astype(w.dtype)
             self._write(node, 1, new_w, f"{wname}_bnfold")
@@ -620,7 +631,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             k, shift = np.repeat(k, repeat), np.repeat(shift, repeat)
             col = alpha * k
             scale = col[:, None] if trans_b else col[None, :]
-            new_w = (w.astype(np.float64) * scale).astype(w.dtype)
+            new_w = _scaled(w, scale)
             c64 = np.zeros(n) if c is None else beta * c.astype(np.float64)
             new_c = (c64 * k + shift).astype(w.dtype)
             self._write(node, 1, new_w, f"{wname}_bnfold")
@@ -662,7 +673,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
         def apply(k, shift):
             k, shift = np.repeat(k, repeat), np.repeat(shift, repeat)
-            new_w = (w.astype(np.float64) * k[None, :]).astype(w.dtype)
+            new_w = _scaled(w, k[None, :])
             self._write(node, 1, new_w, f"{wname}_bnfold")
             bias = add_initializer(node.graph, self._model, self._names,
                                    f"{node.name or wname}_bias_bnfold", shift.astype(w.dtype))
@@ -707,7 +718,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
         def apply(k, shift):
             k, shift = np.repeat(k, repeat), np.repeat(shift, repeat)
-            new_w = (w.astype(np.float64) * k[None, :]).astype(w.dtype)
+            new_w = _scaled(w, k[None, :])
             new_b = (b.astype(np.float64) * k + shift).astype(b.dtype)
             self._write(mm, 1, new_w, f"{wname}_bnfold")
             self._write(node, bias_index, new_b, f"{node.name or wname}_bias_bnfold")
