@@ -45,6 +45,23 @@ def _ema(v, t, m):
     return v * m + t * (1.0 - m)
 
 
+def _renorm_r_d(config: BatchNormConfig, sigma, mu, renorm_mean, renorm_stddev, eps):
+    """Batch renormalization's r and d from the batch's sigma and mean and the variables before the
+    update: ``s = max(renorm_stddev, sqrt(eps))``, ``r = sigma/s`` clipped to [rmin, rmax] (rmax last, as
+    Keras), ``d = (mu - renorm_mean)/s`` clipped to [-dmax, dmax]; each bound only when given."""
+    s = np.maximum(renorm_stddev, np.sqrt(eps))
+    r = sigma / s
+    d = (mu - renorm_mean) / s
+    clip = config.renorm_clipping or {}
+    if "rmin" in clip:
+        r = np.maximum(r, clip["rmin"])
+    if "rmax" in clip:
+        r = np.minimum(r, clip["rmax"])
+    if "dmax" in clip:
+        d = np.minimum(np.maximum(d, -clip["dmax"]), clip["dmax"])
+    return r, d
+
+
 def batchnorm(config: BatchNormConfig, x, variables: Mapping[str, Any] | None = None, *, training: bool,
               adjustment: tuple[Any, Any] | None = None, dtype: str | None = None) -> ReferenceResult:
     """Run one Keras ``BatchNormalization`` call in float64.
@@ -99,16 +116,7 @@ def batchnorm(config: BatchNormConfig, x, variables: Mapping[str, Any] | None = 
     m = config.momentum
     if config.renorm:
         stddev = np.sqrt(batch_var + eps)
-        s = np.maximum(v["renorm_stddev"], np.sqrt(eps))
-        r = stddev / s
-        d = (batch_mean - v["renorm_mean"]) / s
-        clip = config.renorm_clipping or {}
-        if "rmin" in clip:
-            r = np.maximum(r, clip["rmin"])
-        if "rmax" in clip:
-            r = np.minimum(r, clip["rmax"])
-        if "dmax" in clip:
-            d = np.minimum(np.maximum(d, -clip["dmax"]), clip["dmax"])
+        r, d = _renorm_r_d(config, stddev, batch_mean, v["renorm_mean"], v["renorm_stddev"], eps)
         out = out * r + d
         rm = config.renorm_momentum
         new_stddev = _ema(v["moving_stddev"], stddev, m)
@@ -235,16 +243,8 @@ def batchnorm_backward(config: BatchNormConfig, x, dy, variables: Mapping[str, A
     if config.renorm:                    # constants (stop_gradient), from the group-averaged statistics
         batch_mean = mean.mean(axis=1, keepdims=True) if config.virtual_batch_size else mean
         batch_var = var.mean(axis=1, keepdims=True) if config.virtual_batch_size else var
-        s = np.maximum(vars_["renorm_stddev"].reshape(cshape), np.sqrt(eps))
-        r = np.sqrt(batch_var + eps) / s
-        d = (batch_mean - vars_["renorm_mean"].reshape(cshape)) / s
-        clip = config.renorm_clipping or {}
-        if "rmin" in clip:
-            r = np.maximum(r, clip["rmin"])
-        if "rmax" in clip:
-            r = np.minimum(r, clip["rmax"])
-        if "dmax" in clip:
-            d = np.clip(d, -clip["dmax"], clip["dmax"])
+        r, d = _renorm_r_d(config, np.sqrt(batch_var + eps), batch_mean, vars_["renorm_mean"].reshape(cshape),
+                           vars_["renorm_stddev"].reshape(cshape), eps)
     adj_scale, adj_bias = 1.0, 0.0
     if config.adjustment is not None:
         if adjustment is None:

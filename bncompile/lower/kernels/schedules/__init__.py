@@ -76,61 +76,56 @@ def _takes_machine(fn) -> bool:
         return False
 
 
+def _apply_first(table: dict, what: str, spec: KernelSpec, func, target, rule: str | None, machine, *,
+                 scoped: bool = False):
+    """The first rule of ``table[target kind]`` that applies (or the named ``rule``): (name, schedule).
+    CPU rules that take a :class:`CpuMachine` get one (``machine``, default: the target's vector lanes
+    and this host's caches); ``scoped`` runs the rules inside the target's scope (rules that read the
+    vector width from the current target)."""
+    import contextlib
+
+    from bncompile.errors import UnsupportedError
+
+    kind = _tvm.target_kind(target)
+    rules = table.get(kind)
+    if rules is None:
+        raise UnsupportedError(f"target: no {what} schedules for target kind {kind!r}; use 'llvm' or 'cuda'")
+    with _tvm.make_target(target) if scoped else contextlib.nullcontext():
+        for name, fn in rules:
+            if rule is not None and name != rule:
+                continue
+            if kind == "llvm" and _takes_machine(fn):
+                if machine is None:
+                    from bncompile.lower import targets
+
+                    machine = cpu_machine(targets.target_dict(target))
+                sch = fn(spec, func, machine)
+            else:
+                sch = fn(spec, func)
+            if sch is not None:
+                log.debug("%s kernel %s: schedule %s", what, spec.kinds, name)
+                return name, sch
+    if rule is not None:
+        raise UnsupportedError(f"schedule {rule!r} does not apply to layout {spec.kinds} {spec.shape}")
+    return "unscheduled", _sched(func)
+
+
 def schedule(spec: KernelSpec, func, *, target="llvm", rule: str | None = None, machine: CpuMachine | None = None):
     """Apply the first rule for ``target`` that applies (or the named ``rule``); returns (name, sch).
 
     CPU rules get a :class:`~bncompile.lower.kernels.schedules.machine.CpuMachine` (``machine``, default:
     the target's vector lanes and this host's caches) and derive their blocking from it."""
-    kind = _tvm.target_kind(target)
-    rules = RULES.get(kind)
-    if rules is None:
-        from bncompile.errors import UnsupportedError
-        raise UnsupportedError(f"target: no batch-normalization schedules for target kind {kind!r}; "
-                               "use 'llvm' or 'cuda'")
-    for name, fn in rules:
-        if rule is not None and name != rule:
-            continue
-        if kind == "llvm" and _takes_machine(fn):
-            if machine is None:
-                from bncompile.lower import targets
-
-                machine = cpu_machine(targets.target_dict(target))
-            sch = fn(spec, func, machine)
-        else:
-            sch = fn(spec, func)
-        if sch is not None:
-            log.debug("batchnorm kernel %s: schedule %s", spec.kinds, name)
-            return name, sch
-    if rule is not None:
-        from bncompile.errors import UnsupportedError
-        raise UnsupportedError(f"schedule {rule!r} does not apply to layout {spec.kinds} {spec.shape}")
-    return "unscheduled", _sched(func)
+    return _apply_first(RULES, "batch-normalization", spec, func, target, rule, machine)
 
 
 # the backward kernels (bncompile.lower.kernels.backward): rules per target in backward_cpu / backward_cuda
 BACKWARD_RULES: dict[str, list[tuple[str, Rule]]] = {"llvm": backward_cpu.RULES, "cuda": backward_cuda.RULES}
 
 
-def schedule_backward(spec: KernelSpec, func, *, target="llvm", rule: str | None = None):
-    """Like :func:`schedule`, for the backward PrimFunc of ``spec``; the rules run inside the target's
-    scope (vector width from the target)."""
-    kind = _tvm.target_kind(target)
-    rules = BACKWARD_RULES.get(kind)
-    if rules is None:
-        from bncompile.errors import UnsupportedError
-        raise UnsupportedError(f"target: no backward schedules for target kind {kind!r}; use 'llvm' or 'cuda'")
-    with _tvm.make_target(target):
-        for name, fn in rules:
-            if rule is not None and name != rule:
-                continue
-            sch = fn(spec, func)
-            if sch is not None:
-                log.debug("batchnorm backward kernel %s: schedule %s", spec.kinds, name)
-                return name, sch
-    if rule is not None:
-        from bncompile.errors import UnsupportedError
-        raise UnsupportedError(f"schedule {rule!r} does not apply to layout {spec.kinds} {spec.shape}")
-    return "unscheduled", _sched(func)
+def schedule_backward(spec: KernelSpec, func, *, target="llvm", rule: str | None = None,
+                      machine: CpuMachine | None = None):
+    """Like :func:`schedule`, for the backward PrimFunc of ``spec``."""
+    return _apply_first(BACKWARD_RULES, "backward", spec, func, target, rule, machine, scoped=True)
 
 
 __all__ = ["CpuMachine", "cpu_machine", "stat_block_floats", "y_task_bytes", "RULES", "BACKWARD_RULES", "schedule_backward", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",

@@ -77,3 +77,20 @@ def _inline_parameter_only(sch, names: list[str], keep=("shift",)) -> list[str]:
 
 
 # --------------------------------------------------------------------------- CPU
+
+
+def _per_sample_partials(sch, block, C: int, cv: int) -> None:
+    """Channels-last reduction ``block`` (loops c, n, p, q) as per-sample partial sums (rfactor over n),
+    parallel over the samples, vectorized over ``cv`` contiguous channels."""
+    c, n, p, q = sch.get_loops(block)
+    rf = sch.rfactor(n, factor_axis=0)            # partial sums per sample: <block>_rf[n, c]
+    c, n, p, q = sch.get_loops(rf)
+    if cv < C:
+        co, ci = sch.split(c, [None, cv])
+        sch.reorder(n, co, p, q, ci)
+    else:
+        sch.reorder(n, p, q, c)
+        ci = c
+    sch.parallel(n)
+    sch.vectorize(ci)
+    sch.decompose_reduction(rf, sch.get_loops(rf)[1] if cv == C else sch.get_loops(rf)[2])

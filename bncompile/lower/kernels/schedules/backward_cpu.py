@@ -32,7 +32,7 @@ import os
 
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.machine import cpu_machine
-from bncompile.lower.kernels.schedules._common import (_blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_per_sample_partials, _blocks, _divisor, _inline_parameter_only, _sched,
                                                       _vector_factor)
 
 Y_TASK_BYTES = 128 * 1024
@@ -174,18 +174,7 @@ def _channels_last_partials(spec: KernelSpec, func, cv: int):
     P, C = int(spec.shape[1]), int(spec.channel_shape[0])
     sch = _sched(func)
     _inline_parameter_only(sch, _blocks(sch))
-    c, n, p, q = sch.get_loops("red")
-    rf = sch.rfactor(n, factor_axis=0)     # partial sums per sample: red_rf[n, c]
-    c, n, p, q = sch.get_loops(rf)
-    if cv < C:
-        co, ci = sch.split(c, [None, cv])
-        sch.reorder(n, co, p, q, ci)
-    else:
-        sch.reorder(n, p, q, c)
-        ci = c
-    sch.parallel(n)
-    sch.vectorize(ci)
-    sch.decompose_reduction(rf, sch.get_loops(rf)[1] if cv == C else sch.get_loops(rf)[2])
+    _per_sample_partials(sch, "red", C, cv)
     n, p, c, q = sch.get_loops("dx")
     rows = sch.fuse(n, p)
     chunk = _divisor(P, max(1, Y_TASK_BYTES // (4 * C)))

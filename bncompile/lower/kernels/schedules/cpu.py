@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_M2_MAX, KernelSpec
-from bncompile.lower.kernels.schedules._common import (REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_per_sample_partials, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -285,18 +285,7 @@ def _channels_last_rfactor(spec: KernelSpec, func, mach: CpuMachine):
     lanes = _row_lanes(mach)
     cv = C if C <= 4 * lanes else _vector_factor(C, lanes)
     for b in REDUCTIONS:
-        c, n, p, q = sch.get_loops(b)
-        rf = sch.rfactor(n, factor_axis=0)            # partial sums per sample: <b>_rf[n, c]
-        c, n, p, q = sch.get_loops(rf)
-        if cv < C:
-            co, ci = sch.split(c, [None, cv])
-            sch.reorder(n, co, p, q, ci)
-        else:
-            sch.reorder(n, p, q, c)
-            ci = c
-        sch.parallel(n)
-        sch.vectorize(ci)
-        sch.decompose_reduction(rf, sch.get_loops(rf)[1] if cv == C else sch.get_loops(rf)[2])
+        _per_sample_partials(sch, b, C, cv)
     _channels_last_y(sch, P, C, cv, mach)
     return sch
 
