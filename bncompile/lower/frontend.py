@@ -135,58 +135,38 @@ class KernelContext:
         self.fallbacks: list[str] = []
         self.multiples: dict[str, int] = {}   # symbolic dim name -> the batch must be a multiple of this
 
-    def kernel(self, bb, spec):
-        gv = self.kernels.get(spec)
+    def _add(self, bb, spec, *, backward: bool):
+        """Our kernel for ``spec`` (its backward when ``backward``) as a PrimFunc of the module, scheduled
+        for the target, added once per spec."""
+        from bncompile.lower.kernels import backward as bwd, compute, schedules
+
+        table = self.backward_kernels if backward else self.kernels
+        gv = table.get(spec)
         if gv is not None:
             return gv
-        from bncompile.lower.kernels import compute
-
-        func = compute.prim_func(spec)
-        rule = "unscheduled"
+        build = bwd.backward_prim_func if backward else compute.prim_func
+        apply = schedules.schedule_backward if backward else schedules.schedule
+        what = "batchnorm backward kernel" if backward else "batchnorm kernel"
+        func, rule = build(spec), "unscheduled"
         try:
-            from bncompile.lower.kernels import schedules
-
-            rule, sch = schedules.schedule(spec, func, target=self.tdict)
+            rule, sch = apply(spec, func, target=self.tdict)
             func = sch.mod["main"]
         except BncompileError as err:          # no rule for this target kind: default pipeline decides
-            log.info("batchnorm kernel %s left to the default pipeline: %s", spec.kinds, err)
+            log.info("%s %s left to the default pipeline: %s", what, spec.kinds, err)
         except Exception as err:  # pragma: no cover - a schedule bug must not break the compile
-            log.warning("schedule of batchnorm kernel %s failed (%s); using the unscheduled kernel",
-                        spec.kinds, err)
-            func = compute.prim_func(spec)
-            rule = "unscheduled"
-        name = f"bncompile_bn_{len(self.kernels)}"
+            log.warning("schedule of %s %s failed (%s); using the unscheduled kernel", what, spec.kinds, err)
+            func, rule = build(spec), "unscheduled"
+        name = f"bncompile_bn_{'grad_' if backward else ''}{len(table)}"
         gv = bb.add_func(func.with_attr("global_symbol", name), name)
-        self.kernels[spec] = gv
+        table[spec] = gv
         self.schedules[name] = rule
         return gv
 
+    def kernel(self, bb, spec):
+        return self._add(bb, spec, backward=False)
 
     def backward_kernel(self, bb, spec):
-        gv = self.backward_kernels.get(spec)
-        if gv is not None:
-            return gv
-        from bncompile.lower.kernels import backward
-
-        func = backward.backward_prim_func(spec)
-        rule = "unscheduled"
-        try:
-            from bncompile.lower.kernels import schedules
-
-            rule, sch = schedules.schedule_backward(spec, func, target=self.tdict)
-            func = sch.mod["main"]
-        except BncompileError as err:
-            log.info("batchnorm backward kernel %s left to the default pipeline: %s", spec.kinds, err)
-        except Exception as err:  # pragma: no cover - a schedule bug must not break the compile
-            log.warning("schedule of batchnorm backward kernel %s failed (%s); using the unscheduled kernel",
-                        spec.kinds, err)
-            func = backward.backward_prim_func(spec)
-            rule = "unscheduled"
-        name = f"bncompile_bn_grad_{len(self.backward_kernels)}"
-        gv = bb.add_func(func.with_attr("global_symbol", name), name)
-        self.backward_kernels[spec] = gv
-        self.schedules[name] = rule
-        return gv
+        return self._add(bb, spec, backward=True)
 
 
 def _node_label(attr) -> str:
