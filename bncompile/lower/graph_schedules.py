@@ -74,6 +74,21 @@ def _schedule_of(func):
     return sch
 
 
+def _single_reduction(sch):
+    """(block, iter kinds, spatial count, loops) of a function with exactly one reduction block whose
+    iterators are spatial then reduction, one loop each; None otherwise."""
+    reds = [b for b in _all_blocks(sch) if "R" in _iter_kinds(sch, b)]
+    if len(reds) != 1:
+        return None
+    blk = reds[0]
+    kinds = _iter_kinds(sch, blk)
+    ns = kinds.count("S")
+    loops = sch.get_loops(blk)
+    if ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
+        return None
+    return blk, kinds, ns, loops
+
+
 def _inline_epilogue(sch, wb) -> None:
     """Inline the element-wise epilogue after the write-back block ``wb`` (bias, relu, residual add, and
     the side branch of x * sigmoid(x), x * hardsigmoid(x)...) into it, so the epilogue runs at write-back
@@ -600,16 +615,10 @@ def schedule_inner_vector_reduction(func, target=None):
     into vectors and moved inside the reduction, a local accumulator, the element-wise epilogue inlined
     into its write-back, parallel over the other spatial loops. None when it does not apply."""
     sch = _schedule_of(func)
-    blocks = _all_blocks(sch)
-    reds = [b for b in blocks if "R" in _iter_kinds(sch, b)]
-    if len(reds) != 1:
+    found = _single_reduction(sch)
+    if found is None:
         return None
-    blk = reds[0]
-    kinds = _iter_kinds(sch, blk)
-    ns = kinds.count("S")
-    loops = sch.get_loops(blk)
-    if ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
-        return None
+    blk, kinds, ns, loops = found
     block = sch.get(blk)
     jv = block.iter_vars[ns - 1].var
     if len(block.writes) != 1 or not _last_index_is(block.writes[0], jv):
@@ -652,15 +661,10 @@ def schedule_global_pool(func, target=None):
     output, dlight's ``cpu.Reduction``, waits on), a local accumulator with the epilogue (the mean's
     divide) inlined into its write-back, parallel over the tiles. None when it does not apply."""
     sch = _schedule_of(func)
-    reds = [b for b in _all_blocks(sch) if "R" in _iter_kinds(sch, b)]
-    if len(reds) != 1:
+    found = _single_reduction(sch)
+    if found is None:
         return None
-    blk = reds[0]
-    kinds = _iter_kinds(sch, blk)
-    ns = kinds.count("S")
-    loops = sch.get_loops(blk)
-    if ns == 0 or kinds != "S" * ns + "R" * (len(kinds) - ns) or len(loops) != len(kinds):
-        return None
+    blk, kinds, ns, loops = found
     block = sch.get(blk)
     rvars = [iv.var for iv in block.iter_vars[ns:]]
     # the reduction runs over the innermost axes of a read: x[..., r0, r1] (contiguous per output)
