@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from bncompile.lower.kernels.compute import KernelSpec
+from bncompile.lower.kernels.schedules.cuda import block_per_channel_applies
 from bncompile.lower.kernels.schedules._common import CUDA_THREADS, H100_SMS, _blocks, _inline_parameter_only, _sched
 from bncompile.lower.kernels.schedules.cuda import cuda_generic
 
@@ -21,12 +22,8 @@ _OUTPUTS = ("dx", "dgamma", "dbeta")
 
 
 def bwd_cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
-    if not spec.training or not spec.single_channel_run or spec.shape[-1] == 1:
+    if not block_per_channel_applies(spec, sms):
         return None
-    if int(spec.channel_shape[0]) < 2 * sms and not spec.ghost:
-        return None
-    if spec.ghost and any(not isinstance(d, int) for d in spec.shape):
-        return None                      # per-group scalars of a symbolic group count cannot be shared
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     nstat = 2 if spec.ghost else 1

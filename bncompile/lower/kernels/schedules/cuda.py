@@ -12,14 +12,21 @@ def _cuda_scalar_blocks(names: list[str]) -> list[str]:
     return [n for n in names if n not in ("shift", "y") + REDUCTIONS and not n.endswith("_new")]
 
 
+def block_per_channel_applies(spec: KernelSpec, sms: int = H100_SMS) -> bool:
+    """Whether one thread block per channel suits ``spec``: training, one channel run, channel-first,
+    at least two channels per SM (or ghost BN with a static batch)."""
+    if not spec.training or not spec.single_channel_run or spec.shape[-1] == 1:
+        return False
+    if int(spec.channel_shape[0]) < 2 * sms and not spec.ghost:
+        return False
+    # per-group scalars of a symbolic group count cannot be shared
+    return not (spec.ghost and any(not isinstance(d, int) for d in spec.shape))
+
+
 def cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
     """One thread block per channel (stats, scalars and y); for channel-first layouts with many channels."""
-    if not spec.training or not spec.single_channel_run or spec.shape[-1] == 1:
+    if not block_per_channel_applies(spec, sms):
         return None
-    if int(spec.channel_shape[0]) < 2 * sms and not spec.ghost:
-        return None
-    if spec.ghost and any(not isinstance(d, int) for d in spec.shape):
-        return None                      # per-group scalars of a symbolic group count cannot be shared
     if spec.adjustment == "full" and spec.ghost:
         return None
     sch = _sched(func)
