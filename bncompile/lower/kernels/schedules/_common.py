@@ -94,3 +94,27 @@ def _per_sample_partials(sch, block, C: int, cv: int) -> None:
     sch.parallel(n)
     sch.vectorize(ci)
     sch.decompose_reduction(rf, sch.get_loops(rf)[1] if cv == C else sch.get_loops(rf)[2])
+
+
+def _vectorize_channels(sch, c, q, C: int, cv: int) -> None:
+    """Vectorize the contiguous channel loop ``c`` (of extent ``C``) by ``cv``, under the loop ``q``."""
+    if cv < C:
+        co, ci = sch.split(c, [None, cv])
+        sch.reorder(co, q, ci)
+    else:
+        sch.reorder(q, c)
+        ci = c
+    sch.vectorize(ci)
+
+
+def _rows_pass(sch, block: str, P: int, C: int, cv: int, task_bytes: int) -> None:
+    """A channels-last element-wise pass ``block`` (loops n, p, c, q) parallel over blocks of rows (a
+    divisor of P, so the split is exact even for a symbolic batch) of about ``task_bytes`` each,
+    vectorized across the channels."""
+    n, p, c, q = sch.get_loops(block)
+    rows = sch.fuse(n, p)
+    chunk = _divisor(P, max(1, task_bytes // (4 * C)))
+    if chunk > 1:
+        rows, _ = sch.split(rows, [None, chunk])
+    sch.parallel(rows)
+    _vectorize_channels(sch, c, q, C, cv)

@@ -32,7 +32,7 @@ import os
 
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.machine import cpu_machine
-from bncompile.lower.kernels.schedules._common import (_per_sample_partials, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_per_sample_partials, _rows_pass, _blocks, _inline_parameter_only, _sched,
                                                       _vector_factor)
 
 Y_TASK_BYTES = 128 * 1024
@@ -175,19 +175,7 @@ def _channels_last_partials(spec: KernelSpec, func, cv: int):
     sch = _sched(func)
     _inline_parameter_only(sch, _blocks(sch))
     _per_sample_partials(sch, "red", C, cv)
-    n, p, c, q = sch.get_loops("dx")
-    rows = sch.fuse(n, p)
-    chunk = _divisor(P, max(1, Y_TASK_BYTES // (4 * C)))
-    if chunk > 1:
-        rows, _ = sch.split(rows, [None, chunk])
-    sch.parallel(rows)
-    if cv < C:
-        co, ci = sch.split(c, [None, cv])
-        sch.reorder(co, q, ci)
-    else:
-        sch.reorder(q, c)
-        ci = c
-    sch.vectorize(ci)
+    _rows_pass(sch, "dx", P, C, cv, Y_TASK_BYTES)
     return sch
 
 

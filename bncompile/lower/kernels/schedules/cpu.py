@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_M2_MAX, KernelSpec
-from bncompile.lower.kernels.schedules._common import (_per_sample_partials, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_per_sample_partials, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -234,22 +234,9 @@ def _channels_last_vector(sch, block: str, lead: int, C: int, cv: int):
 
 
 def _channels_last_y(sch, P: int, C: int, cv: int, mach: CpuMachine):
-    n, p, c, q = sch.get_loops("y")
-    rows = sch.fuse(n, p)
-    # parallel over blocks of rows (a divisor of P, so the split is exact even for a symbolic batch):
     # a task streams ~L2/8 of y (1 MB L2: ~100 KB measured better than 28 KB or 450 KB; amortizes the
     # streaming fence)
-    chunk = _divisor(P, max(1, y_task_bytes(mach) // (4 * C)))
-    if chunk > 1:
-        rows, _ = sch.split(rows, [None, chunk])
-    sch.parallel(rows)
-    if cv < C:
-        co, ci = sch.split(c, [None, cv])
-        sch.reorder(co, q, ci)
-    else:
-        sch.reorder(q, c)
-        ci = c
-    sch.vectorize(ci)
+    _rows_pass(sch, "y", P, C, cv, y_task_bytes(mach))
 
 
 def _channels_last_blocked(spec: KernelSpec, func, mach: CpuMachine):
@@ -332,13 +319,7 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
     else:
         v, gg, p, cc, q = sch.get_loops("y")
         sch.parallel(sch.fuse(v, gg))
-    if cv < C:
-        co, ci = sch.split(cc, [None, cv])
-        sch.reorder(co, q, ci)
-    else:
-        sch.reorder(q, cc)
-        ci = cc
-    sch.vectorize(ci)
+    _vectorize_channels(sch, cc, q, C, cv)
     # the group's per-channel scalars (float64 finalization) as vectors across the channels
     for b in ["shift"] + [b for b in moved if b not in REDUCTIONS]:
         loops = sch.get_loops(b)                    # g | c [, unit g']
