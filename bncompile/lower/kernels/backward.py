@@ -40,7 +40,8 @@ import math
 
 import numpy as np
 
-from bncompile.lower.kernels.compute import SHIFT_MASK, STAT, SYMBOLIC, WIDE, KernelSpec, _coarse
+from bncompile.lower.kernels.compute import (SHIFT_MASK, STAT, WIDE, KernelSpec, _coarse, te_shapes,
+                                              widen_to_stat)
 
 __all__ = ["backward_input_names", "backward_output_names", "backward_te", "backward_prim_func",
            "backward_numpy", "compensated_sums"]
@@ -108,23 +109,12 @@ def backward_te(spec: KernelSpec):
 
     te, tirx = _tvm.te(), _tvm.tirx()
 
-    def f32(v):
-        if v.dtype == STAT:
-            return v
-        if v.dtype == "bfloat16":      # exact widening, as in compute.batchnorm_te
-            u = tirx.reinterpret("uint16", v).astype("uint32")
-            return tirx.reinterpret(STAT, u << tirx.const(16, "uint32"))
-        return v.astype(STAT)
-
+    f32 = widen_to_stat
     const = lambda v: tirx.const(float(v), STAT)  # noqa: E731
     c64 = lambda v: tirx.const(float(v), WIDE)  # noqa: E731
     f64 = lambda v: v.astype(WIDE)  # noqa: E731
-    sym = te.var("n", dtype="int32")
-    shape = tuple(sym if s == SYMBOLIC else int(s) for s in spec.shape)
+    shape, cshape, gshape, rshape = te_shapes(spec)
     kinds = spec.kinds
-    cshape = tuple(s for s, k in zip(shape, kinds) if k == "C")
-    gshape = tuple(s for s, k in zip(shape, kinds) if k == "G")
-    rshape = tuple(s for s, k in zip(shape, kinds) if k == "R")
     sshape = cshape + gshape
     nc = len(cshape)
 

@@ -202,6 +202,32 @@ def canonical_shape(spec: KernelSpec, x_shape: Sequence[int]) -> tuple[int, ...]
 
 # --------------------------------------------------------------------------- TE compute
 
+def widen_to_stat(v):
+    """A TIR value in the statistics' type (float32). bfloat16 is float32's upper half: exact bit
+    widening, because TVM 0.27's bf16 legalization miscompiles a bf16 Cast inside a tuple (compensated)
+    reduction and leaves this form alone."""
+    from bncompile.lower import tvm as _tvm
+
+    tirx = _tvm.tirx()
+    if v.dtype == STAT:
+        return v
+    if v.dtype == "bfloat16":
+        u = tirx.reinterpret("uint16", v).astype("uint32")
+        return tirx.reinterpret(STAT, u << tirx.const(16, "uint32"))
+    return v.astype(STAT)
+
+
+def te_shapes(spec: KernelSpec):
+    """``(shape, channel dims, group dims, reduced dims)`` of a spec's canonical x, its symbolic extent a
+    TE variable ``n``."""
+    from bncompile.lower import tvm as _tvm
+
+    sym = _tvm.te().var("n", dtype="int32")
+    shape = tuple(sym if s == SYMBOLIC else int(s) for s in spec.shape)
+    pick = lambda kind: tuple(s for s, k in zip(shape, spec.kinds) if k == kind)  # noqa: E731
+    return shape, pick("C"), pick("G"), pick("R")
+
+
 def batchnorm_te(spec: KernelSpec):
     """TE tensors ``(inputs, outputs)`` of the kernel; ``te.create_prim_func(inputs + outputs)``.
 
@@ -213,23 +239,10 @@ def batchnorm_te(spec: KernelSpec):
 
     te, tirx = _tvm.te(), _tvm.tirx()
 
-    def f32(v):
-        if v.dtype == STAT:
-            return v
-        if v.dtype == "bfloat16":
-            # bf16 is float32's upper half: exact bit widening. TVM 0.27's bf16 legalization miscompiles a
-            # bf16 Cast inside a tuple (compensated) reduction, and leaves this form alone.
-            u = tirx.reinterpret("uint16", v).astype("uint32")
-            return tirx.reinterpret(STAT, u << tirx.const(16, "uint32"))
-        return v.astype(STAT)
-
+    f32 = widen_to_stat
     const = lambda v: tirx.const(float(v), STAT)  # noqa: E731
-    sym = te.var("n", dtype="int32")
-    shape = tuple(sym if s == SYMBOLIC else int(s) for s in spec.shape)
+    shape, cshape, gshape, rshape = te_shapes(spec)
     kinds = spec.kinds
-    cshape = tuple(s for s, k in zip(shape, kinds) if k == "C")
-    gshape = tuple(s for s, k in zip(shape, kinds) if k == "G")
-    rshape = tuple(s for s, k in zip(shape, kinds) if k == "R")
     sshape = cshape + gshape
     nc = len(cshape)
 
