@@ -172,7 +172,7 @@ def rpc_tracker():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:           # the server registers with the tracker
             summary = client.connect_tracker("127.0.0.1", tracker.port).summary()
-            if any(q.get("key") == "bncompile-test" for q in summary.get("server_info", [])):
+            if summary.get("queue_info", {}).get("bncompile-test", {}).get("free", 0) > 0:
                 break
             time.sleep(0.2)
         yield f"127.0.0.1:{tracker.port}"
