@@ -84,6 +84,15 @@ def _has_reduction(func) -> bool:
     return any("R" in _iter_kinds(sch, blk) for blk in _all_blocks(sch))
 
 
+def _static_args(mod) -> bool:
+    """Every buffer of the function has a static shape (MetaSchedule allocates its arguments to measure)."""
+    try:
+        _ms().arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
+        return True
+    except Exception:  # noqa: BLE001 - "Cannot convert ... ir.Var to IntImm": a symbolic dim
+        return False
+
+
 def _structural_equal(a, b) -> bool:
     return bool(_tvm.submodule("tvm_ffi").structural_equal(a, b))
 
@@ -112,8 +121,9 @@ def fused_module(model, *, target: Any = "llvm", input_shapes: Mapping | None = 
 
 
 def extract_tasks(model, *, target: Any = "llvm", input_shapes: Mapping | None = None, fold: bool = True,
-                  all_functions: bool = False) -> list[Task]:
-    """The tuning tasks of a model, heaviest first (structurally equal functions are one task)."""
+                  all_functions: bool = False, symbolic: list | None = None) -> list[Task]:
+    """The tuning tasks of a model, heaviest first (structurally equal functions are one task). Functions
+    with symbolic shapes cannot be measured: they are left out, and their names appended to ``symbolic``."""
     from bncompile.lower.graph_schedules import _is_ours
 
     tvm = _tvm.tvm()
@@ -134,6 +144,12 @@ def extract_tasks(model, *, target: Any = "llvm", input_shapes: Mapping | None =
         if not all_functions and not _has_reduction(func):
             continue
         mod = normalize(func)
+        if not _static_args(mod):
+            log.info("tune: %s has symbolic shapes; MetaSchedule cannot measure it (hand schedule kept)",
+                     gv.name_hint)
+            if symbolic is not None:
+                symbolic.append(gv.name_hint)
+            continue
         same = next((t for t in tasks if _structural_equal(t.mod, mod)), None)
         if same is not None:
             same.weight += calls.get(gv.name_hint, 1)
@@ -435,7 +451,13 @@ def tune(model, db, *, trials: int, target: Any = "llvm", input_shapes: Mapping 
     deadline = None if time_budget is None else t0 + time_budget
     ms = _ms()
     tvm = _tvm.tvm()
-    tasks = extract_tasks(model, target=target, input_shapes=input_shapes, fold=fold, all_functions=all_functions)
+    symbolic: list = []
+    tasks = extract_tasks(model, target=target, input_shapes=input_shapes, fold=fold, all_functions=all_functions,
+                          symbolic=symbolic)
+    if not tasks and symbolic:
+        raise InputError(f"tune: the model's functions have symbolic shapes ({len(symbolic)}, e.g. a free batch), "
+                         "which MetaSchedule cannot measure: give static shapes with --input-shape "
+                         "NAME=1,3,224,224 (input_shapes=), and compile with the same shapes to use the database")
     _, tdict = resolve_target(target)
     cores = int(num_cores or os.cpu_count() or 1)
     tgt = tvm.target.Target({**tdict, "num-cores": cores})
@@ -457,10 +479,6 @@ def tune(model, db, *, trials: int, target: Any = "llvm", input_shapes: Mapping 
                                                      init_min_unmeasured=min(50, population),
                                                      genetic_num_iters=4 if population >= 256 else 2)
 
-    contexts = [ms.TuneContext(mod=t.mod, target=tgt, space_generator="post-order-apply",
-                               search_strategy=strategy(), task_name=t.name, logger=ms_log,
-                               rand_state=-1 if seed is None else seed + k, num_threads=cores).clone()
-                for k, t in enumerate(tasks)]
     builder = _builder(tdict, cores)
     runner = _runner(rpc_tracker, rpc_key, timeout)
     state = {"trials": 0, "best": result.best, "stop": None}
@@ -470,8 +488,15 @@ def tune(model, db, *, trials: int, target: Any = "llvm", input_shapes: Mapping 
             if measure_hand:
                 _measure_hand(tasks, tgt, database, builder, runner, result)
             _check_stop(state, deadline)
+            # the slowest first (the hand schedule's time x calls; unmeasured ones, which no rule took, before
+            # all): MetaSchedule's task scheduler gives each task one batch in this order before it chooses
+            tasks.sort(key=lambda t: -result.hand.get(t.name, float("inf")) * t.weight)
+            contexts = [ms.TuneContext(mod=t.mod, target=tgt, space_generator="post-order-apply",
+                                       search_strategy=strategy(), task_name=t.name, logger=ms_log,
+                                       rand_state=-1 if seed is None else seed + k, num_threads=cores).clone()
+                        for k, t in enumerate(tasks)]
             callbacks = [*ms.MeasureCallback.create("default"),
-                         _progress_callback(bar, state, deadline, result.tasks)]
+                         _progress_callback(bar, state, deadline, [t.name for t in tasks])]
             ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in tasks], work_dir=str(db),
                           max_trials_global=trials, num_trials_per_iter=max(1, min(trials_per_iter, trials)),
                           builder=builder, runner=runner, database=database, cost_model=cost_model,

@@ -29,7 +29,7 @@ from helpers.compile_models import ort_run, rel_err
 pytestmark = pytest.mark.tvm
 
 
-def conv_gemm(channels: int = 8, size: int = 8) -> onnx.ModelProto:
+def conv_gemm(channels: int = 8, size: int = 8, batch=1) -> onnx.ModelProto:
     """x[1,4,S,S] -> Conv 3x3 + BN + Relu -> Flatten -> Gemm(10): two tasks (the conv, the Gemm)."""
     rng = np.random.default_rng(0)
     c = channels
@@ -46,7 +46,7 @@ def conv_gemm(channels: int = 8, size: int = 8) -> onnx.ModelProto:
              h.make_node("Relu", ["n"], ["r"]),
              h.make_node("Flatten", ["r"], ["f"]),
              h.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
-    g = h.make_graph(nodes, "conv_gemm", [h.make_tensor_value_info("x", T.FLOAT, [1, 4, size, size])],
+    g = h.make_graph(nodes, "conv_gemm", [h.make_tensor_value_info("x", T.FLOAT, [batch, 4, size, size])],
                      [h.make_tensor_value_info("y", T.FLOAT, [1, 10])], inits)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 15)])
 
@@ -196,7 +196,7 @@ def test_tune_through_rpc_tracker_and_server(model_path, tmp_path, rpc_tracker):
 
 @pytest.mark.parametrize("case", ["db_is_file", "key_without_tracker", "tracker_without_key", "bad_tracker",
                                   "zero_trials", "budget", "compile_missing_db", "compile_not_a_db",
-                                  "compile_db_cuda"])
+                                  "compile_db_cuda", "symbolic"])
 def test_bad_input_one_line_exit_2(case, model_path, tmp_path, capsys):
     db = tmp_path / "db"
     argv = ["tune", str(model_path), "--trials", "2", "--db", str(db)]
@@ -222,9 +222,15 @@ def test_bad_input_one_line_exit_2(case, model_path, tmp_path, capsys):
         for f in tuning.DB_FILES:
             (db / f).write_text("")
         argv = ["compile", str(model_path), "--db", str(db), "--target", "cuda", "-o", str(tmp_path / "m.so")]
+    elif case == "symbolic":                   # a free batch: MetaSchedule cannot measure; --input-shape fixes it
+        dyn = tmp_path / "dyn.onnx"
+        onnx.save(conv_gemm(batch="N"), dyn)
+        argv[1] = str(dyn)
     rc = main(argv)
     out, err = capsys.readouterr()
     assert rc == 2, (out, err)
+    if case == "symbolic":
+        assert "--input-shape" in err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.so").exists()
     if case != "db_is_file" and case != "compile_not_a_db" and case != "compile_db_cuda":
