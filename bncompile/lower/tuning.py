@@ -360,6 +360,22 @@ def _build(mod, target, _params):  # pragma: no cover - runs in the builder's wo
     return tvm.tirx.build(layout(mod), target)
 
 
+def _stoppable(builder, state: dict, deadline: float | None):
+    """``builder`` checking the time budget and Ctrl-C before each batch: in MetaSchedule's first round over
+    the tasks no result is joined (so no measure callback runs) until every task has had a batch built, and
+    with many tasks that round takes minutes."""
+    ms = _ms()
+    derived_object = _tvm.submodule("tvm.ir.utils").derived_object
+
+    @derived_object
+    class Stoppable(ms.builder.PyBuilder):
+        def build(self, build_inputs):
+            _check_stop(state, deadline)
+            return builder.build(build_inputs)
+
+    return Stoppable()
+
+
 def _export_aarch64(mod) -> str:  # pragma: no cover - runs in the builder's worker processes
     import tempfile
 
@@ -499,7 +515,8 @@ def tune(model, db, *, trials: int, target: Any = "llvm", input_shapes: Mapping 
                          _progress_callback(bar, state, deadline, [t.name for t in tasks])]
             ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in tasks], work_dir=str(db),
                           max_trials_global=trials, num_trials_per_iter=max(1, min(trials_per_iter, trials)),
-                          builder=builder, runner=runner, database=database, cost_model=cost_model,
+                          builder=_stoppable(builder, state, deadline), runner=runner, database=database,
+                          cost_model=cost_model,
                           measure_callbacks=callbacks, task_scheduler="gradient")
     except Exception:  # noqa: BLE001 - the callback's _Stop arrives as a RuntimeError through TVM's FFI
         if state["stop"] is None:
