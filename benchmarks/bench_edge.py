@@ -11,7 +11,10 @@ on (model, vector width, cache sizes).
 Usage::
 
     python benchmarks/bench_edge.py [--size 224] [--repeat 10] [--warmup 2] [--networks a,b]
-        [--threads 1,2] [--json out.json]
+        [--threads 1,2] [--json out.json] [--db DIR]
+
+With ``--db DIR`` (a database written by ``bncompile tune``) each network is measured again with TVM
+compiled from it (``compile --db``), so the table has untuned and tuned ratios side by side.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ def cpu_description() -> str:
     return f"{model}, {width}, {cache_text}, {os.cpu_count()} cores"
 
 
-def run_one(networks, threads, args) -> dict:
-    """One process per thread count: benchmark each network, return {network: ratio or error}."""
+def run_one(networks, threads, args, db=None) -> dict:
+    """One process per thread count: benchmark each network, return {network: ratio or error}. ``db``: the
+    ``tvm`` variant compiles with this tuning database (``bncompile tune``)."""
     from bncompile.bench import benchmark
 
     out = {}
@@ -67,16 +71,18 @@ def run_one(networks, threads, args) -> dict:
         model = NETWORKS[name](size=args.size)
         try:
             rep = benchmark(model, batches=(1,), threads=threads, variants=["ort", "tvm"], repeat=args.repeat,
-                            warmup=args.warmup, memory=False, progress=False)
+                            warmup=args.warmup, memory=False, progress=False, db=db)
             d = rep.to_dict()
             res = {r["variant"]: r for r in d["results"]}
             tvm, ort = res.get("tvm", {}), res.get("ort", {})
             out[name] = {"tvm_ms": tvm.get("median_ms"), "ort_ms": ort.get("median_ms"),
                          "ratio": tvm.get("ratio"), "status": tvm.get("status"),
-                         "error": tvm.get("reason"), "max_rel_err": tvm.get("max_rel_err")}
+                         "error": tvm.get("reason"), "max_rel_err": tvm.get("max_rel_err"),
+                         "tvm_threads": tvm.get("threads_used"), "ort_threads": ort.get("threads_used"),
+                         "tvm_parallelism": tvm.get("parallelism"), "ort_parallelism": ort.get("parallelism")}
         except Exception as err:  # noqa: BLE001 - a benchmark reports, it does not stop
             out[name] = {"status": "failed", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-        print(f"  threads={threads} {name}: {out[name]}", file=sys.stderr, flush=True)
+        print(f"  threads={threads} {name}{' (tuned)' if db else ''}: {out[name]}", file=sys.stderr, flush=True)
     return out
 
 
@@ -88,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--networks", default=",".join(DEFAULT))
     ap.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--db", default=None, help="tuning database folder (bncompile tune): also measure TVM tuned")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -96,7 +103,10 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}")
     if args._child is not None:
-        Path(args._out).write_text(json.dumps(run_one(networks, args._child, args)))
+        res = {"untuned": run_one(networks, args._child, args)}
+        if args.db:
+            res["tuned"] = run_one(networks, args._child, args, db=args.db)
+        Path(args._out).write_text(json.dumps(res))
         return 0
     thread_counts = sorted({int(t) for t in args.threads.split(",") if t})
     cpu = cpu_description()
@@ -107,25 +117,32 @@ def main(argv=None) -> int:
             out = Path(tmp) / "r.json"
             cmd = [sys.executable, __file__, "--size", str(args.size), "--repeat", str(args.repeat),
                    "--warmup", str(args.warmup), "--networks", ",".join(networks), "--_child", str(t),
-                   "--_out", str(out)]
+                   "--_out", str(out)] + (["--db", args.db] if args.db else [])
             subprocess.run(cmd, check=True, env={**os.environ, "TVM_NUM_THREADS": str(t)})
             results[t] = json.loads(out.read_text())
-    header = "network".ljust(22) + "".join(f"{'TVM/ORT @' + str(t) + 't':>16}{'TVM ms':>10}{'ORT ms':>10}"
-                                           for t in thread_counts)
+    kinds = ["untuned", "tuned"] if args.db else ["untuned"]
+    header = "network".ljust(22) + "".join(f"{'TVM/ORT @' + str(t) + 't' + (' ' + k if args.db else ''):>24}"
+                                           f"{'TVM ms':>10}{'ORT ms':>10}{'thr':>6}{'par':>10}"
+                                           for t in thread_counts for k in kinds)
     print(header)
     for name in networks:
         row = name.ljust(22)
         for t in thread_counts:
-            r = results[t][name]
-            if r.get("ratio") is None:
-                row += f"{(r.get('status') or 'failed'):>16}{'':>10}{'':>10}"
-            else:
-                row += f"{r['ratio']:>16.2f}{r['tvm_ms']:>10.2f}{r['ort_ms']:>10.2f}"
+            for k in kinds:
+                r = results[t][k][name]
+                if r.get("ratio") is None:
+                    row += f"{(r.get('status') or 'failed'):>24}{'':>36}"
+                else:
+                    row += (f"{r['ratio']:>24.2f}{r['tvm_ms']:>10.2f}{r['ort_ms']:>10.2f}"
+                            f"{r['tvm_threads']!s:>3}/{r['ort_threads']!s:<2}"
+                            f"{r['tvm_parallelism']:>5.2f}/{r['ort_parallelism']:<4.2f}")
         print(row)
+    print("(thr = threads TVM / onnxruntime really used; par = their CPU time / wall time over the timed runs)")
     for t in thread_counts:
-        for name in networks:
-            if results[t][name].get("error"):
-                print(f"  {name} @{t}t: {results[t][name]['error']}")
+        for k in kinds:
+            for name in networks:
+                if results[t][k][name].get("error"):
+                    print(f"  {name} @{t}t {k}: {results[t][k][name]['error']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu, "size": args.size, "results": results}, indent=2))
     return 0

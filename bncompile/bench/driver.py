@@ -33,7 +33,7 @@ DEFAULT_THREADS = 1
 def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: int | None = None,
               target: str = "llvm", repeat: int = DEFAULT_REPEAT, warmup: int = DEFAULT_WARMUP,
               variants: Sequence[str] | None = None, progress: bool = True, seed: int = 0,
-              memory: bool = True, input_shapes: dict | None = None) -> BenchReport:
+              memory: bool = True, input_shapes: dict | None = None, db=None) -> BenchReport:
     """Benchmark ``model_or_path`` (a path or an ``onnx.ModelProto``); see the module docstring.
 
     Args (keyword-only after the model):
@@ -46,6 +46,7 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
         seed: seed of the random inputs.
         memory: measure peak RSS in subprocesses (slower: one process per variant and batch).
         input_shapes: ``{input: shape}`` for free non-batch dimensions.
+        db: a tuning database folder (``bncompile tune``) the ``tvm`` variant compiles with.
 
     Raises InputError for a bad model, batch or setting. A variant that cannot be built (no
     compiler, a failed compile, no CUDA) is reported ``unavailable`` with its reason instead.
@@ -117,7 +118,8 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
                 if why is None:
                     try:
                         if v.startswith("tvm"):
-                            runners[v] = tvm_runner(model, v, target, shapes, feeds, out_names)
+                            runners[v] = tvm_runner(model, v, target, shapes, feeds, out_names,
+                                                    db=None if v == "tvm-cuda" else db)
                         else:
                             src = folded_bytes if v.startswith("folded-") else model_bytes
                             runners[v] = ort_runner(src, v, threads, feeds)
@@ -150,8 +152,9 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
             t = time.perf_counter()
             wall, cpu = time_interleaved(runners, repeat, warmup, tick=lambda: bar.update(1))
             report.seconds[f"time@{b}"] = round(time.perf_counter() - t, 3)
-            for v in runners:
+            for v, fn in runners.items():
                 summarize(rows[v], wall[v], wall[BASELINE], b, cpu[v], cpu[BASELINE])
+                rows[v].threads_used = _threads_used(fn)
             libraries = {}
             if tmpdir is not None:                 # TVM: export now, load in the probe (no compile there)
                 for v, fn in runners.items():
@@ -193,3 +196,11 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
             tmpdir.cleanup()
     report.seconds["total"] = round(time.perf_counter() - t_start, 3)
     return report
+
+
+def _threads_used(fn) -> int | None:
+    """The threads a runner's runtime really used (``fn.threads()``), None when it cannot tell."""
+    try:
+        return int(fn.threads())
+    except Exception:  # noqa: BLE001 - a runner without the attribute or a runtime without the query
+        return None

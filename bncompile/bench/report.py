@@ -35,6 +35,8 @@ class VariantResult:
     ratio_of_medians: float | None = None
     cpu_median_ms: float | None = None       # process CPU time per call (all threads)
     cpu_ratio: float | None = None           # median of per-round CPU-time ratios to ort
+    threads_used: int | None = None          # onnxruntime: the session's intra-op threads; TVM: its pool size
+    parallelism: float | None = None         # CPU time / wall time over the timed runs
     max_abs_err: float | None = None         # against ort's outputs
     max_rel_err: float | None = None
     peak_rss_mb: float | None = None
@@ -92,7 +94,8 @@ class BenchReport:
     def table(self) -> str:
         """A plain-text table, one row per (batch, variant)."""
         head = (f"{'batch':>5}  {'variant':<17} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} "
-                f"{'samples/s':>10} {'vs ort':>7} {'cpu vs':>7} {'max err':>9} {'peak MB':>8} {'run MB':>7}")
+                f"{'samples/s':>10} {'vs ort':>7} {'cpu vs':>7} {'thr':>3} {'par':>5} {'max err':>9} {'peak MB':>8} "
+                f"{'run MB':>7}")
         lines = [f"model {self.model}  inputs {_fmt_inputs(self.inputs)}", head, "-" * len(head)]
         for r in self.results:
             if r.status != "ok":
@@ -100,14 +103,17 @@ class BenchReport:
                 continue
             lines.append(
                 f"{r.batch:>5}  {r.variant:<17} {r.median_ms:10.3f} {r.p10_ms:9.3f} {r.p90_ms:9.3f} "
-                f"{r.throughput:10.1f} {r.ratio:7.3f} {_fmt_ratio(r.cpu_ratio):>7} {_fmt_err(r.max_rel_err):>9} "
+                f"{r.throughput:10.1f} {r.ratio:7.3f} {_fmt_ratio(r.cpu_ratio):>7} {_fmt_int(r.threads_used):>3} "
+                f"{_fmt_par(r.parallelism):>5} {_fmt_err(r.max_rel_err):>9} "
                 f"{_fmt_mb(r.peak_rss_mb):>8} {_fmt_mb(r.run_rss_mb):>7}")
         m = self.machine
         lines.append(
             f"(interleaved: {self.repeat} rounds after {self.warmup} warm-up; {self.threads} thread(s); "
             f"target {self.target}; cpu {m.get('cpu', '?')}, {m.get('cores', '?')} cores; "
             "vs ort = median per-round latency ratio to onnxruntime default, <1 faster; cpu vs = the "
-            "same from process CPU time (steadier on a busy machine); "
+            "same from process CPU time (steadier on a busy machine); thr = threads the runtime really used "
+            "(onnxruntime: its session's intra-op threads, TVM: its thread pool); par = CPU time / wall time "
+            "over the timed runs; "
             "max err = max abs error / max |ort output|; peak MB = RSS high-water of load+runs in a "
             "fresh process, run MB = during runs only)")
         return "\n".join(lines)
@@ -119,6 +125,14 @@ def _fmt_inputs(inputs: dict) -> str:
 
 def _fmt_ratio(v) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def _fmt_int(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def _fmt_par(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def _fmt_err(v) -> str:

@@ -21,6 +21,8 @@ def summarize(result: VariantResult, secs: list[float], base: list[float], batch
     result.ratio_of_medians = float(p50 / (np.median(base) * 1e3))
     c, cb = np.asarray(cpu), np.asarray(cpu_base)
     result.cpu_median_ms = float(np.median(c) * 1e3)
+    wall = float(np.sum(secs))
+    result.parallelism = float(np.sum(c) / wall) if wall > 0 else None
     if np.all(cb > 0):
         result.cpu_ratio = float(np.median(c / cb))
     result.samples = len(secs)

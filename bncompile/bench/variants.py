@@ -71,7 +71,11 @@ def ort_runner(model_bytes: bytes, variant: str, threads: int, feeds) -> Callabl
                                 providers=[provider])
     if provider not in sess.get_providers():
         raise UnsupportedError(f"onnxruntime did not enable {provider} for this model")
-    return lambda: sess.run(None, feeds)
+
+    def call():
+        return sess.run(None, feeds)
+    call.threads = lambda: int(sess.get_session_options().intra_op_num_threads)   # as configured on it
+    return call
 
 
 def _cuda_ort_available() -> bool:
@@ -95,11 +99,11 @@ def pin_tvm_threads(threads: int) -> None:
 
 
 def tvm_runner(model: onnx.ModelProto, variant: str, target: str, shapes: dict, feeds,
-               out_names: list[str]) -> Callable[[], list]:
+               out_names: list[str], db=None) -> Callable[[], list]:
     import bncompile as compiler
 
     tgt = "cuda" if variant == "tvm-cuda" else target
-    compiled = compiler.compile(model, target=tgt, input_shapes=dict(shapes), fold=True)
+    compiled = compiler.compile(model, target=tgt, input_shapes=dict(shapes), fold=True, db=db)
 
     def call():
         out = compiled.run(feeds)
@@ -109,7 +113,15 @@ def tvm_runner(model: onnx.ModelProto, variant: str, target: str, shapes: dict, 
             return list(out.values())
         return list(out) if isinstance(out, (list, tuple)) else [out]
     call.compiled = compiled                   # for the memory probe (export, then load there)
+    call.threads = _tvm_pool_size
     return call
+
+
+def _tvm_pool_size() -> int:
+    """TVM's runtime thread pool size (``runtime.NumThreads``, through the shim)."""
+    from bncompile.lower import tvm as _tvm
+
+    return _tvm.num_threads()
 
 
 @contextlib.contextmanager

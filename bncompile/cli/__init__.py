@@ -45,6 +45,7 @@ COMMANDS = {
     "inspect": "list the BatchNormalization nodes of a model and what fold would do",
     "inline": "inline bncompile's custom ops into standard ONNX ops",
     "compile": "compile an ONNX model into a TVM library",
+    "tune": "tune a model's compiled functions with MetaSchedule into a database for compile --db",
     "run": "run a compiled library on inputs from .npy files",
     "bench": "compare runtimes against onnxruntime",
     "runner": "build the C++ runner (no Python needed) into a folder",

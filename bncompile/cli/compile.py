@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
                    help="static shape of an input (repeatable); a dim written N, ? or -1 stays dynamic")
     p.add_argument("--no-fold", dest="fold", action="store_false",
                    help="do not fold inference BatchNormalization before compiling")
+    p.add_argument("--db", metavar="DIR", help="tuning database folder written by `bncompile tune` (llvm targets): "
+                                               "its schedules replace the hand ones where it has them")
 
 
 def _target(args) -> str:
@@ -53,6 +55,11 @@ def files(args) -> Files:
     f = Files()
     for k, p in enumerate(onnx_utils.model_files(args.model)):
         f.read(p, "model" if k == 0 else "model's external data file")
+    if getattr(args, "db", None):
+        from bncompile.lower.tuning import DB_FILES
+
+        for name in DB_FILES:
+            f.read(Path(args.db) / name, "tuning database file")
     out = output_path(args)
     f.write(out, "library")
     f.write(Path(str(out) + ".json"), "library's metadata (<library>.json)")
@@ -72,13 +79,14 @@ def run(args) -> int:
     out = output_path(args)
     shapes = onnx_utils.parse_input_shapes(args.input_shape, dynamic=True, named=True)
     t = time.perf_counter()
-    cm = compile(str(src), target=target, input_shapes=shapes or None, fold=args.fold)
+    cm = compile(str(src), target=target, input_shapes=shapes or None, fold=args.fold, db=args.db)
     cm.export(out)
     kernels = cm.info.get("kernels") or {}
     ins = ", ".join(f"{i['name']}{_shape(i['shape'])}" for i in cm.inputs)
     print(f"compiled {src.name} for {name} in {time.perf_counter() - t:.2f} s -> {out} (+ {out.name}.json); "
           f"inputs: {ins}; outputs: {', '.join(cm.output_names)}"
-          + (f"; {len(kernels)} bncompile BN kernel(s)" if kernels else ""))
+          + (f"; {len(kernels)} bncompile BN kernel(s)" if kernels else "")
+          + (f"; {len(cm.info['tuned'])} function(s) from the tuning database" if args.db else ""))
     return 0
 
 

@@ -68,12 +68,35 @@ def _prepare(model, *, fold: bool, input_shapes) -> tuple[onnx.ModelProto, dict]
     return proto, prep.defaults
 
 
+def relax_module(model, *, tdict: dict, input_shapes: Mapping | None = None, fold: bool = True):
+    """Steps 1-5: ``(Relax IRModule, KernelContext, prepared proto, default values of inputs)``; the module
+    :func:`compile` builds, and the one ``bncompile tune`` extracts its tasks from."""
+    proto, defaults = _prepare(model, fold=fold, input_shapes=input_shapes)
+    ctx = frontend.KernelContext(tdict)
+    extra = frontend.make_converters(ctx)
+    frontend.check_supported(proto, extra)
+    for spec in value_infos(proto.graph.input):
+        if spec["shape"] is None:
+            raise InputError(f"input {spec['name']!r} has no shape in the model: give it with input_shapes / "
+                             "--input-shape")
+    return frontend.from_onnx(proto, extra, value_infos(proto.graph.input)), ctx, proto, defaults
+
+
 def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,  # noqa: A001
-            fold: bool = True) -> CompiledModel:
-    """Compile an ONNX model (path or ModelProto) for ``target``; see the module docstring."""
+            fold: bool = True, db=None) -> CompiledModel:
+    """Compile an ONNX model (path or ModelProto) for ``target``; see the module docstring. ``db``: a tuning
+    database folder written by ``bncompile tune`` (:mod:`bncompile.lower.tuning`); its best schedule of each
+    function replaces the hand schedule, functions it lacks keep theirs (``info["tuned"]`` names them)."""
     t0 = time.perf_counter()
     target_name, tdict = resolve_target(target)
     tvm = _tvm.tvm()
+    tuned_db = None
+    if db is not None:
+        if tdict.get("kind") != "llvm":
+            raise InputError(f"db: tuning databases apply to CPU (llvm) targets; {target_name} is not one")
+        from bncompile.lower.tuning import TunedSchedules
+
+        tuned_db = TunedSchedules(db, tdict)
     proto, defaults = _prepare(model, fold=fold, input_shapes=input_shapes)
     t_prep = time.perf_counter() - t0
 
@@ -99,7 +122,7 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
         if tdict.get("kind") == "llvm":
             from bncompile.lower import graph_schedules
 
-            pipeline = graph_schedules.pipeline(tgt, cpu_report)
+            pipeline = graph_schedules.pipeline(tgt, cpu_report, database=tuned_db)
         ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     except BncompileError:
         raise
@@ -115,6 +138,7 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
     info = {"kernels": dict(ctx.schedules), "tvm_batch_norm_fallbacks": ctx.fallbacks,
             "cpu_schedules": dict(sorted(cpu_report.items())),
             "dim_multiples": dict(ctx.multiples),
+            "tuned": sorted(n for n, rule in cpu_report.items() if rule == "database"),
             "seconds": {"prepare": round(t_prep, 4), "import": round(t_import, 4), "build": round(t_build, 4),
                         "total": round(time.perf_counter() - t0, 4)}}
     log.info("compiled for %s in %.2f s (%d bncompile kernels)", target_name, info["seconds"]["total"],

@@ -758,26 +758,38 @@ def rules(applied: list | None = None) -> list[Rule]:
             Rule("generic", schedule_generic, applied)]
 
 
-def schedule_module(mod, target, report: dict | None = None):
+def schedule_module(mod, target, report: dict | None = None, database=None):
     """Schedule every PrimFunc of ``mod`` that is not bncompile's own with dlight's ``ApplyDefaultSchedule``
     and :func:`rules`; returns the new module. ``report[function name]`` gets the rule's name (``"default"``
-    where none applied)."""
+    where none applied). ``database`` (:class:`bncompile.lower.tuning.TunedSchedules`) goes first: a function
+    it has a tuned schedule for takes that one (reported ``"database"``)."""
     tvm = _tvm()
     dl = _shim.submodule("tvm.s_tir.dlight")
     todo = {gv: func for gv, func in mod.functions.items()
             if isinstance(func, tvm.tirx.PrimFunc) and not _is_ours(func)}
+    updates = {}
+    for gv, func in list(todo.items()) if database is not None else ():
+        tuned = database.apply(func)
+        if tuned is not None:
+            updates[gv] = tuned
+            del todo[gv]
+            if report is not None:
+                report[gv.name_hint] = "database"
     if not todo:
-        return mod
+        return _updated(mod, updates)
     applied: list = []
     with target:
         done = dl.ApplyDefaultSchedule(*rules(applied))(tvm.IRModule(todo))
-    updates = {}
     for gv, func in todo.items():
         rule = next((name for f, name in applied if f.same_as(func)), None)
         if report is not None:
             report[gv.name_hint] = rule or "default"
         if rule is not None:
             updates[gv] = done[gv.name_hint]
+    return _updated(mod, updates)
+
+
+def _updated(mod, updates: dict):
     if updates:
         mod = mod.clone()
         for gv, f in updates.items():
@@ -785,8 +797,10 @@ def schedule_module(mod, target, report: dict | None = None):
     return mod
 
 
-def pipeline(target, report: dict | None = None):
-    """The Relax pipeline for an llvm target (see the module docstring)."""
+def pipeline(target, report: dict | None = None, *, database=None, until_schedule: bool = False):
+    """The Relax pipeline for an llvm target (see the module docstring). ``database``: tuned schedules that
+    go before the rules (:func:`schedule_module`). ``until_schedule``: stop before scheduling (the fused,
+    unscheduled module ``bncompile tune`` extracts its tasks from: the same functions compile looks up)."""
     tvm = _tvm()
     relax = tvm.relax
     transform = relax.transform
@@ -801,7 +815,7 @@ def pipeline(target, report: dict | None = None):
 
     @tvm.transform.module_pass(opt_level=0, name="bncompile.ScheduleCPU")
     def schedule(mod, _ctx):
-        return schedule_module(mod, target, report)
+        return schedule_module(mod, target, report, database)
 
     @tvm.transform.module_pass(opt_level=0, name="bncompile.NoAliasSingleBufferFuncs")
     def noalias_single_buffer(mod, _ctx):
@@ -820,8 +834,11 @@ def pipeline(target, report: dict | None = None):
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
+        seq = passes()
+        if until_schedule:
+            seq = seq[:next(k for k, p in enumerate(seq) if p.same_as(schedule))]
         with target:
-            return tvm.transform.Sequential(passes())(mod)
+            return tvm.transform.Sequential(seq)(mod)
 
     def passes():
         # the module, not the package: TVM 0.27's cpu_generic/__init__ does not re-export dataflow_lower_passes

@@ -147,6 +147,13 @@ def cuda_available() -> bool:
         return False
 
 
+def num_threads() -> int:
+    """The size of TVM's runtime thread pool (``runtime.NumThreads``): what parallel loops really use.
+    It is fixed when the pool starts, from ``TVM_NUM_THREADS`` (without it, TVM's own choice, which was
+    1 on a 2-core VM)."""
+    return int(tvm().get_global_func("runtime.NumThreads")())
+
+
 # --------------------------------------------------------------------------- tensors
 
 def is_tvm_tensor(value: Any) -> bool:
@@ -295,6 +302,6 @@ def patched_onnx_converters(extra: Mapping):
 
 
 __all__ = ["tvm", "te", "tirx", "s_tir", "submodule", "relax_onnx", "host_cpu", "host_target", "make_target",
-           "target_kind", "device_for", "cuda_available", "is_tvm_tensor", "to_tensor", "empty", "view", "build",
+           "target_kind", "device_for", "num_threads", "cuda_available", "is_tvm_tensor", "to_tensor", "empty", "view", "build",
            "verify_memory", "imported_kinds", "module_tree_kinds", "cuda_source", "compile_cuda_source",
            "patched_onnx_converters"]

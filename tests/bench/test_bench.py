@@ -51,9 +51,13 @@ def test_benchmark_conv_structure_ratios_and_tvm(conv_path):
             assert r.throughput == pytest.approx(b / (r.median_ms / 1e3))
             assert r.ratio > 0 and r.ratio_of_medians > 0
             assert r.max_rel_err < 1e-4          # folding keeps the numbers
+            assert r.threads_used == report.threads     # the session's intra-op threads, read back
         tvm = report.result("tvm", b)
         assert tvm.status == "ok", tvm.reason          # TVM is a dependency: it must be measured
         assert tvm.samples == 3 and tvm.median_ms > 0 and tvm.max_rel_err < 1e-3
+        assert tvm.threads_used == report.threads       # TVM's pool, sized from TVM_NUM_THREADS
+        for v in report.variants:                      # CPU / wall time: one busy thread is about 1
+            assert 0 < report.result(v, b).parallelism < report.threads + 0.5
     assert report.fold == {"folded": 1, "left": 0, "nodes_before": 3, "nodes_after": 2}
     data = report.to_dict()
     validate(data)
@@ -61,7 +65,7 @@ def test_benchmark_conv_structure_ratios_and_tvm(conv_path):
     table = report.table()
     for v in report.variants:
         assert v in table
-    assert "vs ort" in table
+    assert "vs ort" in table and " thr " in table and " par " in table
 
 
 def test_benchmark_gemm_in_memory_with_memory_probe():
