@@ -103,24 +103,23 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}")
     if args._child is not None:
-        res = {"untuned": run_one(networks, args._child, args)}
-        if args.db:
-            res["tuned"] = run_one(networks, args._child, args, db=args.db)
-        Path(args._out).write_text(json.dumps(res))
+        Path(args._out).write_text(json.dumps(run_one(networks, args._child, args, db=args.db)))
         return 0
     thread_counts = sorted({int(t) for t in args.threads.split(",") if t})
     cpu = cpu_description()
     print(f"CPU: {cpu}")
     results = {}
-    for t in thread_counts:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "r.json"
-            cmd = [sys.executable, __file__, "--size", str(args.size), "--repeat", str(args.repeat),
-                   "--warmup", str(args.warmup), "--networks", ",".join(networks), "--_child", str(t),
-                   "--_out", str(out)] + (["--db", args.db] if args.db else [])
-            subprocess.run(cmd, check=True, env={**os.environ, "TVM_NUM_THREADS": str(t)})
-            results[t] = json.loads(out.read_text())
     kinds = ["untuned", "tuned"] if args.db else ["untuned"]
+    for t in thread_counts:
+        results[t] = {}
+        for k in kinds:            # each in its own process (a second benchmark in one process got half a CPU)
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "r.json"
+                cmd = [sys.executable, __file__, "--size", str(args.size), "--repeat", str(args.repeat),
+                       "--warmup", str(args.warmup), "--networks", ",".join(networks), "--_child", str(t),
+                       "--_out", str(out)] + (["--db", args.db] if k == "tuned" else [])
+                subprocess.run(cmd, check=True, env={**os.environ, "TVM_NUM_THREADS": str(t)})
+                results[t][k] = json.loads(out.read_text())
     header = "network".ljust(22) + "".join(f"{'TVM/ORT @' + str(t) + 't' + (' ' + k if args.db else ''):>24}"
                                            f"{'TVM ms':>10}{'ORT ms':>10}{'thr':>6}{'par':>10}"
                                            for t in thread_counts for k in kinds)
