@@ -225,7 +225,6 @@ class TunedSchedules:
 
     def apply(self, func):
         """``func`` with its best tuned schedule, or None (no record, or the hand schedule is the best)."""
-        tvm = _tvm.tvm()
         mod = normalize(func)
         rec = self.best(mod)
         if rec is None or not _is_searched(rec.trace):
@@ -236,9 +235,7 @@ class TunedSchedules:
         except Exception as err:  # noqa: BLE001 - a record that no longer replays: the hand rules
             log.warning("tuning record does not replay (%s); using the hand schedule", err)
             return None
-        out = sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-        del tvm
-        return out
+        return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
 # --------------------------------------------------------------------------- tuning
