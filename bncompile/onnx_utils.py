@@ -513,6 +513,22 @@ def serialize_model(model) -> onnx.ModelProto:
     return proto
 
 
+def tensor_chunk_frame(value, nbytes: int) -> tuple[bytes, bytes]:
+    """The protobuf bytes before and after a value's ``nbytes`` of raw data, so that head + data + tail
+    is the TensorProto onnx-ir would serialize (the fields ``ir.serde.serialize_tensor_into`` writes; the
+    name is the value's)."""
+    t = value.const_value
+    before, after = onnx.TensorProto(), onnx.TensorProto()
+    before.dims.extend(t.shape.numpy())
+    before.data_type = t.dtype.value
+    before.name = value.name
+    if t.doc_string:
+        after.doc_string = t.doc_string
+    for key in sorted(t.metadata_props):
+        after.metadata_props.add(key=key, value=t.metadata_props[key])
+    return _proto_wire.tensor_chunk_head(before, nbytes, after)
+
+
 def write_model_streaming(model, path) -> None:
     """Write an ``onnx_ir.Model`` as one self-contained ``.onnx`` file, one initializer at a time.
 
@@ -554,17 +570,7 @@ def _write_model_chunks(model, f) -> None:
             chunk.graph.initializer[0].name = value.name
             f.write(chunk.SerializeToString())
             continue
-        t = value.const_value
-        before, after = onnx.TensorProto(), onnx.TensorProto()
-        # the fields ir.serde.serialize_tensor_into writes, less raw_data; the name is the value's
-        before.dims.extend(t.shape.numpy())
-        before.data_type = t.dtype.value
-        before.name = value.name
-        if t.doc_string:
-            after.doc_string = t.doc_string
-        for key in sorted(t.metadata_props):
-            after.metadata_props.add(key=key, value=t.metadata_props[key])
-        head, tail = _proto_wire.tensor_chunk_head(before, raw.nbytes, after)
+        head, tail = tensor_chunk_frame(value, raw.nbytes)
         f.write(head)
         f.write(raw)
         f.write(tail)

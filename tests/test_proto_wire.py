@@ -215,15 +215,7 @@ def test_a_chunk_written_from_its_buffer_is_what_protobuf_writes(tmp_path):
         value = ir.Value(name=f"v{i}", const_value=t)
         raw = onnx_utils._plain_bytes(t)
         assert raw is not None, a.dtype
-        before, after = TensorProto(), TensorProto()
-        before.dims.extend(t.shape.numpy())
-        before.data_type = t.dtype.value
-        before.name = value.name
-        if t.doc_string:
-            after.doc_string = t.doc_string
-        for key in sorted(t.metadata_props):
-            after.metadata_props.add(key=key, value=t.metadata_props[key])
-        head, tail = _proto_wire.tensor_chunk_head(before, raw.nbytes, after)
+        head, tail = onnx_utils.tensor_chunk_frame(value, raw.nbytes)
         assert head + bytes(raw) + tail == _protobuf_chunk(value), a.dtype
 
 
