@@ -138,6 +138,7 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
     info = {"kernels": dict(ctx.schedules), "tvm_batch_norm_fallbacks": ctx.fallbacks,
             "cpu_schedules": dict(sorted(cpu_report.items())),
             "dim_multiples": dict(ctx.multiples),
+            "dim_broadcasts": {k: list(v) for k, v in sorted(ctx.broadcasts.items())},
             "tuned": sorted(n for n, rule in cpu_report.items() if rule == "database"),
             "seconds": {"prepare": round(t_prep, 4), "import": round(t_import, 4), "build": round(t_build, 4),
                         "total": round(time.perf_counter() - t0, 4)}}

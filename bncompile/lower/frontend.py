@@ -134,6 +134,25 @@ class KernelContext:
         self.schedules: dict = {}      # kernel name -> schedule rule name
         self.fallbacks: list[str] = []
         self.multiples: dict[str, int] = {}   # symbolic dim name -> the batch must be a multiple of this
+        # symbolic dim name -> what it is broadcast against (an int or another symbolic dim's name): a feed's
+        # dim must be 1 or that size (CompiledModel.run checks it; the kernels clamp their reads anyway)
+        self.broadcasts: dict[str, list] = {}
+
+    def note_broadcast(self, data_dims, target_dims) -> None:
+        """Record the run-time broadcast of symbolic ``data_dims`` against ``target_dims`` (ONNX
+        right-aligned broadcasting; a target dim of 1 or a compound expression adds nothing)."""
+        tirx = _tvm.tirx()
+        pad = len(target_dims) - len(data_dims)
+        for k, d in enumerate(data_dims):
+            if not isinstance(d, tirx.Var) or k + pad < 0:
+                continue
+            t = target_dims[k + pad]
+            want = int(t) if isinstance(t, tirx.IntImm) else (t.name if isinstance(t, tirx.Var) else None)
+            if want is None or want == 1 or want == d.name:
+                continue
+            seen = self.broadcasts.setdefault(d.name, [])
+            if want not in seen:
+                seen.append(want)
 
     def _add(self, bb, spec, *, backward: bool):
         """Our kernel for ``spec`` (its backward when ``backward``) as a PrimFunc of the module, scheduled
@@ -361,6 +380,7 @@ def make_converters(ctx: KernelContext) -> dict:
             tirx = _tvm.tirx()
             if (isinstance(shape, relax.ShapeExpr) and dshape is not None and hasattr(dshape, "values")
                     and any(not isinstance(d, tirx.IntImm) for d in dshape.values)):
+                ctx.note_broadcast(list(dshape.values), list(shape.values))
                 return bb.emit_te(_expand_runtime, data, list(shape.values), primfunc_name_hint="bnc_expand")
             return super()._impl_v13(bb, inputs, attr, params)
 

@@ -156,7 +156,26 @@ class CompiledModel:
                             raise InputError(f"input {name!r}: dimension {i} ({want}) is {got}, which is not a "
                                              f"multiple of {mult} (the virtual_batch_size of a ghost batch norm)")
             arrays.append(np.ascontiguousarray(a))
+        self._check_broadcasts(arrays, bound)
         return arrays
+
+    def _check_broadcasts(self, arrays: list[np.ndarray], bound: Mapping[str, int]) -> None:
+        """A dim the model broadcasts at run time (an adjustment of any broadcast shape) must be 1 or the
+        size it is broadcast against: refuse what ONNX would refuse instead of computing garbage."""
+        table = self.info.get("dim_broadcasts") or {}
+        if not table:
+            return
+        for spec, a in zip(self.inputs, arrays):
+            for i, (dim, got) in enumerate(zip(spec.get("shape") or (), a.shape)):
+                if not isinstance(dim, str) or got == 1:
+                    continue
+                for want in table.get(dim, ()):
+                    size = want if isinstance(want, int) else bound.get(want)
+                    if size is not None and int(got) != int(size):
+                        against = f"{size}" if isinstance(want, int) else f"{size} ({want})"
+                        raise InputError(f"input {spec['name']!r}: shape {tuple(a.shape)} does not broadcast: "
+                                         f"dimension {i} is {got}, broadcast against {against}; give 1 or {size} "
+                                         "there")
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on NumPy arrays by input name (inputs with an initializer may be omitted)."""
@@ -353,6 +372,7 @@ def load(path) -> CompiledModel:
                              f"{fix}") from None
     cm = CompiledModel(target=meta["target_dict"], target_name=str(meta["target"]), inputs=meta["inputs"],
                        outputs=meta["outputs"], defaults=defaults,
-                       info={k: v for k, v in meta.items() if k in ("kernels", "seconds", "dim_multiples")},
+                       info={k: v for k, v in meta.items() if k in ("kernels", "seconds", "dim_multiples",
+                                                                    "dim_broadcasts")},
                        path=str(p))
     return cm

@@ -74,3 +74,26 @@ def test_gradients_compile(case, rng):
     assert_close(out["dx"], ref.dx, 1e-4, "dx")
     assert_close(out["dgamma"], ref.dgamma, 1e-4, "dgamma")
     assert_close(out["dbeta"], ref.dbeta, 1e-4, "dbeta")
+
+
+@pytest.mark.parametrize("bad", [(3, 2), (1, 5), (4, 3), (2, 1)])
+def test_adjustment_that_does_not_broadcast_is_refused(bad, rng, tmp_path):
+    """A feed that does not broadcast against x is refused with the dimension and the fix (onnxruntime
+    refuses it too), by the compiled model and by one exported and loaded again (the check travels in
+    the metadata); shapes that broadcast still run."""
+    from bncompile.errors import InputError
+
+    cfg = BatchNormConfig(adjustment="inputs")
+    cm = bncompile.compile(build_model(cfg, [None, 2], training=True))
+    loaded = bncompile.load(cm.export(tmp_path / "bn.so"))
+    x = rng.normal(size=(4, 2)).astype(np.float32)
+    good = np.full((1, 2), 0.1, np.float32)
+    for model in (cm, loaded):
+        for which in ("adjustment_scale", "adjustment_bias"):
+            feeds = {"x": x, "adjustment_scale": good + 1, "adjustment_bias": good, which: np.ones(bad, np.float32)}
+            with pytest.raises(InputError, match=rf"input '{which}': shape \({bad[0]}, {bad[1]}\) does not "
+                                                 r"broadcast: dimension \d is \d, broadcast against \d.*give 1 or \d"):
+                model.run(feeds)
+        adj = (np.ones((4, 1), np.float32), good)
+        out = model.run({"x": x, "adjustment_scale": adj[0], "adjustment_bias": adj[1]})
+        assert_close(out["y"], batchnorm(cfg, x, training=True, adjustment=adj).y, TOL, "y")
