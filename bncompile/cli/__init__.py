@@ -31,7 +31,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import warnings
 
 from bncompile._io import check_files
@@ -165,24 +164,13 @@ def describe(err: BaseException) -> str:
 def _signals_unwind():
     """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (SIGINT already raises
     KeyboardInterrupt), so outputs' temporaries are removed; restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from bncompile._signals import installed
 
     def handler(signum, frame):
         raise Terminated(signum)
 
-    saved = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            saved[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
-    try:
+    with installed((signal.SIGTERM, signal.SIGHUP), handler):
         yield
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
 
 
 @contextlib.contextmanager

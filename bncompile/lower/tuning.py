@@ -34,7 +34,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -272,10 +271,9 @@ def _stop_on_signals(state: dict):
     measure callback: TVM's C++ task scheduler does not let a KeyboardInterrupt raised in the Python it
     calls (the builder, the runner) through cleanly, it is taken for a failed build and the search goes on,
     or the process crashes. The signal only sets ``state["stop"]``; a second one acts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {}
+    from bncompile._signals import installed
+
+    saved: dict = {}
 
     def handler(signum, frame):
         if state["stop"] is not None and state["stop"] != "time budget":
@@ -285,16 +283,11 @@ def _stop_on_signals(state: dict):
         state["stop"] = signum
         log.warning("tune: stopping after the batch being measured (again to stop at once)")
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            saved[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
     try:
-        yield
+        with installed((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), handler) as previous:
+            saved.update(previous)
+            yield
     finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
         if state["stop"] in (signal.SIGTERM, signal.SIGHUP) and callable(saved.get(state["stop"])):
             saved[state["stop"]](state["stop"], None)     # the CLI's handler: unwind as it does
 
