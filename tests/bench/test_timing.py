@@ -1,10 +1,17 @@
-"""`bncompile.bench.timing`: the one interleaved timer rotates the order every round and drops warm-up."""
+"""`bncompile.bench.timing`: the one interleaved timer rotates the order every round and drops warm-up;
+settled rounds start each timed call once no other thread of the process is runnable."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import threading
+import time
 
-from bncompile.bench.timing import time_interleaved
+import pytest
+
+from bncompile.bench import timing
+from bncompile.bench.timing import time_interleaved, time_settled, wait_idle
 
 
 def test_rounds_rotate_the_order_and_drop_warmup():
@@ -30,3 +37,126 @@ def test_kernel_benchmark_uses_the_one_timer():
 
     assert kernels.time_interleaved is time_interleaved
     assert not hasattr(kernels, "_time_interleaved")
+
+
+# --------------------------------------------------------------------------- settled rounds
+
+class _Pool:
+    """A fake thread pool: each call leaves ``tail`` polls of a runnable worker behind it."""
+
+    def __init__(self, tail=3):
+        self.tail, self.left, self.log = tail, 0, []
+
+    def runner(self, name):
+        def call():
+            self.log.append((name, self.left))   # how many polls of spinning were still due at the start
+            self.left = self.tail
+        return call
+
+    def probe(self):
+        if self.left:
+            self.left -= 1
+            return [4242]
+        return []
+
+
+def test_settled_rounds_call_twice_then_wait_for_the_workers(monkeypatch):
+    pool = _Pool(tail=3)
+    monkeypatch.setattr(timing, "runnable_threads", pool.probe)
+    monkeypatch.setattr(timing, "_POLL_S", 0.0)
+    ticks = []
+    t = time_settled({n: pool.runner(n) for n in "abc"}, 2, 1, tick=lambda: ticks.append(1))
+    names = [n for n, _ in pool.log]
+    assert names == list("aabbcc" "bbccaa" "ccaabb")           # rotated rounds, two calls each
+    firsts = [left for k, (_, left) in enumerate(pool.log) if k % 2 == 0]
+    seconds = [left for k, (_, left) in enumerate(pool.log) if k % 2 == 1]
+    assert firsts == [0] * 9                 # every timed call started with no worker runnable
+    assert seconds == [3] * 9                # the back-to-back call ran beside its own spinning worker
+    assert len(ticks) == 3
+    for d in (t.wall, t.cpu, t.warm_wall, t.warm_cpu, t.spin_cpu, t.spin_wall):
+        assert {n: len(v) for n, v in d.items()} == {"a": 2, "b": 2, "c": 2}    # warm-up dropped
+    assert t.unsettled == {"a": 0, "b": 0, "c": 0}
+    assert all(w >= 0 for v in t.spin_wall.values() for w in v)
+
+
+def test_wait_idle_gives_up_at_the_limit_then_ignores_that_thread(monkeypatch):
+    monkeypatch.setattr(timing, "runnable_threads", lambda: [1])      # a thread that never sleeps
+    monkeypatch.setattr(timing, "_POLL_S", 0.001)
+    ignore = set()
+    cpu, wall, settled = wait_idle(0.02, ignore=ignore)
+    assert not settled and wall >= 0.02 and ignore == {1}
+    assert wait_idle(0.02, ignore=ignore)[2]                          # not waited for again
+    fresh = iter(range(10**9))
+    monkeypatch.setattr(timing, "runnable_threads", lambda: [next(fresh)])   # always another one
+    t = time_settled({"a": lambda: None}, 2, 0, timeout=0.01)
+    assert t.unsettled == {"a": 2}
+
+
+def test_wait_idle_without_proc_falls_back_to_cpu_time():
+    cpu, wall, settled = wait_idle(1.0, probe=lambda: None)
+    assert settled and wall >= 0.01             # two quiet 5 ms windows
+
+
+def test_runnable_threads_sees_a_busy_thread_not_a_sleeping_one():
+    if timing.runnable_threads() is None:
+        pytest.skip("no /proc/self/task here")
+    stop, idle = threading.Event(), threading.Event()
+    ids = {}
+    data = b"\0" * (8 << 20)
+
+    def busy():                                  # hashlib releases the GIL: runs while we look
+        ids["busy"] = threading.get_native_id()
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    def sleeping():
+        ids["sleeping"] = threading.get_native_id()
+        idle.wait()
+
+    threads = [threading.Thread(target=busy), threading.Thread(target=sleeping)]
+    for th in threads:
+        th.start()
+    try:
+        while len(ids) < 2 or ids["sleeping"] in timing.runnable_threads():     # until it blocks
+            time.sleep(0.001)
+        seen = set()
+        for _ in range(200):
+            seen.update(timing.runnable_threads())
+            if ids["busy"] in seen:
+                break
+            time.sleep(0.001)
+        assert ids["busy"] in seen and ids["sleeping"] not in seen
+        assert threading.get_native_id() not in seen      # the caller is left out
+    finally:
+        stop.set()
+        idle.set()
+        for th in threads:
+            th.join()
+
+
+def test_onnxruntime_pool_spins_after_run_and_wait_idle_sees_it_stop():
+    """The reason for settled rounds: onnxruntime's intra-op workers keep running after Run returns
+    (by default); wait_idle returns only once they sleep."""
+    if timing.runnable_threads() is None:
+        pytest.skip("no /proc/self/task here")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    n = 384
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info(v, TensorProto.FLOAT, [n, n]) for v in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2                # one pool worker beside the calling thread
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {v: np.ones((n, n), np.float32) for v in "ab"}
+    wait_idle()
+    busy_after = []
+    for _ in range(5):
+        sess.run(None, feeds)
+        busy_after.append(bool(timing.runnable_threads()))
+        cpu, wall, settled = wait_idle()
+        assert settled and not timing.runnable_threads()
+    assert any(busy_after), "onnxruntime's worker was never seen spinning after Run"
