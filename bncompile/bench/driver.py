@@ -17,7 +17,7 @@ import numpy as np
 from bncompile.bench.inputs import graph_inputs, resolve_shapes
 from bncompile.bench.report import BASELINE, BenchReport, VariantResult, load_average, machine_info
 from bncompile.bench.stats import summarize, summarize_settled
-from bncompile.bench.timing import time_interleaved, time_settled
+from bncompile.bench.timing import time_interleaved, time_settled, wait_idle
 from bncompile.bench.variants import (first_line, native_stderr_to_log, ort_runner, pin_tvm_threads,
                                       select_variants, to_numpy, tvm_runner)
 from bncompile import onnx_utils
@@ -157,6 +157,7 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
             if settle:
                 times = time_settled(runners, repeat, warmup, tick=lambda: bar.update(1))
             else:
+                wait_idle()                    # no pool of an earlier benchmark or batch still spinning
                 wall, cpu = time_interleaved(runners, repeat, warmup, tick=lambda: bar.update(1))
             report.seconds[f"time@{b}"] = round(time.perf_counter() - t, 3)
             for v, fn in runners.items():
