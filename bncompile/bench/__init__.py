@@ -46,8 +46,10 @@ timed call (``median_ms``, ``ratio``) thus starts with the runtime's own workers
 after a pause would; a second call right after it (``warm_median_ms``, ``warm_ratio``) runs with its
 own workers still spinning, each runtime's steady state alone; then the timer waits for the
 variant's workers to sleep, and reports what they burned meanwhile (``spin_cpu_ms``,
-``spin_wall_ms``; ``unsettled`` counts waits that reached the limit). With ``threads=1`` neither
-runtime starts pool threads, so plain rounds are used unless ``settle=True``.
+``spin_wall_ms``; ``unsettled`` counts waits that reached the limit). Per-thread CPU clocks during the
+timed calls give ``threads_busy``: the threads that ran at least a quarter of the busiest one's CPU
+time, measured where ``threads_used`` is the runtime's own word. With ``threads=1`` neither runtime
+starts pool threads, so plain rounds are used unless ``settle=True``.
 
 Accuracy. Each variant's outputs on the benchmark inputs against ``ort``'s:
 ``max_abs_err`` and ``max_rel_err`` (max abs error / largest |reference|), from

@@ -43,6 +43,7 @@ class VariantResult:
     spin_cpu_ms: float | None = None         # process CPU burned after the calls returned, until the workers slept
     spin_wall_ms: float | None = None        # wall time until then
     unsettled: int | None = None             # waits that hit the time limit (workers still running)
+    threads_busy: int | None = None          # threads that ran >= 1/4 of the busiest one's CPU in its timed calls
     max_abs_err: float | None = None         # against ort's outputs
     max_rel_err: float | None = None
     peak_rss_mb: float | None = None
@@ -104,7 +105,7 @@ class BenchReport:
                 f"{'samples/s':>10} {'vs ort':>7} {'cpu vs':>7} {'thr':>3} {'par':>5} {'max err':>9} {'peak MB':>8} "
                 f"{'run MB':>7}")
         if self.settle:
-            head += f" {'b2b ms':>8} {'b2b vs':>7} {'spin ms':>8}"
+            head += f" {'b2b ms':>8} {'b2b vs':>7} {'spin ms':>8} {'busy':>4}"
         lines = [f"model {self.model}  inputs {_fmt_inputs(self.inputs)}", head, "-" * len(head)]
         for r in self.results:
             if r.status != "ok":
@@ -117,7 +118,7 @@ class BenchReport:
                 f"{_fmt_mb(r.peak_rss_mb):>8} {_fmt_mb(r.run_rss_mb):>7}")
             if self.settle:
                 line += (f" {_fmt_ms(r.warm_median_ms):>8} {_fmt_ratio(r.warm_ratio):>7} "
-                         f"{_fmt_ms(r.spin_cpu_ms):>8}{'!' if r.unsettled else ''}")
+                         f"{_fmt_ms(r.spin_cpu_ms):>8}{'!' if r.unsettled else ' '}{_fmt_int(r.threads_busy):>4}")
             lines.append(line)
         m = self.machine
         rounds = ("settled rounds: each variant called on a quiet process (no thread of it runnable), then "
@@ -135,7 +136,8 @@ class BenchReport:
             "fresh process, run MB = during runs only"
             + ("; b2b = the call right after the timed one, the runtime's own workers still spinning "
                "(each runtime alone, at its default), b2b vs its per-round ratio to ort's; spin ms = process "
-               "CPU its workers burned after it returned (! = still running at the time limit)"
+               "CPU its workers burned after it returned (! = still running at the time limit); busy = "
+               "threads that ran at least a quarter of the busiest one's CPU time in its timed calls (measured)"
                if self.settle else "") + ")")
         return "\n".join(lines)
 

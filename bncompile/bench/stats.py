@@ -39,3 +39,4 @@ def summarize_settled(result: VariantResult, times, name: str, base: str, batch:
     result.spin_cpu_ms = float(np.median(times.spin_cpu[name]) * 1e3)
     result.spin_wall_ms = float(np.median(times.spin_wall[name]) * 1e3)
     result.unsettled = int(times.unsettled[name])
+    result.threads_busy = times.busy_threads.get(name)

@@ -20,7 +20,11 @@ runnable (:func:`wait_idle`: the runner's workers have gone to sleep), so:
 * the second runs right after its own first, its own workers still spinning as that runtime intends:
   each runtime's steady state "alone" (``warm_wall``/``warm_cpu``);
 * the wait measures the runner's spin tail: the process CPU time burned and the wall time until its
-  workers slept (``spin_cpu``/``spin_wall``; ``unsettled`` counts waits that hit the time limit).
+  workers slept (``spin_cpu``/``spin_wall``; ``unsettled`` counts waits that hit the time limit);
+* each thread's CPU time during the first calls (:func:`thread_cpu_ns`) gives ``busy_threads``: the
+  threads that ran at least :data:`BUSY_SHARE` of the busiest one's CPU time in those calls, i.e. the
+  threads the runtime really ran on (relative, so a loaded machine sharing its cores does not matter;
+  a worker of another pool sleeps meanwhile and does not count).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from typing import Callable
 #: 2-core machine took 0.4-0.5 s)
 SETTLE_TIMEOUT_S = 3.0
 _POLL_S = 0.0005
+#: a thread counts in ``busy_threads`` when it ran this share of the busiest thread's CPU time
+BUSY_SHARE = 0.25
 
 
 def time_interleaved(runners: dict[str, Callable[[], object]], repeat: int, warmup: int, *,
@@ -70,6 +76,7 @@ class SettledTimes:
     spin_cpu: dict = field(default_factory=dict)    # process CPU burned after the second call returned
     spin_wall: dict = field(default_factory=dict)   # wall time until no other thread was runnable
     unsettled: dict = field(default_factory=dict)   # waits that hit SETTLE_TIMEOUT_S (kept rounds)
+    busy_threads: dict = field(default_factory=dict)  # threads that ran >= BUSY_SHARE of the busiest one
 
 
 def time_settled(runners: dict[str, Callable[[], object]], repeat: int, warmup: int, *,
@@ -83,11 +90,17 @@ def time_settled(runners: dict[str, Callable[[], object]], repeat: int, warmup: 
         d.update({n: [] for n in names})
     out.unsettled.update({n: 0 for n in names})
     ignore: set = set()                        # threads still runnable at a time limit: not a pool's
+    per_thread: dict = {n: {} for n in names}  # runner -> thread id -> CPU ns during its first calls
+    measurable = thread_cpu_ns() is not None
     with _gc_paused():
         wait_idle(timeout, ignore=ignore)      # whatever ran before the benchmark
         for r in range(warmup + repeat):
             for n in _rotated(names, r):
+                before = thread_cpu_ns() if measurable else None
                 first = _timed(runners[n])
+                if before is not None and r >= warmup:
+                    for tid, ns in (thread_cpu_ns() or {}).items():
+                        per_thread[n][tid] = per_thread[n].get(tid, 0) + ns - before.get(tid, 0)
                 second = _timed(runners[n])
                 spin_cpu, spin_wall, settled = wait_idle(timeout, ignore=ignore)
                 if r >= warmup:
@@ -100,7 +113,30 @@ def time_settled(runners: dict[str, Callable[[], object]], repeat: int, warmup: 
                     out.unsettled[n] += not settled
             if tick:
                 tick()
+    for n in names:
+        top = max(per_thread[n].values(), default=0)
+        out.busy_threads[n] = (sum(ns >= BUSY_SHARE * top for ns in per_thread[n].values())
+                               if measurable and top > 0 else None)
     return out
+
+
+def thread_cpu_ns() -> dict[int, int] | None:
+    """CPU nanoseconds of every thread of this process so far: Linux's CPU-time clock of each thread id
+    in ``/proc/self/task`` (clock id ``(~tid << 3) | 6``: per-thread, scheduler time). None where the OS
+    does not give them."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return None
+    out = {}
+    for tid in tids:
+        try:
+            out[tid] = time.clock_gettime_ns(((~tid) << 3) | 6)
+        except OSError:                        # the thread ended meanwhile
+            continue
+        except (AttributeError, ValueError, OverflowError):
+            return None
+    return out or None
 
 
 def runnable_threads() -> list[int] | None:

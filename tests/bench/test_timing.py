@@ -134,29 +134,93 @@ def test_runnable_threads_sees_a_busy_thread_not_a_sleeping_one():
             th.join()
 
 
-def test_onnxruntime_pool_spins_after_run_and_wait_idle_sees_it_stop():
-    """The reason for settled rounds: onnxruntime's intra-op workers keep running after Run returns
-    (by default); wait_idle returns only once they sleep."""
-    if timing.runnable_threads() is None:
-        pytest.skip("no /proc/self/task here")
+def _matmul_session(threads: int, n: int = 384):
+    """An onnxruntime session of an n x n MatMul (enough work to use every intra-op thread) and its run."""
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
     from onnx import TensorProto, helper
 
-    n = 384
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
                               [helper.make_tensor_value_info(v, TensorProto.FLOAT, [n, n]) for v in "ab"],
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2                # one pool worker beside the calling thread
+    so.intra_op_num_threads = threads          # threads - 1 pool workers beside the calling thread
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {v: np.ones((n, n), np.float32) for v in "ab"}
+    return lambda: sess.run(None, feeds)
+
+
+def test_onnxruntime_pool_spins_after_run_and_wait_idle_sees_it_stop():
+    """The reason for settled rounds: onnxruntime's intra-op workers keep running after Run returns
+    (by default); wait_idle returns only once they sleep."""
+    if timing.runnable_threads() is None:
+        pytest.skip("no /proc/self/task here")
+    run = _matmul_session(2)
     wait_idle()
     busy_after = []
     for _ in range(5):
-        sess.run(None, feeds)
+        run()
         busy_after.append(bool(timing.runnable_threads()))
         cpu, wall, settled = wait_idle()
         assert settled and not timing.runnable_threads()
     assert any(busy_after), "onnxruntime's worker was never seen spinning after Run"
+
+
+def test_busy_threads_count_the_threads_a_runtime_ran_on():
+    if timing.thread_cpu_ns() is None:
+        pytest.skip("no per-thread CPU clocks here")
+    t = time_settled({"two": _matmul_session(2), "one": _matmul_session(1)}, 4, 1)
+    assert t.busy_threads == {"two": 2, "one": 1}    # the 2-thread pool's worker sleeps during "one"
+
+
+def test_busy_threads_from_per_thread_cpu(monkeypatch):
+    clock = {1: 0, 2: 0, 3: 0}
+    uses = {"a": {1: 10_000_000, 2: 9_000_000, 3: 1_000_000}, "b": {1: 10_000_000, 3: 2_000_000}}
+
+    def runner(name):
+        def call():
+            for tid, ns in uses[name].items():
+                clock[tid] += ns
+        return call
+
+    monkeypatch.setattr(timing, "thread_cpu_ns", lambda: dict(clock))
+    monkeypatch.setattr(timing, "runnable_threads", lambda: [])
+    t = time_settled({"a": runner("a"), "b": runner("b")}, 3, 1)
+    assert t.busy_threads == {"a": 2, "b": 1}        # >= 1/4 of the busiest thread's CPU time
+    monkeypatch.setattr(timing, "thread_cpu_ns", lambda: None)
+    assert time_settled({"a": runner("a")}, 1, 0).busy_threads == {"a": None}
+
+
+def test_thread_cpu_ns_sees_a_busy_thread_and_not_a_sleeping_one():
+    first = timing.thread_cpu_ns()
+    if first is None:
+        pytest.skip("no per-thread CPU clocks here")
+    assert threading.get_native_id() in first
+    stop, idle, ids = threading.Event(), threading.Event(), {}
+    data = b"\0" * (8 << 20)
+
+    def busy():
+        ids["busy"] = threading.get_native_id()
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    def sleeping():
+        ids["sleeping"] = threading.get_native_id()
+        idle.wait()
+
+    threads = [threading.Thread(target=busy), threading.Thread(target=sleeping)]
+    for th in threads:
+        th.start()
+    try:
+        while len(ids) < 2:
+            time.sleep(0.001)
+        a = timing.thread_cpu_ns()
+        time.sleep(0.1)
+        b = timing.thread_cpu_ns()
+        assert b[ids["busy"]] - a[ids["busy"]] > 10 * (b[ids["sleeping"]] - a[ids["sleeping"]])
+    finally:
+        stop.set()
+        idle.set()
+        for th in threads:
+            th.join()
