@@ -3,6 +3,7 @@ settled rounds start each timed call once no other thread of the process is runn
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import threading
@@ -97,14 +98,14 @@ def test_wait_idle_without_proc_falls_back_to_cpu_time():
     assert settled and wall >= 0.01             # two quiet 5 ms windows
 
 
-def test_runnable_threads_sees_a_busy_thread_not_a_sleeping_one():
-    if timing.runnable_threads() is None:
-        pytest.skip("no /proc/self/task here")
-    stop, idle = threading.Event(), threading.Event()
-    ids = {}
+@contextlib.contextmanager
+def _busy_and_sleeping_threads():
+    """Two threads of this process: one hashing (hashlib releases the GIL: it runs while the test
+    looks), one blocked on an event; yields their Linux thread ids once both have started."""
+    stop, idle, ids = threading.Event(), threading.Event(), {}
     data = b"\0" * (8 << 20)
 
-    def busy():                                  # hashlib releases the GIL: runs while we look
+    def busy():
         ids["busy"] = threading.get_native_id()
         while not stop.is_set():
             hashlib.sha256(data).digest()
@@ -117,7 +118,21 @@ def test_runnable_threads_sees_a_busy_thread_not_a_sleeping_one():
     for th in threads:
         th.start()
     try:
-        while len(ids) < 2 or ids["sleeping"] in timing.runnable_threads():     # until it blocks
+        while len(ids) < 2:
+            time.sleep(0.001)
+        yield ids
+    finally:
+        stop.set()
+        idle.set()
+        for th in threads:
+            th.join()
+
+
+def test_runnable_threads_sees_a_busy_thread_not_a_sleeping_one():
+    if timing.runnable_threads() is None:
+        pytest.skip("no /proc/self/task here")
+    with _busy_and_sleeping_threads() as ids:
+        while ids["sleeping"] in timing.runnable_threads():     # until it blocks
             time.sleep(0.001)
         seen = set()
         for _ in range(200):
@@ -127,11 +142,6 @@ def test_runnable_threads_sees_a_busy_thread_not_a_sleeping_one():
             time.sleep(0.001)
         assert ids["busy"] in seen and ids["sleeping"] not in seen
         assert threading.get_native_id() not in seen      # the caller is left out
-    finally:
-        stop.set()
-        idle.set()
-        for th in threads:
-            th.join()
 
 
 def _matmul_session(threads: int, n: int = 384):
@@ -197,30 +207,8 @@ def test_thread_cpu_ns_sees_a_busy_thread_and_not_a_sleeping_one():
     if first is None:
         pytest.skip("no per-thread CPU clocks here")
     assert threading.get_native_id() in first
-    stop, idle, ids = threading.Event(), threading.Event(), {}
-    data = b"\0" * (8 << 20)
-
-    def busy():
-        ids["busy"] = threading.get_native_id()
-        while not stop.is_set():
-            hashlib.sha256(data).digest()
-
-    def sleeping():
-        ids["sleeping"] = threading.get_native_id()
-        idle.wait()
-
-    threads = [threading.Thread(target=busy), threading.Thread(target=sleeping)]
-    for th in threads:
-        th.start()
-    try:
-        while len(ids) < 2:
-            time.sleep(0.001)
+    with _busy_and_sleeping_threads() as ids:
         a = timing.thread_cpu_ns()
         time.sleep(0.1)
         b = timing.thread_cpu_ns()
         assert b[ids["busy"]] - a[ids["busy"]] > 10 * (b[ids["sleeping"]] - a[ids["sleeping"]])
-    finally:
-        stop.set()
-        idle.set()
-        for th in threads:
-            th.join()
