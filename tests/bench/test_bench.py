@@ -180,3 +180,17 @@ def test_public_names_kept():
                  "VariantResult", "benchmark", "load_schema", "parse_batches", "plot", "resolve_shapes",
                  "select_variants", "write_json"):
         assert hasattr(bench, name), name
+
+
+def test_tvm_spin_count_not_at_default_is_said(monkeypatch, caplog):
+    monkeypatch.setenv("TVM_NUM_THREADS", os.environ.get("TVM_NUM_THREADS", "1"))   # restored afterwards
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    with caplog.at_level("WARNING", logger="bncompile.bench.variants"):
+        variants.pin_tvm_threads(int(os.environ["TVM_NUM_THREADS"]))
+    assert "SPIN_COUNT" not in caplog.text
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    with caplog.at_level("WARNING", logger="bncompile.bench.variants"):
+        variants.pin_tvm_threads(int(os.environ["TVM_NUM_THREADS"]))
+    assert "TVM_THREAD_POOL_SPIN_COUNT=0" in caplog.text
+    from bncompile.bench.report import machine_info
+    assert machine_info(1)["tvm_thread_pool_spin_count"] == "0"
