@@ -28,10 +28,28 @@ machine shared by four busy processes, two consecutive runs of ``benchmarks/benc
 7.4% on every CPU-time ratio.
 
 Threads. ``threads`` pins onnxruntime's intra-op pool (inter-op 1, sequential execution) and TVM's
-pool (``TVM_NUM_THREADS``, set in ``os.environ`` before TVM starts its pool, and left set). The
-default is **1**: single-thread latency is what reproduces on a busy or shared machine (see the
-figures above), and it compares the kernels rather than the thread pools. Pass
-``threads=os.cpu_count()`` for throughput.
+pool (``TVM_NUM_THREADS``, set in ``os.environ`` before TVM starts its pool, and left set; TVM sizes
+its pool once per process). The default is **1**: single-thread latency is what reproduces on a busy
+or shared machine (see the figures above), and it compares the kernels rather than the thread pools.
+Pass ``threads=os.cpu_count()`` for throughput. ``threads_used`` is what each runtime really runs
+with (onnxruntime: the session's intra-op threads; TVM: ``runtime.NumThreads``).
+
+Settled rounds (``settle``; by default when ``threads`` > 1). A thread pool's workers keep running
+after a call returns: onnxruntime's spin without yielding (~35-40 ms of CPU after each run of a
+MobileNetV2 on the 2-core development VM), TVM 0.27's call ``sched_yield`` 300,000 times (~170-260 ms of
+CPU, 0.4-0.5 s of wall time there). In plain interleaved rounds they take the cores from the runtime
+that runs next (TVM's MobileNetV2 measured 12.6 ms at 2 threads next to onnxruntime's spinning
+workers, 7.25 ms without them). Settled rounds (:func:`bncompile.bench.timing.time_settled`) keep
+both runtimes at their defaults (no spin setting is changed) and instead call each variant on a quiet
+process: no other thread runnable (``/proc/self/task``), so the other runtimes' workers sleep. The
+timed call (``median_ms``, ``ratio``) thus starts with the runtime's own workers asleep, as a request
+after a pause would; a second call right after it (``warm_median_ms``, ``warm_ratio``) runs with its
+own workers still spinning, each runtime's steady state alone; then the timer waits for the
+variant's workers to sleep, and reports what they burned meanwhile (``spin_cpu_ms``,
+``spin_wall_ms``; ``unsettled`` counts waits that reached the limit). Per-thread CPU clocks during the
+timed calls give ``threads_busy``: the threads that ran at least a quarter of the busiest one's CPU
+time, measured where ``threads_used`` is the runtime's own word. With ``threads=1`` neither runtime
+starts pool threads, so plain rounds are used unless ``settle=True``.
 
 Accuracy. Each variant's outputs on the benchmark inputs against ``ort``'s:
 ``max_abs_err`` and ``max_rel_err`` (max abs error / largest |reference|), from

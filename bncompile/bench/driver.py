@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from bncompile.bench.inputs import graph_inputs, resolve_shapes
-from bncompile.bench.report import BASELINE, BenchReport, VariantResult, machine_info
-from bncompile.bench.stats import summarize
-from bncompile.bench.timing import time_interleaved
+from bncompile.bench.report import BASELINE, BenchReport, VariantResult, load_average, machine_info
+from bncompile.bench.stats import summarize, summarize_settled
+from bncompile.bench.timing import time_interleaved, time_settled, wait_idle
 from bncompile.bench.variants import (first_line, native_stderr_to_log, ort_runner, pin_tvm_threads,
                                       select_variants, to_numpy, tvm_runner)
 from bncompile import onnx_utils
@@ -33,7 +33,8 @@ DEFAULT_THREADS = 1
 def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: int | None = None,
               target: str = "llvm", repeat: int = DEFAULT_REPEAT, warmup: int = DEFAULT_WARMUP,
               variants: Sequence[str] | None = None, progress: bool = True, seed: int = 0,
-              memory: bool = True, input_shapes: dict | None = None, db=None) -> BenchReport:
+              memory: bool = True, input_shapes: dict | None = None, db=None,
+              settle: bool | None = None) -> BenchReport:
     """Benchmark ``model_or_path`` (a path or an ``onnx.ModelProto``); see the module docstring.
 
     Args (keyword-only after the model):
@@ -47,6 +48,8 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
         memory: measure peak RSS in subprocesses (slower: one process per variant and batch).
         input_shapes: ``{input: shape}`` for free non-batch dimensions.
         db: a tuning database folder (``bncompile tune``) the ``tvm`` variant compiles with.
+        settle: settled rounds (:func:`bncompile.bench.timing.time_settled`: each timed call starts
+            once the other runtimes' thread-pool workers sleep); default: when ``threads`` > 1.
 
     Raises InputError for a bad model, batch or setting. A variant that cannot be built (no
     compiler, a failed compile, no CUDA) is reported ``unavailable`` with its reason instead.
@@ -59,6 +62,7 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
     threads = DEFAULT_THREADS if threads is None else int(threads)
     if threads < 1:
         raise InputError(f"threads {threads}: give 1 or more")
+    settle = threads > 1 if settle is None else bool(settle)
     if repeat < 1 or warmup < 0:
         raise InputError(f"repeat {repeat}, warmup {warmup}: give repeat >= 1 and warmup >= 0")
     model = onnx_utils.as_model_proto(model_or_path)
@@ -72,7 +76,7 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
                    for n, dims in graph_inputs(model)}
     report = BenchReport(model=name, inputs=inputs_desc, batches=batch_list, threads=threads,
                          target=str(target), repeat=int(repeat), warmup=int(warmup), seed=int(seed),
-                         variants=chosen)
+                         variants=chosen, settle=settle)
     report.machine = machine_info(threads)
     out_names = [o.name for o in model.graph.output]
     model_bytes = model.SerializeToString()
@@ -150,10 +154,17 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
 
             bar.set_postfix_str(f"batch {b}: timing {len(runners)} variants")
             t = time.perf_counter()
-            wall, cpu = time_interleaved(runners, repeat, warmup, tick=lambda: bar.update(1))
+            if settle:
+                times = time_settled(runners, repeat, warmup, tick=lambda: bar.update(1))
+            else:
+                wait_idle()                    # no pool of an earlier benchmark or batch still spinning
+                wall, cpu = time_interleaved(runners, repeat, warmup, tick=lambda: bar.update(1))
             report.seconds[f"time@{b}"] = round(time.perf_counter() - t, 3)
             for v, fn in runners.items():
-                summarize(rows[v], wall[v], wall[BASELINE], b, cpu[v], cpu[BASELINE])
+                if settle:
+                    summarize_settled(rows[v], times, v, BASELINE, b)
+                else:
+                    summarize(rows[v], wall[v], wall[BASELINE], b, cpu[v], cpu[BASELINE])
                 rows[v].threads_used = _threads_used(fn)
             libraries = {}
             if tmpdir is not None:                 # TVM: export now, load in the probe (no compile there)
@@ -194,6 +205,7 @@ def benchmark(model_or_path, *, batches: Sequence[int] | None = (1,), threads: i
         bar.close()
         if tmpdir is not None:
             tmpdir.cleanup()
+    report.machine["loadavg_end"] = load_average()
     report.seconds["total"] = round(time.perf_counter() - t_start, 3)
     return report
 

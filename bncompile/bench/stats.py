@@ -26,3 +26,17 @@ def summarize(result: VariantResult, secs: list[float], base: list[float], batch
     if np.all(cb > 0):
         result.cpu_ratio = float(np.median(c / cb))
     result.samples = len(secs)
+
+
+def summarize_settled(result: VariantResult, times, name: str, base: str, batch: int) -> None:
+    """:func:`summarize` from the first calls of settled rounds (``times``: a
+    :class:`bncompile.bench.timing.SettledTimes`), then the back-to-back second calls (median and
+    median per-round ratio to the baseline's second calls) and the spin tail after them."""
+    summarize(result, times.wall[name], times.wall[base], batch, times.cpu[name], times.cpu[base])
+    warm = np.asarray(times.warm_wall[name])
+    result.warm_median_ms = float(np.median(warm) * 1e3)
+    result.warm_ratio = float(np.median(warm / np.asarray(times.warm_wall[base])))
+    result.spin_cpu_ms = float(np.median(times.spin_cpu[name]) * 1e3)
+    result.spin_wall_ms = float(np.median(times.spin_wall[name]) * 1e3)
+    result.unsettled = int(times.unsettled[name])
+    result.threads_busy = times.busy_threads.get(name)

@@ -96,6 +96,10 @@ def pin_tvm_threads(threads: int) -> None:
     if "tvm" in sys.modules and os.environ.get("TVM_NUM_THREADS") != str(threads):
         log.warning("TVM was imported before the benchmark: its thread pool may ignore threads=%d", threads)
     os.environ["TVM_NUM_THREADS"] = str(threads)
+    spin = os.environ.get("TVM_THREAD_POOL_SPIN_COUNT")
+    if spin is not None:                       # e.g. left by the kernel benchmark in this process
+        log.warning("TVM_THREAD_POOL_SPIN_COUNT=%s: TVM's workers are not at their default (300000 "
+                    "sched_yield spins between jobs); the report's machine section records it", spin)
 
 
 def tvm_runner(model: onnx.ModelProto, variant: str, target: str, shapes: dict, feeds,

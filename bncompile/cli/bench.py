@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -34,6 +35,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=_args.count(1, 4096, "a number of threads"), default=None, metavar="N",
                         help=f"intra-op threads of onnxruntime and TVM (default {DEFAULT_THREADS}: "
                              "reproducible on a busy machine)")
+    parser.add_argument("--settle", action=argparse.BooleanOptionalAction, default=None,
+                        help="settled rounds: time each call once the other runtimes' thread-pool workers "
+                             "sleep, then once more right after it (b2b), and report each pool's spin after "
+                             "its calls (default: on when --threads > 1; --no-settle: plain interleaving)")
     parser.add_argument("--target", default="llvm", help="TVM target of the tvm variant (default llvm)")
     parser.add_argument("--repeat", type=_args.count(1, 10**6, "a number of rounds"), default=DEFAULT_REPEAT, metavar="R",
                         help=f"timed interleaved rounds (default {DEFAULT_REPEAT})")
@@ -90,7 +95,7 @@ def _check_args(args) -> None:
         if args.model:
             raise InputError("--kernels benchmarks the BN kernels, not a model: drop the model or --kernels")
         for flag, value in (("--batch", args.batch), ("--plot", args.plot), ("--variants", args.variants),
-                            ("--input-shape", args.input_shape)):
+                            ("--input-shape", args.input_shape), ("--settle/--no-settle", args.settle is not None)):
             if value:
                 raise InputError(f"{flag} does not apply to --kernels: drop it")
         return
@@ -119,7 +124,7 @@ def run(args) -> int:
     report = benchmark(args.model, batches=batches, threads=args.threads, target=args.target,
                        repeat=args.repeat, warmup=args.warmup, variants=variants,
                        progress=args.progress and _is_terminal(), seed=args.seed, memory=args.memory,
-                       input_shapes=shapes)
+                       input_shapes=shapes, settle=args.settle)
     if args.json:
         write_json(report, args.json)
     if args.plot:

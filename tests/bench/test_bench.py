@@ -7,6 +7,9 @@ peak-memory subprocesses run in one test only. The command line is tested in tes
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jsonschema
 import onnx
@@ -66,6 +69,44 @@ def test_benchmark_conv_structure_ratios_and_tvm(conv_path):
     for v in report.variants:
         assert v in table
     assert "vs ort" in table and " thr " in table and " par " in table
+
+
+def test_two_threads_settled_rounds_by_default(conv_path, tmp_path):
+    """threads > 1: settled rounds (each timed call starts once the other runtimes' workers sleep),
+    the back-to-back call and each pool's spin reported; settle=False keeps plain rounds. In a fresh
+    process: TVM sizes its pool once per process, and this one may have started it with 1 thread."""
+    out = tmp_path / "r.json"
+    code = ("import json, sys; from bncompile.bench import benchmark; "
+            f"r = benchmark({str(conv_path)!r}, threads=2, variants=['tvm'], repeat=2, warmup=0, "
+            "progress=False, memory=False); "
+            f"open({str(out)!r}, 'w').write(json.dumps({{'d': r.to_dict(), 't': r.table()}}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out.read_text())
+    data, table = got["d"], got["t"]
+    validate(data)
+    assert data["settle"] is True
+    for r in data["results"]:
+        assert r["status"] == "ok", r["reason"]
+        assert r["threads_used"] == 2                  # onnxruntime's intra-op threads, TVM's pool
+        assert r["samples"] == 2 and r["warm_median_ms"] > 0 and r["warm_ratio"] > 0
+        assert r["spin_cpu_ms"] >= 0 and r["spin_wall_ms"] >= 0 and r["unsettled"] >= 0
+        assert 1 <= r["threads_busy"] <= 2           # measured (a tiny model may keep one thread busy)
+    assert {r["variant"]: r["warm_ratio"] for r in data["results"]}["ort"] == 1.0
+    assert len(data["machine"]["loadavg_start"]) == 3 and len(data["machine"]["loadavg_end"]) == 3
+    assert "b2b ms" in table and "settled rounds" in table
+
+    plain = benchmark(conv_path, threads=2, variants=["ort"], settle=False, **FAST)
+    assert plain.settle is False and plain.result("ort", 1).warm_median_ms is None
+    assert "b2b ms" not in plain.table()
+    validate(plain.to_dict())
+
+
+def test_one_thread_plain_rounds_unless_asked(conv_path):
+    assert benchmark(conv_path, variants=["ort"], **FAST).settle is False
+    report = benchmark(conv_path, variants=["ort"], settle=True, **FAST)
+    assert report.settle is True and report.result("ort", 1).warm_median_ms > 0
 
 
 def test_benchmark_gemm_in_memory_with_memory_probe():
@@ -139,3 +180,17 @@ def test_public_names_kept():
                  "VariantResult", "benchmark", "load_schema", "parse_batches", "plot", "resolve_shapes",
                  "select_variants", "write_json"):
         assert hasattr(bench, name), name
+
+
+def test_tvm_spin_count_not_at_default_is_said(monkeypatch, caplog):
+    monkeypatch.setenv("TVM_NUM_THREADS", os.environ.get("TVM_NUM_THREADS", "1"))   # restored afterwards
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    with caplog.at_level("WARNING", logger="bncompile.bench.variants"):
+        variants.pin_tvm_threads(int(os.environ["TVM_NUM_THREADS"]))
+    assert "SPIN_COUNT" not in caplog.text
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    with caplog.at_level("WARNING", logger="bncompile.bench.variants"):
+        variants.pin_tvm_threads(int(os.environ["TVM_NUM_THREADS"]))
+    assert "TVM_THREAD_POOL_SPIN_COUNT=0" in caplog.text
+    from bncompile.bench.report import machine_info
+    assert machine_info(1)["tvm_thread_pool_spin_count"] == "0"

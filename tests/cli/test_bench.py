@@ -33,6 +33,19 @@ def test_cli_json_plot_table(conv_path, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_settle_flags_reach_the_report(conv_path, tmp_path, capsys):
+    js = tmp_path / "b.json"
+    for flag, want in (("--settle", True), ("--no-settle", False)):
+        rc = main(["bench", str(conv_path), "--variants", "ort", "--repeat", "2", "--warmup", "0", flag,
+                   "--no-memory", "--no-progress", "--json", str(js)])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        data = json.loads(js.read_text())
+        validate(data)
+        assert data["settle"] is want and ("b2b ms" in out) is want
+        assert (data["results"][0]["warm_median_ms"] is not None) is want
+
+
 def _bad(argv, capsys):
     rc = main(["bench", *map(str, argv)])
     out, err = capsys.readouterr()
@@ -117,3 +130,5 @@ def test_cli_kernels_refuses_model_and_model_flags(conv_path, capsys):
     assert rc == 2 and "--kernels" in err
     rc, _, err = _bad(["--kernels", "--batch", "1"], capsys)
     assert rc == 2 and "--batch does not apply" in err
+    rc, _, err = _bad(["--kernels", "--no-settle"], capsys)
+    assert rc == 2 and "--settle/--no-settle does not apply" in err
