@@ -30,6 +30,11 @@ CASES = {
     "nhwc": (dict(axis=-1), (None, 5, 6, 24), (4, 5, 6, 24), None, "bwd_cpu_channels_last"),
     "nhwc_static": (dict(axis=-1), (4, 5, 6, 24), (4, 5, 6, 24), None, "bwd_cpu_channels_last"),
     "nc_wide": (dict(axis=-1, fused=False), (None, 300), (64, 300), None, "bwd_cpu_channels_last"),
+    # per-sample partials (64+ rows a sample) over several channel stripes (80 channels: 16 a stripe on
+    # AVX2 and AVX-512), walked row by row
+    "nhwc_partials_stripes": (dict(axis=-1), (None, 8, 8, 80), (3, 8, 8, 80), None, "bwd_cpu_channels_last"),
+    "nhwc_partials_renorm": (dict(axis=-1, renorm=True, renorm_clipping={"rmax": 1.3, "dmax": 0.4}),
+                             (None, 9, 8, 48), (4, 9, 8, 48), None, "bwd_cpu_channels_last"),
     "rank5": (dict(axis=1), (None, 3, 2, 4, 5), (2, 3, 2, 4, 5), None, "bwd_cpu_channel_first"),
     "renorm_clipped": (dict(axis=-1, renorm=True, renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}),
                        (None, 5), (8, 5), None, "bwd_cpu_channels_last"),
@@ -122,7 +127,7 @@ def test_backward_kernel_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "renorm_clipped", "adjust_full_nhwc",
-                                  "ghost_nhwc_wide", "ghost_nhwc_renorm"])
+                                  "ghost_nhwc_wide", "ghost_nhwc_renorm", "nhwc_partials_stripes"])
 def test_dynamic_batch_sizes(name):
     for batch in (2, 8):
         if name.startswith("ghost") and batch % 2:
@@ -133,7 +138,8 @@ def test_dynamic_batch_sizes(name):
         assert_close(out["dx"], ref.dx, TOL, f"dx@{batch}")
 
 
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "nchw_long_rows", "ghost_nhwc_wide"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "nchw_long_rows", "ghost_nhwc_wide",
+                                  "nhwc_partials_stripes"])
 def test_large_mean(name):
     """Mean 1e3 x the spread: the one-pass statistics about the data shift stay exact enough."""
     cfg, k, feeds, out, adj, _ = _run_case(name, loc=2e3)

@@ -101,7 +101,8 @@ def fast_layouts(draw):
     elif form == "nc":
         shape, axis = (n, c), -1
     else:
-        shape, axis = (n, draw(st.integers(1, 4)), draw(st.integers(1, 5)), c), -1
+        # up to 72 rows a sample: per-sample partials when the batch is symbolic
+        shape, axis = (n, draw(st.sampled_from([1, 2, 4, 8, 9])), draw(st.integers(1, 8)), c), -1
     renorm = draw(st.booleans())
     clip = {"rmax": draw(st.floats(1.0, 2.0)), "rmin": draw(st.floats(0.3, 1.0)), "dmax": draw(st.floats(0.0, 1.0))}
     kw = dict(axis=axis, virtual_batch_size=vbs, renorm=renorm, renorm_clipping=clip if renorm else None,
