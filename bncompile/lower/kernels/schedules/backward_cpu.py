@@ -18,7 +18,8 @@ where the cache allows:
 * ``bwd_cpu_channels_last`` (Q == 1, e.g. NHWC, (N, C)): when a stripe of channels over every row (x
   and dy) fits half of L2, one parallel task per stripe reduces it and writes its dx while cached (also
   with a symbolic batch when a sample has few rows, e.g. (N, C): per-sample partials would outweigh
-  x); otherwise per-sample partial sums (parallel over the batch), a serial combine, and a dx pass
+  x); otherwise per-sample partial sums (parallel over the batch, each sample's rows walked once in
+  memory order, every channel stripe of a row in turn), a serial combine, and a dx pass
   parallel over row blocks (x and dy are then read twice: the reductions must end before any dx).
   Vectorized across the contiguous channels.
   Ghost BN channels-last (x viewed as (v, G, P, C, 1)): one parallel task per group and stripe of
