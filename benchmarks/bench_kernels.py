@@ -1,6 +1,11 @@
 """Benchmark the TVM batch-normalization kernels against onnxruntime and NumPy.
 
     python benchmarks/bench_kernels.py [--repeat 30] [--json out.json] [--target llvm:haswell]
+                                       [--threads 2] [--part forward|backward|both]
+
+The forward table, then the backward's (its time beside the forward's and beside its floor); both for
+the same ``--target`` and thread count. ``--json`` holds the forward's result with the backward's under
+``"backward"``.
 """
 
 from __future__ import annotations
@@ -18,15 +23,26 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--target", default="llvm",
                     help="TVM target (default llvm: the host CPU; llvm:haswell builds AVX2 kernels on any x86 host)")
+    ap.add_argument("--part", choices=("both", "forward", "backward"), default="both",
+                    help="which tables to run (default both)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    result = run_kernel_benchmark(repeat=args.repeat, json_path=args.json_path, threads=args.threads,
-                                  target=args.target)
-    print_table(result)
-    from bncompile.bench.kernels import format_backward_table, run_backward_benchmark
+    result: dict = {}
+    if args.part in ("both", "forward"):
+        result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
+        print_table(result)
+    if args.part in ("both", "backward"):
+        from bncompile.bench.kernels import format_backward_table, run_backward_benchmark
 
-    print(format_backward_table(run_backward_benchmark(repeat=args.repeat, threads=args.threads)))
+        backward = run_backward_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
+        print(format_backward_table(backward))
+        result = {**result, "backward": backward} if result else backward
+    if args.json_path:
+        import json
+        from pathlib import Path
+
+        Path(args.json_path).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0
 
 

@@ -378,82 +378,143 @@ __all__ = ["Case", "DEFAULT_CASES", "machine_info", "run_kernel_benchmark", "for
 #
 # The backward kernel (compile_batchnorm(..., gradients=True), Kernel.bind_backward) beside the forward
 # training kernel and beside its floor: one read of x and dy and one write of dx, 1.5x onnxruntime's
-# inference BN on the same tensor (one read, one write). Every side pre-bound (Kernel.bind, ORT
-# IOBinding) and its inputs rotated over enough sets that each call finds them out of the caches.
+# inference BN on the same tensor (one read, one write). Like the forward's benchmark: the three in the
+# same interleaved rounds (order rotated every round), every side pre-bound (Kernel.bind and
+# bind_backward on zero-copy aligned NumPy memory, ORT IOBinding on the same kind of memory), TVM's pool
+# and ORT's at the same thread count and neither spinning, and one counter shared by all three picking
+# the next input set at every call (x, dy and the outputs of each set; sets together past twice the
+# L3), so no call finds its inputs in a cache from an earlier call. ``bwd/floor``'s spread is the
+# quartiles of the per-round ratio bwd / (1.5 x ORT inference).
 
-DEFAULT_BACKWARD_CASES = [
-    Case("NCHW", (32, 64, 56, 56), 1),
-    Case("NCHW", (32, 64, 56, 56), 1, "renorm"),
-    Case("NCHW", (32, 64, 56, 56), 1, "ghost"),
-    Case("NCHW", (64, 128, 28, 28), 1),
-    Case("NC", (256, 1024), 1),
-    Case("NHWC", (32, 56, 56, 64), -1),
-]
+DEFAULT_BACKWARD_CASES = [Case(name, shape, axis, variant)
+                          for name, shape, axis in (("NCHW", (32, 64, 56, 56), 1), ("NC", (256, 1024), 1),
+                                                    ("NHWC", (32, 56, 56, 64), -1))
+                          for variant in ("plain", "renorm", "ghost", "adjust")]
+DEFAULT_BACKWARD_CASES.insert(4, Case("NCHW", (64, 128, 28, 28), 1))
 BACKWARD_TARGET_VS_FLOOR = 1.3
+BACKWARD_VARIANTS = ("plain", "renorm", "ghost", "adjust")
+
+
+def _backward_config(case: Case) -> BatchNormConfig:
+    """The case's config; ``adjust``: adjustment inputs (per-channel scale and bias) on a plain layer."""
+    if case.variant == "adjust":
+        return BatchNormConfig(axis=case.axis, momentum=0.9, epsilon=1e-5, fused=False, adjustment="inputs")
+    if case.variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"backward benchmark: unknown variant {case.variant!r}; use one of {BACKWARD_VARIANTS}")
+    return case.config()
+
+
+def _backward_case(c) -> Case:
+    if isinstance(c, Case):
+        return c
+    shape, axis, *rest = c
+    shape = tuple(int(d) for d in shape)
+    name = "NC" if len(shape) == 2 else ("NCHW" if axis % len(shape) == 1 else "NHWC")
+    return Case(name, shape, int(axis), rest[0] if rest else "plain")
+
+
+def _backward_runners(case: Case, xs: list, dys: list, rot: Rotation, *, target, threads: int):
+    """Pre-bound ``fwd``, ``bwd`` and ``ort_infer`` calls of ``case``, each over every input set, picked by
+    the shared ``rot``; returns ``(kernel, runners)``."""
+    from bncompile.kernels import compile_batchnorm
+    from bncompile.lower import tvm as _tvm
+    from bncompile.lower.kernels.backward import backward_variable_names
+
+    cfg = _backward_config(case)
+    k = compile_batchnorm(cfg, (None,) + tuple(case.shape[1:]), target=target, gradients=True)
+    dev = k.device
+    host = dev.dlpack_device_type() == 1
+    tvm = _tvm.tvm()
+    rng = np.random.default_rng(1)
+    variables = {n: v.astype(np.float32) for n, v in cfg.initial_variables(case.shape).items()}
+    if "gamma" in variables:
+        variables["gamma"] = rng.uniform(0.5, 1.5, variables["gamma"].shape).astype(np.float32)
+    if cfg.adjustment is not None:
+        pshape = cfg.param_shape(case.shape)
+        variables["adjustment_scale"] = rng.uniform(0.9, 1.1, pshape).astype(np.float32)
+        variables["adjustment_bias"] = rng.uniform(-0.1, 0.1, pshape).astype(np.float32)
+    var_t = {n: tvm.runtime.tensor(v, dev) for n, v in variables.items()}
+    fwd_names = k.spec.variable_names() + (["adjustment_scale", "adjustment_bias"] if cfg.adjustment else [])
+    bwd_names = backward_variable_names(k.spec) + (["adjustment_scale", "adjustment_bias"] if cfg.adjustment else [])
+
+    def tensor(a):
+        return _tvm.to_tensor(a, dev) if host else tvm.runtime.tensor(a, dev)
+
+    def out(shape):
+        return _tvm.host_tensor(shape) if host else _tvm.empty(shape, "float32", dev)
+
+    fwd, bwd = [], []
+    for xa, da in zip(xs, dys):
+        xt = tensor(xa)
+        fwd.append(k.bind({"x": xt, **{n: var_t[n] for n in fwd_names}}, out={"y": out(xa.shape)})[0])
+        bwd.append(k.bind_backward({"x": xt, "dy": tensor(da), **{n: var_t[n] for n in bwd_names}},
+                                   out={"dx": out(xa.shape)})[0])
+    ax = case.axis % len(case.shape)
+    xs_cf = xs if ax == 1 else [_aligned_copy(np.moveaxis(a, ax, 1)) for a in xs]
+    C = xs_cf[0].shape[1]
+    params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
+              "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
+    runners = {"fwd": _rotating(fwd, rot), "bwd": _rotating(bwd, rot),
+               "ort_infer": _ort_runner(xs_cf[0].shape, {"x": xs_cf[0], **params}, training=False,
+                                        threads=threads, copies=xs_cf, rot=rot)}
+    if not host:
+        for name in ("fwd", "bwd"):
+            inner = runners[name]
+            runners[name] = lambda _f=inner: (_f(), dev.sync())
+    return k, runners
 
 
 def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, json_path: str | None = None,
                            threads: int | None = None, target: str = "llvm") -> dict:
     """The backward's time beside the forward's and beside its floor (see the section comment).
 
-    Returns ``{"machine": ..., "cases": [...]}`` with, per case, the medians in ms of ``fwd`` (training
-    forward), ``bwd`` (backward: dx, dgamma, dbeta) and ``ort_infer``; ``floor_ms = 1.5 * ort_infer``,
-    ``bwd_vs_floor`` (target <= :data:`BACKWARD_TARGET_VS_FLOOR`) and ``bwd_vs_fwd``.
+    ``shapes``: :class:`Case` s or ``(shape, axis[, variant])`` tuples, variant one of
+    :data:`BACKWARD_VARIANTS` (default :data:`DEFAULT_BACKWARD_CASES`); ``target`` as the forward's
+    (``llvm``, ``llvm:haswell``, a dict). Returns ``{"machine": ..., "cases": [...]}`` with, per case, the
+    medians in ms of ``fwd`` (training forward), ``bwd`` (backward: dx, dgamma, dbeta) and ``ort_infer``;
+    ``floor_ms = 1.5 * ort_infer``, ``bwd_vs_floor`` (the median of the per-round ratios; target <=
+    :data:`BACKWARD_TARGET_VS_FLOOR`) with its quartiles ``bwd_vs_floor_iqr``, and ``bwd_vs_fwd``.
     """
-    from bncompile.kernels import compile_batchnorm
-    from bncompile.lower import tvm as _tvm
-    from bncompile.lower.kernels.backward import backward_variable_names
-    from bncompile.lower.kernels.schedules.machine import cpu_machine
+    from bncompile.lower import targets, tvm as _tvm
 
+    label, target = target, targets.target_dict(target)
     if _tvm.target_kind(target) == "cuda" and not _tvm.cuda_available():
         log.warning("benchmark: no CUDA GPU here; the CUDA backward benchmark is skipped")
-        return {"machine": {"target": target, "skipped": "no CUDA GPU"}, "cases": []}
-    cases = [c if isinstance(c, Case) else Case("NC" if len(c[0]) == 2 else ("NCHW" if c[1] % len(c[0]) == 1
-                                                                            else "NHWC"),
-                                                tuple(int(d) for d in c[0]), int(c[1]), c[2] if len(c) > 2 else "plain")
-             for c in (shapes or DEFAULT_BACKWARD_CASES)]
+        return {"machine": {"target": label if isinstance(label, str) else str(label), "skipped": "no CUDA GPU"},
+                "cases": []}
+    cases = [_backward_case(c) for c in (shapes or DEFAULT_BACKWARD_CASES)]
     threads = threads or os.cpu_count() or 1
+    machine = machine_info(target)
+    if _tvm.target_kind(target) == "llvm":
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")     # as the forward: no spinning pool
+        machine["tvm_threads"] = _tvm.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    tvm = _tvm.tvm()
     results = []
     for case in cases:
-        cfg = case.config()
-        k = compile_batchnorm(cfg, (None,) + tuple(case.shape[1:]), target=target, gradients=True)
-        dev = k.device
-        variables = {n: v.astype(np.float32) for n, v in cfg.initial_variables(case.shape).items()}
         nbytes = int(np.prod(case.shape)) * 4
-        fwd, bwd, ort_calls = [], [], []
-        for _ in range(rotation_copies(3 * nbytes, cpu_machine().l3, limit=8)):
-            x = rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1
-            dy = rng.standard_normal(case.shape, dtype=np.float32)
-            xt = tvm.runtime.tensor(x, dev)
-            var_t = {n: tvm.runtime.tensor(v, dev) for n, v in variables.items()}
-            fwd.append(k.bind({"x": xt, **{n: var_t[n] for n in k.spec.variable_names()}})[0])
-            bfeeds = {"x": xt, "dy": tvm.runtime.tensor(dy, dev),
-                      **{n: var_t[n] for n in backward_variable_names(k.spec)}}
-            bwd.append(k.bind_backward(bfeeds)[0])
-            ax = case.axis % len(case.shape)
-            x_cf = x if ax == 1 else np.ascontiguousarray(np.moveaxis(x, ax, 1))
-            C = x_cf.shape[1]
-            params = {"scale": np.ones(C, np.float32), "B": np.zeros(C, np.float32),
-                      "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32)}
-            ort_calls.append(_ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads))
-        runners = {name: _rotating(calls, Rotation(len(calls)))
-                   for name, calls in (("fwd", fwd), ("bwd", bwd), ("ort_infer", ort_calls))}
-        if dev.dlpack_device_type() != 1:
-            for name in ("fwd", "bwd"):
-                inner = runners[name]
-                runners[name] = lambda _f=inner: (_f(), dev.sync())
-        times, _ = time_interleaved(runners, repeat, warmup=2)
+        # a set: x, dy, dx, the forward's y, ORT's y (and a channels-first x for a channels-last case)
+        ncopy = rotation_copies(5 * nbytes, machine["l3"])
+        xs = [_aligned_copy(rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1) for _ in range(ncopy)]
+        dys = [_aligned_copy(rng.standard_normal(case.shape, dtype=np.float32)) for _ in range(ncopy)]
+        k, runners = _backward_runners(case, xs, dys, Rotation(ncopy), target=target, threads=threads)
+        times, cpu = time_interleaved(runners, repeat, warmup=2)
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
         floor = 1.5 * med["ort_infer"]
+        q = _quartiles([b / (1.5 * o) for b, o in zip(times["bwd"], times["ort_infer"])])
+        cpu_ratios = [b / (1.5 * o) for b, o in zip(cpu["bwd"], cpu["ort_infer"]) if o > 0]
         results.append({"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
                         "schedule": k.backward_schedule, "forward_schedule": k.schedule, "ms": med,
-                        "floor_ms": floor, "bwd_vs_floor": med["bwd"] / floor, "bwd_vs_fwd": med["bwd"] / med["fwd"],
-                        "bwd_gbps": 3 * nbytes / (med["bwd"] * 1e-3) / 1e9, "input_sets": len(bwd)})
+                        "floor_ms": floor, "bwd_vs_floor": q[1], "bwd_vs_floor_iqr": [q[0], q[2]],
+                        # on a shared machine: the best call of each (what neither lost to other jobs) and
+                        # the per-round ratio of process CPU time (all threads; preempted time not counted)
+                        "bwd_vs_floor_min": min(times["bwd"]) / (1.5 * min(times["ort_infer"])),
+                        "bwd_vs_floor_cpu": _quartiles(cpu_ratios)[1] if cpu_ratios else None,
+                        "bwd_vs_fwd": _quartiles([b / f for b, f in zip(times["bwd"], times["fwd"])])[1],
+                        "bwd_gbps": 3 * nbytes / (med["bwd"] * 1e-3) / 1e9, "input_sets": ncopy})
         log.info("backward benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
-    out = {"machine": {**machine_info(target), "threads": threads, "target": target, "repeat": repeat},
-           "cases": results}
+        del xs, dys, runners
+    out = {"machine": {**machine, "threads": threads, "target": label if isinstance(label, str) else str(label),
+                       "repeat": repeat, "loadavg": _loadavg()}, "cases": results}
     if json_path:
         from pathlib import Path
 
@@ -464,24 +525,47 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
     return out
 
 
+def _ratio(v) -> str:
+    return f"{v:.2f}" if v is not None else ""
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def format_backward_table(result: dict) -> str:
     """A plain-text table of :func:`run_backward_benchmark`'s result."""
     m = result["machine"]
     if m.get("skipped"):
         return f"backward benchmark skipped for target {m.get('target')}: {m['skipped']}"
     head = (f"{'case':<6} {'shape':<14} {'variant':<7} {'bwd schedule':<22} {'fwd ms':>7} {'bwd ms':>7} "
-            f"{'ort_inf':>7} {'floor':>7} {'bwd/floor':>9} {'bwd/fwd':>7} {'GB/s':>5}")
+            f"{'ort_inf':>7} {'floor':>7} {'bwd/floor':>9} {'(iqr)':>11} {'min':>5} {'cpu':>5} {'bwd/fwd':>7} "
+            f"{'GB/s':>5}")
     lines = [head, "-" * len(head)]
     for r in result["cases"]:
         ms = r["ms"]
+        iqr = r.get("bwd_vs_floor_iqr")
+        iqr_s = f"{iqr[0]:.2f}-{iqr[1]:.2f}" if iqr else ""
         lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
                      f"{ms['fwd']:7.3f} {ms['bwd']:7.3f} {ms['ort_infer']:7.3f} {r['floor_ms']:7.3f} "
-                     f"{r['bwd_vs_floor']:9.2f} {r['bwd_vs_fwd']:7.2f} {r['bwd_gbps']:5.1f}")
-    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; cpu {m.get('model')} "
-                 f"({m.get('cpu')}), {os.cpu_count()} cores, {m['threads']} threads, {m.get('caches')}; floor = 1.5 x ORT inference BN: one read of x and "
+                     f"{r['bwd_vs_floor']:9.2f} {iqr_s:>11} {_ratio(r.get('bwd_vs_floor_min')):>5} "
+                     f"{_ratio(r.get('bwd_vs_floor_cpu')):>5} {r['bwd_vs_fwd']:7.2f} {r['bwd_gbps']:5.1f}")
+    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; bwd/floor and bwd/fwd: medians of "
+                 f"the per-round ratios, (iqr) the quartiles of bwd/floor, min: best bwd / best floor, cpu: the "
+                 f"median per-round ratio of process CPU time; floor = 1.5 x ORT inference BN: one read of x and "
                  f"dy, one write of dx; target bwd/floor <= {BACKWARD_TARGET_VS_FLOOR})")
+    cpu = f"{m.get('model') or '?'} (LLVM {m.get('cpu')})"
+    tgt = (f", kernels built for mcpu={m['target_mcpu']}"
+           if m.get("target_mcpu") and m["target_mcpu"] != m.get("cpu") else "")
+    load = m.get("loadavg")
+    load_s = f"; load average {' '.join(f'{v:.2f}' for v in load)}" if load else ""
+    lines.append(f"cpu {cpu}, {os.cpu_count()} cores, {m['threads']} threads (TVM {m.get('tvm_threads', '?')}); "
+                 f"{m.get('caches', '')}{tgt}{load_s}")
     return "\n".join(lines)
 
 
-__all__ += ["DEFAULT_BACKWARD_CASES", "BACKWARD_TARGET_VS_FLOOR", "run_backward_benchmark",
+__all__ += ["DEFAULT_BACKWARD_CASES", "BACKWARD_TARGET_VS_FLOOR", "BACKWARD_VARIANTS", "run_backward_benchmark",
             "format_backward_table"]

@@ -38,13 +38,28 @@ def test_benchmark_cuda_skips_without_gpu():
 def test_backward_benchmark_small_case():
     from bncompile.bench.kernels import format_backward_table, run_backward_benchmark
 
-    res = run_backward_benchmark([((4, 8, 6, 6), 1), ((4, 8, 6, 6), 1, "ghost"), ((2, 5, 5, 16), -1)], repeat=3)
-    assert len(res["cases"]) == 3
+    res = run_backward_benchmark([((4, 8, 6, 6), 1), ((4, 8, 6, 6), 1, "ghost"), ((2, 5, 5, 16), -1),
+                                  ((8, 5, 16), -1, "ghost"), ((4, 24), 1, "adjust"), ((4, 24), 1, "renorm")],
+                                 repeat=3, threads=1, target="llvm:haswell")
+    assert len(res["cases"]) == 6
     for row in res["cases"]:
         assert set(row["ms"]) == {"fwd", "bwd", "ort_infer"}
         assert row["floor_ms"] == pytest.approx(1.5 * row["ms"]["ort_infer"])
-        assert row["schedule"].startswith("bwd_cpu_") and row["input_sets"] >= 2
+        lo, hi = row["bwd_vs_floor_iqr"]
+        assert lo <= row["bwd_vs_floor"] <= hi
+        assert row["schedule"].startswith("bwd_cpu_") and row["input_sets"] >= 3
+        assert row["schedule"] != "bwd_cpu_generic", row       # every default layout has its own rule
     m = res["machine"]
-    assert m["lanes"] and m["cpu"] and m["l2"] > 0
+    assert m["lanes"] == 8 and m["target_mcpu"] == "haswell" and m["target"] == "llvm:haswell"
+    assert m["cpu"] and m["l2"] > 0 and m["threads"] == 1
     table = format_backward_table(res)
-    assert "bwd/floor" in table and "f32 vectors" in table and "L2" in table
+    assert "bwd/floor" in table and "(iqr)" in table and "f32 vectors" in table and "L2" in table
+    assert "mcpu=haswell" in table or m["cpu"] == "haswell"
+    assert "adjust" in table and "ghost" in table
+
+
+def test_backward_benchmark_refuses_an_unknown_variant():
+    from bncompile.bench.kernels import run_backward_benchmark
+
+    with pytest.raises(ValueError, match="variant"):
+        run_backward_benchmark([((4, 8), 1, "fancy")], repeat=1)

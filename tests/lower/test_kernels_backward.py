@@ -30,6 +30,11 @@ CASES = {
     "nhwc": (dict(axis=-1), (None, 5, 6, 24), (4, 5, 6, 24), None, "bwd_cpu_channels_last"),
     "nhwc_static": (dict(axis=-1), (4, 5, 6, 24), (4, 5, 6, 24), None, "bwd_cpu_channels_last"),
     "nc_wide": (dict(axis=-1, fused=False), (None, 300), (64, 300), None, "bwd_cpu_channels_last"),
+    # per-sample partials (64+ rows a sample) over several channel stripes (80 channels: 16 a stripe on
+    # AVX2 and AVX-512), walked row by row
+    "nhwc_partials_stripes": (dict(axis=-1), (None, 8, 8, 80), (3, 8, 8, 80), None, "bwd_cpu_channels_last"),
+    "nhwc_partials_renorm": (dict(axis=-1, renorm=True, renorm_clipping={"rmax": 1.3, "dmax": 0.4}),
+                             (None, 9, 8, 48), (4, 9, 8, 48), None, "bwd_cpu_channels_last"),
     "rank5": (dict(axis=1), (None, 3, 2, 4, 5), (2, 3, 2, 4, 5), None, "bwd_cpu_channel_first"),
     "renorm_clipped": (dict(axis=-1, renorm=True, renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}),
                        (None, 5), (8, 5), None, "bwd_cpu_channels_last"),
@@ -39,7 +44,15 @@ CASES = {
                    "bwd_cpu_channel_first"),
     "ghost_static_renorm": (dict(axis=1, virtual_batch_size=4, renorm=True, renorm_clipping={"dmax": 0.2}),
                             (8, 3, 4), (8, 3, 4), None, "bwd_cpu_channel_first"),
-    "ghost_channels_last": (dict(axis=-1, virtual_batch_size=2), (None, 3), (6, 3), None, "bwd_cpu_generic"),
+    "ghost_channels_last": (dict(axis=-1, virtual_batch_size=2), (None, 3), (6, 3), None, "bwd_cpu_channels_last"),
+    # ghost channels-last with more channels than one stripe (tasks: groups x stripes), and with renorm
+    # (r and d from every group: the dx pass as tasks of its own)
+    "ghost_nhwc_wide": (dict(axis=-1, virtual_batch_size=2), (None, 3, 160), (6, 3, 160), None,
+                        "bwd_cpu_channels_last"),
+    "ghost_nhwc_renorm": (dict(axis=-1, virtual_batch_size=2, renorm=True,
+                               renorm_clipping={"rmax": 1.2, "rmin": 0.8, "dmax": 0.5}),
+                          (None, 2, 2, 48), (6, 2, 2, 48), None, "bwd_cpu_channels_last"),
+    "ghost_nc_static": (dict(axis=-1, virtual_batch_size=4), (16, 96), (16, 96), None, "bwd_cpu_channels_last"),
     "axis_list": (dict(axis=[1, 3]), (None, 3, 4, 5), (2, 3, 4, 5), None, "bwd_cpu_generic"),
     "axis_list_renorm": (dict(axis=[1, 2], renorm=True), (None, 2, 3, 2), (4, 2, 3, 2), None,
                          "bwd_cpu_channel_first"),
@@ -113,7 +126,8 @@ def test_backward_kernel_matches_reference(name):
             assert_close(twin[n], out[n], TOL, f"twin {n}")
 
 
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "renorm_clipped", "adjust_full_nhwc"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "renorm_clipped", "adjust_full_nhwc",
+                                  "ghost_nhwc_wide", "ghost_nhwc_renorm", "nhwc_partials_stripes"])
 def test_dynamic_batch_sizes(name):
     for batch in (2, 8):
         if name.startswith("ghost") and batch % 2:
@@ -124,7 +138,8 @@ def test_dynamic_batch_sizes(name):
         assert_close(out["dx"], ref.dx, TOL, f"dx@{batch}")
 
 
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "nchw_long_rows"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "ghost_nchw", "nchw_long_rows", "ghost_nhwc_wide",
+                                  "nhwc_partials_stripes"])
 def test_large_mean(name):
     """Mean 1e3 x the spread: the one-pass statistics about the data shift stay exact enough."""
     cfg, k, feeds, out, adj, _ = _run_case(name, loc=2e3)
@@ -161,7 +176,8 @@ def test_cpu_backward_schedules_have_no_predicates():
     from bncompile.lower.kernels import backward, schedules
     from bncompile.lower.kernels.compute import make_spec
 
-    for name in ("nchw_static_odd", "nchw", "nhwc", "nc_wide", "ghost_nchw"):
+    for name in ("nchw_static_odd", "nchw", "nhwc", "nc_wide", "ghost_nchw", "ghost_channels_last",
+                 "ghost_nhwc_wide", "ghost_nhwc_renorm", "ghost_nc_static"):
         kw, kshape, *_ = CASES[name]
         spec = make_spec(BatchNormConfig(**kw), kshape)
         rule, sch = schedules.schedule_backward(spec, backward.backward_prim_func(spec), target="llvm")

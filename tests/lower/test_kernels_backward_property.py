@@ -1,9 +1,13 @@
 """Issue 16: random backward-kernel configs against the float64 backward reference (hypothesis, seeded,
 bounded: 40 examples, well under a minute). Ranks 2-4, one axis or axis lists, renorm with any subset
 of clipping bounds, ghost BN, adjustment inputs of every broadcast shape, static or symbolic batch,
-means up to 1e3 x the spread, with or without scale/center."""
+means up to 1e3 x the spread, with or without scale/center. Then 30 examples of the layouts the streaming
+CPU rules take (sizes that give blocked lane sums, several channel stripes, per-sample partials, ghost
+stripe tasks), built for the host and for AVX2 (``llvm:haswell``)."""
 
 from __future__ import annotations
+
+import platform
 
 import numpy as np
 import pytest
@@ -21,6 +25,8 @@ pytestmark = pytest.mark.tvm
 from bncompile.kernels import compile_batchnorm  # noqa: E402
 
 TOL = 1e-4      # float32 gradients: relative to max(1, |expected|)
+# the host, and AVX2 code (8 lanes) where the host runs it (any x86-64 CPU this project supports)
+TARGETS = ["llvm"] + (["llvm:haswell"] if platform.machine().lower() in ("x86_64", "amd64") else [])
 
 
 @st.composite
@@ -58,10 +64,16 @@ def cases(draw):
 @given(cases())
 def test_random_backward_configs_match_reference(case):
     cfg, shape, dynamic, adj_shapes, loc, s = case
-    rng = np.random.default_rng(s)
+    k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape, gradients=True)
+    _check_kernel(k, cfg, shape, adj_shapes, loc, s)
+
+
+def _check_kernel(k, cfg, shape, adj_shapes, loc, seed_):
+    """Run ``k`` on random x, dy, variables (and adjustment inputs of ``adj_shapes``) about ``loc``; its
+    gradients against the float64 reference."""
+    rng = np.random.default_rng(seed_)
     x = (loc + rng.normal(0, 1.5, shape)).astype(np.float32)
     dy = rng.normal(0, 1.0, shape).astype(np.float32)
-    k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape, gradients=True)
     variables = {}
     for name, v in cfg.initial_variables(shape).items():
         if name in ("moving_variance", "moving_stddev", "renorm_stddev", "gamma"):
@@ -84,3 +96,49 @@ def test_random_backward_configs_match_reference(case):
         act = np.asarray(out[name], np.float64).reshape(exp.shape)
         scale = max(1.0, float(np.abs(exp).max()))
         np.testing.assert_allclose(act, exp, rtol=TOL, atol=TOL * scale, err_msg=f"{name} {cfg} {shape} {k}")
+
+
+@st.composite
+def fast_layouts(draw):
+    """Layouts the streaming CPU rules take (not bwd_cpu_generic): channel-first with rows of a vector
+    multiple or not, channels-last with one stripe or several, ghost of either form; plain, renorm or
+    per-channel adjustment; static or symbolic batch."""
+    form = draw(st.sampled_from(["nchw", "nhwc", "nc", "ghost_nchw", "ghost_nhwc"]))
+    vbs = draw(st.sampled_from([2, 3])) if form.startswith("ghost") else None
+    n = vbs * draw(st.integers(1, 3)) if vbs else draw(st.integers(2, 6))
+    c = draw(st.sampled_from([1, 3, 8, 17, 48, 80, 160]))
+    if form in ("nchw", "ghost_nchw"):
+        q = draw(st.sampled_from([8, 16, 24, 40, 48, 64, 96, 7, 10]))
+        shape, axis = (n, c, draw(st.integers(1, 3)), q), 1
+    elif form == "nc":
+        shape, axis = (n, c), -1
+    else:
+        # up to 72 rows a sample: per-sample partials when the batch is symbolic
+        shape, axis = (n, draw(st.sampled_from([1, 2, 4, 8, 9])), draw(st.integers(1, 8)), c), -1
+    renorm = draw(st.booleans())
+    clip = {"rmax": draw(st.floats(1.0, 2.0)), "rmin": draw(st.floats(0.3, 1.0)), "dmax": draw(st.floats(0.0, 1.0))}
+    kw = dict(axis=axis, virtual_batch_size=vbs, renorm=renorm, renorm_clipping=clip if renorm else None,
+              fused=False, scale=draw(st.booleans()), center=draw(st.booleans()),
+              adjustment="inputs" if vbs is None and draw(st.booleans()) else None)
+    target = draw(st.sampled_from(TARGETS))
+    loc = draw(st.sampled_from([0.0, 3.0, 1e3]))
+    return BatchNormConfig(**kw), shape, draw(st.booleans()), target, loc, draw(st.integers(0, 2**31 - 1))
+
+
+@seed(20261129)
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(fast_layouts())
+def test_random_streaming_layouts_match_reference_on_both_vector_widths(case):
+    """The streaming rules (blocked lane sums, channel stripes, ghost stripe tasks) for random sizes,
+    built for the host and for AVX2 (``llvm:haswell``: 8 lanes, other lane blocks and stripes; it runs
+    on any x86-64 host with AVX2), against the float64 reference; a per-channel adjustment too."""
+    cfg, shape, dynamic, target, loc, s = case
+    k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape, gradients=True, target=target)
+    assert k.backward_schedule != "bwd_cpu_generic", (cfg, shape, k.backward_schedule)
+    adj_shapes = None
+    if cfg.adjustment is not None:           # per channel
+        ax = cfg.resolve(len(shape)).axes[0]
+        ashape = tuple(d if i == ax else 1 for i, d in enumerate(shape))
+        adj_shapes = (ashape, ashape)
+    _check_kernel(k, cfg, shape, adj_shapes, loc, s)

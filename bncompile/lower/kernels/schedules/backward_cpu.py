@@ -18,11 +18,14 @@ where the cache allows:
 * ``bwd_cpu_channels_last`` (Q == 1, e.g. NHWC, (N, C)): when a stripe of channels over every row (x
   and dy) fits half of L2, one parallel task per stripe reduces it and writes its dx while cached (also
   with a symbolic batch when a sample has few rows, e.g. (N, C): per-sample partials would outweigh
-  x); otherwise per-sample partial sums (parallel over the batch), a serial combine, and a dx pass
+  x); otherwise per-sample partial sums (parallel over the batch, each sample's rows walked once in
+  memory order, every channel stripe of a row in turn), a serial combine, and a dx pass
   parallel over row blocks (x and dy are then read twice: the reductions must end before any dx).
   Vectorized across the contiguous channels.
-* ``bwd_cpu_generic`` (axis lists, ghost channels-last, inference): the outer loop of every block in
-  parallel.
+  Ghost BN channels-last (x viewed as (v, G, P, C, 1)): one parallel task per group and stripe of
+  channels (its v*P rows: dx from cache where they fit L2, else x and dy read twice; with renorm, whose
+  r and d need every group, the dx pass is a second set of tasks).
+* ``bwd_cpu_generic`` (axis lists, inference): the outer loop of every block in parallel.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import os
 
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.machine import cpu_machine
-from bncompile.lower.kernels.schedules._common import (_per_sample_partials, _rows_pass, _blocks, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_rows_pass, _blocks, _inline_parameter_only, _sched,
                                                       _vector_factor)
 
 Y_TASK_BYTES = 128 * 1024
@@ -136,12 +139,16 @@ def _channel_first_blocked(spec: KernelSpec, func):
 
 
 def bwd_cpu_channels_last(spec: KernelSpec, func):
-    if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1 or spec.ghost:
+    if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1:
         return None
-    N, P = spec.shape[0], int(spec.shape[1])
     C = int(spec.channel_shape[0])
     lw = lanes()
     cv = C if C <= 4 * lw else _vector_factor(C, lw)
+    if spec.ghost:
+        # whole rows per task where they fit 8 vectors (memory order: measured 25% faster on AVX2, C=64,
+        # than two 32-channel stripes each walking the group's rows)
+        return _ghost_channels_last_stripes(spec, func, C if C <= 8 * lw else cv)
+    N, P = spec.shape[0], int(spec.shape[1])
     # stripes of cv channels over every row, one parallel task each: when a stripe (x and dy) fits half of
     # L2 (dx is then written from cache), or when per-sample partial sums (eight floats per channel and
     # sample) would outweigh a sample's rows and the channels give every core a task
@@ -170,13 +177,112 @@ def _channels_last_stripes(spec: KernelSpec, func, stripe: int):
     return sch
 
 
+_GROUP_SUMS = ("dgamma64", "dgamma", "dbeta64", "dbeta")    # sums over the groups: after every task
+_OUTPUTS = ("dx", "dgamma", "dbeta")
+
+
+def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
+    """Ghost BN channels-last, x viewed as (v, G, P, C, 1): one parallel task per (group, stripe of
+    channels) reduces the group's v*P rows of its channels (vectorized across them) and writes their dx
+    (from cache where the slab fits it; a group's rows must all be reduced before any of its dx, so a
+    larger slab is read twice); then dgamma and dbeta sum the per-group terms. The tasks are the
+    groups times the stripes, so a symbolic batch (G = N/v) still splits exactly. With renorm, r and d
+    come from every group's statistics: the reductions run as those tasks, r and d per channel, then
+    dx in tasks of its own (x and dy read twice)."""
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    for b in names:         # per-(channel, group) scalars stored group-major: a stripe's are contiguous
+        blk = sch.get_sblock(b)
+        for k, buf in enumerate(sch.get(blk).writes):
+            if len(buf.region) == 2 and b not in _OUTPUTS:
+                sch.transform_layout(blk, ("write", k), lambda c, g: (g, c))
+    c, g = sch.get_loops("shift")
+    co, ci = sch.split(c, [None, stripe])
+    sch.reorder(g, co, ci)
+    task = sch.fuse(g, co)
+    per_group = ("red", "mean64", "mean", "var", "inv", "suxc") if spec.renorm else \
+        [n for n in names if n != "shift" and n not in _GROUP_SUMS]
+    _move_all_under(sch, task, per_group)
+    sch.parallel(task)
+    loops = sch.get_loops("red")          # task | c_inner, g', v, p, q
+    sch.reorder(*loops[2:], loops[1])
+    loops = sch.get_loops("red")
+    sch.vectorize(loops[-1])
+    sch.decompose_reduction(sch.get_sblock("red"), loops[1])
+    if spec.renorm:
+        v, g, p, c, q = sch.get_loops("dx")
+        co, ci = sch.split(c, [None, stripe])
+        sch.reorder(g, co, v, p, q, ci)
+        task2 = sch.fuse(g, co)
+        sch.parallel(task2)
+        sch.vectorize(ci)
+        for b in ("coef_c", "coef_b", "coef_a"):
+            sch.compute_at(sch.get_sblock(b), task2, preserve_unit_loops=True)
+        return sch
+    yl = sch.get_loops("dx")              # task | v, g', p, c_inner, q
+    inner = yl[1:]
+    cin = inner[3]
+    sch.reorder(*[lp for lp in inner if not lp.same_as(cin)], cin)
+    sch.vectorize(cin)
+    _vectorize_stripe_scalars(sch, [n for n in per_group if n not in ("red", "dx")], stripe)
+    _group_sums_by_stripe(sch, names, stripe)
+    return sch
+
+
+def _group_sums_by_stripe(sch, names, stripe: int) -> None:
+    """dgamma and dbeta's sums over the groups (loops c, g) as stripe tasks walking the groups, the
+    stripe's channels innermost (vectorized): the per-group terms are stored group-major."""
+    for b in ("dgamma64", "dbeta64"):
+        if b not in names:
+            continue
+        c, g = sch.get_loops(b)
+        co, ci = sch.split(c, [None, stripe])
+        sch.reorder(co, g, ci)
+        sch.parallel(co)
+        sch.vectorize(ci)
+        sch.decompose_reduction(sch.get_sblock(b), g)
+
+
+def _vectorize_stripe_scalars(sch, names, stripe: int) -> None:
+    """Vectorize the per-(channel, group) scalar blocks moved under a stripe task across the stripe's
+    channels (their loops: task | c_inner, g' with g' of extent 1): with few rows per group (ghost
+    (N, C)) they are as many as a quarter of the elements."""
+    for b in names:
+        loops = sch.get_loops(b)[1:]
+        cin = [lp for lp in loops if int(sch.get(lp).extent) == stripe]
+        if len(cin) != 1:
+            continue
+        sch.reorder(*[lp for lp in loops if not lp.same_as(cin[0])], cin[0])
+        sch.vectorize(cin[0])
+
+
 def _channels_last_partials(spec: KernelSpec, func, cv: int):
     P, C = int(spec.shape[1]), int(spec.channel_shape[0])
     sch = _sched(func)
     _inline_parameter_only(sch, _blocks(sch))
-    _per_sample_partials(sch, "red", C, cv)
+    _row_major_partials(sch, "red", C, cv)
     _rows_pass(sch, "dx", P, C, cv, Y_TASK_BYTES)
     return sch
+
+
+def _row_major_partials(sch, block: str, C: int, cv: int) -> None:
+    """Per-sample partial sums (rfactor over the batch, parallel over the samples) that walk each
+    sample's rows once, every stripe of ``cv`` channels of a row in turn (vectorized): a sample's rows
+    are read in memory order, once, whatever the channel count (the forward's ``_per_sample_partials``
+    walks them once per stripe: a 1.6 MB sample of x and dy read twice from memory; measured on 2
+    threads 20-30% faster for NHWC 32x56x56x64 on AVX2 and 32x28x28x128 on AVX-512)."""
+    c, n, p, q = sch.get_loops(block)
+    rf = sch.rfactor(n, factor_axis=0)            # partial sums per sample: <block>_rf[n, c]
+    c, n, p, q = sch.get_loops(rf)
+    if cv < C:
+        co, ci = sch.split(c, [None, cv])
+        sch.reorder(n, p, q, co, ci)
+    else:
+        sch.reorder(n, p, q, c)
+        ci = c
+    sch.parallel(n)
+    sch.vectorize(ci)
+    sch.decompose_reduction(rf, sch.get_loops(rf)[1])
 
 
 STREAMING_RULES = ("bwd_cpu_channel_first", "bwd_cpu_channels_last")
