@@ -292,6 +292,12 @@ def batchnorm_te(spec: KernelSpec):
     zero = const(0.0)
     ksum = compensated_sum(te, tirx)
     f64 = lambda v: v.astype(WIDE)  # noqa: E731
+    # A static power-of-two count (ghost groups often are): the float64 finalization of a per-group mean
+    # or variance, (f64(s0) + f64(s1)) / n rounded to float32, is bit for bit fl32(s0 + s1) * (1/n) (the
+    # float64 sum of the two parts is exact, scaling by 2**-k is exact, one rounding either way), which
+    # costs no conversions: O(C*G) work with ghost BN.
+    pow2 = isinstance(count, int) and count > 0 and count & (count - 1) == 0 and not spec.stat_block
+    inv_cnt = const(1.0 / count) if pow2 else None
     # K: the first element with its low 12 mantissa bits cleared (within 2**-11 of it): x - K is then
     # exact for every |x| in [|K|/2, 4096|K|). With K's full mantissa, x - K rounds away K's low bits the
     # same way for every x of a binade: a systematic error in the mean (6 ulps of it for 100*N(0, 1)).
@@ -303,7 +309,11 @@ def batchnorm_te(spec: KernelSpec):
         ssum = te.compute(sshape, lambda *s: ksum((f32(x[xidx(s, r1)]) - shift[s], zero), axis=r1), name="sum")
         # offset from shift: the compensated sum's two parts added and divided in float64, rounded once
         mean64 = te.compute(sshape, lambda *s: (f64(ssum[0][s]) + f64(ssum[1][s])) / cnt64, name="mean64")
-        mean = te.compute(sshape, lambda *s: mean64[s].astype(STAT), name="mean")
+        if pow2:
+            # the same bits in float32: s0 + s1 rounded once, then an exact scaling by 1/count
+            mean = te.compute(sshape, lambda *s: (ssum[0][s] + ssum[1][s]) * inv_cnt, name="mean")
+        else:
+            mean = te.compute(sshape, lambda *s: mean64[s].astype(STAT), name="mean")
         r2 = raxes("q")
 
         def centered(s, red):
@@ -311,7 +321,11 @@ def batchnorm_te(spec: KernelSpec):
 
         sqsum = te.compute(sshape, lambda *s: ksum((centered(s, r2) * centered(s, r2), zero), axis=r2),
                            name="sqsum")
-    var = te.compute(sshape, lambda *s: ((f64(sqsum[0][s]) + f64(sqsum[1][s])) / cnt64).astype(STAT), name="var")
+    if pow2:
+        var = te.compute(sshape, lambda *s: (sqsum[0][s] + sqsum[1][s]) * inv_cnt, name="var")
+    else:
+        var = te.compute(sshape, lambda *s: ((f64(sqsum[0][s]) + f64(sqsum[1][s])) / cnt64).astype(STAT),
+                         name="var")
 
     if gshape:
         ng = gshape[0]
@@ -321,7 +335,11 @@ def batchnorm_te(spec: KernelSpec):
         g1 = te.reduce_axis((0, ng), name="g1")
         bshift = te.compute(cshape, lambda *c: te.sum(f64(shift[c + (g1,)]), axis=g1), name="batch_shift")
         g2 = te.reduce_axis((0, ng), name="g2")
-        boff = te.compute(cshape, lambda *c: te.sum(mean64[c + (g2,)], axis=g2), name="batch_offset")
+        if pow2:     # the groups' float64 offsets from the sum parts (no per-group float64 buffer)
+            boff = te.compute(cshape, lambda *c: te.sum((f64(ssum[0][c + (g2,)]) + f64(ssum[1][c + (g2,)])) / cnt64,
+                                                        axis=g2), name="batch_offset")
+        else:
+            boff = te.compute(cshape, lambda *c: te.sum(mean64[c + (g2,)], axis=g2), name="batch_offset")
         g3 = te.reduce_axis((0, ng), name="g3")
         bvar_sum = te.compute(cshape, lambda *c: te.sum(f64(var[c + (g3,)]), axis=g3), name="batch_var")
         bvar = te.compute(cshape, lambda *c: (bvar_sum[c] / gcnt64).astype(STAT), name="batch_var_mean")

@@ -75,6 +75,7 @@ def cpu_channel_first(spec: KernelSpec, func, machine: CpuMachine | None = None)
             sch.rfactor(qi, factor_axis=nstat)
     c = sch.get_loops("shift")[0]
     movers = (["sum_rf"] if vec > 1 else []) + ["sum", "mean64", "mean"] + (["sqsum_rf"] if vec > 1 else []) + ["sqsum"]
+    movers = [b for b in movers if b in names or b.endswith("_rf")]     # mean64: not with a power-of-two count
     movers += [n for n in names if n not in movers and n not in ("shift", "sum_rf", "sqsum_rf")]
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
