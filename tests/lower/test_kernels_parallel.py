@@ -129,14 +129,15 @@ def test_sample_blocks_exact_mean_and_variance(monkeypatch, loc, scale):
 
 
 def test_sample_blocks_wide_rows_use_row_groups():
-    """C = 1024 on AVX2: blocks of 64 samples reduced 4 rows at a time, one 64-channel vector each, and the
-    second pass prefetches the next block."""
+    """C = 1024 on AVX2: blocks of 64 samples reduced 4 rows at a time, one 32-channel vector (4 registers)
+    each, and the second pass prefetches the next block."""
     mach = M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20)
     spec = make_spec(BatchNormConfig(axis=-1), (None, 1024))
     name, sch = schedule(spec, prim_func(spec), target=HASWELL, machine=mach)
     script = sch.mod.script()
     assert name == "cpu_channels_last" and "T.where" not in script
-    assert f"T.grid(16, 16, {ROW_GROUP})" in script                 # row groups, channel vectors, rows
+    assert f"T.grid(16, 32, {ROW_GROUP})" in script                 # row groups, channel vectors, rows
+    assert "T.vectorized(32)" in script
     assert "bncompile_prefetch_x" in script
 
 
