@@ -85,6 +85,9 @@ def test_sample_block_rows_follow_l2_and_row_groups():
     assert sample_block_rows(wide, big) == 0             # fewer than MIN_SAMPLE_BLOCK rows: channel stripes
     odd = make_spec(BatchNormConfig(axis=-1), (None, 3, 40))
     assert sample_block_rows(odd, small) % ROW_GROUP == 0
+    # a static batch bounds the block (rounded up to whole row groups): no block of thousands of masked rows
+    assert sample_block_rows(make_spec(BatchNormConfig(axis=-1), (8, 6)), big) == 8
+    assert sample_block_rows(make_spec(BatchNormConfig(axis=-1), (13, 6)), big) == 16
 
 
 @pytest.mark.parametrize("n", [1, 3, 24, 25, 103])

@@ -13,9 +13,10 @@ One PrimFunc computes ``y`` and every variable a training step updates. The math
   runs in float64 and is rounded once: a plain float32 sum of n offsets of size |K - mu| ~ std is off by
   ~n*u*std (1e-3 in the mean of 65536 values 100*N(0, 1)); the compensated one is exact to float32
   rounding of the result, whatever the ratio of mean to spread.
-  A CPU schedule may ask for *blocked* statistics instead (``KernelSpec.stat_block``/``stat_lanes``,
-  :func:`_blocked_statistics`): the same two passes about K, per small block that is still in cache
-  for its second pass, then combined exactly, so x is read from memory once. With
+  A CPU schedule may ask for *blocked* statistics instead (``KernelSpec.stat_block``/``stat_lanes``/
+  ``stat_rows``, :func:`_blocked_statistics`): the same two passes about K, per small block (rows of
+  one sample, or of ``stat_rows`` samples) that is still in cache for its second pass, then combined
+  exactly, so x is read from memory once. With
   ``stat_plain_m2`` (blocks of at most :data:`PLAIN_M2_MAX` elements) a block's sum of squares is a
   plain float32 sum about the block's centre: non-negative terms, so its relative error is bounded by
   (m-1)*u whatever the data, and compensation is kept for the sums and across blocks.

@@ -14,7 +14,9 @@ from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 #   * channel-first lane blocks of 4 x lanes floats (64 on AVX-512, 32 on AVX2, 16 on SSE/NEON): four
 #     registers of independent accumulators per reduction (mcpu=haswell: 32 lanes were 24% faster than
 #     64 on NCHW 32x64x56x56); vectors across channels (channels-last) of min(64, 8 x lanes) floats;
-#   * channels-last statistics blocks of L2/4 bytes (two passes while the block is in L2);
+#   * channels-last statistics blocks of L2/4 bytes (two passes while the block is in L2): blocks of rows
+#     of a sample (NHWC) or of whole samples ((N, C): sample blocks, vectors of 4 registers per channel
+#     vector: 64 floats on AVX-512, 32 on AVX2, where 8 AVX2 registers spilled);
 #   * channels-last y tasks of L2/8 bytes;
 #   * channel-first: a channel's slab (N*P*Q floats) is reduced and normalised by one task while it
 #     is in L2 when it fits in L2 (N <= L2 / (4*P*Q)); the next channel's rows are prefetched into L2
@@ -149,10 +151,15 @@ PREFETCH_NEXT_BLOCK = True
 
 def sample_block_rows(spec: KernelSpec, machine: CpuMachine | None = None) -> int:
     """Samples per statistics block of :func:`cpu_channels_last` (x of (N, P, C, 1)): as many as fit in
-    :func:`stat_block_floats` (L2/4 bytes), at most the batch when it is static; 0 when fewer than
-    :data:`MIN_SAMPLE_BLOCK` fit (a very wide row: channel stripes instead)."""
+    :func:`stat_block_floats` (L2/4 bytes), a multiple of ROW_GROUP, at most a static batch rounded up
+    to one (a block far longer than a static batch is masked work; and one of 2728 rows for a batch of 8
+    crashed under qemu-aarch64); 0 when fewer than :data:`MIN_SAMPLE_BLOCK` fit (a very wide row:
+    channel stripes instead)."""
     P, C = int(spec.shape[1]), int(spec.channel_shape[0])
     R = stat_block_floats(machine) // (P * C)
+    N = spec.shape[0]
+    if isinstance(N, int):
+        R = min(R, -(-N // ROW_GROUP) * ROW_GROUP)
     R -= R % ROW_GROUP                      # whole row groups (the batch's tail is masked, not split)
     return R if R >= MIN_SAMPLE_BLOCK else 0
 
