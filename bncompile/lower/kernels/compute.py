@@ -13,9 +13,10 @@ One PrimFunc computes ``y`` and every variable a training step updates. The math
   runs in float64 and is rounded once: a plain float32 sum of n offsets of size |K - mu| ~ std is off by
   ~n*u*std (1e-3 in the mean of 65536 values 100*N(0, 1)); the compensated one is exact to float32
   rounding of the result, whatever the ratio of mean to spread.
-  A CPU schedule may ask for *blocked* statistics instead (``KernelSpec.stat_block``/``stat_lanes``,
-  :func:`_blocked_statistics`): the same two passes about K, per small block that is still in cache
-  for its second pass, then combined exactly, so x is read from memory once. With
+  A CPU schedule may ask for *blocked* statistics instead (``KernelSpec.stat_block``/``stat_lanes``/
+  ``stat_rows``, :func:`_blocked_statistics`): the same two passes about K, per small block (rows of
+  one sample, or of ``stat_rows`` samples) that is still in cache for its second pass, then combined
+  exactly, so x is read from memory once. With
   ``stat_plain_m2`` (blocks of at most :data:`PLAIN_M2_MAX` elements) a block's sum of squares is a
   plain float32 sum about the block's centre: non-negative terms, so its relative error is bounded by
   (m-1)*u whatever the data, and compensation is kept for the sums and across blocks.
@@ -72,6 +73,7 @@ class KernelSpec:
     stat_block: int = 0          # >0: blocked statistics (_blocked_statistics): rows of P per block
     stat_lanes: int = 1          # ... and interleaved lanes of Q per row
     stat_plain_m2: bool = False  # ... block sums of squares in plain float32 (short blocks: _blocked_statistics)
+    stat_rows: int = 1           # ... and samples per block (>1: sample blocks, the batch cut in blocks of R)
 
     @property
     def ghost(self) -> bool:
@@ -265,12 +267,15 @@ def batchnorm_te(spec: KernelSpec):
     def sidx(idx):   # x index -> statistics index
         return cidx(idx) + tuple(i for i, k in zip(idx, kinds) if k == "G")
 
+    # 1/sqrt: what TVM legalizes rsqrt to on every target, spelled so that the vectorizer keeps it a
+    # vector op (tirx.rsqrt is not marked vectorizable: a vectorized loop with it is scalarized)
+    rsqrt = lambda v: const(1.0) / te.sqrt(v)  # noqa: E731
     gamma = (lambda c: params["gamma"][c]) if spec.scale else (lambda c: const(1.0))
     beta = (lambda c: params["beta"][c]) if spec.center else (lambda c: const(0.0))
     eps = const(spec.epsilon)
 
     if not spec.training:
-        a = te.compute(cshape, lambda *c: te.rsqrt(params["moving_variance"][c] + eps) * gamma(c),
+        a = te.compute(cshape, lambda *c: rsqrt(params["moving_variance"][c] + eps) * gamma(c),
                        name="scale_c")
         y = te.compute(shape, lambda *i: ((f32(x[i]) - params["moving_mean"][cidx(i)]) * a[cidx(i)]
                                           + beta(cidx(i))).astype(spec.dtype), name="y")
@@ -288,6 +293,12 @@ def batchnorm_te(spec: KernelSpec):
     zero = const(0.0)
     ksum = compensated_sum(te, tirx)
     f64 = lambda v: v.astype(WIDE)  # noqa: E731
+    # A static power-of-two count (ghost groups often are): the float64 finalization of a per-group mean
+    # or variance, (f64(s0) + f64(s1)) / n rounded to float32, is bit for bit fl32(s0 + s1) * (1/n) (the
+    # float64 sum of the two parts is exact, scaling by 2**-k is exact, one rounding either way), which
+    # costs no conversions: O(C*G) work with ghost BN.
+    pow2 = isinstance(count, int) and count > 0 and count & (count - 1) == 0 and not spec.stat_block
+    inv_cnt = const(1.0 / count) if pow2 else None
     # K: the first element with its low 12 mantissa bits cleared (within 2**-11 of it): x - K is then
     # exact for every |x| in [|K|/2, 4096|K|). With K's full mantissa, x - K rounds away K's low bits the
     # same way for every x of a binade: a systematic error in the mean (6 ulps of it for 100*N(0, 1)).
@@ -299,7 +310,11 @@ def batchnorm_te(spec: KernelSpec):
         ssum = te.compute(sshape, lambda *s: ksum((f32(x[xidx(s, r1)]) - shift[s], zero), axis=r1), name="sum")
         # offset from shift: the compensated sum's two parts added and divided in float64, rounded once
         mean64 = te.compute(sshape, lambda *s: (f64(ssum[0][s]) + f64(ssum[1][s])) / cnt64, name="mean64")
-        mean = te.compute(sshape, lambda *s: mean64[s].astype(STAT), name="mean")
+        if pow2:
+            # the same bits in float32: s0 + s1 rounded once, then an exact scaling by 1/count
+            mean = te.compute(sshape, lambda *s: (ssum[0][s] + ssum[1][s]) * inv_cnt, name="mean")
+        else:
+            mean = te.compute(sshape, lambda *s: mean64[s].astype(STAT), name="mean")
         r2 = raxes("q")
 
         def centered(s, red):
@@ -307,20 +322,29 @@ def batchnorm_te(spec: KernelSpec):
 
         sqsum = te.compute(sshape, lambda *s: ksum((centered(s, r2) * centered(s, r2), zero), axis=r2),
                            name="sqsum")
-    var = te.compute(sshape, lambda *s: ((f64(sqsum[0][s]) + f64(sqsum[1][s])) / cnt64).astype(STAT), name="var")
+    if pow2:
+        var = te.compute(sshape, lambda *s: (sqsum[0][s] + sqsum[1][s]) * inv_cnt, name="var")
+    else:
+        var = te.compute(sshape, lambda *s: ((f64(sqsum[0][s]) + f64(sqsum[1][s])) / cnt64).astype(STAT),
+                         name="var")
 
     if gshape:
         ng = gshape[0]
-        gcnt = tirx.Cast(STAT, ng)
         gcnt64 = tirx.Cast(WIDE, ng)
-        # mean of the group means as (mean of group shifts) + (mean of offsets), in float64: both exact
+        # mean of the group means as (mean of group shifts) + (mean of offsets), in float64: both exact.
+        # The group sums are divided once per channel (a division per term would be O(C*G) divisions).
         g1 = te.reduce_axis((0, ng), name="g1")
-        bshift = te.compute(cshape, lambda *c: te.sum(f64(shift[c + (g1,)]) / gcnt64, axis=g1), name="batch_shift")
+        bshift = te.compute(cshape, lambda *c: te.sum(f64(shift[c + (g1,)]), axis=g1), name="batch_shift")
         g2 = te.reduce_axis((0, ng), name="g2")
-        boff = te.compute(cshape, lambda *c: te.sum(mean64[c + (g2,)] / gcnt64, axis=g2), name="batch_offset")
+        if pow2:     # the groups' float64 offsets from the sum parts (no per-group float64 buffer)
+            boff = te.compute(cshape, lambda *c: te.sum((f64(ssum[0][c + (g2,)]) + f64(ssum[1][c + (g2,)])) / cnt64,
+                                                        axis=g2), name="batch_offset")
+        else:
+            boff = te.compute(cshape, lambda *c: te.sum(mean64[c + (g2,)], axis=g2), name="batch_offset")
         g3 = te.reduce_axis((0, ng), name="g3")
-        bvar = te.compute(cshape, lambda *c: te.sum(var[c + (g3,)] / gcnt, axis=g3), name="batch_var")
-        bmean_parts = lambda c: (bshift[c], boff[c])  # noqa: E731
+        bvar_sum = te.compute(cshape, lambda *c: te.sum(f64(var[c + (g3,)]), axis=g3), name="batch_var")
+        bvar = te.compute(cshape, lambda *c: (bvar_sum[c] / gcnt64).astype(STAT), name="batch_var_mean")
+        bmean_parts = lambda c: (bshift[c] / gcnt64, boff[c] / gcnt64)  # noqa: E731
     else:
         bmean_parts = lambda c: (f64(shift[c]), mean64[c])  # noqa: E731
         bvar = var
@@ -393,7 +417,7 @@ def batchnorm_te(spec: KernelSpec):
 
     if spec.adjustment == "full":
         def inv_r(*s):
-            v = te.rsqrt(var[s] + eps)
+            v = rsqrt(var[s] + eps)
             r = r_of(s[:nc])
             return v * r if r is not None else v
 
@@ -413,7 +437,7 @@ def batchnorm_te(spec: KernelSpec):
 
         def scale_expr(*s):
             c = s[:nc]
-            v = te.rsqrt(var[s] + eps)
+            v = rsqrt(var[s] + eps)
             r = r_of(c)
             if r is not None:
                 v = v * r
@@ -435,35 +459,67 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     """Statistics of the (N, P, C, Q) view from small blocks, combined exactly.
 
     Rows of P are grouped by ``B = spec.stat_block`` and Q is cut into ``L = spec.stat_lanes``
-    interleaved lanes (q = i*L + j). Block ``(n, pb, j)`` is ``x[N-1-n, pb*B:(pb+1)*B, c, j::L]``
-    (m = B*Q/L elements). Its sum and its sum of squares about its own mean are two passes over data
+    interleaved lanes (q = i*L + j). With ``R = spec.stat_rows`` = 1, block ``(n, pb, j)`` is
+    ``x[N-1-n, pb*B:(pb+1)*B, c, j::L]`` (m = B*Q/L elements); with R > 1 (sample blocks: a schedule for
+    few rows per sample, e.g. (N, C)), block ``(nb, pb, j)`` also spans the R samples
+    ``nb*R .. nb*R+R-1`` (the last block of a batch R does not divide is shorter: its missing samples
+    add exact zeros, and its element count is m_b = min(R, N - nb*R)*B*Q/L).
+    Its sum and its sum of squares about its own mean are two passes over data
     that is still in cache for the second one, so x is read from memory once; the blocks combine
-    exactly (Chan et al.): ``M2 = sum_b M2_b + m * sum_b (mean_b - mean)**2`` (all offsets from the
+    exactly (Chan et al.): ``M2 = sum_b M2_b + m_b * sum_b (mean_b - mean)**2`` (all offsets from the
     shift). With L lanes, the L blocks of a row are one vector. The names ``sum``, ``mean`` and
-    ``sqsum`` (= M2) keep their meaning, so everything downstream is unchanged. Block (n, ...) holds
-    sample N-1-n: a forward loop over the blocks reads x from its end, so a pass over x that follows
-    in the forward direction starts with the part that is still in the caches.
+    ``sqsum`` (= M2) keep their meaning, so everything downstream is unchanged. With R = 1, block
+    (n, ...) holds sample N-1-n: a forward loop over the blocks reads x from its end, so a pass over x
+    that follows in the forward direction starts with the part that is still in the caches; sample
+    blocks keep the forward order (a task's y rows are then the rows of its own statistics blocks).
     """
     from bncompile.lower import tvm as _tvm
 
     tirx = _tvm.tirx()
     assert spec.kinds == "RRCR" and not spec.ghost
     N, P, C, Q = shape
-    B, L = int(spec.stat_block), int(spec.stat_lanes)
+    B, L, R = int(spec.stat_block), int(spec.stat_lanes), int(spec.stat_rows)
     if not isinstance(P, int) or P % B or Q % L:
         raise ValueError(f"stat_block {B} must divide P={P} and stat_lanes {L} must divide Q={Q}")
     PB, QL = P // B, Q // L
-    m = tirx.const(float(B * QL), "float32")
     zero = tirx.const(0.0, "float32")
+    f32c = lambda v: tirx.const(float(v), "float32")  # noqa: E731
+    if R == 1:
+        NB = N
+        m_of = lambda nb: f32c(B * QL)  # noqa: E731
+        ri_axes = []
+
+        def sample(nb, ri):
+            return N - 1 - nb
+
+        def masked(nb, ri, v):
+            return v
+    else:
+        NB = (N + (R - 1)) // R
+        ri_axes = [te.reduce_axis((0, R), name="ri"), te.reduce_axis((0, R), name="ci_r")]
+
+        def m_of(nb):
+            return tirx.Cast("float32", te.min(tirx.const(R, "int32"), N - nb * R)) * f32c(B * QL)
+
+        def sample(nb, ri):              # clamped: a missing sample reads the last one, masked to 0
+            return te.min(nb * R + ri, N - 1)
+
+        def masked(nb, ri, v):
+            return tirx.Select(nb * R + ri < N, v, zero)
     bi = te.reduce_axis((0, B), name="bi")
     bq = te.reduce_axis((0, QL), name="bq")
-    bsum = te.compute((C, N, PB, L), lambda c, n, pb, j: ksum(
-        (f32(x[N - 1 - n, pb * B + bi, c, bq * L + j]) - shift[c], zero), axis=[bi, bq]), name="bsum")
+    r1 = ri_axes[:1]
+    ri1 = r1[0] if r1 else None
+    bsum = te.compute((C, NB, PB, L), lambda c, n, pb, j: ksum(
+        (masked(n, ri1, f32(x[sample(n, ri1), pb * B + bi, c, bq * L + j]) - shift[c]), zero),
+        axis=r1 + [bi, bq]), name="bsum")
     ci = te.reduce_axis((0, B), name="ci")
     cq = te.reduce_axis((0, QL), name="cq")
+    r2 = ri_axes[1:]
+    ri2 = r2[0] if r2 else None
 
     def bmean(c, n, pb, j):
-        return (bsum[0][c, n, pb, j] + bsum[1][c, n, pb, j]) / m
+        return (bsum[0][c, n, pb, j] + bsum[1][c, n, pb, j]) / m_of(n)
 
     if spec.stat_plain_m2:
         # M2 of a short block (m <= PLAIN_M2_MAX terms, all >= 0: a plain float32 sum is within (m-1)*u
@@ -475,24 +531,24 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
             return tirx.reinterpret("float32", tirx.reinterpret("int32", shift[c] + bmean(c, n, pb, j)))
 
         def bdev(c, n, pb, j):
-            return f32(x[N - 1 - n, pb * B + ci, c, cq * L + j]) - bcentre(c, n, pb, j)
+            return f32(x[sample(n, ri2), pb * B + ci, c, cq * L + j]) - bcentre(c, n, pb, j)
 
-        bsq = te.compute((C, N, PB, L), lambda c, n, pb, j: te.sum(bdev(c, n, pb, j) * bdev(c, n, pb, j),
-                                                                   axis=[ci, cq]), name="bm2")
+        bsq = te.compute((C, NB, PB, L), lambda c, n, pb, j: te.sum(
+            masked(n, ri2, bdev(c, n, pb, j) * bdev(c, n, pb, j)), axis=r2 + [ci, cq]), name="bm2")
 
         def m2_parts(c, n, pb, j):
             dl = (bcentre(c, n, pb, j) - shift[c]) - bmean(c, n, pb, j)
-            return bsq[c, n, pb, j] - m * (dl * dl), zero
+            return bsq[c, n, pb, j] - m_of(n) * (dl * dl), zero
     else:
         def bcent(c, n, pb, j):
-            return (f32(x[N - 1 - n, pb * B + ci, c, cq * L + j]) - shift[c]) - bmean(c, n, pb, j)
+            return (f32(x[sample(n, ri2), pb * B + ci, c, cq * L + j]) - shift[c]) - bmean(c, n, pb, j)
 
-        bm2 = te.compute((C, N, PB, L), lambda c, n, pb, j: ksum((bcent(c, n, pb, j) * bcent(c, n, pb, j), zero),
-                                                                 axis=[ci, cq]), name="bm2")
+        bm2 = te.compute((C, NB, PB, L), lambda c, n, pb, j: ksum(
+            (masked(n, ri2, bcent(c, n, pb, j) * bcent(c, n, pb, j)), zero), axis=r2 + [ci, cq]), name="bm2")
 
         def m2_parts(c, n, pb, j):
             return bm2[0][c, n, pb, j], bm2[1][c, n, pb, j]
-    rn = te.reduce_axis((0, N), name="rn")
+    rn = te.reduce_axis((0, NB), name="rn")
     rp = te.reduce_axis((0, PB), name="rp")
     rj = te.reduce_axis((0, L), name="rj")
     # the block sums and their compensations combine as pairs: the total keeps both parts
@@ -501,7 +557,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     mean64 = te.compute((C,), lambda c: (ssum[0][c].astype("float64") + ssum[1][c].astype("float64")) / cnt64,
                         name="mean64")
     mean = te.compute((C,), lambda c: mean64[c].astype("float32"), name="mean")
-    sn = te.reduce_axis((0, N), name="sn")
+    sn = te.reduce_axis((0, NB), name="sn")
     sp = te.reduce_axis((0, PB), name="sp")
     sj = te.reduce_axis((0, L), name="sj")
 
@@ -510,7 +566,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
 
     def m2_term(c, n, pb, j):
         v, comp = m2_parts(c, n, pb, j)
-        return v + m * (dev(c, n, pb, j) * dev(c, n, pb, j)), comp
+        return v + m_of(n) * (dev(c, n, pb, j) * dev(c, n, pb, j)), comp
 
     sqsum = te.compute((C,), lambda c: ksum(m2_term(c, sn, sp, sj), axis=[sn, sp, sj]), name="sqsum")
     return ssum, mean64, mean, sqsum

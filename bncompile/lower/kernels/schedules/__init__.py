@@ -9,7 +9,9 @@ split once a block is moved under the split loop (tvm-0.27.md §2), so extents a
 only where no block is moved under the split afterwards, and the predicates show in the source.
 
 CPU (``llvm``): every rule derives its vector width and blocking from the target's vector lanes and the
-host's cache sizes (:mod:`~bncompile.lower.kernels.schedules.machine`), never from one CPU.
+host's cache sizes (:mod:`~bncompile.lower.kernels.schedules.machine`), never from one CPU. The CPU
+pipeline (:func:`cpu_pipeline`) runs all the parallel loops of a kernel in one launch of the thread pool
+with barriers between them (:func:`merge_parallel_pass`): one wake-up of the workers per call.
   * ``cpu_inference``: one streaming pass, parallel over rows, vectorized along the contiguous axis.
   * ``cpu_channel_first`` (x viewed as (N, P, C, Q) with Q > 1, e.g. NCHW; also ghost BN): one
     parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
@@ -19,8 +21,12 @@ host's cache sizes (:mod:`~bncompile.lower.kernels.schedules.machine`), never fr
   * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): blocked statistics (x
     read from memory once: blocks of <= L2/4 get both passes while cached, then combine exactly),
     parallel over blocks, vectorized across channels.
-  * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): parallel over blocks of
-    channels, vectorized across the channels of a row; y in the same task while the stripe is cached.
+  * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): statistics from blocks of R
+    samples (R: as many as fit in L2/4, a multiple of 4; the batch's tail block masked, not split),
+    two passes per block while it is cached, reduced 4 rows at a time per channel vector (rows of
+    4 KB alias in L1), parallel over blocks, the next block prefetched during the second pass; a
+    serial exact combine; y parallel over rows with the same split. Very wide rows (fewer than 8
+    samples per block): parallel over stripes of channels, y in the same task.
   * ``cpu_channels_last_ghost`` (ghost BN with Q == 1, e.g. NHWC): one parallel task per virtual-batch
     group (statistics vectorized across channels; y in the same task unless renorm needs every group).
   * ``cpu_generic`` (axis lists that are not one run of axes): parallel only.
@@ -47,7 +53,8 @@ from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELIN
                                                      STAT_BLOCK_FLOATS, STREAMING_RULES, Y_TASK_BYTES,
                                                      cpu_channel_first, cpu_channels_last, cpu_channels_last_ghost,
                                                      cpu_channels_last_rows,
-                                                     cpu_generic, cpu_inference, cpu_pipeline, nt_store_pass,
+                                                     cpu_generic, cpu_inference, cpu_pipeline, merge_parallel_pass,
+                                                     nt_store_pass,
                                                      nt_store_pipeline, nt_stores_apply, prefetch_pass,
                                                      stat_block_floats, y_task_bytes)
 from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_generic, cuda_two_phase
@@ -129,5 +136,5 @@ def schedule_backward(spec: KernelSpec, func, *, target="llvm", rule: str | None
 
 
 __all__ = ["CpuMachine", "cpu_machine", "stat_block_floats", "y_task_bytes", "RULES", "BACKWARD_RULES", "schedule_backward", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
-           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_channels_last_ghost", "cpu_generic", "cpu_inference",
+           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "merge_parallel_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_channels_last_ghost", "cpu_generic", "cpu_inference",
            "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

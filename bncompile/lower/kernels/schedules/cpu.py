@@ -14,7 +14,9 @@ from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 #   * channel-first lane blocks of 4 x lanes floats (64 on AVX-512, 32 on AVX2, 16 on SSE/NEON): four
 #     registers of independent accumulators per reduction (mcpu=haswell: 32 lanes were 24% faster than
 #     64 on NCHW 32x64x56x56); vectors across channels (channels-last) of min(64, 8 x lanes) floats;
-#   * channels-last statistics blocks of L2/4 bytes (two passes while the block is in L2);
+#   * channels-last statistics blocks of L2/4 bytes (two passes while the block is in L2): blocks of rows
+#     of a sample (NHWC) or of whole samples ((N, C): sample blocks, vectors of 4 registers per channel
+#     vector: 64 floats on AVX-512, 32 on AVX2, where 8 AVX2 registers spilled);
 #   * channels-last y tasks of L2/8 bytes;
 #   * channel-first: a channel's slab (N*P*Q floats) is reduced and normalised by one task while it
 #     is in L2 when it fits in L2 (N <= L2 / (4*P*Q)); the next channel's rows are prefetched into L2
@@ -75,6 +77,7 @@ def cpu_channel_first(spec: KernelSpec, func, machine: CpuMachine | None = None)
             sch.rfactor(qi, factor_axis=nstat)
     c = sch.get_loops("shift")[0]
     movers = (["sum_rf"] if vec > 1 else []) + ["sum", "mean64", "mean"] + (["sqsum_rf"] if vec > 1 else []) + ["sqsum"]
+    movers = [b for b in movers if b in names or b.endswith("_rf")]     # mean64: not with a power-of-two count
     movers += [n for n in names if n not in movers and n not in ("shift", "sum_rf", "sqsum_rf")]
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
@@ -141,10 +144,51 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
     return sch
 
 
+MIN_SAMPLE_BLOCK = 8       # fewest samples per statistics block worth the sample-block schedule
+ROW_GROUP = 4              # rows of a sample block reduced together, one channel vector at a time
+PREFETCH_NEXT_BLOCK = True
+
+
+def sample_block_rows(spec: KernelSpec, machine: CpuMachine | None = None) -> int:
+    """Samples per statistics block of :func:`cpu_channels_last` (x of (N, P, C, 1)): as many as fit in
+    :func:`stat_block_floats` (L2/4 bytes), a multiple of ROW_GROUP, at most a static batch rounded up
+    to one (a block far longer than a static batch is masked work; and one of 2728 rows for a batch of 8
+    crashed under qemu-aarch64); 0 when fewer than :data:`MIN_SAMPLE_BLOCK` fit (a very wide row:
+    channel stripes instead)."""
+    P, C = int(spec.shape[1]), int(spec.channel_shape[0])
+    R = stat_block_floats(machine) // (P * C)
+    N = spec.shape[0]
+    if isinstance(N, int):
+        R = min(R, -(-N // ROW_GROUP) * ROW_GROUP)
+    R -= R % ROW_GROUP                      # whole row groups (the batch's tail is masked, not split)
+    return R if R >= MIN_SAMPLE_BLOCK else 0
+
+
 def cpu_channels_last(spec: KernelSpec, func, machine: CpuMachine | None = None):
+    """Channels-last with few rows per sample (e.g. (N, C)).
+
+    When a block of at least :data:`MIN_SAMPLE_BLOCK` samples fits in L2/4 (:func:`sample_block_rows`):
+    blocked statistics over *sample blocks* (compute.py, ``stat_rows = R``): each block of R samples
+    gets its sum and centred sum of squares in two passes while it is in cache, parallel over blocks
+    (contiguous memory: a task streams its rows), vectorized across channels; the blocks combine exactly,
+    parallel over channel vectors; y is parallel over the rows with the same contiguous split, so a
+    task normalizes the rows it reduced, from its own L2. Else: parallel over stripes of channels, y in
+    the same task while the stripe is cached.
+    """
     if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1 or spec.ghost:
         return None
-    lanes = _row_lanes(_machine(machine))
+    mach = _machine(machine)
+    if spec.kinds == "RRCR" and spec.adjustment != "full" and isinstance(spec.shape[1], int):
+        R = spec.stat_rows if spec.stat_rows > 1 else sample_block_rows(spec, mach)
+        if R > 1:
+            import dataclasses
+
+            from bncompile.lower.kernels.compute import prim_func
+
+            P = int(spec.shape[1])
+            bspec = dataclasses.replace(spec, stat_block=P, stat_rows=R, stat_plain_m2=R * P <= PLAIN_M2_MAX)
+            return _channels_last_sample_blocks(bspec, prim_func(bspec), mach)
+    lanes = _row_lanes(mach)
     V = 4 * lanes
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
@@ -262,6 +306,61 @@ def _channels_last_blocked(spec: KernelSpec, func, mach: CpuMachine):
     return sch
 
 
+def _channels_last_sample_blocks(spec: KernelSpec, func, mach: CpuMachine):
+    """cpu_channels_last on sample blocks (see there): loops of the block statistics
+    ``blk | [co,] rows, ci`` (ci: a vector of channels), the combine and the per-channel values
+    ``[co,] [blocks,] ci``, y over rows."""
+    P, C = int(spec.shape[1]), int(spec.channel_shape[0])
+    # a channel vector of 4 registers: the compensated sum holds 2 of them per vector plus the shift, 12
+    # of the 16 AVX2 registers (8-register vectors spilled: measured 20% slower on NC 256x1024, haswell)
+    lanes = mach.lanes
+    cv = C if C <= 4 * lanes else _vector_factor(C, lanes)
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    sch.compute_inline(sch.get_sblock("shift"))      # one load of x[0, 0, c, 0] where it is used
+    for b in ("bsum", "bm2"):                         # block statistics with the channels contiguous
+        for k in range(len(sch.get(sch.get_sblock(b)).writes)):
+            sch.transform_layout(sch.get_sblock(b), ("write", k), lambda c, n, pb, j: (n, pb, j, c))
+    c, nb, pb, j = sch.get_loops("bsum")[:4]
+    sch.reorder(nb, pb, j, c)
+    blk = sch.fuse(nb, pb, j)
+    sch.reverse_compute_at(sch.get_sblock("bm2"), blk, preserve_unit_loops=True)
+    vec = {}
+    for b in ("bsum", "bm2"):
+        vec[b] = _channels_last_vector(sch, b, 1, C, cv)
+        if cv < C:
+            # rows in groups: blk | co, rows, ci -> blk | row group, co, rows of the group, ci. A sweep of
+            # one channel vector down every row of the block reads lines 4 KB apart for a 4 KB row, all in
+            # the same L1 set (its ways cannot hold them): groups of ROW_GROUP rows keep that sweep within
+            # the ways, and x is read as ROW_GROUP sequential streams.
+            loops = sch.get_loops(b)                 # blk, co, ri, bi, bq, ci
+            rows = sch.fuse(*loops[2:-1])
+            rg, rr = sch.split(rows, [None, ROW_GROUP])
+            sch.reorder(rg, loops[1], rr)
+    sch.parallel(blk)
+    if PREFETCH_NEXT_BLOCK:
+        # the second pass (over the block in cache) prefetches the next block into L2: its memory reads
+        # overlap this block's arithmetic instead of stalling the first pass of the next block
+        sch.annotate(sch.get_loops("bm2")[1], PREFETCH_ANNOTATION, int(spec.stat_rows) * P * C)
+    for b in ("bsum", "bm2"):
+        sch.vectorize(vec[b])
+        sch.decompose_reduction(sch.get_sblock(b), sch.get_loops(b)[1])
+    # the exact combine of the blocks and every per-channel value: O(C x blocks) work, serial (one task
+    # while the others wait at a barrier: cheaper than a barrier per block), vectorized across channels
+    for b in [b for b in names if b not in ("shift", "bsum", "bm2", "y")]:
+        loops = sch.get_loops(b)                     # c, [reduce...]
+        c, rest = loops[0], loops[1:]
+        if cv < C:
+            co, c = sch.split(c, [None, cv])
+        if rest:
+            sch.reorder(*rest, c)
+        sch.vectorize(c)
+        if b in REDUCTIONS:
+            sch.decompose_reduction(sch.get_sblock(b), rest[0])
+    _channels_last_y(sch, P, C, cv, mach)
+    return sch
+
+
 def _channels_last_rfactor(spec: KernelSpec, func, mach: CpuMachine):
     """Each reduction rfactored over the batch loop (partials of shape (N, C), no split, so the symbolic
     batch needs no predicate), parallel over samples, vectorized across the contiguous channels of a row;
@@ -290,6 +389,12 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
     cv = C if C <= 4 * lanes else _vector_factor(C, lanes)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
+    # the per-(channel, group) statistics stored group-major, (G, C): a group's task writes contiguous
+    # vectors, and the averages over the groups read them (in (C, G) both were strided gathers/scatters)
+    for b in ("shift", "sum", "mean64", "mean", "sqsum", "var", "scale_c"):
+        if b in names:
+            for k in range(len(sch.get(sch.get_sblock(b)).writes)):
+                sch.transform_layout(sch.get_sblock(b), ("write", k), lambda c, g: (g, c))
     c, g = sch.get_loops("shift")
     sch.reorder(g, c)
     moved = []
@@ -622,19 +727,122 @@ def prefetch_pass(buffer: str = "x"):
     return _pass
 
 
+def _has_parallel(stmt) -> bool:
+    """Whether ``stmt`` holds a parallel loop (statements only: loops live in statements)."""
+    tirx = _tvm.tvm().tirx
+    if isinstance(stmt, tirx.For):
+        return stmt.kind == tirx.ForKind.PARALLEL or _has_parallel(stmt.body)
+    if isinstance(stmt, tirx.SeqStmt):
+        return any(_has_parallel(s) for s in stmt.seq)
+    if isinstance(stmt, tirx.IfThenElse):
+        return _has_parallel(stmt.then_case) or (stmt.else_case is not None and _has_parallel(stmt.else_case))
+    body = getattr(stmt, "body", None)
+    return isinstance(body, tirx.Stmt) and _has_parallel(body)
+
+
+def _reads_buffer(expr) -> bool:
+    found = []
+    _walk_expr(expr, lambda node: found.append(1) if type(node).__name__ == "BufferLoad" else None)
+    return bool(found)
+
+
+def merge_parallel_pass():
+    """A TIR pass (after the default lowering) that runs the parallel loops of one statement list in
+    **one** parallel launch, with a barrier after each, instead of one launch per loop.
+
+    Why: every launch hands tasks to the pool's workers and waits for all of them; a worker that went
+    to sleep (TVM_THREAD_POOL_SPIN_COUNT=0, or a shared machine) takes a wake-up to start, so a kernel
+    of k parallel loops pays k wake-ups and k joins. Merged, it pays one wake-up; the barriers
+    (``TVMBackendParallelBarrier``: a spin on per-task counters) cost little more than a cache line
+    each. The serial statements between the loops run as a parallel loop of extent 1 (task 0, the
+    others wait at its barrier); a loop's iterations go to the same tasks as before (a static,
+    contiguous split), so a task meets the data it touched in an earlier loop in its own caches when
+    the two loops split alike. Allocations and pure bindings in the range move before the launch;
+    anything the rewrite cannot place (a binding that reads a buffer, a parallel loop nested in a
+    serial statement) leaves the function as it was.
+    """
+    tvm = _tvm.tvm()
+    tirx = tvm.tirx
+
+    def merge(seq):
+        items = list(seq.seq)
+        par = [i for i, st in enumerate(items)
+               if isinstance(st, tirx.For) and st.kind == tirx.ForKind.PARALLEL]
+        if len(par) < 2:
+            return None
+        i0, i1 = par[0], par[-1]
+        hoisted, body, serial = [], [], []
+
+        def flush():
+            if serial:
+                v = tirx.Var("serial_task", "int32")
+                one = serial[0] if len(serial) == 1 else tirx.SeqStmt(list(serial))
+                body.append(tirx.For(v, tirx.const(0, "int32"), tirx.const(1, "int32"), tirx.ForKind.PARALLEL, one))
+                serial.clear()
+
+        for st in items[i0:i1 + 1]:
+            if isinstance(st, (tirx.AllocBuffer, tirx.DeclBuffer)):
+                hoisted.append(st)
+            elif isinstance(st, tirx.Bind):
+                if _reads_buffer(st.value):
+                    return None
+                hoisted.append(st)
+            elif isinstance(st, tirx.For) and st.kind == tirx.ForKind.PARALLEL:
+                flush()
+                body.append(st)
+            elif _has_parallel(st):
+                return None
+            else:
+                serial.append(st)
+        flush()
+        fenced = [tirx.AttrStmt(tirx.const(0, "int32"), "pragma_parallel_barrier_when_finish", tirx.const(1, "int32"), st)
+                  for st in body[:-1]] + body[-1:]
+        launch = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_parallel_launch_point", tirx.const(1, "int32"),
+                               tirx.SeqStmt(fenced))
+        return tirx.SeqStmt(items[:i0] + hoisted + [launch] + items[i1 + 1:])
+
+    def visit(stmt):
+        """(new stmt, changed): the first statement list holding two or more parallel loops, merged."""
+        if isinstance(stmt, tirx.SeqStmt):
+            merged = merge(stmt)
+            if merged is not None:
+                return merged, True
+            out, changed = [], False
+            for st in stmt.seq:
+                new, c = visit(st) if not changed else (st, False)
+                out.append(new)
+                changed = changed or c
+            return (tirx.SeqStmt(out), True) if changed else (stmt, False)
+        if isinstance(stmt, tirx.AttrStmt):
+            body, changed = visit(stmt.body)
+            return (tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body), True) if changed else (stmt, False)
+        if isinstance(stmt, tirx.IfThenElse):
+            t, c1 = visit(stmt.then_case)
+            e, c2 = visit(stmt.else_case) if stmt.else_case is not None else (None, False)
+            return (tirx.IfThenElse(stmt.condition, t, e), True) if (c1 or c2) else (stmt, False)
+        return stmt, False
+
+    @tirx.transform.prim_func_pass(opt_level=0)
+    def _pass(func, mod, ctx):
+        body, changed = visit(func.body)
+        return func.with_body(body) if changed else func
+
+    return _pass
+
+
 CPU_PIPELINE = "bncompile_cpu"
 
 
 def cpu_pipeline(streaming: bool) -> str:
     """Register (once) and return the name of the TIR pipeline of the CPU kernels: TVM's default, then
-    :func:`prefetch_pass`, then (``streaming``) :func:`nt_store_pass`."""
+    :func:`prefetch_pass`, then (``streaming``) :func:`nt_store_pass`, then :func:`merge_parallel_pass`."""
     tvm = _tvm.tvm()
     cp = _tvm.submodule("tvm.tirx.compilation_pipeline")
     name = NT_PIPELINE if streaming else CPU_PIPELINE
     if name not in cp.PIPELINE_MAP:
         def factory(**kwargs):
             base, fin_host, fin_dev = cp.get_tir_pipeline("s_tir", **kwargs)
-            passes = [base, prefetch_pass()] + ([nt_store_pass()] if streaming else [])
+            passes = [base, prefetch_pass()] + ([nt_store_pass()] if streaming else []) + [merge_parallel_pass()]
             return tvm.transform.Sequential(passes), fin_host, fin_dev
 
         tvm.tirx.register_tir_pipeline(name, factory)

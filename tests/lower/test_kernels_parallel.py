@@ -1,0 +1,161 @@
+"""CPU kernels (issue 14, speed): one parallel launch per call, sample-block statistics for (N, C), ghost BN
+statistics stored group-major, against the float64 reference.
+
+* ``merge_parallel_pass`` runs the parallel loops of a kernel in one launch of the thread pool, with a
+  barrier after each (and the serial statements between them as one task): every training rule's
+  compiled code loads the launch entry point once;
+* ``cpu_channels_last`` on few rows per sample reduces blocks of R samples (compute.py ``stat_rows``):
+  the batch's tail block is masked, not split, so any batch (symbolic included) is exact;
+* ghost BN channels-last keeps its per-(group, channel) statistics in (G, C) and vectorizes 1/sqrt.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+
+from bncompile.config import BatchNormConfig
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+from bncompile.lower.kernels import build_spec, compile_batchnorm  # noqa: E402
+from bncompile.lower.kernels.compute import make_spec, prim_func  # noqa: E402
+from bncompile.lower.kernels.schedules import machine as M  # noqa: E402
+from bncompile.lower.kernels.schedules import schedule  # noqa: E402
+from bncompile.lower.kernels.schedules.cpu import ROW_GROUP, sample_block_rows  # noqa: E402
+from bncompile.reference import batchnorm  # noqa: E402
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+HASWELL = {"kind": "llvm", "mcpu": "haswell"} if X86 else "llvm"
+SMALL_L2 = "l1d=32K,l2=16K,l3=8M"     # stat blocks of 1024 floats: several sample blocks on small shapes
+
+
+def _launches(built) -> tuple[int, int]:
+    ll = built.executable.mod.inspect_source("ll")
+    return (ll.count("load ptr, ptr @__TVMBackendParallelLaunch"),
+            ll.count("load ptr, ptr @__TVMBackendParallelBarrier"))
+
+
+@pytest.mark.parametrize("cfg,shape,rule,phases", [
+    (BatchNormConfig(axis=1, fused=False), (None, 8, 16, 16), "cpu_channel_first", 1),
+    (BatchNormConfig(axis=1, virtual_batch_size=2, fused=False), (None, 8, 16, 16), "cpu_channel_first", 1),
+    (BatchNormConfig(axis=-1, fused=False), (None, 32, 32, 64), "cpu_channels_last_rows", 3),
+    (BatchNormConfig(axis=-1), (None, 1024), "cpu_channels_last", 3),
+    (BatchNormConfig(axis=-1, renorm=True), (None, 1024), "cpu_channels_last", 3),
+    (BatchNormConfig(axis=-1, virtual_batch_size=4), (None, 1024), "cpu_channels_last_ghost", 5),
+])
+def test_training_kernels_launch_the_pool_once(cfg, shape, rule, phases):
+    """One launch; barriers between its phases (statistics, the serial combine, y...)."""
+    spec = make_spec(cfg, shape)
+    built = build_spec(spec, target=HASWELL)
+    assert built.schedule == rule
+    launches, barriers = _launches(built)
+    assert launches == 1 and (barriers > 0) == (phases > 1)
+
+
+def test_merge_leaves_single_loop_kernels_alone():
+    spec = make_spec(BatchNormConfig(axis=1), (None, 8, 16, 16), training=False)
+    built = build_spec(spec, target=HASWELL)
+    assert _launches(built) == (1, 0)
+
+
+def _check(cfg, x, kshape):
+    k = compile_batchnorm(cfg, kshape)
+    assert k.schedule == "cpu_channels_last"
+    out = k.run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    scale = max(1.0, float(np.abs(ref.y).max()))
+    np.testing.assert_allclose(out["y"], ref.y, rtol=2e-6, atol=2e-6 * scale)
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(v).max())),
+                                   err_msg=n)
+    return k, out, ref
+
+
+def test_sample_block_rows_follow_l2_and_row_groups():
+    spec = make_spec(BatchNormConfig(axis=-1), (None, 1024))
+    big = M.CpuMachine(lanes=16, l1d=32 << 10, l2=1 << 20, l3=32 << 20)
+    small = M.CpuMachine(lanes=16, l1d=32 << 10, l2=256 << 10, l3=8 << 20)
+    assert sample_block_rows(spec, big) == 64            # 256 KB blocks of 4 KB rows
+    assert sample_block_rows(spec, small) == 16
+    wide = make_spec(BatchNormConfig(axis=-1), (None, 65536))
+    assert sample_block_rows(wide, big) == 0             # fewer than MIN_SAMPLE_BLOCK rows: channel stripes
+    odd = make_spec(BatchNormConfig(axis=-1), (None, 3, 40))
+    assert sample_block_rows(odd, small) % ROW_GROUP == 0
+    # a static batch bounds the block (rounded up to whole row groups): no block of thousands of masked rows
+    assert sample_block_rows(make_spec(BatchNormConfig(axis=-1), (8, 6)), big) == 8
+    assert sample_block_rows(make_spec(BatchNormConfig(axis=-1), (13, 6)), big) == 16
+
+
+@pytest.mark.parametrize("n", [1, 3, 24, 25, 103])
+@pytest.mark.parametrize("dynamic", [True, False], ids=["symbolic", "static"])
+def test_sample_blocks_any_batch(monkeypatch, n, dynamic):
+    """Blocks of 24 samples (C = 40, 1 K floats): a batch of 103 has a tail block of 7, 1 and 3 a single,
+    mostly masked block; static and symbolic batches alike."""
+    monkeypatch.setenv(M.ENV_CACHES, SMALL_L2)
+    cfg = BatchNormConfig(axis=-1, momentum=0.5, fused=False)
+    x = (0.5 + 1.5 * np.random.default_rng(n).standard_normal((n, 40))).astype(np.float32)
+    spec = make_spec(cfg, (None, 40))
+    assert sample_block_rows(spec, M.cpu_machine(HASWELL if isinstance(HASWELL, dict) else None)) == 24
+    _check(cfg, x, (None, 40) if dynamic else x.shape)
+
+
+@pytest.mark.parametrize("kw", [{}, {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.3}},
+                                {"center": False, "scale": False}])
+def test_sample_blocks_rows_per_sample(monkeypatch, kw):
+    """(N, 3, 40) with axis -1: three rows per sample, blocks of 8 samples (24 rows, 6 row groups)."""
+    monkeypatch.setenv(M.ENV_CACHES, SMALL_L2)
+    cfg = BatchNormConfig(axis=-1, fused=False, **kw)
+    x = (2.0 + np.random.default_rng(1).standard_normal((37, 3, 40))).astype(np.float32)
+    _check(cfg, x, (None, 3, 40))
+
+
+@pytest.mark.parametrize("loc,scale", [(0.0, 100.0), (1e4, 1.0), (-3e4, 2.0)])
+def test_sample_blocks_exact_mean_and_variance(monkeypatch, loc, scale):
+    """Data whose mean dwarfs its spread, 4000 samples in blocks of 64 (C = 16, a tail of 32): the batch mean
+    within 1 ulp (+ 2**-28 of the spread), the variance within a few ulps."""
+    monkeypatch.setenv(M.ENV_CACHES, SMALL_L2)
+    cfg = BatchNormConfig(axis=-1, momentum=0.0, fused=False)
+    x = (loc + scale * np.random.default_rng(3).standard_normal((4000, 16))).astype(np.float32)
+    k = compile_batchnorm(cfg, (None, 16))
+    assert k.schedule == "cpu_channels_last"
+    out = k.run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    mean = ref.variables["moving_mean"]
+    err = np.abs(out["moving_mean_new"] - mean)
+    assert (err <= np.spacing(np.abs(mean).astype(np.float32)) + scale * 2.0 ** -28).all(), err
+    var = ref.variables["moving_variance"]
+    assert (np.abs(out["moving_variance_new"] - var) / np.spacing(np.abs(var).astype(np.float32))).max() <= 8.0
+
+
+def test_sample_blocks_wide_rows_use_row_groups():
+    """C = 1024 on AVX2: blocks of 64 samples reduced 4 rows at a time, one 32-channel vector (4 registers)
+    each, and the second pass prefetches the next block."""
+    mach = M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20)
+    spec = make_spec(BatchNormConfig(axis=-1), (None, 1024))
+    name, sch = schedule(spec, prim_func(spec), target=HASWELL, machine=mach)
+    script = sch.mod.script()
+    assert name == "cpu_channels_last" and "T.where" not in script
+    assert f"T.grid(16, 32, {ROW_GROUP})" in script                 # row groups, channel vectors, rows
+    assert "T.vectorized(32)" in script
+    assert "bncompile_prefetch_x" in script
+
+
+def test_ghost_channels_last_stats_group_major():
+    """The per-(group, channel) statistics in (G, C): no strided vector access, 1/sqrt vectorized."""
+    cfg = BatchNormConfig(axis=-1, virtual_batch_size=4)
+    spec = make_spec(cfg, (None, 1024))
+    built = build_spec(spec, target=HASWELL)
+    assert built.schedule == "cpu_channels_last_ghost"
+    ll = built.executable.mod.inspect_source("ll")
+    assert "llvm.masked.gather" not in ll and "llvm.masked.scatter" not in ll
+    assert "sqrt.v" in ll                       # llvm.sqrt.v8f32 / v64f32: the vector square root
+    x = (3.0 + np.random.default_rng(0).standard_normal((64, 1024))).astype(np.float32)
+    out = compile_batchnorm(cfg, (None, 1024)).run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref.y).max())))
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=1e-5, atol=1e-6, err_msg=n)
