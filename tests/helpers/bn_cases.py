@@ -50,3 +50,15 @@ def bn_cases(draw, *, full_rank_adjustment: bool = False, fused_too: bool = Fals
         adj_shapes = (one(), one())
     loc = draw(st.sampled_from([0.0, 0.5, 30.0, 1e3]))
     return BatchNormConfig(**kw), shape, dynamic, adj_shapes, loc, draw(st.integers(0, 2**31 - 1))
+
+
+def case_variables(cfg: BatchNormConfig, shape, loc: float, rng) -> dict:
+    """float32 layer variables for a case: the scales (variances, stddevs, gamma) its initial values
+    times U(0.7, 1.3); the offsets (means, beta) its initial values + loc + N(0, 0.2)."""
+    variables = {}
+    for name, v in cfg.initial_variables(shape).items():
+        if name in ("moving_variance", "moving_stddev", "renorm_stddev", "gamma"):
+            variables[name] = (v * rng.uniform(0.7, 1.3, v.shape)).astype("float32")
+        else:
+            variables[name] = (v + loc + rng.normal(0, 0.2, v.shape)).astype("float32")
+    return variables

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import bncompile
 from bncompile import build_model
 from bncompile.reference import batchnorm, batchnorm_backward
-from helpers.bn_cases import bn_cases
+from helpers.bn_cases import bn_cases, case_variables
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -41,13 +41,7 @@ def _check(name, act, exp, tol, what):
 def test_random_configs_compile_and_match_reference(case, gradients):
     cfg, shape, dynamic, adj_shapes, loc, s = case
     rng = np.random.default_rng(s)
-    init = cfg.initial_variables(shape)
-    variables = {}
-    for name, v in init.items():
-        if name in ("moving_variance", "moving_stddev", "renorm_stddev", "gamma"):
-            variables[name] = (v * rng.uniform(0.7, 1.3, v.shape)).astype(np.float32)
-        else:
-            variables[name] = (v + loc + rng.normal(0, 0.2, v.shape)).astype(np.float32)
+    variables = case_variables(cfg, shape, loc, rng)
     build_shape = [None, *shape[1:]] if dynamic else list(shape)
     cm = bncompile.compile(build_model(cfg, build_shape, training=True, gradients=gradients))
     # a symbolic batch also runs at another size (a multiple of the ghost batch)

@@ -12,7 +12,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, seed, settings
 
 from bncompile.reference import batchnorm
-from helpers.bn_cases import bn_cases
+from helpers.bn_cases import bn_cases, case_variables
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -31,13 +31,7 @@ def test_random_kernel_configs_match_reference(case):
     rng = np.random.default_rng(s)
     x = (loc + rng.normal(0, 1.5, shape)).astype(np.float32)
     k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape)
-    init = cfg.initial_variables(shape)
-    variables = {}
-    for name, v in init.items():
-        if name in ("moving_variance", "moving_stddev", "renorm_stddev", "gamma"):
-            variables[name] = (v * rng.uniform(0.7, 1.3, v.shape)).astype(np.float32)
-        else:
-            variables[name] = (v + loc + rng.normal(0, 0.2, v.shape)).astype(np.float32)
+    variables = case_variables(cfg, shape, loc, rng)
     feeds = {"x": x, **variables}
     adj = None
     if adj_shapes:
