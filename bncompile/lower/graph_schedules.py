@@ -52,7 +52,8 @@ import logging
 import numpy as np
 
 from bncompile.lower import tvm as _shim
-from bncompile.lower.kernels.conv2d_packed import CONV_BLOCK, conv2d_packed_te
+from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK,
+                                                   conv2d_packed_te, depthwise_conv2d_te)
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,9 @@ def legalize_conv2d(bb, call):
     a = call.attrs
     w = call.args[1]
     x = call.args[0]
+    dw = _legalize_depthwise(bb, call)
+    if dw is not None:
+        return dw
     try:
         ok = (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
               and str(a.out_layout) in ("NCHW", "") and int(a.groups) == 1
@@ -260,6 +264,29 @@ def legalize_conv2d(bb, call):
     return bb.call_te(_conv2d_packed_sliced_te, x, wp, strides=_const_int_list(a.strides),
                       padding=_const_int_list(a.padding), out_channels=o, padded_channels=op, kernel=(kh, kw),
                       out_dtype="float32", block=block, primfunc_name_hint="conv2d_nchw16o")
+
+
+def _legalize_depthwise(bb, call):
+    """``relax.nn.conv2d`` that is depthwise (groups == input channels == output channels, NCHW/OIHW,
+    dilation 1, float32, static channels, height and width; any batch) -> :func:`depthwise_conv2d_te`
+    (scheduled by :func:`schedule_depthwise`); None otherwise."""
+    a = call.attrs
+    x, w = call.args[0], call.args[1]
+    try:
+        if not (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
+                and str(a.out_layout) in ("NCHW", "") and all(int(d) == 1 for d in a.dilation)
+                and str(x.ty.dtype) == "float32" and str(w.ty.dtype) == "float32"
+                and str(a.out_dtype) in ("", "None", "float32") and x.ty.ndim == 4 and w.ty.ndim == 4):
+            return None
+        c, h, wd = (int(d) for d in list(x.ty.shape)[1:])
+        o, i, kh, kw = (int(d) for d in list(w.ty.shape))
+        if not (int(a.groups) == c == o and i == 1):
+            return None
+    except Exception as err:  # symbolic channels/height/width, unusual attrs: not ours
+        log.debug("depthwise legalization does not apply: %s", err)
+        return None
+    return bb.call_te(depthwise_conv2d_te, x, w, strides=_const_int_list(a.strides),
+                      padding=_const_int_list(a.padding), kernel=(kh, kw), primfunc_name_hint="dwconv2d")
 
 
 #: most zero channels :func:`padded_channels` adds, as a fraction of the padded count
@@ -418,7 +445,108 @@ def schedule_conv(func, target=None):
         # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
         if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T >= 4:
             sch.vectorize(wl[-1])      # the epilogue (a sigmoid's polynomial...) runs on vectors
+    _decompose_root_pads(sch)
     _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
+    return sch
+
+
+def _decompose_root_pads(sch) -> None:
+    """Each zero-pad block still at the root (``bnc_pad``, TVM's ``pad_temp``...) -> a block of zeros over
+    the padded tensor, then the in-bounds copy without a test per element (``decompose_padding``); both
+    are left to :func:`_schedule_leftovers` (parallel, vectorized). A padded copy tests each element and
+    does not vectorize: MobileNetV3's 3 x 226 x 226 pad took as long as its first conv."""
+    for blk in _all_blocks(sch):
+        try:
+            if not sch.get(blk).name_hint.startswith(("bnc_pad", "pad")) or not _untouched(sch, blk):
+                continue
+            sch.decompose_padding(blk, sch.get_loops(blk)[0])
+        except Exception as err:  # noqa: BLE001 - not the padding pattern: the copy tests each element
+            log.debug("pad not decomposed: %s", err)
+
+
+def depthwise_tiling(out_width: int, out_height: int, lanes: int, regs: int) -> tuple[int, int]:
+    """``(width vector, rows)`` of :func:`schedule_depthwise`. The width: the whole output row when it fits
+    in one vector register (7, 14 on AVX-512), else the largest divisor of the row that is a whole number of
+    vectors or half-vectors up to two registers (56 -> 8 on AVX-512: odd-sized vectors such as 28 lanes
+    split into 16 + 8 + 4 and the weight broadcasts spill), else the largest divisor up to two registers.
+    The rows: the most that divide the height with at most ``regs / 4`` accumulator registers (the rest hold
+    the input vectors and the weight broadcasts)."""
+    if out_width <= lanes:
+        tw = out_width
+    else:
+        divs = [d for d in range(2 * lanes, 0, -1) if out_width % d == 0]
+        tw = next((d for d in divs if d % (lanes // 2) == 0), divs[0])
+    per_row = -(-tw // lanes)
+    most = max(1, regs // 4 // per_row)
+    th = next(t for t in range(min(most, out_height), 0, -1) if out_height % t == 0)
+    return tw, th
+
+
+def _vectorize_inner(sch, blk, lanes: int) -> None:
+    """Vectorize the innermost loop of ``blk`` (a row of a plane) when it is static and at most 16 vectors
+    long (LLVM splits a long vector into registers)."""
+    inner = sch.get_loops(blk)[-1]
+    e = _static(sch.get(inner).extent)
+    if e is not None and 1 < e <= 16 * lanes:
+        sch.vectorize(inner)
+
+
+def schedule_depthwise(func, target=None):
+    """:func:`depthwise_conv2d_te`'s blocks: parallel over batch x channels; per channel, the phase-split
+    padded plane is filled (it stays in L1/L2), then a register tile of output rows x a vector along the
+    output width (:func:`depthwise_tiling`), the kernel window unrolled outside it, a local accumulator
+    with the fused epilogue inlined into its write-back. None when the function has no such block or its
+    output height/width are symbolic."""
+    sch = _schedule_of(func)
+    convs = _block_named(sch, DW_BLOCK)
+    pads = _block_named(sch, DW_PAD_BLOCK)
+    if len(convs) != 1 or len(pads) != 1:
+        return None
+    blk, pad = convs[0], pads[0]
+    loops = sch.get_loops(blk)
+    if len(loops) != 6:
+        return None
+    n, c, y, x, ry, rx = loops
+    OH, OW = (_static(sch.get(lp).extent) for lp in (y, x))
+    if OH is None or OW is None:
+        return None
+    lanes, regs = vector_lanes(target)
+    tw, th = depthwise_tiling(OW, OH, lanes, regs)
+    yo, yi = sch.split(y, [None, th])
+    xo, xi = sch.split(x, [None, tw])
+    sch.reorder(n, c, yo, xo, ry, rx, yi, xi)
+    wb = sch.cache_write(blk, 0, "local")
+    _inline_epilogue(sch, wb)
+    fused = sch.fuse(n, c)
+    sch.parallel(fused)
+    sch.reverse_compute_at(wb, xo)
+    for split in _block_named(sch, DW_SPLIT_BLOCK):      # the column phases (stride > 1)
+        sch.compute_at(split, fused)
+        # (p, y, q) -> (y * q, p), p unrolled: one serial loop over the padded plane as a stride-S stream
+        # (its width is cols * S), which LLVM's loop vectorizer turns into wide loads and shuffles (TVM's
+        # vectorize of a stride-S read: a scalar load per lane)
+        sl = sch.get_loops(split)
+        f = sch.fuse(sl[-2], sl[-1])
+        sch.reorder(f, sl[-3])
+        sch.unroll(sl[-3])
+    sch.compute_at(pad, fused)
+    try:    # zeros, then the in-bounds copy without a test per element
+        fill = sch.decompose_padding(pad, sch.get_loops(pad)[1])
+        sch.vectorize(sch.fuse(*sch.get_loops(fill)[1:]))
+        _vectorize_inner(sch, pad, lanes)
+    except Exception as err:  # noqa: BLE001 - the padded copy then tests each element
+        log.debug("depthwise pad not decomposed: %s", err)
+    sch.unroll(ry)
+    sch.unroll(rx)
+    sch.unroll(yi)
+    sch.vectorize(xi)
+    init = sch.decompose_reduction(blk, ry)
+    il = sch.get_loops(init)
+    sch.vectorize(il[-1])
+    wl = sch.get_loops(wb)
+    if _static(sch.get(wl[-1]).extent) == tw:
+        sch.vectorize(wl[-1])
+    _schedule_leftovers(sch, lanes)
     return sch
 
 
@@ -751,6 +879,7 @@ def rules(applied: list | None = None) -> list[Rule]:
         return Rule(type(rule).__name__, lambda func, target: rule.apply(func, target, False), applied)
 
     return [Rule("conv2d_nchw16o", schedule_conv, applied),
+            Rule("depthwise_planes", schedule_depthwise, applied),
             Rule("conv2d_rows", schedule_conv_rows, applied),
             Rule("inner_vector_reduction", schedule_inner_vector_reduction, applied),
             Rule("global_pool", schedule_global_pool, applied),

@@ -97,8 +97,9 @@ def test_grouped_and_depthwise_convs(compiler, case, batch):
     g = G(c + group)
     y = act(g, g.conv("x", c, c, k, stride=s, group=group), "clip")
     model = g.model(y, c, h, w, batch)
-    cm = _check(compiler, model, (2, c, h, w), batches=(2,) if batch == 2 else (1, 3))
-    assert _conv_rules(cm) == ["conv2d_rows"], cm.info["cpu_schedules"]
+    cm = _check(compiler, model, (2, c, h, w), batches=(2,) if batch == 2 else (1, 3), target=AVX2)
+    want = "depthwise_planes" if group == c else "conv2d_rows"
+    assert _conv_rules(cm) == [want], cm.info["cpu_schedules"]
 
 
 @pytest.mark.parametrize("kind", ACTS)
@@ -106,7 +107,7 @@ def test_depthwise_with_each_epilogue(compiler, kind):
     g = G(1)
     y = act(g, g.conv("x", 16, 16, 3, group=16), kind)
     cm = _check(compiler, g.model(y, 16, 10, 10, 1), (1, 16, 10, 10), target=AVX2)
-    assert _conv_rules(cm) == ["conv2d_rows"], cm.info["cpu_schedules"]
+    assert _conv_rules(cm) == ["depthwise_planes"], cm.info["cpu_schedules"]
 
 
 @pytest.mark.parametrize("kind", ACTS)
@@ -226,3 +227,62 @@ def test_global_pooling(compiler, c, h, w, batch):
     # 13 channels: no tile divides them (dlight's rule); the others: the channel tile of global_pool
     want = 0 if c == 13 else 2
     assert list(cm.info["cpu_schedules"].values()).count("global_pool") == want, cm.info["cpu_schedules"]
+
+
+# depthwise (``depthwise_planes``): asymmetric pads (TF's SAME_UPPER for stride 2), no pad, odd sizes,
+# a 1-row output, static and free batch, against onnxruntime
+DEPTHWISE = [(9, 3, 2, 15, 13, [0, 0, 1, 1]), (11, 5, 2, 9, 16, [1, 2, 2, 1]), (6, 3, 1, 5, 7, [0, 0, 0, 0]),
+             (5, 3, 2, 3, 17, [1, 1, 1, 1]), (17, 5, 1, 7, 7, [2, 2, 2, 2])]
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: "c{}k{}s{}_{}x{}_p{}".format(*c[:5], "".join(map(str, c[5]))))
+def test_depthwise_pads_and_strides(compiler, case, batch):
+    c, k, s, h, w, pads = case
+    g = G(c + k)
+    wt = g.rng.standard_normal((c, 1, k, k)) * 0.5
+    y = g.op("Conv", ["x", g.c(wt), g.c(g.rng.normal(0, 0.1, c))], kernel_shape=[k, k], strides=[s, s],
+             pads=pads, group=c)
+    y = act(g, y, "hardswish")
+    cm = _check(compiler, g.model(y, c, h, w, batch), (1, c, h, w), target=AVX2, batches=(1,) if batch == 1 else (2, 3))
+    assert _conv_rules(cm) == ["depthwise_planes"], cm.info["cpu_schedules"]
+
+
+def test_depthwise_on_avx512_compiles():
+    import bncompile
+
+    g = G(4)
+    model = g.model(act(g, g.conv("x", 24, 24, 3, stride=2, group=24), "clip"), 24, 28, 28, 1)
+    cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
+    assert _conv_rules(cm) == ["depthwise_planes"], cm.info["cpu_schedules"]
+
+
+def test_depthwise_tiling_divides_evenly():
+    from bncompile.lower.graph_schedules import depthwise_tiling
+
+    for lanes, regs in ((8, 16), (16, 32), (4, 32)):
+        for ow in (1, 5, 7, 13, 14, 28, 56, 112, 97):
+            for oh in (1, 7, 9, 112):
+                tw, th = depthwise_tiling(ow, oh, lanes, regs)
+                assert ow % tw == 0 and oh % th == 0 and tw <= max(ow, 2 * lanes)
+                assert th * -(-tw // lanes) <= max(1, regs // 4)     # accumulators within a quarter of the file
+    assert depthwise_tiling(56, 56, 16, 32) == (8, 8)         # a half register, not 28 = 16 + 8 + 4 lanes
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_pad_is_decomposed(stride):
+    """The padded plane: zeros, then the in-bounds copy with no per-element test (a padded copy that
+    tests each element does not vectorize); stride 2 adds the phase split."""
+    from bncompile.lower import graph_schedules as gs
+    from bncompile.lower.kernels.conv2d_packed import depthwise_conv2d_te
+    from bncompile.lower.tvm import tvm
+
+    t = tvm()
+    x = t.te.placeholder((1, 16, 14, 14), "float32", name="x")
+    w = t.te.placeholder((16, 1, 3, 3), "float32", name="w")
+    y = depthwise_conv2d_te(x, w, strides=(stride, stride), padding=(1, 1, 1, 1), kernel=(3, 3))
+    func = t.te.create_prim_func([x, w, y])
+    sch = gs.schedule_depthwise(func, t.target.Target(AVX2))
+    text = sch.mod["main"].script()
+    assert "pad_const" in text and "if_then_else" not in text
+    assert ("bnc_dw_phases" in text) == (stride == 2)

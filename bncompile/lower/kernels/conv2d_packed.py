@@ -1,8 +1,15 @@
-"""TE compute of the packed-weight conv2d that whole-graph CPU compiles legalize ``nn.conv2d`` to.
+"""TE computes that whole-graph CPU compiles legalize ``nn.conv2d`` to.
 
-NCHW input, weight pre-packed at compile time as ``[O/B, I, KH, KW, B]`` (B output channels contiguous, so
-a vector of them loads at once), NCHW output. The layout legalization that packs the weight and its CPU
-schedule rule live in :mod:`bncompile.lower.graph_schedules`; the rule finds the blocks by the names below.
+* :func:`conv2d_packed_te`: NCHW input, weight pre-packed at compile time as ``[O/B, I, KH, KW, B]`` (B
+  output channels contiguous, so a vector of them loads at once), NCHW output.
+* :func:`depthwise_conv2d_te`: depthwise (one filter per channel), NCHW, over a zero-padded copy of the
+  input whose columns are split by phase of the stride, ``xs[n, c, p, y, q] = xpad[n, c, y, q * S + p]``
+  (``S`` the column stride, ``xpad`` the zero-padded input), so output column ``z`` reads
+  ``xs[.., rx % S, .., z + rx // S]``: consecutive output columns read consecutive addresses for every
+  stride (a vector load, not a gather).
+
+The layout legalizations and the CPU schedule rules live in :mod:`bncompile.lower.graph_schedules`; the
+rules find the blocks by the names below.
 """
 
 from __future__ import annotations
@@ -43,4 +50,50 @@ def conv2d_packed_te(x, wp, *, strides, padding, out_channels: int, kernel: tupl
     return te.compute((n, out_channels, oh, ow), body, name=CONV_BLOCK)
 
 
-__all__ = ["conv2d_packed_te", "VEC", "CONV_BLOCK", "PAD_BLOCK"]
+DW_BLOCK = "bnc_dwconv2d"
+DW_PAD_BLOCK = "bnc_dw_pad"
+DW_SPLIT_BLOCK = "bnc_dw_phases"
+
+
+def depthwise_conv2d_te(x, w, *, strides, padding, kernel: tuple[int, int]):
+    """TE: NCHW depthwise conv2d (``w``: ``[C, 1, KH, KW]``, one filter per channel), float32, through
+    the phase-split padded input of the module docstring; output NCHW."""
+    tvm = _tvm.tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n, c, h, wd = x.shape
+    kh, kw = kernel
+    pt, pl, pb, pr = padding
+    sh, sw = strides
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (wd + pl + pr - kw) // sw + 1
+    rows = (oh - 1) * sh + kh                  # padded rows read
+    cols = ow + (kw - 1) // sw                 # columns of each phase read
+
+    def padded(b, ch, y, col):                 # one test per index: decompose_padding's pattern
+        inside = tirx.all(y >= pt, y < h + pt, col >= pl, col < wd + pl)
+        return tirx.if_then_else(inside, x[b, ch, y - pt, col - pl], tirx.const(0.0, x.dtype))
+
+    xp = te.compute((n, c, rows, cols * sw), padded, name=DW_PAD_BLOCK)
+    if sw > 1:                                 # the phases of the columns, one after the other
+        xs = te.compute((n, c, sw, rows, cols), lambda b, ch, p, y, q: xp[b, ch, y, q * sw + p], name=DW_SPLIT_BLOCK)
+        xp = _phase_major(xs)
+    else:
+        xp = _one_phase(xp)
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute((n, c, oh, ow), lambda b, ch, y, z: te.sum(
+        xp(b, ch, y * sh + ry, rx % sw, z + rx // sw) * w[ch, 0, ry, rx], axis=[ry, rx]), name=DW_BLOCK)
+
+
+def _phase_major(xs):
+    """``xp(b, c, y, p, q)`` of the phase-major split ``xs[b, c, p, y, q]`` (each phase a contiguous plane:
+    the split reads the padded plane as one stride-S stream)."""
+    return lambda b, ch, y, p, q: xs[b, ch, p, y, q]
+
+
+def _one_phase(xp):
+    """``xp(b, c, y, 0, q)`` of a 4-D padded tensor (stride 1: one phase, no copy)."""
+    return lambda b, ch, y, p, q: xp[b, ch, y, q]
+
+
+__all__ = ["conv2d_packed_te", "depthwise_conv2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK", "DW_PAD_BLOCK", "DW_SPLIT_BLOCK"]
