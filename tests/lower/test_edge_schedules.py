@@ -286,3 +286,17 @@ def test_depthwise_pad_is_decomposed(stride):
     text = sch.mod["main"].script()
     assert "pad_const" in text and "if_then_else" not in text
     assert ("bnc_dw_phases" in text) == (stride == 2)
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("co,k,s,kind", [(32, 3, 2, "silu"), (13, 3, 2, "silu"), (48, 1, 1, "sigmoid"),
+                                          (24, 5, 1, "hardswish")])
+def test_dense_conv_with_costly_epilogue(compiler, co, k, s, kind, batch):
+    """A sigmoid-bearing epilogue after a packed conv runs on channel vectors of the accumulator tile, then
+    a copy stores it NCHW (``_epilogue_on_channel_vectors``); 13 channels go through the zero-padded slice
+    instead. Against onnxruntime, odd spatial sizes, static and free batch."""
+    g = G(co + k)
+    y = act(g, g.conv("x", 5, co, k, stride=s), kind)
+    cm = _check(compiler, g.model(y, 5, 15, 13, batch), (1, 5, 15, 13), target=AVX2,
+                batches=(1,) if batch == 1 else (2, 3))
+    assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]
