@@ -170,18 +170,20 @@ def vector_lanes(target=None) -> tuple[int, int]:
 
 
 def conv_tiling(out_channels: int, out_width: int | None, target=None,
-                out_height: int | None = None) -> tuple[int, int, int] | None:
+                out_height: int | None = None, block: int | None = None) -> tuple[int, int, int] | None:
     """``(output-channel block, width tile, row tile)`` of the register tile, or None when no block divides
     the output channels. The block is 2 or 1 vector registers of channels, or half a register's lanes
     (an 8-lane half of an AVX-512 register: ``40``, ``24`` or ``440`` channels; at least 4 lanes); the
     width and row tiles divide the output (even splits only), with ``vectors x width x rows`` accumulators,
     leaving registers for the weight vectors and a broadcast. The most accumulated lanes win; ties: the
-    wider block (fewer broadcasts per FMA), then the wider width tile."""
+    wider block (fewer broadcasts per FMA), then the wider width tile. ``block``: only that block (the
+    schedule re-derives the tiles of the block the legalization chose)."""
     lanes, regs = vector_lanes(target)
     best = None
     blocks = [(lanes * 2, 2), (lanes, 1)] + ([(lanes // 2, 1)] if lanes // 2 >= 4 else [])
+    want = block
     for block, nv in blocks:
-        if out_channels % block:
+        if out_channels % block or (want is not None and block != want):
             continue
         most = max(1, min(ACC_CAP.get(regs, 10) // nv, (regs - nv - 2) // nv))
         for th in range(1, most + 1):
@@ -225,8 +227,9 @@ def legalize_conv2d(bb, call):
     if dw is not None:
         return dw
     try:
+        groups = int(a.groups)
         ok = (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
-              and str(a.out_layout) in ("NCHW", "") and int(a.groups) == 1
+              and str(a.out_layout) in ("NCHW", "")
               and all(int(d) == 1 for d in a.dilation) and _is_constant(w)
               and str(_const_value(w).dtype) == "float32" and str(x.ty.dtype) == "float32"
               and str(a.out_dtype) in ("", "None", "float32") and len(_const_value(w).shape) == 4
@@ -244,16 +247,19 @@ def legalize_conv2d(bb, call):
         oh = (int(x.ty.shape[2]) + pt + pb - kh) // int(a.strides[0]) + 1
     except Exception:   # symbolic height/width: tiles of 1 along them
         pass
-    tiling = conv_tiling(o, ow, out_height=oh)
+    if o % groups:
+        return _nn_conv2d(bb, call)
+    # grouped: a block of output channels stays inside one group (it divides the group's channels)
+    tiling = conv_tiling(o // groups, ow, out_height=oh)
     op = o
-    if tiling is None:           # no block divides the channels (ShuffleNet's 58, 116): zero-padded ones
+    if tiling is None and groups == 1:   # no block divides the channels (ShuffleNet's 58, 116): zero-padded
         op = padded_channels(o)
         tiling = conv_tiling(op, ow, out_height=oh) if op else None
     if tiling is None:
         return _nn_conv2d(bb, call)
     block = tiling[0]
     try:
-        if int(x.ty.shape[1]) != i:
+        if int(x.ty.shape[1]) != i * groups:
             return _nn_conv2d(bb, call)
     except Exception:  # symbolic channel count
         return _nn_conv2d(bb, call)
@@ -263,7 +269,7 @@ def legalize_conv2d(bb, call):
     wp = relax.const(packed, "float32")
     return bb.call_te(_conv2d_packed_sliced_te, x, wp, strides=_const_int_list(a.strides),
                       padding=_const_int_list(a.padding), out_channels=o, padded_channels=op, kernel=(kh, kw),
-                      out_dtype="float32", block=block, primfunc_name_hint="conv2d_nchw16o")
+                      out_dtype="float32", block=block, groups=groups, primfunc_name_hint="conv2d_nchw16o")
 
 
 def _legalize_depthwise(bb, call):
@@ -409,7 +415,7 @@ def schedule_conv(func, target=None):
         OH = _static(sch.get(oh).extent)
         OC = _static(sch.get(oc).extent)
         block = _packed_block(sch, blk)
-        tiling = conv_tiling(OC, OW, target, out_height=OH) if OC is not None else None
+        tiling = conv_tiling(OC, OW, target, out_height=OH, block=block) if OC is not None else None
         if OW is None or block is None or OC % block or tiling is None or tiling[0] != block:
             return None
         _, T, TH = tiling

@@ -87,7 +87,8 @@ def act(g, x, kind):
 # (channels, group, kernel, stride, height, width): depthwise (group == channels) and grouped (group width
 # 8, 16); odd channel counts and widths; kernels 3 and 5; strides 1 and 2
 GROUPED = [(7, 7, 3, 1, 9, 9), (13, 13, 5, 2, 11, 10), (32, 32, 3, 2, 16, 16), (24, 24, 5, 1, 14, 14),
-           (24, 3, 3, 1, 10, 10), (40, 5, 3, 2, 9, 13), (48, 3, 5, 1, 8, 8), (32, 2, 3, 2, 12, 12)]
+           (24, 3, 3, 1, 10, 10), (40, 5, 3, 2, 9, 13), (48, 3, 5, 1, 8, 8), (32, 2, 3, 2, 12, 12),
+           (12, 2, 3, 1, 9, 9), (26, 2, 3, 2, 10, 10)]
 
 
 @pytest.mark.parametrize("batch", [2, "N"])
@@ -98,7 +99,8 @@ def test_grouped_and_depthwise_convs(compiler, case, batch):
     y = act(g, g.conv("x", c, c, k, stride=s, group=group), "clip")
     model = g.model(y, c, h, w, batch)
     cm = _check(compiler, model, (2, c, h, w), batches=(2,) if batch == 2 else (1, 3), target=AVX2)
-    want = "depthwise_planes" if group == c else "conv2d_rows"
+    # grouped: the packed conv when an AVX2 block (16, 8, 4 channels) divides a group's output channels
+    want = ("depthwise_planes" if group == c else "conv2d_nchw16o" if (c // group) % 4 == 0 else "conv2d_rows")
     assert _conv_rules(cm) == [want], cm.info["cpu_schedules"]
 
 
@@ -299,4 +301,14 @@ def test_dense_conv_with_costly_epilogue(compiler, co, k, s, kind, batch):
     y = act(g, g.conv("x", 5, co, k, stride=s), kind)
     cm = _check(compiler, g.model(y, 5, 15, 13, batch), (1, 5, 15, 13), target=AVX2,
                 batches=(1,) if batch == 1 else (2, 3))
+    assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]
+
+
+def test_grouped_conv_on_avx512_takes_a_half_register_block():
+    """RegNet's group width 8 on AVX-512: an 8-lane block (half a register) inside each group."""
+    import bncompile
+
+    g = G(6)
+    model = g.model(act(g, g.conv("x", 48, 48, 3, stride=2, group=6), "relu"), 48, 14, 14, 1)
+    cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
     assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]

@@ -22,8 +22,10 @@ PAD_BLOCK = "bnc_pad"
 
 
 def conv2d_packed_te(x, wp, *, strides, padding, out_channels: int, kernel: tuple[int, int], out_dtype: str,
-                     block: int = VEC):
-    """TE: NCHW conv2d with a weight pre-packed as ``[O/B, I, KH, KW, B]``; output NCHW."""
+                     block: int = VEC, groups: int = 1):
+    """TE: NCHW conv2d with a weight pre-packed as ``[O/B, I/groups, KH, KW, B]``; output NCHW. Grouped
+    (``groups`` > 1): ``B`` divides the output channels of a group, so each block of B output channels
+    reads the input channels of one group, ``(o // B) // (O / groups / B)``."""
     tvm = _tvm.tvm()
     te, topi = tvm.te, tvm.topi
     n, c, h, w = x.shape
@@ -36,12 +38,14 @@ def conv2d_packed_te(x, wp, *, strides, padding, out_channels: int, kernel: tupl
         xp = x
     oh = (h + pt + pb - kh) // sh + 1
     ow = (w + pl + pr - kw) // sw + 1
-    rc = te.reduce_axis((0, c), name="rc")
+    cin = c // groups
+    per_group = out_channels // groups // block           # output-channel blocks per group
+    rc = te.reduce_axis((0, cin), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
 
     def body(b, o, y, z):
-        a = xp[b, rc, y * sh + ry, z * sw + rx]
+        a = xp[b, (o // block) // per_group * cin + rc if groups > 1 else rc, y * sh + ry, z * sw + rx]
         k = wp[o // block, rc, ry, rx, o % block]
         if out_dtype != x.dtype:
             a, k = a.astype(out_dtype), k.astype(out_dtype)
