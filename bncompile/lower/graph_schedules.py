@@ -52,8 +52,8 @@ import logging
 import numpy as np
 
 from bncompile.lower import tvm as _shim
-from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK,
-                                                   conv2d_packed_te, depthwise_conv2d_te)
+from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK, POOL_BLOCK,
+                                                   conv2d_packed_te, depthwise_conv2d_te, max_pool2d_te)
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,28 @@ def _legalize_depthwise(bb, call):
                       padding=_const_int_list(a.padding), kernel=(kh, kw), primfunc_name_hint="dwconv2d")
 
 
+def legalize_max_pool2d(bb, call):
+    """``relax.nn.max_pool2d`` (NCHW, float32, floor mode, dilation 1, static channels, height and width;
+    any batch) -> :func:`max_pool2d_te` (scheduled by :func:`schedule_depthwise`, rule ``pool_planes``),
+    else TVM's legalization. (TVM's pool: a window of scalar loads per output, 6 GF/s-equivalent on the
+    ResNet stem's 3 x 3 / 2 pool.)"""
+    a = call.attrs
+    x = call.args[0]
+    try:
+        ok = (str(a.layout) == "NCHW" and str(a.out_layout) in ("NCHW", "") and not bool(a.ceil_mode)
+              and all(int(d) == 1 for d in a.dilation) and str(x.ty.dtype) == "float32" and x.ty.ndim == 4
+              and len(a.padding) == 4)
+        if ok:
+            [int(d) for d in list(x.ty.shape)[1:]]                  # static C, H, W
+    except Exception as err:  # symbolic sizes, unusual attrs: TVM's legalization
+        log.debug("max_pool2d legalization does not apply: %s", err)
+        ok = False
+    if not ok:
+        return _shim.submodule("tvm.relax.transform.legalize_ops.nn")._nn_max_pool2d(bb, call)
+    return bb.call_te(max_pool2d_te, x, strides=_const_int_list(a.strides), padding=_const_int_list(a.padding),
+                      kernel=tuple(_const_int_list(a.pool_size)), primfunc_name_hint="max_pool2d")
+
+
 #: most zero channels :func:`padded_channels` adds, as a fraction of the padded count
 PAD_WASTE = 0.25
 
@@ -531,14 +553,19 @@ def _vectorize_inner(sch, blk, lanes: int) -> None:
         sch.vectorize(inner)
 
 
-def schedule_depthwise(func, target=None):
+def schedule_max_pool(func, target=None):
+    """:func:`max_pool2d_te`'s blocks, scheduled as :func:`schedule_depthwise` schedules a depthwise conv."""
+    return schedule_depthwise(func, target, block=POOL_BLOCK)
+
+
+def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     """:func:`depthwise_conv2d_te`'s blocks: parallel over batch x channels; per channel, the phase-split
     padded plane is filled (it stays in L1/L2), then a register tile of output rows x a vector along the
     output width (:func:`depthwise_tiling`), the kernel window unrolled outside it, a local accumulator
     with the fused epilogue inlined into its write-back. None when the function has no such block or its
     output height/width are symbolic."""
     sch = _schedule_of(func)
-    convs = _block_named(sch, DW_BLOCK)
+    convs = _block_named(sch, block)
     pads = _block_named(sch, DW_PAD_BLOCK)
     if len(convs) != 1 or len(pads) != 1:
         return None
@@ -920,6 +947,7 @@ def rules(applied: list | None = None) -> list[Rule]:
 
     return [Rule("conv2d_nchw16o", schedule_conv, applied),
             Rule("depthwise_planes", schedule_depthwise, applied),
+            Rule("pool_planes", schedule_max_pool, applied),
             Rule("conv2d_rows", schedule_conv_rows, applied),
             Rule("inner_vector_reduction", schedule_inner_vector_reduction, applied),
             Rule("global_pool", schedule_global_pool, applied),
@@ -1018,6 +1046,7 @@ def pipeline(target, report: dict | None = None, *, database=None, until_schedul
         _expect(finalize[-1], "AttachGlobalSymbol")
         return [*cpu.library_dispatch_passes(target),
                 transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d,
+                                                               "relax.nn.max_pool2d": legalize_max_pool2d,
                                                                "relax.sigmoid": legalize_sigmoid}),
                 mark_opaque,
                 *legalize[1:],

@@ -312,3 +312,20 @@ def test_grouped_conv_on_avx512_takes_a_half_register_block():
     model = g.model(act(g, g.conv("x", 48, 48, 3, stride=2, group=6), "relu"), 48, 14, 14, 1)
     cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
     assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]
+
+
+# MaxPool (``pool_planes``): the stems' 3x3/2, 2x2/2 without pad, 3x3/1, asymmetric pads, odd sizes; all-negative
+# inputs near the border check the pad value (the lowest float, not 0)
+MAXPOOL = [(8, 3, 2, 17, 15, [1, 1, 1, 1]), (5, 2, 2, 10, 9, [0, 0, 0, 0]), (3, 3, 1, 7, 11, [1, 1, 1, 1]),
+           (6, 3, 2, 12, 12, [0, 0, 1, 1]), (4, 5, 2, 13, 13, [2, 2, 2, 2])]
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+@pytest.mark.parametrize("case", MAXPOOL, ids=lambda c: "c{}k{}s{}_{}x{}_p{}".format(*c[:5], "".join(map(str, c[5]))))
+def test_max_pool(compiler, case, batch):
+    c, k, s, h, w, pads = case
+    g = G(c + k)
+    y = g.op("MaxPool", [g.op("Sub", ["x", g.c(3.0)])], kernel_shape=[k, k], strides=[s, s], pads=pads)
+    cm = _check(compiler, g.model(y, c, h, w, batch), (2, c, h, w), target=AVX2,
+                batches=(2,) if batch == 2 else (1, 3))
+    assert "pool_planes" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]

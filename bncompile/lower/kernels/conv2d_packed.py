@@ -2,7 +2,7 @@
 
 * :func:`conv2d_packed_te`: NCHW input, weight pre-packed at compile time as ``[O/B, I, KH, KW, B]`` (B
   output channels contiguous, so a vector of them loads at once), NCHW output.
-* :func:`depthwise_conv2d_te`: depthwise (one filter per channel), NCHW, over a zero-padded copy of the
+* :func:`depthwise_conv2d_te` (and :func:`max_pool2d_te`, the same plane): depthwise (one filter per channel), NCHW, over a zero-padded copy of the
   input whose columns are split by phase of the stride, ``xs[n, c, p, y, q] = xpad[n, c, y, q * S + p]``
   (``S`` the column stride, ``xpad`` the zero-padded input), so output column ``z`` reads
   ``xs[.., rx % S, .., z + rx // S]``: consecutive output columns read consecutive addresses for every
@@ -57,11 +57,37 @@ def conv2d_packed_te(x, wp, *, strides, padding, out_channels: int, kernel: tupl
 DW_BLOCK = "bnc_dwconv2d"
 DW_PAD_BLOCK = "bnc_dw_pad"
 DW_SPLIT_BLOCK = "bnc_dw_phases"
+POOL_BLOCK = "bnc_maxpool2d"
 
 
 def depthwise_conv2d_te(x, w, *, strides, padding, kernel: tuple[int, int]):
     """TE: NCHW depthwise conv2d (``w``: ``[C, 1, KH, KW]``, one filter per channel), float32, through
     the phase-split padded input of the module docstring; output NCHW."""
+    te = _tvm.tvm().te
+    xp, (n, c, oh, ow) = _padded_phases(x, strides, padding, kernel, 0.0)
+    sh, sw = strides
+    ry = te.reduce_axis((0, kernel[0]), name="ry")
+    rx = te.reduce_axis((0, kernel[1]), name="rx")
+    return te.compute((n, c, oh, ow), lambda b, ch, y, z: te.sum(
+        xp(b, ch, y * sh + ry, rx % sw, z + rx // sw) * w[ch, 0, ry, rx], axis=[ry, rx]), name=DW_BLOCK)
+
+
+def max_pool2d_te(x, *, strides, padding, kernel: tuple[int, int]):
+    """TE: NCHW max pooling (floor mode, dilation 1) over the same phase-split plane as
+    :func:`depthwise_conv2d_te`, padded with the lowest float32 (TVM's pool pads with it too)."""
+    tvm = _tvm.tvm()
+    te = tvm.te
+    xp, (n, c, oh, ow) = _padded_phases(x, strides, padding, kernel, tvm.tirx.min_value(x.dtype))
+    sh, sw = strides
+    ry = te.reduce_axis((0, kernel[0]), name="ry")
+    rx = te.reduce_axis((0, kernel[1]), name="rx")
+    return te.compute((n, c, oh, ow), lambda b, ch, y, z: te.max(
+        xp(b, ch, y * sh + ry, rx % sw, z + rx // sw), axis=[ry, rx]), name=POOL_BLOCK)
+
+
+def _padded_phases(x, strides, padding, kernel, pad_value):
+    """``(xp, output shape)``: ``xp(b, c, y, p, q)`` reads the padded input's row ``y``, column
+    ``q * S + p`` (the column phases of the module docstring: a stage per phase when ``S`` > 1)."""
     tvm = _tvm.tvm()
     te, tirx = tvm.te, tvm.tirx
     n, c, h, wd = x.shape
@@ -72,21 +98,17 @@ def depthwise_conv2d_te(x, w, *, strides, padding, kernel: tuple[int, int]):
     ow = (wd + pl + pr - kw) // sw + 1
     rows = (oh - 1) * sh + kh                  # padded rows read
     cols = ow + (kw - 1) // sw                 # columns of each phase read
+    fill = tirx.const(pad_value, x.dtype) if isinstance(pad_value, float) else pad_value
 
     def padded(b, ch, y, col):                 # one test per index: decompose_padding's pattern
         inside = tirx.all(y >= pt, y < h + pt, col >= pl, col < wd + pl)
-        return tirx.if_then_else(inside, x[b, ch, y - pt, col - pl], tirx.const(0.0, x.dtype))
+        return tirx.if_then_else(inside, x[b, ch, y - pt, col - pl], fill)
 
     xp = te.compute((n, c, rows, cols * sw), padded, name=DW_PAD_BLOCK)
     if sw > 1:                                 # the phases of the columns, one after the other
         xs = te.compute((n, c, sw, rows, cols), lambda b, ch, p, y, q: xp[b, ch, y, q * sw + p], name=DW_SPLIT_BLOCK)
-        xp = _phase_major(xs)
-    else:
-        xp = _one_phase(xp)
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    return te.compute((n, c, oh, ow), lambda b, ch, y, z: te.sum(
-        xp(b, ch, y * sh + ry, rx % sw, z + rx // sw) * w[ch, 0, ry, rx], axis=[ry, rx]), name=DW_BLOCK)
+        return _phase_major(xs), (n, c, oh, ow)
+    return _one_phase(xp), (n, c, oh, ow)
 
 
 def _phase_major(xs):
@@ -100,4 +122,5 @@ def _one_phase(xp):
     return lambda b, ch, y, p, q: xp[b, ch, y, q]
 
 
-__all__ = ["conv2d_packed_te", "depthwise_conv2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK", "DW_PAD_BLOCK", "DW_SPLIT_BLOCK"]
+__all__ = ["conv2d_packed_te", "depthwise_conv2d_te", "max_pool2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK",
+           "DW_PAD_BLOCK", "DW_SPLIT_BLOCK", "POOL_BLOCK"]
