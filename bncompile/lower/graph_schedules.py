@@ -255,6 +255,13 @@ def legalize_conv2d(bb, call):
     if tiling is None and groups == 1:   # no block divides the channels (ShuffleNet's 58, 116): zero-padded
         op = padded_channels(o)
         tiling = conv_tiling(op, ow, out_height=oh) if op else None
+    elif groups == 1 and tiling[0] < vector_lanes()[0]:
+        # only a half register divides the channels (ShuffleNet's 232, RegNet's 440 on AVX-512): a few zero
+        # channels up to whole registers (232 -> 240: 84 -> 58 us at 7x7; 40 -> 48 was slower: the limit)
+        full = padded_channels(o, whole_registers=True, waste=WHOLE_REGISTER_WASTE)
+        wide = conv_tiling(full, ow, out_height=oh) if full else None
+        if wide is not None:
+            op, tiling = full, wide
     if tiling is None:
         return _nn_conv2d(bb, call)
     block = tiling[0]
@@ -321,17 +328,23 @@ def legalize_max_pool2d(bb, call):
 PAD_WASTE = 0.25
 
 
-def padded_channels(out_channels: int, target=None) -> int | None:
+#: most zero channels that pad a half-register block up to whole registers, as a fraction of the padded count
+WHOLE_REGISTER_WASTE = 0.125
+
+
+def padded_channels(out_channels: int, target=None, *, whole_registers: bool = False,
+                    waste: float = PAD_WASTE) -> int | None:
     """The output channels a packed conv computes for ``out_channels`` that no block divides: the next
     multiple of a vector register's lanes (else half a register's, at least 4), when the zero channels
     are at most :data:`PAD_WASTE` of it; None otherwise. (ShuffleNetV2's 1x1 convs of 58 channels at 28x28
-    ran 6x slower through ``conv2d_rows`` than 64 channels through the packed rule.)"""
+    ran 6x slower through ``conv2d_rows`` than 64 channels through the packed rule.) ``whole_registers``:
+    only a multiple of a whole register; ``waste``: the most zero channels, as a fraction of the padded count."""
     lanes, _ = vector_lanes(target)
-    for unit in (lanes, lanes // 2):
+    for unit in (lanes,) if whole_registers else (lanes, lanes // 2):
         if unit < 4:
             continue
         op = -(-out_channels // unit) * unit
-        if op != out_channels and (op - out_channels) <= PAD_WASTE * op:
+        if op != out_channels and (op - out_channels) <= waste * op:
             return op
     return None
 

@@ -329,3 +329,26 @@ def test_max_pool(compiler, case, batch):
     cm = _check(compiler, g.model(y, c, h, w, batch), (2, c, h, w), target=AVX2,
                 batches=(2,) if batch == 2 else (1, 3))
     assert "pool_planes" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("co", [232, 440])
+def test_half_register_channels_padded_to_whole_registers(compiler, co, batch):
+    """ShuffleNet's 232 and RegNet's 440 output channels: on AVX-512 only a half register divides them, so
+    they are zero-padded to 240 / 448 (whole registers) and sliced back (a residual add after it); 40 -> 48
+    is too much padding and keeps the half register. Correctness on the host's own target; the choice on a
+    pinned AVX-512 target."""
+    from bncompile.lower.graph_schedules import padded_channels
+    from bncompile.lower.tvm import tvm
+
+    g = G(co)
+    y = g.op("Add", [act(g, g.conv("x", 16, co, 1), "relu"), g.conv("x", 16, co, 1)])
+    model = g.model(y, 16, 7, 7, batch)
+    _check(compiler, model, (1, 16, 7, 7), batches=(1,) if batch == 1 else (2, 3))
+    with tvm().target.Target(AVX512):
+        assert padded_channels(co, whole_registers=True, waste=0.125) == co + 8
+        assert padded_channels(40, whole_registers=True, waste=0.125) is None
+    import bncompile
+
+    cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
+    assert set(_conv_rules(cm)) == {"conv2d_nchw16o"}, cm.info["cpu_schedules"]
