@@ -619,10 +619,15 @@ def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     sch.unroll(ry)
     sch.unroll(rx)
     sch.unroll(yi)
+    return _finish_row_tile(sch, blk, wb, ry, xi, tw, lanes)
+
+
+def _finish_row_tile(sch, blk, wb, red, xi, tw: int, lanes: int):
+    """The common end of the row-tile rules: the width vector ``xi``, the reduction's init split off at
+    ``red`` and vectorized, the write-back vectorized along the width tile, the leftovers scheduled."""
     sch.vectorize(xi)
-    init = sch.decompose_reduction(blk, ry)
-    il = sch.get_loops(init)
-    sch.vectorize(il[-1])
+    init = sch.decompose_reduction(blk, red)
+    sch.vectorize(sch.get_loops(init)[-1])
     wl = sch.get_loops(wb)
     if _static(sch.get(wl[-1]).extent) == tw:
         sch.vectorize(wl[-1])
@@ -695,15 +700,7 @@ def schedule_conv_rows(func, target=None):
         sch.unroll(ry)
     if th > 1:
         sch.unroll(yi)
-    sch.vectorize(xi)
-    init = sch.decompose_reduction(blk, rc)
-    il = sch.get_loops(init)
-    sch.vectorize(il[-1])
-    wl = sch.get_loops(wb)
-    if _static(sch.get(wl[-1]).extent) == tw:
-        sch.vectorize(wl[-1])
-    _schedule_leftovers(sch, lanes)
-    return sch
+    return _finish_row_tile(sch, blk, wb, rc, xi, tw, lanes)
 
 
 PARALLEL_MIN = 4096            # elements below which a spatial block stays serial (thread start-up)
