@@ -6,11 +6,16 @@ TVM 0.27's default Relax pipeline for CPU targets legalizes every operator to a 
 uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from its own pass lists
 (``relax.backend.cpu_generic.{library_dispatch,legalize,dataflow_lower,finalize}_passes``), with these changes.
 
-1. ``nn.conv2d`` (NCHW/OIHW, float32, groups 1, dilation 1, a constant weight, output channels a multiple
+1. ``nn.conv2d`` (NCHW/OIHW, float32, dilation 1, a constant weight, output channels of a group a multiple
    of the channel block) is legalized to OUR compute (:mod:`bncompile.lower.kernels.conv2d_packed`), whose
-   weight is packed at compile time to ``[O/B, I, KH, KW, B]``, so a vector of B output channels loads
-   contiguously; output channels that no block divides are zero-padded to one (:func:`padded_channels`)
-   and sliced back. Every other conv2d keeps TVM's legalization (and gets the generic rules below).
+   weight is packed at compile time to ``[O/B, I/groups, KH, KW, B]``, so a vector of B output channels
+   loads contiguously (grouped: a block stays inside one group); output channels that no block divides are
+   zero-padded to one (:func:`padded_channels`; also half-register channel counts up to whole registers when
+   that adds at most :data:`WHOLE_REGISTER_WASTE`) and sliced back. Depthwise convs (static channels/height/
+   width) and ``nn.max_pool2d`` (floor mode) go to :func:`~bncompile.lower.kernels.conv2d_packed.depthwise_conv2d_te`
+   / ``max_pool2d_te``: per channel a zero-(or lowest-)padded plane whose columns are split by the stride's
+   phase, so every output row is read as vectors. Every other conv2d keeps TVM's legalization (and gets
+   the generic rules below).
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
    residual add become one PrimFunc). bncompile's own kernels (functions with a ``global_symbol``) are
    marked opaque first, so they are never fused.
@@ -22,6 +27,9 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    * :func:`schedule_conv`: the packed conv. Register tile of B channels (vectorized) x a width tile x a row
      tile, the reduction loops outside it, a local channels-last accumulator, the fused epilogue inlined into
      the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized;
+   * :func:`schedule_depthwise` (``depthwise_planes``; ``pool_planes`` for the max pool): parallel over
+     batch x channels, the padded plane per channel (zeros, then the in-bounds copy, then the phase split:
+     all vectorized), a register tile of rows x a width vector (:func:`depthwise_tiling`), window unrolled;
    * :func:`schedule_inner_vector_reduction`: one reduction whose output's innermost axis is also the
      innermost axis of an input (dense/matmul with a ``[K, N]`` weight): that axis vectorized inside the
      reduction, local accumulator, epilogue inlined, parallel outside;
@@ -36,10 +44,12 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    kernels) are never touched. ``CompiledModel.info["cpu_schedules"]`` records the rule of each function.
 4. Single-buffer functions get ``tirx.noalias`` before ``AttachGlobalSymbol`` (see :func:`pipeline`).
 
-Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name: this host is
-an AMD EPYC whose hypervisor hides AVX-512 (LLVM calls it znver3; AVX2, 16 ymm registers). On AVX2 the
-channel block is 16 (two ymm) or 8 and at most 10 accumulators are used: 16 x 4 for widths 112/56/28,
-16 x (2 x 2) for 14x14, 8 x 7 for 7x7 (12 accumulators already spill, see :data:`ACC_CAP`).
+Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name (a hypervisor
+may hide AVX-512 from a CPU LLVM names as an AVX-512 one). On AVX2 the channel block is 16 (two ymm) or 8
+and at most 10 accumulators are used: 16 x 4 for widths 112/56/28, 16 x (2 x 2) for 14x14, 8 x 7 for 7x7
+(12 accumulators already spill, see :data:`ACC_CAP`). Zero-pad blocks left at the root are decomposed into
+zeros plus an in-bounds copy (:func:`_decompose_root_pads`); a packed conv's costly epilogue (a sigmoid)
+runs on channel vectors before the NCHW store (:func:`_epilogue_on_channel_vectors`).
 
 Splits are only ever even (divisible) ones: TVM can drop the ``T.where`` predicate of an uneven split after
 ``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error.
@@ -1076,4 +1086,5 @@ def _expect(pass_, name: str) -> None:
 
 
 __all__ = ["pipeline", "schedule_module", "rules", "Rule", "schedule_conv", "schedule_inner_vector_reduction",
-           "schedule_generic", "schedule_conv_rows", "schedule_global_pool", "padded_channels", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes"]
+           "schedule_generic", "schedule_conv_rows", "schedule_global_pool", "padded_channels", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes",
+           "schedule_depthwise", "schedule_max_pool", "depthwise_tiling", "legalize_max_pool2d"]
