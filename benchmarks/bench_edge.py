@@ -12,9 +12,13 @@ Usage::
 
     python benchmarks/bench_edge.py [--size 224] [--repeat 10] [--warmup 2] [--networks a,b]
         [--threads 1,2] [--json out.json] [--db DIR]
+    TVM_NUM_THREADS=1 python benchmarks/bench_edge.py --kernels --networks mobilenet_v2 [--top 25]
 
 With ``--db DIR`` (a database written by ``bncompile tune``) each network is measured again with TVM
 compiled from it (``compile --db``), so the table has untuned and tuned ratios side by side.
+
+With ``--kernels`` it prints where the time goes instead: each scheduled function of the network's compile
+timed alone (:func:`kernel_profile`), heaviest first, with its rule and GFLOP/s.
 """
 
 from __future__ import annotations
@@ -86,6 +90,63 @@ def run_one(networks, threads, args, db=None) -> dict:
     return out
 
 
+def kernel_profile(name: str, args) -> None:
+    """Per-function times of one network at batch 1 on this process's threads (``TVM_NUM_THREADS``): each
+    scheduled PrimFunc of the compile built alone and timed on random inputs of its buffer shapes (the
+    minimum of ``--repeat`` repeats; caches are warm, so a kernel that streams from DRAM in the network reads
+    faster here). Prints the heaviest ``--top`` (time x calls), with the rule that scheduled each function
+    and GFLOP/s from TVM's FLOP estimate: the ones far below the others are the ones to work on."""
+    import re
+
+    import numpy as np
+    import onnx
+
+    from bncompile.lower import graph_schedules
+    from bncompile.lower.tuning import fused_module
+    from bncompile.lower.tvm import submodule, tvm as _tvm
+
+    tvm = _tvm()
+    model = onnx.ModelProto()
+    model.CopyFrom(NETWORKS[name](size=args.size))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1
+    fused, tdict = fused_module(model)
+    target = tvm.target.Target(tdict)
+    rules: dict = {}
+    mod = graph_schedules.schedule_module(fused, target, rules)
+    calls: dict = {}
+    for callee in re.findall(r"call_tir\((\w+),", str(mod["main"])):
+        calls[callee] = calls.get(callee, 0) + 1
+    dev = tvm.cpu()
+    rows = []
+    for gv, func in mod.functions.items():
+        fname = gv.name_hint
+        if not isinstance(func, tvm.tirx.PrimFunc) or fname not in calls:
+            continue
+        sig = func.script().split("def main(", 1)[1].split("):\n", 1)[0]
+        shapes = [(tuple(int(v) for v in re.findall(r"\d+", dims.replace("T.int64", ""))), dtype)
+                  for dims, dtype in re.findall(r'T\.Buffer\(\(([^)]*(?:\)[^)]*)*?)\),\s*"(\w+)"', sig)]
+        if len(shapes) != len(func.params):
+            continue                       # symbolic shapes, non-buffer parameters: not timed
+        lib = tvm.compile(tvm.IRModule({fname: func.with_attr("global_symbol", fname)}), target=target)
+        rng = np.random.default_rng(0)
+        tensors = [tvm.runtime.tensor(rng.standard_normal(s).astype(d), dev) for s, d in shapes]
+        timer = lib.mod.time_evaluator(fname, dev, number=10, repeat=args.repeat)
+        us = min(timer(*tensors).results) * 1e6
+        try:
+            flops = float(submodule("tvm.s_tir.analysis").estimate_tir_flops(tvm.IRModule({"main": fused[fname]})))
+        except Exception:  # noqa: BLE001 - no estimate
+            flops = 0.0
+        rows.append((us * calls[fname], us, calls[fname], fname, rules.get(fname, ""), flops, shapes))
+    total = sum(r[0] for r in rows)
+    print(f"{name}: {len(rows)} functions, {total / 1e3:.2f} ms summed (batch 1, size {args.size})")
+    print(f"{'us x calls':>11} {'share':>6} {'calls':>5} {'us':>8} {'GFLOP/s':>8}  {'rule':<22} function  (first input -> output)")
+    for tot, us, n, fname, rule, flops, shapes in sorted(rows, reverse=True)[:args.top]:
+        print(f"{tot:11.1f} {100 * tot / total:5.1f}% {n:5d} {us:8.1f} {flops / us / 1e3:8.1f}  {rule:<22} "
+              f"{fname[:48]}  {shapes[0][0]} -> {shapes[-1][0]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224)
@@ -95,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
     ap.add_argument("--json", default=None)
     ap.add_argument("--db", default=None, help="tuning database folder (bncompile tune): also measure TVM tuned")
+    ap.add_argument("--kernels", action="store_true",
+                    help="per-kernel times of each network instead (batch 1, TVM_NUM_THREADS threads; no onnxruntime)")
+    ap.add_argument("--top", type=int, default=25, help="--kernels: the heaviest functions printed")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -102,6 +166,11 @@ def main(argv=None) -> int:
     unknown = [n for n in networks if n not in NETWORKS]
     if unknown:
         ap.error(f"unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}")
+    if args.kernels:
+        print(f"CPU: {cpu_description()}")
+        for name in networks:
+            kernel_profile(name, args)
+        return 0
     if args._child is not None:
         Path(args._out).write_text(json.dumps(run_one(networks, args._child, args, db=args.db)))
         return 0

@@ -6,11 +6,16 @@ TVM 0.27's default Relax pipeline for CPU targets legalizes every operator to a 
 uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from its own pass lists
 (``relax.backend.cpu_generic.{library_dispatch,legalize,dataflow_lower,finalize}_passes``), with these changes.
 
-1. ``nn.conv2d`` (NCHW/OIHW, float32, groups 1, dilation 1, a constant weight, output channels a multiple
+1. ``nn.conv2d`` (NCHW/OIHW, float32, dilation 1, a constant weight, output channels of a group a multiple
    of the channel block) is legalized to OUR compute (:mod:`bncompile.lower.kernels.conv2d_packed`), whose
-   weight is packed at compile time to ``[O/B, I, KH, KW, B]``, so a vector of B output channels loads
-   contiguously; output channels that no block divides are zero-padded to one (:func:`padded_channels`)
-   and sliced back. Every other conv2d keeps TVM's legalization (and gets the generic rules below).
+   weight is packed at compile time to ``[O/B, I/groups, KH, KW, B]``, so a vector of B output channels
+   loads contiguously (grouped: a block stays inside one group); output channels that no block divides are
+   zero-padded to one (:func:`padded_channels`; also half-register channel counts up to whole registers when
+   that adds at most :data:`WHOLE_REGISTER_WASTE`) and sliced back. Depthwise convs (static channels/height/
+   width) and ``nn.max_pool2d`` (floor mode) go to :func:`~bncompile.lower.kernels.conv2d_packed.depthwise_conv2d_te`
+   / ``max_pool2d_te``: per channel a zero-(or lowest-)padded plane whose columns are split by the stride's
+   phase, so every output row is read as vectors. Every other conv2d keeps TVM's legalization (and gets
+   the generic rules below).
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
    residual add become one PrimFunc). bncompile's own kernels (functions with a ``global_symbol``) are
    marked opaque first, so they are never fused.
@@ -22,6 +27,9 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    * :func:`schedule_conv`: the packed conv. Register tile of B channels (vectorized) x a width tile x a row
      tile, the reduction loops outside it, a local channels-last accumulator, the fused epilogue inlined into
      the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized;
+   * :func:`schedule_depthwise` (``depthwise_planes``; ``pool_planes`` for the max pool): parallel over
+     batch x channels, the padded plane per channel (zeros, then the in-bounds copy, then the phase split:
+     all vectorized), a register tile of rows x a width vector (:func:`depthwise_tiling`), window unrolled;
    * :func:`schedule_inner_vector_reduction`: one reduction whose output's innermost axis is also the
      innermost axis of an input (dense/matmul with a ``[K, N]`` weight): that axis vectorized inside the
      reduction, local accumulator, epilogue inlined, parallel outside;
@@ -36,10 +44,12 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    kernels) are never touched. ``CompiledModel.info["cpu_schedules"]`` records the rule of each function.
 4. Single-buffer functions get ``tirx.noalias`` before ``AttachGlobalSymbol`` (see :func:`pipeline`).
 
-Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name: this host is
-an AMD EPYC whose hypervisor hides AVX-512 (LLVM calls it znver3; AVX2, 16 ymm registers). On AVX2 the
-channel block is 16 (two ymm) or 8 and at most 10 accumulators are used: 16 x 4 for widths 112/56/28,
-16 x (2 x 2) for 14x14, 8 x 7 for 7x7 (12 accumulators already spill, see :data:`ACC_CAP`).
+Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name (a hypervisor
+may hide AVX-512 from a CPU LLVM names as an AVX-512 one). On AVX2 the channel block is 16 (two ymm) or 8
+and at most 10 accumulators are used: 16 x 4 for widths 112/56/28, 16 x (2 x 2) for 14x14, 8 x 7 for 7x7
+(12 accumulators already spill, see :data:`ACC_CAP`). Zero-pad blocks left at the root are decomposed into
+zeros plus an in-bounds copy (:func:`_decompose_root_pads`); a packed conv's costly epilogue (a sigmoid)
+runs on channel vectors before the NCHW store (:func:`_epilogue_on_channel_vectors`).
 
 Splits are only ever even (divisible) ones: TVM can drop the ``T.where`` predicate of an uneven split after
 ``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error.
@@ -52,7 +62,8 @@ import logging
 import numpy as np
 
 from bncompile.lower import tvm as _shim
-from bncompile.lower.kernels.conv2d_packed import CONV_BLOCK, conv2d_packed_te
+from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK, POOL_BLOCK,
+                                                   conv2d_packed_te, depthwise_conv2d_te, max_pool2d_te)
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +180,20 @@ def vector_lanes(target=None) -> tuple[int, int]:
 
 
 def conv_tiling(out_channels: int, out_width: int | None, target=None,
-                out_height: int | None = None) -> tuple[int, int, int] | None:
+                out_height: int | None = None, block: int | None = None) -> tuple[int, int, int] | None:
     """``(output-channel block, width tile, row tile)`` of the register tile, or None when no block divides
     the output channels. The block is 2 or 1 vector registers of channels, or half a register's lanes
     (an 8-lane half of an AVX-512 register: ``40``, ``24`` or ``440`` channels; at least 4 lanes); the
     width and row tiles divide the output (even splits only), with ``vectors x width x rows`` accumulators,
     leaving registers for the weight vectors and a broadcast. The most accumulated lanes win; ties: the
-    wider block (fewer broadcasts per FMA), then the wider width tile."""
+    wider block (fewer broadcasts per FMA), then the wider width tile. ``block``: only that block (the
+    schedule re-derives the tiles of the block the legalization chose)."""
     lanes, regs = vector_lanes(target)
     best = None
     blocks = [(lanes * 2, 2), (lanes, 1)] + ([(lanes // 2, 1)] if lanes // 2 >= 4 else [])
+    want = block
     for block, nv in blocks:
-        if out_channels % block:
+        if out_channels % block or (want is not None and block != want):
             continue
         most = max(1, min(ACC_CAP.get(regs, 10) // nv, (regs - nv - 2) // nv))
         for th in range(1, most + 1):
@@ -220,9 +233,13 @@ def legalize_conv2d(bb, call):
     a = call.attrs
     w = call.args[1]
     x = call.args[0]
+    dw = _legalize_depthwise(bb, call)
+    if dw is not None:
+        return dw
     try:
+        groups = int(a.groups)
         ok = (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
-              and str(a.out_layout) in ("NCHW", "") and int(a.groups) == 1
+              and str(a.out_layout) in ("NCHW", "")
               and all(int(d) == 1 for d in a.dilation) and _is_constant(w)
               and str(_const_value(w).dtype) == "float32" and str(x.ty.dtype) == "float32"
               and str(a.out_dtype) in ("", "None", "float32") and len(_const_value(w).shape) == 4
@@ -240,16 +257,26 @@ def legalize_conv2d(bb, call):
         oh = (int(x.ty.shape[2]) + pt + pb - kh) // int(a.strides[0]) + 1
     except Exception:   # symbolic height/width: tiles of 1 along them
         pass
-    tiling = conv_tiling(o, ow, out_height=oh)
+    if o % groups:
+        return _nn_conv2d(bb, call)
+    # grouped: a block of output channels stays inside one group (it divides the group's channels)
+    tiling = conv_tiling(o // groups, ow, out_height=oh)
     op = o
-    if tiling is None:           # no block divides the channels (ShuffleNet's 58, 116): zero-padded ones
+    if tiling is None and groups == 1:   # no block divides the channels (ShuffleNet's 58, 116): zero-padded
         op = padded_channels(o)
         tiling = conv_tiling(op, ow, out_height=oh) if op else None
+    elif groups == 1 and tiling[0] < vector_lanes()[0]:
+        # only a half register divides the channels (ShuffleNet's 232, RegNet's 440 on AVX-512): a few zero
+        # channels up to whole registers (232 -> 240: 84 -> 58 us at 7x7; 40 -> 48 was slower: the limit)
+        full = padded_channels(o, whole_registers=True, waste=WHOLE_REGISTER_WASTE)
+        wide = conv_tiling(full, ow, out_height=oh) if full else None
+        if wide is not None:
+            op, tiling = full, wide
     if tiling is None:
         return _nn_conv2d(bb, call)
     block = tiling[0]
     try:
-        if int(x.ty.shape[1]) != i:
+        if int(x.ty.shape[1]) != i * groups:
             return _nn_conv2d(bb, call)
     except Exception:  # symbolic channel count
         return _nn_conv2d(bb, call)
@@ -259,24 +286,75 @@ def legalize_conv2d(bb, call):
     wp = relax.const(packed, "float32")
     return bb.call_te(_conv2d_packed_sliced_te, x, wp, strides=_const_int_list(a.strides),
                       padding=_const_int_list(a.padding), out_channels=o, padded_channels=op, kernel=(kh, kw),
-                      out_dtype="float32", block=block, primfunc_name_hint="conv2d_nchw16o")
+                      out_dtype="float32", block=block, groups=groups, primfunc_name_hint="conv2d_nchw16o")
+
+
+def _legalize_depthwise(bb, call):
+    """``relax.nn.conv2d`` that is depthwise (groups == input channels == output channels, NCHW/OIHW,
+    dilation 1, float32, static channels, height and width; any batch) -> :func:`depthwise_conv2d_te`
+    (scheduled by :func:`schedule_depthwise`); None otherwise."""
+    a = call.attrs
+    x, w = call.args[0], call.args[1]
+    try:
+        if not (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
+                and str(a.out_layout) in ("NCHW", "") and all(int(d) == 1 for d in a.dilation)
+                and str(x.ty.dtype) == "float32" and str(w.ty.dtype) == "float32"
+                and str(a.out_dtype) in ("", "None", "float32") and x.ty.ndim == 4 and w.ty.ndim == 4):
+            return None
+        c, h, wd = (int(d) for d in list(x.ty.shape)[1:])
+        o, i, kh, kw = (int(d) for d in list(w.ty.shape))
+        if not (int(a.groups) == c == o and i == 1):
+            return None
+    except Exception as err:  # symbolic channels/height/width, unusual attrs: not ours
+        log.debug("depthwise legalization does not apply: %s", err)
+        return None
+    return bb.call_te(depthwise_conv2d_te, x, w, strides=_const_int_list(a.strides),
+                      padding=_const_int_list(a.padding), kernel=(kh, kw), primfunc_name_hint="dwconv2d")
+
+
+def legalize_max_pool2d(bb, call):
+    """``relax.nn.max_pool2d`` (NCHW, float32, floor mode, dilation 1, static channels, height and width;
+    any batch) -> :func:`max_pool2d_te` (scheduled by :func:`schedule_depthwise`, rule ``pool_planes``),
+    else TVM's legalization. (TVM's pool: a window of scalar loads per output, 6 GF/s-equivalent on the
+    ResNet stem's 3 x 3 / 2 pool.)"""
+    a = call.attrs
+    x = call.args[0]
+    try:
+        ok = (str(a.layout) == "NCHW" and str(a.out_layout) in ("NCHW", "") and not bool(a.ceil_mode)
+              and all(int(d) == 1 for d in a.dilation) and str(x.ty.dtype) == "float32" and x.ty.ndim == 4
+              and len(a.padding) == 4)
+        if ok:
+            [int(d) for d in list(x.ty.shape)[1:]]                  # static C, H, W
+    except Exception as err:  # symbolic sizes, unusual attrs: TVM's legalization
+        log.debug("max_pool2d legalization does not apply: %s", err)
+        ok = False
+    if not ok:
+        return _shim.submodule("tvm.relax.transform.legalize_ops.nn")._nn_max_pool2d(bb, call)
+    return bb.call_te(max_pool2d_te, x, strides=_const_int_list(a.strides), padding=_const_int_list(a.padding),
+                      kernel=tuple(_const_int_list(a.pool_size)), primfunc_name_hint="max_pool2d")
 
 
 #: most zero channels :func:`padded_channels` adds, as a fraction of the padded count
 PAD_WASTE = 0.25
 
 
-def padded_channels(out_channels: int, target=None) -> int | None:
+#: most zero channels that pad a half-register block up to whole registers, as a fraction of the padded count
+WHOLE_REGISTER_WASTE = 0.125
+
+
+def padded_channels(out_channels: int, target=None, *, whole_registers: bool = False,
+                    waste: float = PAD_WASTE) -> int | None:
     """The output channels a packed conv computes for ``out_channels`` that no block divides: the next
     multiple of a vector register's lanes (else half a register's, at least 4), when the zero channels
     are at most :data:`PAD_WASTE` of it; None otherwise. (ShuffleNetV2's 1x1 convs of 58 channels at 28x28
-    ran 6x slower through ``conv2d_rows`` than 64 channels through the packed rule.)"""
+    ran 6x slower through ``conv2d_rows`` than 64 channels through the packed rule.) ``whole_registers``:
+    only a multiple of a whole register; ``waste``: the most zero channels, as a fraction of the padded count."""
     lanes, _ = vector_lanes(target)
-    for unit in (lanes, lanes // 2):
+    for unit in (lanes,) if whole_registers else (lanes, lanes // 2):
         if unit < 4:
             continue
         op = -(-out_channels // unit) * unit
-        if op != out_channels and (op - out_channels) <= PAD_WASTE * op:
+        if op != out_channels and (op - out_channels) <= waste * op:
             return op
     return None
 
@@ -382,7 +460,7 @@ def schedule_conv(func, target=None):
         OH = _static(sch.get(oh).extent)
         OC = _static(sch.get(oc).extent)
         block = _packed_block(sch, blk)
-        tiling = conv_tiling(OC, OW, target, out_height=OH) if OC is not None else None
+        tiling = conv_tiling(OC, OW, target, out_height=OH, block=block) if OC is not None else None
         if OW is None or block is None or OC % block or tiling is None or tiling[0] != block:
             return None
         _, T, TH = tiling
@@ -414,11 +492,156 @@ def schedule_conv(func, target=None):
         for lp in il[len(il) - (3 if ohi is not None else 2):-1]:
             sch.unroll(lp)
         sch.vectorize(il[-1])
+        if _costly_epilogue(sch, wb):
+            wb = _epilogue_on_channel_vectors(sch, wb, owo)
         wl = sch.get_loops(wb)
         # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
         if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T >= 4:
             sch.vectorize(wl[-1])      # the epilogue (a sigmoid's polynomial...) runs on vectors
+    _decompose_root_pads(sch)
     _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
+    return sch
+
+
+#: calls and loads (opening parentheses of the printed body) above which an epilogue is computed on channel
+#: vectors before the NCHW store: a bias + relu / clip / residual add has about 15, x * hardsigmoid(x) ~40,
+#: a sigmoid's ``fast_exp`` several hundred
+COSTLY_EPILOGUE = 60
+
+
+def _costly_epilogue(sch, wb) -> bool:
+    """True when the write-back block's expression is larger than :data:`COSTLY_EPILOGUE` (TVM 0.27 has
+    no Python TIR visitor: the printed body's parentheses stand for its calls and loads)."""
+    return str(sch.get(wb).body).count("(") > COSTLY_EPILOGUE
+
+
+def _epilogue_on_channel_vectors(sch, wb, at):
+    """Split the packed conv's write-back ``wb`` (epilogue + NCHW store, under loop ``at``): the epilogue
+    runs on the channels-last accumulator tile along the channels (whole vectors, contiguous) into a
+    second local tile, then a plain copy stores it as NCHW (vectorized along the width, as before). The
+    NCHW store alone vectorizes only along the width tile (7 lanes for 112 or 56 columns): a sigmoid's
+    polynomial on 7-lane vectors of values gathered across the tile took 2/3 of EfficientNet's
+    16 -> 96-channel 1x1 conv. Returns the store block."""
+    store = sch.cache_write(wb, 0, "local")
+    sch.transform_layout(wb, ("write", 0), lambda b, o, y, z: (b, y, z, o))
+    sch.reverse_compute_at(store, at)
+    loops = sch.get_loops(wb)
+    depth = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(at)))
+    inner = loops[depth + 1:]
+    chan = [lp for lp in inner if _static(sch.get(lp).extent) not in (None, 1)]
+    if len(chan) >= 2:
+        sch.reorder(*chan[1:], chan[0])
+        sch.vectorize(chan[0])
+    return store
+
+
+def _decompose_root_pads(sch) -> None:
+    """Each zero-pad block still at the root (``bnc_pad``, TVM's ``pad_temp``...) -> a block of zeros over
+    the padded tensor, then the in-bounds copy without a test per element (``decompose_padding``); both
+    are left to :func:`_schedule_leftovers` (parallel, vectorized). A padded copy tests each element and
+    does not vectorize: MobileNetV3's 3 x 226 x 226 pad took as long as its first conv."""
+    for blk in _all_blocks(sch):
+        try:
+            if not sch.get(blk).name_hint.startswith(("bnc_pad", "pad")) or not _untouched(sch, blk):
+                continue
+            sch.decompose_padding(blk, sch.get_loops(blk)[0])
+        except Exception as err:  # noqa: BLE001 - not the padding pattern: the copy tests each element
+            log.debug("pad not decomposed: %s", err)
+
+
+def depthwise_tiling(out_width: int, out_height: int, lanes: int, regs: int) -> tuple[int, int]:
+    """``(width vector, rows)`` of :func:`schedule_depthwise`. The width: the whole output row when it fits
+    in one vector register (7, 14 on AVX-512), else the largest divisor of the row that is a whole number of
+    vectors or half-vectors up to two registers (56 -> 8 on AVX-512: odd-sized vectors such as 28 lanes
+    split into 16 + 8 + 4 and the weight broadcasts spill), else the largest divisor up to two registers.
+    The rows: the most that divide the height with at most ``regs / 4`` accumulator registers (the rest hold
+    the input vectors and the weight broadcasts)."""
+    if out_width <= lanes:
+        tw = out_width
+    else:
+        divs = [d for d in range(2 * lanes, 0, -1) if out_width % d == 0]
+        tw = next((d for d in divs if d % (lanes // 2) == 0), divs[0])
+    per_row = -(-tw // lanes)
+    most = max(1, regs // 4 // per_row)
+    th = next(t for t in range(min(most, out_height), 0, -1) if out_height % t == 0)
+    return tw, th
+
+
+def _vectorize_inner(sch, blk, lanes: int) -> None:
+    """Vectorize the innermost loop of ``blk`` (a row of a plane) when it is static and at most 16 vectors
+    long (LLVM splits a long vector into registers)."""
+    inner = sch.get_loops(blk)[-1]
+    e = _static(sch.get(inner).extent)
+    if e is not None and 1 < e <= 16 * lanes:
+        sch.vectorize(inner)
+
+
+def schedule_max_pool(func, target=None):
+    """:func:`max_pool2d_te`'s blocks, scheduled as :func:`schedule_depthwise` schedules a depthwise conv."""
+    return schedule_depthwise(func, target, block=POOL_BLOCK)
+
+
+def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
+    """:func:`depthwise_conv2d_te`'s blocks: parallel over batch x channels; per channel, the phase-split
+    padded plane is filled (it stays in L1/L2), then a register tile of output rows x a vector along the
+    output width (:func:`depthwise_tiling`), the kernel window unrolled outside it, a local accumulator
+    with the fused epilogue inlined into its write-back. None when the function has no such block or its
+    output height/width are symbolic."""
+    sch = _schedule_of(func)
+    convs = _block_named(sch, block)
+    pads = _block_named(sch, DW_PAD_BLOCK)
+    if len(convs) != 1 or len(pads) != 1:
+        return None
+    blk, pad = convs[0], pads[0]
+    loops = sch.get_loops(blk)
+    if len(loops) != 6:
+        return None
+    n, c, y, x, ry, rx = loops
+    OH, OW = (_static(sch.get(lp).extent) for lp in (y, x))
+    if OH is None or OW is None:
+        return None
+    lanes, regs = vector_lanes(target)
+    tw, th = depthwise_tiling(OW, OH, lanes, regs)
+    yo, yi = sch.split(y, [None, th])
+    xo, xi = sch.split(x, [None, tw])
+    sch.reorder(n, c, yo, xo, ry, rx, yi, xi)
+    wb = sch.cache_write(blk, 0, "local")
+    _inline_epilogue(sch, wb)
+    fused = sch.fuse(n, c)
+    sch.parallel(fused)
+    sch.reverse_compute_at(wb, xo)
+    for split in _block_named(sch, DW_SPLIT_BLOCK):      # the column phases (stride > 1)
+        sch.compute_at(split, fused)
+        # (p, y, q) -> (y * q, p), p unrolled: one serial loop over the padded plane as a stride-S stream
+        # (its width is cols * S), which LLVM's loop vectorizer turns into wide loads and shuffles (TVM's
+        # vectorize of a stride-S read: a scalar load per lane)
+        sl = sch.get_loops(split)
+        f = sch.fuse(sl[-2], sl[-1])
+        sch.reorder(f, sl[-3])
+        sch.unroll(sl[-3])
+    sch.compute_at(pad, fused)
+    try:    # zeros, then the in-bounds copy without a test per element
+        fill = sch.decompose_padding(pad, sch.get_loops(pad)[1])
+        sch.vectorize(sch.fuse(*sch.get_loops(fill)[1:]))
+        _vectorize_inner(sch, pad, lanes)
+    except Exception as err:  # noqa: BLE001 - the padded copy then tests each element
+        log.debug("depthwise pad not decomposed: %s", err)
+    sch.unroll(ry)
+    sch.unroll(rx)
+    sch.unroll(yi)
+    return _finish_row_tile(sch, blk, wb, ry, xi, tw, lanes)
+
+
+def _finish_row_tile(sch, blk, wb, red, xi, tw: int, lanes: int):
+    """The common end of the row-tile rules: the width vector ``xi``, the reduction's init split off at
+    ``red`` and vectorized, the write-back vectorized along the width tile, the leftovers scheduled."""
+    sch.vectorize(xi)
+    init = sch.decompose_reduction(blk, red)
+    sch.vectorize(sch.get_loops(init)[-1])
+    wl = sch.get_loops(wb)
+    if _static(sch.get(wl[-1]).extent) == tw:
+        sch.vectorize(wl[-1])
+    _schedule_leftovers(sch, lanes)
     return sch
 
 
@@ -487,15 +710,7 @@ def schedule_conv_rows(func, target=None):
         sch.unroll(ry)
     if th > 1:
         sch.unroll(yi)
-    sch.vectorize(xi)
-    init = sch.decompose_reduction(blk, rc)
-    il = sch.get_loops(init)
-    sch.vectorize(il[-1])
-    wl = sch.get_loops(wb)
-    if _static(sch.get(wl[-1]).extent) == tw:
-        sch.vectorize(wl[-1])
-    _schedule_leftovers(sch, lanes)
-    return sch
+    return _finish_row_tile(sch, blk, wb, rc, xi, tw, lanes)
 
 
 PARALLEL_MIN = 4096            # elements below which a spatial block stays serial (thread start-up)
@@ -751,6 +966,8 @@ def rules(applied: list | None = None) -> list[Rule]:
         return Rule(type(rule).__name__, lambda func, target: rule.apply(func, target, False), applied)
 
     return [Rule("conv2d_nchw16o", schedule_conv, applied),
+            Rule("depthwise_planes", schedule_depthwise, applied),
+            Rule("pool_planes", schedule_max_pool, applied),
             Rule("conv2d_rows", schedule_conv_rows, applied),
             Rule("inner_vector_reduction", schedule_inner_vector_reduction, applied),
             Rule("global_pool", schedule_global_pool, applied),
@@ -849,6 +1066,7 @@ def pipeline(target, report: dict | None = None, *, database=None, until_schedul
         _expect(finalize[-1], "AttachGlobalSymbol")
         return [*cpu.library_dispatch_passes(target),
                 transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d,
+                                                               "relax.nn.max_pool2d": legalize_max_pool2d,
                                                                "relax.sigmoid": legalize_sigmoid}),
                 mark_opaque,
                 *legalize[1:],
@@ -868,4 +1086,5 @@ def _expect(pass_, name: str) -> None:
 
 
 __all__ = ["pipeline", "schedule_module", "rules", "Rule", "schedule_conv", "schedule_inner_vector_reduction",
-           "schedule_generic", "schedule_conv_rows", "schedule_global_pool", "padded_channels", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes"]
+           "schedule_generic", "schedule_conv_rows", "schedule_global_pool", "padded_channels", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes",
+           "schedule_depthwise", "schedule_max_pool", "depthwise_tiling", "legalize_max_pool2d"]

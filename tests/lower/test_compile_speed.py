@@ -65,11 +65,13 @@ CONV_CASES = {
     "width_7_block_8": (dict(ci=8, co=8, h=7, w=7), "conv2d_nchw16o"),
     "asym_pads_nonsquare": (dict(ci=5, co=16, h=6, w=11, pads=[0, 1, 2, 0]), "conv2d_nchw16o"),
     "no_bias_no_relu": (dict(ci=4, co=16, h=8, w=8, bias=False, relu=False), "conv2d_nchw16o"),
+    # grouped: a block of 8 output channels inside each group of 8
+    "grouped": (dict(ci=8, co=16, h=8, w=8, group=2), "conv2d_nchw16o"),
     # TVM's legalization (still scheduled by the generic rules, never by the packed-conv rule)
     # 10 channels: 12 zero-padded (a half AVX2 register), then a slice
     "oc_padded_to_a_block": (dict(ci=4, co=10, h=8, w=8), "conv2d_nchw16o"),
     "oc_too_few_to_pad": (dict(ci=4, co=5, h=8, w=8), None),
-    "grouped": (dict(ci=8, co=16, h=8, w=8, group=2), None),
+    "grouped_3_per_group": (dict(ci=6, co=6, h=8, w=8, group=2), None),
     "dilated": (dict(ci=4, co=16, h=10, w=10, dilation=2, pads=[2, 2, 2, 2]), None),
     "weight_is_an_input": (dict(ci=4, co=16, h=8, w=8, weight_input=True), None),
 }

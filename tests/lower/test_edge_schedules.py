@@ -87,7 +87,8 @@ def act(g, x, kind):
 # (channels, group, kernel, stride, height, width): depthwise (group == channels) and grouped (group width
 # 8, 16); odd channel counts and widths; kernels 3 and 5; strides 1 and 2
 GROUPED = [(7, 7, 3, 1, 9, 9), (13, 13, 5, 2, 11, 10), (32, 32, 3, 2, 16, 16), (24, 24, 5, 1, 14, 14),
-           (24, 3, 3, 1, 10, 10), (40, 5, 3, 2, 9, 13), (48, 3, 5, 1, 8, 8), (32, 2, 3, 2, 12, 12)]
+           (24, 3, 3, 1, 10, 10), (40, 5, 3, 2, 9, 13), (48, 3, 5, 1, 8, 8), (32, 2, 3, 2, 12, 12),
+           (12, 2, 3, 1, 9, 9), (26, 2, 3, 2, 10, 10)]
 
 
 @pytest.mark.parametrize("batch", [2, "N"])
@@ -97,8 +98,10 @@ def test_grouped_and_depthwise_convs(compiler, case, batch):
     g = G(c + group)
     y = act(g, g.conv("x", c, c, k, stride=s, group=group), "clip")
     model = g.model(y, c, h, w, batch)
-    cm = _check(compiler, model, (2, c, h, w), batches=(2,) if batch == 2 else (1, 3))
-    assert _conv_rules(cm) == ["conv2d_rows"], cm.info["cpu_schedules"]
+    cm = _check(compiler, model, (2, c, h, w), batches=(2,) if batch == 2 else (1, 3), target=AVX2)
+    # grouped: the packed conv when an AVX2 block (16, 8, 4 channels) divides a group's output channels
+    want = ("depthwise_planes" if group == c else "conv2d_nchw16o" if (c // group) % 4 == 0 else "conv2d_rows")
+    assert _conv_rules(cm) == [want], cm.info["cpu_schedules"]
 
 
 @pytest.mark.parametrize("kind", ACTS)
@@ -106,7 +109,7 @@ def test_depthwise_with_each_epilogue(compiler, kind):
     g = G(1)
     y = act(g, g.conv("x", 16, 16, 3, group=16), kind)
     cm = _check(compiler, g.model(y, 16, 10, 10, 1), (1, 16, 10, 10), target=AVX2)
-    assert _conv_rules(cm) == ["conv2d_rows"], cm.info["cpu_schedules"]
+    assert _conv_rules(cm) == ["depthwise_planes"], cm.info["cpu_schedules"]
 
 
 @pytest.mark.parametrize("kind", ACTS)
@@ -226,3 +229,126 @@ def test_global_pooling(compiler, c, h, w, batch):
     # 13 channels: no tile divides them (dlight's rule); the others: the channel tile of global_pool
     want = 0 if c == 13 else 2
     assert list(cm.info["cpu_schedules"].values()).count("global_pool") == want, cm.info["cpu_schedules"]
+
+
+# depthwise (``depthwise_planes``): asymmetric pads (TF's SAME_UPPER for stride 2), no pad, odd sizes,
+# a 1-row output, static and free batch, against onnxruntime
+DEPTHWISE = [(9, 3, 2, 15, 13, [0, 0, 1, 1]), (11, 5, 2, 9, 16, [1, 2, 2, 1]), (6, 3, 1, 5, 7, [0, 0, 0, 0]),
+             (5, 3, 2, 3, 17, [1, 1, 1, 1]), (17, 5, 1, 7, 7, [2, 2, 2, 2])]
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: "c{}k{}s{}_{}x{}_p{}".format(*c[:5], "".join(map(str, c[5]))))
+def test_depthwise_pads_and_strides(compiler, case, batch):
+    c, k, s, h, w, pads = case
+    g = G(c + k)
+    wt = g.rng.standard_normal((c, 1, k, k)) * 0.5
+    y = g.op("Conv", ["x", g.c(wt), g.c(g.rng.normal(0, 0.1, c))], kernel_shape=[k, k], strides=[s, s],
+             pads=pads, group=c)
+    y = act(g, y, "hardswish")
+    cm = _check(compiler, g.model(y, c, h, w, batch), (1, c, h, w), target=AVX2, batches=(1,) if batch == 1 else (2, 3))
+    assert _conv_rules(cm) == ["depthwise_planes"], cm.info["cpu_schedules"]
+
+
+def test_depthwise_on_avx512_compiles():
+    import bncompile
+
+    g = G(4)
+    model = g.model(act(g, g.conv("x", 24, 24, 3, stride=2, group=24), "clip"), 24, 28, 28, 1)
+    cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
+    assert _conv_rules(cm) == ["depthwise_planes"], cm.info["cpu_schedules"]
+
+
+def test_depthwise_tiling_divides_evenly():
+    from bncompile.lower.graph_schedules import depthwise_tiling
+
+    for lanes, regs in ((8, 16), (16, 32), (4, 32)):
+        for ow in (1, 5, 7, 13, 14, 28, 56, 112, 97):
+            for oh in (1, 7, 9, 112):
+                tw, th = depthwise_tiling(ow, oh, lanes, regs)
+                assert ow % tw == 0 and oh % th == 0 and tw <= max(ow, 2 * lanes)
+                assert th * -(-tw // lanes) <= max(1, regs // 4)     # accumulators within a quarter of the file
+    assert depthwise_tiling(56, 56, 16, 32) == (8, 8)         # a half register, not 28 = 16 + 8 + 4 lanes
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_pad_is_decomposed(stride):
+    """The padded plane: zeros, then the in-bounds copy with no per-element test (a padded copy that
+    tests each element does not vectorize); stride 2 adds the phase split."""
+    from bncompile.lower import graph_schedules as gs
+    from bncompile.lower.kernels.conv2d_packed import depthwise_conv2d_te
+    from bncompile.lower.tvm import tvm
+
+    t = tvm()
+    x = t.te.placeholder((1, 16, 14, 14), "float32", name="x")
+    w = t.te.placeholder((16, 1, 3, 3), "float32", name="w")
+    y = depthwise_conv2d_te(x, w, strides=(stride, stride), padding=(1, 1, 1, 1), kernel=(3, 3))
+    func = t.te.create_prim_func([x, w, y])
+    sch = gs.schedule_depthwise(func, t.target.Target(AVX2))
+    text = sch.mod["main"].script()
+    assert "pad_const" in text and "if_then_else" not in text
+    assert ("bnc_dw_phases" in text) == (stride == 2)
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("co,k,s,kind", [(32, 3, 2, "silu"), (13, 3, 2, "silu"), (48, 1, 1, "sigmoid"),
+                                          (24, 5, 1, "hardswish")])
+def test_dense_conv_with_costly_epilogue(compiler, co, k, s, kind, batch):
+    """A sigmoid-bearing epilogue after a packed conv runs on channel vectors of the accumulator tile, then
+    a copy stores it NCHW (``_epilogue_on_channel_vectors``); 13 channels go through the zero-padded slice
+    instead. Against onnxruntime, odd spatial sizes, static and free batch."""
+    g = G(co + k)
+    y = act(g, g.conv("x", 5, co, k, stride=s), kind)
+    cm = _check(compiler, g.model(y, 5, 15, 13, batch), (1, 5, 15, 13), target=AVX2,
+                batches=(1,) if batch == 1 else (2, 3))
+    assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]
+
+
+def test_grouped_conv_on_avx512_takes_a_half_register_block():
+    """RegNet's group width 8 on AVX-512: an 8-lane block (half a register) inside each group."""
+    import bncompile
+
+    g = G(6)
+    model = g.model(act(g, g.conv("x", 48, 48, 3, stride=2, group=6), "relu"), 48, 14, 14, 1)
+    cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
+    assert _conv_rules(cm) == ["conv2d_nchw16o"], cm.info["cpu_schedules"]
+
+
+# MaxPool (``pool_planes``): the stems' 3x3/2, 2x2/2 without pad, 3x3/1, asymmetric pads, odd sizes; all-negative
+# inputs near the border check the pad value (the lowest float, not 0)
+MAXPOOL = [(8, 3, 2, 17, 15, [1, 1, 1, 1]), (5, 2, 2, 10, 9, [0, 0, 0, 0]), (3, 3, 1, 7, 11, [1, 1, 1, 1]),
+           (6, 3, 2, 12, 12, [0, 0, 1, 1]), (4, 5, 2, 13, 13, [2, 2, 2, 2])]
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+@pytest.mark.parametrize("case", MAXPOOL, ids=lambda c: "c{}k{}s{}_{}x{}_p{}".format(*c[:5], "".join(map(str, c[5]))))
+def test_max_pool(compiler, case, batch):
+    c, k, s, h, w, pads = case
+    g = G(c + k)
+    y = g.op("MaxPool", [g.op("Sub", ["x", g.c(3.0)])], kernel_shape=[k, k], strides=[s, s], pads=pads)
+    cm = _check(compiler, g.model(y, c, h, w, batch), (2, c, h, w), target=AVX2,
+                batches=(2,) if batch == 2 else (1, 3))
+    assert "pool_planes" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("co", [232, 440])
+def test_half_register_channels_padded_to_whole_registers(compiler, co, batch):
+    """ShuffleNet's 232 and RegNet's 440 output channels: on AVX-512 only a half register divides them, so
+    they are zero-padded to 240 / 448 (whole registers) and sliced back (a residual add after it); 40 -> 48
+    is too much padding and keeps the half register. Correctness on the host's own target; the choice on a
+    pinned AVX-512 target."""
+    from bncompile.lower.graph_schedules import padded_channels
+    from bncompile.lower.tvm import tvm
+
+    g = G(co)
+    y = g.op("Add", [act(g, g.conv("x", 16, co, 1), "relu"), g.conv("x", 16, co, 1)])
+    model = g.model(y, 16, 7, 7, batch)
+    _check(compiler, model, (1, 16, 7, 7), batches=(1,) if batch == 1 else (2, 3))
+    with tvm().target.Target(AVX512):
+        assert padded_channels(co, whole_registers=True, waste=0.125) == co + 8
+        assert padded_channels(40, whole_registers=True, waste=0.125) is None
+    import bncompile
+
+    cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
+    assert set(_conv_rules(cm)) == {"conv2d_nchw16o"}, cm.info["cpu_schedules"]
