@@ -105,6 +105,12 @@ def compensated_sums(te, tirx, pairs: int):
     return te.comm_reducer(combine, identity, name=f"ksum{pairs}")
 
 
+def plain_sums(te, tirx, n: int, name: str):
+    """A TE reducer of ``n`` plain float32 sums (for short blocks: see :func:`_blocked_red`)."""
+    return te.comm_reducer(lambda a, b: tuple(a[k] + b[k] for k in range(n)),
+                           lambda *dts: tuple(tirx.const(0, d) for d in dts), name=f"{name}{n}")
+
+
 def backward_te(spec: KernelSpec):
     """TE tensors ``(inputs, outputs)`` of the backward kernel (see the module docstring)."""
     from bncompile.lower import tvm as _tvm
@@ -206,8 +212,7 @@ def backward_te(spec: KernelSpec):
         # for n <= LANE_BLOCK values (the accuracy argument of _blocked_red's blocks)
         if not isinstance(count, int) or count > LANE_BLOCK:
             raise ValueError(f"plain group sums need at most {LANE_BLOCK} values per group, not {count}")
-        psum = te.comm_reducer(lambda a, b: tuple(a[k] + b[k] for k in range(pairs)),
-                               lambda *dts: tuple(tirx.const(0, d) for d in dts), name=f"gsum{pairs}")
+        psum = plain_sums(te, tirx, pairs, "gsum")
         red = te.compute(sshape, lambda *s: psum(tuple(vals(s, r1)[0::2]), axis=r1), name="red")
     elif int(spec.stat_rows) > 1:
         red = _row_blocked_red(te, tirx, spec, shape, sshape, vals, ksum, pairs)
@@ -353,13 +358,7 @@ def _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs):
     nval = len(sshape)
     lead = tuple(rshape[:-1])
 
-    def plain_combine(a, b):
-        return tuple(a[k] + b[k] for k in range(pairs))
-
-    def plain_identity(*dtypes):
-        return tuple(tirx.const(0, d) for d in dtypes)
-
-    psum = te.comm_reducer(plain_combine, plain_identity, name=f"psum{pairs}")
+    psum = plain_sums(te, tirx, pairs, "psum")
     bj = te.reduce_axis((0, M), name="bj")
 
     def block(*idx):
@@ -400,13 +399,7 @@ def _row_blocked_red(te, tirx, spec, shape, sshape, vals, ksum, pairs):
     ri, rp, rq = (te.reduce_axis((0, e), name=n) for e, n in ((R, "ri"), (P, "rp"), (Q, "rq")))
     exact = isinstance(N, int) and N % R == 0
 
-    def plain_combine(a, b):
-        return tuple(a[k] + b[k] for k in range(pairs))
-
-    def plain_identity(*dtypes):
-        return tuple(tirx.const(0, d) for d in dtypes)
-
-    psum = te.comm_reducer(plain_combine, plain_identity, name=f"rsum{pairs}")
+    psum = plain_sums(te, tirx, pairs, "rsum")
 
     def block(nb, c):
         n = nb * R + ri
