@@ -27,6 +27,17 @@ same-size channels-first tensor (same bytes, same channel count). ORT uses IOBin
 preallocated outputs, all graph optimizations off and no spinning thread pool (a spinning pool steals
 the cores from the next implementation of the round), like the TVM kernel writing into preallocated
 tensors. ``GB/s`` counts one read of x and one write of y.
+
+Every pre-bound call runs once when it is bound, on both sides (``Kernel.bind`` does; the ORT runner
+does it too), and ORT's outputs live in the same aligned NumPy memory as TVM's. Before, ORT's
+outputs were fresh ``np.empty`` buffers never run before timing: the first write of each 4 KB page
+of y took a page fault (256 per 1 MB output, seen with ``getrusage`` and ``perf record -e
+minor-faults`` at the store of ORT's BN loop), and with one y per rotated input set, each set's first
+timed ORT call paid them. ORT's NC 256x1024 inference read 0.5-0.8 ms instead of ~0.1 ms: in the
+forward table (33 input sets, 32 rounds: nearly every call was a first) always, in the backward's (14
+sets, 22 rounds) in its first 14 calls, so its median flipped between the two. Not huge pages
+(1 MB arrays get none either way), alignment, aliasing or thread wake-ups: ORT's BN runs on the
+calling thread alone, and its time was all CPU time in the kernel's page-fault handler.
 """
 
 from __future__ import annotations
@@ -100,6 +111,12 @@ class Rotation:
         return self.i
 
 
+def _tvm_aligned(shape) -> np.ndarray:
+    from bncompile.lower import tvm as _tvm
+
+    return _tvm.aligned_numpy(shape, "float32")
+
+
 def _aligned_copy(a: np.ndarray) -> np.ndarray:
     """``a`` in aligned NumPy memory (huge pages where Linux gives them), for TVM and ORT alike."""
     from bncompile.lower import tvm as _tvm
@@ -140,9 +157,12 @@ def _ort_runner(shape, arrays, *, training: bool, threads: int, copies: Sequence
         feeds = {**arrays, "x": xarr}
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, arr)
-        outs = {"y": np.empty(shape, np.float32)}
+        # the outputs in the memory TVM's outputs get (aligned NumPy memory), and the binding run once
+        # now, as Kernel.bind runs the kernel once: a fresh buffer's pages are mapped on its first write
+        # (a page fault per 4 KB), which must not be timed on one side only (see the module docstring)
+        outs = {"y": _tvm_aligned(shape)}
         if training:
-            outs.update(running_mean=np.empty(shape[1], np.float32), running_var=np.empty(shape[1], np.float32))
+            outs.update(running_mean=_tvm_aligned((shape[1],)), running_var=_tvm_aligned((shape[1],)))
         for name, arr in outs.items():
             binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
         keep = (feeds, outs)          # the binding holds raw pointers: keep the buffers alive
@@ -151,6 +171,7 @@ def _ort_runner(shape, arrays, *, training: bool, threads: int, copies: Sequence
             sess.run_with_iobinding(binding)
             return keep
 
+        call()
         return call
 
     if copies is None:

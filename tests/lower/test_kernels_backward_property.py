@@ -142,3 +142,32 @@ def test_random_streaming_layouts_match_reference_on_both_vector_widths(case):
         ashape = tuple(d if i == ax else 1 for i, d in enumerate(shape))
         adj_shapes = (ashape, ashape)
     _check_kernel(k, cfg, shape, adj_shapes, loc, s)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("n,c,variant,loc", [(77, 160, "plain", 1e3), (256, 96, "renorm", 3.0), (45, 128, "adjust", 1e3),
+                                             (33, 64, "plain", 0.0), (64, 96, "ghost", 1e3), (40, 160, "ghost_renorm", 3.0)])
+def test_nc_row_blocks_and_short_ghost_groups_match_reference(target, n, c, variant, loc):
+    """(N, C) with a symbolic batch: the row blocks of bwd_cpu_channels_last (32-sample plain block
+    sums; a batch of 77, 45 or 33 ends in a masked block) and ghost (N, C)'s plain group sums (groups of
+    4 values), against the float64 reference, means up to 1e3 x the spread, AVX-512 and AVX2."""
+    from bncompile.lower import targets
+    from bncompile.lower.kernels import backward, schedules
+
+    ghost = variant.startswith("ghost")
+    renorm = variant.endswith("renorm")
+    clip = {"rmax": 1.5, "rmin": 0.5, "dmax": 0.5}
+    cfg = BatchNormConfig(axis=-1, fused=False, virtual_batch_size=4 if ghost else None, renorm=renorm,
+                          renorm_clipping=clip if renorm else None,
+                          adjustment="inputs" if variant == "adjust" else None)
+    k = compile_batchnorm(cfg, (None, c), gradients=True, target=target)
+    assert k.backward_schedule == "bwd_cpu_channels_last"
+    _, sch = schedules.schedule_backward(k.spec, backward.backward_prim_func(k.spec),
+                                         target=targets.target_dict(target))
+    script = sch.mod.script()
+    if ghost:
+        assert "red_v4" not in script          # four plain sums, no compensation terms
+    else:
+        assert "bsum_v3" in script and "T.where" not in script
+    adj_shapes = ((1, c), (1, c)) if variant == "adjust" else None
+    _check_kernel(k, cfg, (n, c), adj_shapes, loc, 7)

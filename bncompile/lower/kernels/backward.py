@@ -11,7 +11,9 @@ x-shaped adjustment), ``xk = x - K`` (K: the forward's data shift) and ``xc = xk
   x-shaped adjustment). With ``spec.stat_lanes = L > 1`` (a CPU schedule's request) the sums come
   from blocks instead (:func:`_blocked_red`): plain float32 lane sums over short runs of the
   contiguous axis (in registers: one FMA or add per value), folded into the compensated pairs once
-  per block. The mean and variance are finalized in float64 (``var = Σxk²/n - mean'²``:
+  per block; with ``spec.stat_rows = R > 1`` (channels last, one value per sample) from plain sums of
+  R-sample row blocks (:func:`_row_blocked_red`); with ``spec.stat_plain_m2`` (groups of at most
+  :data:`LANE_BLOCK` values, e.g. ghost (N, C)) as plain float32 sums. The mean and variance are finalized in float64 (``var = Σxk²/n - mean'²``:
   the sums are exact to float32 rounding and K is a sample of the data, so this is within a few ulps
   of the forward's two-pass variance); ``Σu·xc = Σu·xk - mean·Σu``;
 * with ``w = gamma·r·adj_scale`` (per channel; r = 1 without renorm; renorm's r and d are constants,
@@ -103,6 +105,12 @@ def compensated_sums(te, tirx, pairs: int):
     return te.comm_reducer(combine, identity, name=f"ksum{pairs}")
 
 
+def plain_sums(te, tirx, n: int, name: str):
+    """A TE reducer of ``n`` plain float32 sums (for short blocks: see :func:`_blocked_red`)."""
+    return te.comm_reducer(lambda a, b: tuple(a[k] + b[k] for k in range(n)),
+                           lambda *dts: tuple(tirx.const(0, d) for d in dts), name=f"{name}{n}")
+
+
 def backward_te(spec: KernelSpec):
     """TE tensors ``(inputs, outputs)`` of the backward kernel (see the module docstring)."""
     from bncompile.lower import tvm as _tvm
@@ -183,10 +191,14 @@ def backward_te(spec: KernelSpec):
     ksum = compensated_sums(te, tirx, pairs)
     r1 = raxes("r")
 
-    def vals(s, red):
-        i = xidx(s, backwards(red))
+    def vals(s, red, keep=None, direct=False):
+        """The summands at reduced index ``red`` (walked backwards unless ``direct``); ``keep``: a
+        condition outside which x and dy count as zero (a masked tail)."""
+        i = xidx(s, red if direct else backwards(red))
         xk = f32(x[i]) - shift[s]
         d = f32(dy[i])
+        if keep is not None:
+            xk, d = tirx.Select(keep, xk, zero), tirx.Select(keep, d, zero)
         u = d * adj["adjustment_scale"][i] if full else d
         out = (xk, zero, xk * xk, zero, u, zero, u * xk, zero)
         if full:
@@ -194,12 +206,24 @@ def backward_te(spec: KernelSpec):
         return out
 
     lanes = int(spec.stat_lanes)
-    if lanes > 1:
+    plain = bool(spec.stat_plain_m2) and lanes == 1 and int(spec.stat_rows) == 1
+    if plain:
+        # short groups (a schedule's request): plain float32 sums, within n*u of the compensated ones
+        # for n <= LANE_BLOCK values (the accuracy argument of _blocked_red's blocks)
+        if not isinstance(count, int) or count > LANE_BLOCK:
+            raise ValueError(f"plain group sums need at most {LANE_BLOCK} values per group, not {count}")
+        psum = plain_sums(te, tirx, pairs, "gsum")
+        red = te.compute(sshape, lambda *s: psum(tuple(vals(s, r1)[0::2]), axis=r1), name="red")
+    elif int(spec.stat_rows) > 1:
+        red = _row_blocked_red(te, tirx, spec, shape, sshape, vals, ksum, pairs)
+    elif lanes > 1:
         red = _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs)
     else:
         red = te.compute(sshape, lambda *s: ksum(vals(s, r1), axis=r1), name="red")
 
     def total(k, s):
+        if plain:
+            return f64(red[k][s])
         return f64(red[2 * k][s]) + f64(red[2 * k + 1][s])
 
     mean64 = te.compute(sshape, lambda *s: total(0, s) / cnt64, name="mean64")
@@ -334,13 +358,7 @@ def _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs):
     nval = len(sshape)
     lead = tuple(rshape[:-1])
 
-    def plain_combine(a, b):
-        return tuple(a[k] + b[k] for k in range(pairs))
-
-    def plain_identity(*dtypes):
-        return tuple(tirx.const(0, d) for d in dtypes)
-
-    psum = te.comm_reducer(plain_combine, plain_identity, name=f"psum{pairs}")
+    psum = plain_sums(te, tirx, pairs, "psum")
     bj = te.reduce_axis((0, M), name="bj")
 
     def block(*idx):
@@ -361,6 +379,41 @@ def _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs):
         return out
 
     return te.compute(sshape, lambda *s: ksum(combine(*s), axis=ra), name="red")
+
+
+def _row_blocked_red(te, tirx, spec, shape, sshape, vals, ksum, pairs):
+    """The reduction ``red`` from *row blocks* (``spec.stat_rows = R > 1``; channels last, x viewed as
+    (N, P, C, Q) with P*Q*R <= :data:`LANE_BLOCK`): block ``(nb, c)`` gets plain float32 sums over the
+    samples ``nb*R .. nb*R+R-1`` (all of their P*Q values), the blocks combine through the compensated
+    pairs (the accuracy argument of :func:`_blocked_red`: a block sums at most LANE_BLOCK values). The
+    last block of a batch R does not divide is masked (its missing samples read the last one and add
+    exact zeros). ``bsum`` is stored block-major, (NB, C): a block's sums are contiguous across the
+    channels, so a schedule reduces whole rows, vectorized across them."""
+    if spec.kinds != "RRCR" or spec.ghost:
+        raise ValueError(f"stat_rows needs a channels-last (N, P, C, Q) view, not {spec.kinds}")
+    N, P, C, Q = shape
+    R = int(spec.stat_rows)
+    if not isinstance(P, int) or not isinstance(Q, int) or R * P * Q > LANE_BLOCK:
+        raise ValueError(f"stat_rows {R} x {P} x {Q} values per block: at most {LANE_BLOCK}")
+    NB = (N + (R - 1)) // R
+    ri, rp, rq = (te.reduce_axis((0, e), name=n) for e, n in ((R, "ri"), (P, "rp"), (Q, "rq")))
+    exact = isinstance(N, int) and N % R == 0
+
+    psum = plain_sums(te, tirx, pairs, "rsum")
+
+    def block(nb, c):
+        n = nb * R + ri
+        if exact:
+            v = vals((c,), (n, rp, rq), direct=True)
+        else:
+            v = vals((c,), (te.min(n, N - 1), rp, rq), keep=n < N, direct=True)
+        return psum(tuple(v[2 * k] for k in range(pairs)), axis=[ri, rp, rq])
+
+    bs = te.compute((NB, C), block, name="bsum")
+    zero = tirx.const(0.0, STAT)
+    rb = te.reduce_axis((0, NB), name="rb")
+    return te.compute(sshape, lambda c: ksum(sum(((bs[k][rb, c], zero) for k in range(pairs)), ()), axis=[rb]),
+                      name="red")
 
 
 def backward_prim_func(spec: KernelSpec):

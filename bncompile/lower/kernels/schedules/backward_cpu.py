@@ -16,15 +16,19 @@ where the cache allows:
   totals once per block; ~5 vector ops per L elements instead of ~20 for four compensated sums);
   else per-lane compensated partial sums through rfactor.
 * ``bwd_cpu_channels_last`` (Q == 1, e.g. NHWC, (N, C)): when a stripe of channels over every row (x
-  and dy) fits half of L2, one parallel task per stripe reduces it and writes its dx while cached (also
-  with a symbolic batch when a sample has few rows, e.g. (N, C): per-sample partials would outweigh
-  x); otherwise per-sample partial sums (parallel over the batch, each sample's rows walked once in
+  and dy) fits half of L2, one parallel task per stripe reduces it and writes its dx while cached;
+  one row per sample ((N, C), at least 4 vectors of channels) otherwise: row blocks
+  (:func:`_channels_last_row_blocks`: plain sums of 32-row blocks read in memory order, a serial
+  combine, dx parallel over the same rows); a sample of few rows (also with a symbolic batch:
+  per-sample partials would outweigh x): stripes; otherwise per-sample partial sums (parallel over the batch, each sample's rows walked once in
   memory order, every channel stripe of a row in turn), a serial combine, and a dx pass
   parallel over row blocks (x and dy are then read twice: the reductions must end before any dx).
   Vectorized across the contiguous channels.
   Ghost BN channels-last (x viewed as (v, G, P, C, 1)): one parallel task per group and stripe of
   channels (its v*P rows: dx from cache where they fit L2, else x and dy read twice; with renorm, whose
-  r and d need every group, the dx pass is a second set of tasks).
+  r and d need every group, the dx pass is a second set of tasks). A group of at most LANE_BLOCK values
+  (ghost (N, C): v values) sums them in plain float32 (backward.py, ``stat_plain_m2``): four compensated
+  sums of four values cost more than everything else (AVX2 NC 256x1024 ghost: bwd/floor 1.14 -> 0.77).
 * ``bwd_cpu_generic`` (axis lists, inference): the outer loop of every block in parallel.
 """
 
@@ -33,10 +37,11 @@ from __future__ import annotations
 import functools
 import os
 
+from bncompile.lower.kernels.backward import LANE_BLOCK
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.machine import cpu_machine
 from bncompile.lower.kernels.schedules._common import (_rows_pass, _blocks, _inline_parameter_only, _sched,
-                                                      _vector_factor)
+                                                      _vector_factor, _vectorize_channels)
 
 Y_TASK_BYTES = 128 * 1024
 PARTIALS_MIN_ROWS = 64          # channels-last: below this many rows per sample, stripes beat per-sample partials
@@ -153,9 +158,57 @@ def bwd_cpu_channels_last(spec: KernelSpec, func):
     # L2 (dx is then written from cache), or when per-sample partial sums (eight floats per channel and
     # sample) would outweigh a sample's rows and the channels give every core a task
     fits = isinstance(N, int) and 2 * N * P * cv * _itemsize(spec) <= l2_bytes() // 2
+    if not fits and spec.kinds == "RRCR" and P * int(spec.shape[3]) == 1 and C >= 4 * lw:
+        return _channels_last_row_blocks(spec, _vector_factor(C, lw))
     if fits or (P < PARTIALS_MIN_ROWS and C // cv >= (os.cpu_count() or 1)):
         return _channels_last_stripes(spec, func, cv)
     return _channels_last_partials(spec, func, cv)
+
+
+ROW_BLOCK = 32          # samples per row block of _channels_last_row_blocks (plain sums: <= LANE_BLOCK values)
+
+
+def _channels_last_row_blocks(spec: KernelSpec, cv: int):
+    """Channels-last with one value per sample and channel ((N, C)) on row blocks (backward.py
+    ``stat_rows``): parallel over blocks of :data:`ROW_BLOCK` samples, each block's plain sums taken
+    row by row in memory order (vectorized across the channels, ``cv`` at a time; the block's sums stay
+    in L1), a serial combine of the blocks (compensated) and of the per-channel scalars, then dx parallel
+    over the rows: the runtime splits both parallel loops in contiguous halves, so a task re-reads the
+    rows it reduced (from its own L2 where they fit). One launch (the merged pipeline,
+    :func:`nt_dx_pipeline`). Replaces stripes of channels over every row, whose column sweeps read
+    rows 4 KB apart from memory with four compensated sums per element (measured on AMD EPYC znver4, 2
+    cores, NC 256x1024, bwd/floor interleaved with onnxruntime: AVX2 1.2-1.5 -> 1.0-1.3, AVX-512 about
+    even)."""
+    import dataclasses
+
+    from bncompile.lower.kernels.backward import backward_prim_func
+
+    C = int(spec.channel_shape[0])
+    bspec = dataclasses.replace(spec, stat_rows=ROW_BLOCK)
+    sch = _sched(backward_prim_func(bspec))
+    names = _inline_parameter_only(sch, _blocks(sch))
+    nb, c, ri, rp, rq = sch.get_loops("bsum")
+    co, ci = sch.split(c, [None, cv]) if cv < C else (None, c)
+    sch.reorder(nb, ri, *([co] if co is not None else []), rp, rq, ci)
+    sch.parallel(nb)
+    sch.vectorize(ci)
+    sch.decompose_reduction(sch.get_sblock("bsum"), ri)
+    for b in names:
+        if b in ("bsum", "dx"):
+            continue
+        loops = sch.get_loops(b)
+        c, rest = loops[0], loops[1:]
+        if cv < C:
+            _, c = sch.split(c, [None, cv])
+        if rest:
+            sch.reorder(*rest, c)
+        sch.vectorize(c)
+        if b == "red":
+            sch.decompose_reduction(sch.get_sblock(b), rest[0])
+    n, p, c, q = sch.get_loops("dx")
+    sch.parallel(sch.fuse(n, p))    # no split: a symbolic batch would need a predicate
+    _vectorize_channels(sch, c, q, C, cv)
+    return sch
 
 
 def _channels_last_stripes(spec: KernelSpec, func, stripe: int):
@@ -189,6 +242,13 @@ def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
     groups times the stripes, so a symbolic batch (G = N/v) still splits exactly. With renorm, r and d
     come from every group's statistics: the reductions run as those tasks, r and d per channel, then
     dx in tasks of its own (x and dy read twice)."""
+    v, _, P, _, Q = spec.shape
+    if v * P * Q <= LANE_BLOCK:       # short groups: plain group sums (backward.py)
+        import dataclasses
+
+        from bncompile.lower.kernels.backward import backward_prim_func
+
+        func = backward_prim_func(dataclasses.replace(spec, stat_plain_m2=True))
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     for b in names:         # per-(channel, group) scalars stored group-major: a stripe's are contiguous
@@ -293,16 +353,20 @@ def nt_dx_pipeline() -> str:
     """Register (once) and return the TIR pipeline writing dx with streaming stores (the forward's
     :func:`~bncompile.lower.kernels.schedules.cpu.nt_store_pass` on ``dx``): dx is written once, and an
     ordinary store would first read each line of it from memory and evict the slab of x and dy that the
-    dx pass re-reads from cache (measured on NCHW/NHWC 32x64x56x56: 25-50% faster)."""
+    dx pass re-reads from cache (measured on NCHW/NHWC 32x64x56x56: 25-50% faster). Then the forward's
+    :func:`~bncompile.lower.kernels.schedules.cpu.merge_parallel_pass`: a kernel's parallel loops run in
+    one launch of the thread pool (one wake-up of a sleeping worker, ~14 us measured here, per call
+    instead of one per loop)."""
     from bncompile.lower import tvm as _tvm
-    from bncompile.lower.kernels.schedules.cpu import nt_store_pass
+    from bncompile.lower.kernels.schedules.cpu import merge_parallel_pass, nt_store_pass
 
     tvm = _tvm.tvm()
     cp = _tvm.submodule("tvm.tirx.compilation_pipeline")
     if NT_PIPELINE not in cp.PIPELINE_MAP:
         def factory(**kwargs):
             base, fin_host, fin_dev = cp.get_tir_pipeline("s_tir", **kwargs)
-            return tvm.transform.Sequential([base, nt_store_pass(("dx",))]), fin_host, fin_dev
+            passes = [base, nt_store_pass(("dx",)), merge_parallel_pass()]
+            return tvm.transform.Sequential(passes), fin_host, fin_dev
 
         tvm.tirx.register_tir_pipeline(NT_PIPELINE, factory)
     return NT_PIPELINE
