@@ -60,7 +60,8 @@ def test_benchmark_conv_structure_ratios_and_tvm(conv_path):
         assert tvm.samples == 3 and tvm.median_ms > 0 and tvm.max_rel_err < 1e-3
         assert tvm.threads_used == report.threads       # TVM's pool, sized from TVM_NUM_THREADS
         for v in report.variants:                      # CPU / wall time: one busy thread is about 1
-            assert 0 < report.result(v, b).parallelism < report.threads + 0.5
+            par = report.result(v, b).parallelism
+            assert 0 < par < report.threads + 0.5, f"{v} batch {b}: parallelism {par} with {report.threads} threads"
     assert report.fold == {"folded": 1, "left": 0, "nodes_before": 3, "nodes_after": 2}
     data = report.to_dict()
     validate(data)
