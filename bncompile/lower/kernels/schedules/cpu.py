@@ -82,23 +82,51 @@ def cpu_channel_first(spec: KernelSpec, func, machine: CpuMachine | None = None)
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
     rfs = ["sum_rf", "sqsum_rf"] if vec > 1 else list(REDUCTIONS)
+    grouped = spec.ghost and GHOST_GROUP_PASSES
+    if grouped:
+        _ghost_group_passes(sch, names, vec > 1)
     sch.parallel(c)
+    lead = 2 if grouped else 1                      # c [, g] | ...
     for rf in rfs:
         loops = sch.get_loops(rf)
         if vec > 1:
-            # after reverse_compute_at the loops follow the block iters: c | q_inner, c', [g'], reduce...
-            qi = loops[1]
-            sch.reorder(*loops[2:], qi)
+            # after reverse_compute_at the loops follow the block iters: c [g] | q_inner, c', [g'], reduce...
+            qi = loops[lead]
+            sch.reorder(*loops[lead + 1:], qi)
             loops = sch.get_loops(rf)
             sch.vectorize(loops[-1])
-            sch.decompose_reduction(sch.get_sblock(rf), loops[1 + nstat])
-        else:
-            sch.decompose_reduction(sch.get_sblock(rf), loops[1 + nstat])
+        sch.decompose_reduction(sch.get_sblock(rf), loops[lead + nstat])
     yl = sch.get_loops("y")
     if vec > 1:
-        _, yi = sch.split(yl[-1], [None, vec])
+        yo, yi = sch.split(yl[-1], [None, vec])
         sch.vectorize(yi)
+        if GHOST_PREFETCH and spec.ghost and 4 * q >= PREFETCH_MIN_ROW_BYTES:
+            sch.annotate(yo, PREFETCH_ANNOTATION, q)     # the next channel's rows into L2, as _channel_first_lanes
     return sch
+
+
+GHOST_GROUP_PASSES = True
+GHOST_PREFETCH = True
+
+
+def _ghost_group_passes(sch, names: list, rf: bool) -> None:
+    """Ghost BN, channel first: under the channel loop, one iteration of the group loop g computes
+    the group's statistics (sum, mean, centred sum of squares, scale) and, when y needs nothing from
+    other groups (no renorm), the group's y: a group of one channel is v rows (v x Q floats, in L1
+    for v = 4 and Q = 784), so its second statistics pass and y re-read L1 instead of the channel's
+    whole slab from L2."""
+    g = sch.get_loops("shift")[1]
+    per_group = (["sum_rf"] if rf else []) + ["sum", "mean64", "mean"] + (["sqsum_rf"] if rf else []) \
+        + ["sqsum", "var", "scale_c"]
+    for b in [b for b in per_group if b in names or b.endswith("_rf")]:
+        try:
+            sch.reverse_compute_at(sch.get_sblock(b), g, preserve_unit_loops=True)
+        except Exception:  # noqa: BLE001 - reads values of every group (renorm's r): stays under c
+            break
+    try:
+        sch.reverse_compute_at(sch.get_sblock("y"), g, preserve_unit_loops=True)
+    except Exception:  # noqa: BLE001 - y reads values of every group (renorm)
+        pass
 
 
 def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
