@@ -161,19 +161,24 @@ def test_ghost_channels_last_stats_group_major():
         np.testing.assert_allclose(out[n + "_new"], v, rtol=1e-5, atol=1e-6, err_msg=n)
 
 
-def _loop_vars_of(script: str, block: str) -> list[str]:
-    """The loop variables enclosing the first ``T.sblock(block)`` of a scheduled script, outermost first."""
-    import re
-
+def _enclosing_loops(script: str, block: str) -> list[str]:
+    """The ``for`` lines enclosing the first ``T.sblock(block)`` of a scheduled script, outermost first."""
     lines = script.splitlines()
     at = next(i for i, line in enumerate(lines) if f'T.sblock("{block}")' in line)
     indent, out = len(lines[at]) - len(lines[at].lstrip()), []
     for line in reversed(lines[:at]):
         ind = len(line) - len(line.lstrip())
         if ind < indent and line.lstrip().startswith("for "):
-            out.append(re.match(r"\s*for (.+?) in ", line).group(1))
+            out.append(line)
             indent = ind
     return out[::-1]
+
+
+def _loop_vars_of(script: str, block: str) -> list[str]:
+    """The loop variables enclosing the first ``T.sblock(block)``, outermost first."""
+    import re
+
+    return [re.match(r"\s*for (.+?) in ", line).group(1) for line in _enclosing_loops(script, block)]
 
 
 @pytest.mark.parametrize("renorm", [False, True])
@@ -202,3 +207,16 @@ def test_ghost_channel_first_group_passes(renorm):
     for n, v in ref.variables.items():
         np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(v).max())),
                                    err_msg=n)
+
+
+def test_channel_first_prefetches_next_channel_in_stats_and_y():
+    """Plain channel first on rows of >= 1 KB: the second statistics pass (each row from L1) and y both
+    prefetch the next channel's row (Q floats on); the second pass's prefetch sits in the loop over the
+    row's vectors (the loops of the block bm2)."""
+    spec = make_spec(BatchNormConfig(axis=1, fused=False), (None, 4, 16, 16))      # Q = 256: rows of 1 KB
+    name, sch = schedule(spec, prim_func(spec), target=HASWELL,
+                         machine=M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20))
+    script = sch.mod.script()
+    assert name == "cpu_channel_first"
+    assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2
+    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "bm2_update"))
