@@ -184,8 +184,8 @@ def _loop_vars_of(script: str, block: str) -> list[str]:
 @pytest.mark.parametrize("renorm", [False, True])
 def test_ghost_channel_first_group_passes(renorm):
     """Ghost BN, channel first: one group's statistics (and its y, without renorm) under the group loop
-    of the channel's task, so the second pass re-reads the group's v rows from L1; y prefetches the next
-    channel's rows. Exact against the float64 reference either way."""
+    of the channel's task, so the second pass re-reads the group's v rows from L1; the second pass and y
+    prefetch the next channel's rows. Exact against the float64 reference either way."""
     kw = {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}} if renorm else {}
     cfg = BatchNormConfig(axis=1, virtual_batch_size=2, fused=False, **kw)
     spec = make_spec(cfg, (None, 4, 16, 16))          # (v, G, 1, C, Q = 256): rows of 1 KB
@@ -199,7 +199,8 @@ def test_ghost_channel_first_group_passes(renorm):
         assert _loop_vars_of(script, b)[:2] == group, b
     if renorm:      # r (every group's variance) scales y: y after the group loop, in the channel's task
         assert _loop_vars_of(script, "y")[:2] != group
-    assert "bncompile_prefetch_x" in script
+    assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2    # y and the second pass
+    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "sqsum_rf_update"))
     x = (5.0 + np.random.default_rng(1).standard_normal((6, 4, 16, 16))).astype(np.float32)
     out = compile_batchnorm(cfg, (None, 4, 16, 16)).run({"x": x})
     ref = batchnorm(cfg, x.astype(np.float64), training=True)

@@ -20,8 +20,8 @@ from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 #   * channels-last y tasks of L2/8 bytes;
 #   * channel-first: a channel's slab (N*P*Q floats) is reduced and normalised by one task while it
 #     is in L2 when it fits in L2 (N <= L2 / (4*P*Q)); the next channel's rows are prefetched into L2
-#     while its second statistics pass runs and y is written (rows of >= PREFETCH_MIN_ROW_BYTES; ghost BN:
-#     while y is written), so the statistics pass of that channel reads L2 instead of waiting on memory.
+#     while its second statistics pass runs and y is written (rows of >= PREFETCH_MIN_ROW_BYTES), so the
+#     statistics pass of that channel reads L2 instead of waiting on memory.
 PREFETCH_MIN_ROW_BYTES = 1024
 
 
@@ -102,11 +102,17 @@ def cpu_channel_first(spec: KernelSpec, func, machine: CpuMachine | None = None)
         sch.vectorize(yi)
         if GHOST_PREFETCH and spec.ghost and 4 * q >= PREFETCH_MIN_ROW_BYTES:
             sch.annotate(yo, PREFETCH_ANNOTATION, q)     # the next channel's rows into L2, as _channel_first_lanes
+            if GHOST_STATS_PREFETCH:
+                sch.annotate(sch.get_loops("sqsum_rf_update")[lead + nstat], PREFETCH_ANNOTATION, q)
     return sch
 
 
+# ghost BN channel first (A/B switches, measured in one process against plain, znver4, load 1.6-3.5; figures in
+# the commit messages): a group's passes under the group loop, and the next channel's rows prefetched by y
+# and by the second statistics pass (without any prefetch, each channel's first pass waited on memory)
 GHOST_GROUP_PASSES = True
 GHOST_PREFETCH = True
+GHOST_STATS_PREFETCH = True
 
 
 def _ghost_group_passes(sch, names: list, rf: bool) -> None:
