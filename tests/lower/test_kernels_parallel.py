@@ -159,3 +159,65 @@ def test_ghost_channels_last_stats_group_major():
     np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref.y).max())))
     for n, v in ref.variables.items():
         np.testing.assert_allclose(out[n + "_new"], v, rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def _enclosing_loops(script: str, block: str) -> list[str]:
+    """The ``for`` lines enclosing the first ``T.sblock(block)`` of a scheduled script, outermost first."""
+    lines = script.splitlines()
+    at = next(i for i, line in enumerate(lines) if f'T.sblock("{block}")' in line)
+    indent, out = len(lines[at]) - len(lines[at].lstrip()), []
+    for line in reversed(lines[:at]):
+        ind = len(line) - len(line.lstrip())
+        if ind < indent and line.lstrip().startswith("for "):
+            out.append(line)
+            indent = ind
+    return out[::-1]
+
+
+def _loop_vars_of(script: str, block: str) -> list[str]:
+    """The loop variables enclosing the first ``T.sblock(block)``, outermost first."""
+    import re
+
+    return [re.match(r"\s*for (.+?) in ", line).group(1) for line in _enclosing_loops(script, block)]
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_ghost_channel_first_group_passes(renorm):
+    """Ghost BN, channel first: one group's statistics (and its y, without renorm) under the group loop
+    of the channel's task, so the second pass re-reads the group's v rows from L1; the second pass and y
+    prefetch the next channel's rows. Exact against the float64 reference either way."""
+    kw = {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}} if renorm else {}
+    cfg = BatchNormConfig(axis=1, virtual_batch_size=2, fused=False, **kw)
+    spec = make_spec(cfg, (None, 4, 16, 16))          # (v, G, 1, C, Q = 256): rows of 1 KB
+    name, sch = schedule(spec, prim_func(spec), target=HASWELL,
+                         machine=M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20))
+    script = sch.mod.script()
+    assert name == "cpu_channel_first" and "T.where" not in script
+    group = _loop_vars_of(script, "shift")          # c, g
+    assert len(group) == 2
+    for b in ("sum_rf_update", "sqsum_rf_update", "var") + (() if renorm else ("scale_c", "y")):
+        assert _loop_vars_of(script, b)[:2] == group, b
+    if renorm:      # r (every group's variance) scales y: y after the group loop, in the channel's task
+        assert _loop_vars_of(script, "y")[:2] != group
+    assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2    # y and the second pass
+    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "sqsum_rf_update"))
+    x = (5.0 + np.random.default_rng(1).standard_normal((6, 4, 16, 16))).astype(np.float32)
+    out = compile_batchnorm(cfg, (None, 4, 16, 16)).run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(ref.y).max())))
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(v).max())),
+                                   err_msg=n)
+
+
+def test_channel_first_prefetches_next_channel_in_stats_and_y():
+    """Plain channel first on rows of >= 1 KB: the second statistics pass (each row from L1) and y both
+    prefetch the next channel's row (Q floats on); the second pass's prefetch sits in the loop over the
+    row's vectors (the loops of the block bm2)."""
+    spec = make_spec(BatchNormConfig(axis=1, fused=False), (None, 4, 16, 16))      # Q = 256: rows of 1 KB
+    name, sch = schedule(spec, prim_func(spec), target=HASWELL,
+                         machine=M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20))
+    script = sch.mod.script()
+    assert name == "cpu_channel_first"
+    assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2
+    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "bm2_update"))

@@ -17,7 +17,9 @@ with barriers between them (:func:`merge_parallel_pass`): one wake-up of the wor
     parallel task per channel does everything for that channel (shift, sum, mean, centered sum of
     squares, scalars, y), so the channel's slice comes from memory once and is re-read from cache;
     the reductions are vectorized along Q (lane blocks of each row, combined exactly, when Q has a
-    vector factor >= 8 and the layout is one channel run without ghost groups; else rfactor).
+    vector factor >= 8 and the layout is one channel run without ghost groups; else rfactor). Ghost BN:
+    a group's statistics (and its y, without renorm) under the group loop, so its v rows are re-read
+    from L1, and its second pass and y prefetch the next channel's rows into L2.
   * ``cpu_channels_last_rows`` (Q == 1 with many rows per sample, e.g. NHWC): blocked statistics (x
     read from memory once: blocks of <= L2/4 get both passes while cached, then combine exactly),
     parallel over blocks, vectorized across channels.

@@ -20,8 +20,8 @@ from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 #   * channels-last y tasks of L2/8 bytes;
 #   * channel-first: a channel's slab (N*P*Q floats) is reduced and normalised by one task while it
 #     is in L2 when it fits in L2 (N <= L2 / (4*P*Q)); the next channel's rows are prefetched into L2
-#     while y is written (rows of >= PREFETCH_MIN_ROW_BYTES), so the statistics pass of that channel
-#     reads L2 instead of waiting on memory.
+#     while its second statistics pass runs and y is written (rows of >= PREFETCH_MIN_ROW_BYTES), so the
+#     statistics pass of that channel reads L2 instead of waiting on memory.
 PREFETCH_MIN_ROW_BYTES = 1024
 
 
@@ -82,23 +82,57 @@ def cpu_channel_first(spec: KernelSpec, func, machine: CpuMachine | None = None)
     for b in movers:
         sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
     rfs = ["sum_rf", "sqsum_rf"] if vec > 1 else list(REDUCTIONS)
+    grouped = spec.ghost and GHOST_GROUP_PASSES
+    if grouped:
+        _ghost_group_passes(sch, names, vec > 1)
     sch.parallel(c)
+    lead = 2 if grouped else 1                      # c [, g] | ...
     for rf in rfs:
         loops = sch.get_loops(rf)
         if vec > 1:
-            # after reverse_compute_at the loops follow the block iters: c | q_inner, c', [g'], reduce...
-            qi = loops[1]
-            sch.reorder(*loops[2:], qi)
+            # after reverse_compute_at the loops follow the block iters: c [g] | q_inner, c', [g'], reduce...
+            qi = loops[lead]
+            sch.reorder(*loops[lead + 1:], qi)
             loops = sch.get_loops(rf)
             sch.vectorize(loops[-1])
-            sch.decompose_reduction(sch.get_sblock(rf), loops[1 + nstat])
-        else:
-            sch.decompose_reduction(sch.get_sblock(rf), loops[1 + nstat])
+        sch.decompose_reduction(sch.get_sblock(rf), loops[lead + nstat])
     yl = sch.get_loops("y")
     if vec > 1:
-        _, yi = sch.split(yl[-1], [None, vec])
+        yo, yi = sch.split(yl[-1], [None, vec])
         sch.vectorize(yi)
+        if GHOST_PREFETCH and spec.ghost and 4 * q >= PREFETCH_MIN_ROW_BYTES:
+            sch.annotate(yo, PREFETCH_ANNOTATION, q)     # the next channel's rows into L2, as _channel_first_lanes
+            if GHOST_STATS_PREFETCH:
+                sch.annotate(sch.get_loops("sqsum_rf_update")[lead + nstat], PREFETCH_ANNOTATION, q)
     return sch
+
+
+# ghost BN channel first (A/B switches, measured in one process against plain, znver4, load 1.6-3.5; figures in
+# the commit messages): a group's passes under the group loop, and the next channel's rows prefetched by y
+# and by the second statistics pass (without any prefetch, each channel's first pass waited on memory)
+GHOST_GROUP_PASSES = True
+GHOST_PREFETCH = True
+GHOST_STATS_PREFETCH = True
+
+
+def _ghost_group_passes(sch, names: list, rf: bool) -> None:
+    """Ghost BN, channel first: under the channel loop, one iteration of the group loop g computes
+    the group's statistics (sum, mean, centred sum of squares, scale) and, when y needs nothing from
+    other groups (no renorm), the group's y: a group of one channel is v rows (v x Q floats, in L1
+    for v = 4 and Q = 784), so its second statistics pass and y re-read L1 instead of the channel's
+    whole slab from L2."""
+    g = sch.get_loops("shift")[1]
+    per_group = (["sum_rf"] if rf else []) + ["sum", "mean64", "mean"] + (["sqsum_rf"] if rf else []) \
+        + ["sqsum", "var", "scale_c"]
+    for b in [b for b in per_group if b in names or b.endswith("_rf")]:
+        try:
+            sch.reverse_compute_at(sch.get_sblock(b), g, preserve_unit_loops=True)
+        except Exception:  # noqa: BLE001 - reads values of every group (renorm's r): stays under c
+            break
+    try:
+        sch.reverse_compute_at(sch.get_sblock("y"), g, preserve_unit_loops=True)
+    except Exception:  # noqa: BLE001 - y reads values of every group (renorm)
+        pass
 
 
 def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
@@ -107,10 +141,10 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
     lane sums of squares about the lane means while the row is in L1 (one vector loop each, no
     horizontal reduction per row); the channel combines its rows' lanes (vectorized over the lanes)
     and writes y from its slice, still in L2. x comes from memory once, like the two-pass schedule,
-    but its second statistics pass reads L1 instead of L2. With ``prefetch`` the y loop prefetches the
-    next channel's row (``x[n, p, c+1, q]``, Q floats on) into L2 (:func:`prefetch_pass`): memory reads
-    of channel c+1 overlap the streaming stores of channel c, and the footprint stays one slab (row n
-    of c+1 arrives as row n of c is consumed)."""
+    but its second statistics pass reads L1 instead of L2. With ``prefetch`` the y loop and the second
+    statistics pass prefetch the next channel's row (``x[n, p, c+1, q]``, Q floats on) into L2
+    (:func:`prefetch_pass`): memory reads of channel c+1 overlap the arithmetic and the streaming stores
+    of channel c, and the footprint stays about two slabs."""
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     sch.compute_inline(sch.get_sblock("shift"))      # one load of x[0, 0, c, 0] where it is used
@@ -141,7 +175,15 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
     sch.vectorize(yi)
     if prefetch:
         sch.annotate(yo, PREFETCH_ANNOTATION, int(spec.shape[-1]))
+        if STATS_PREFETCH:      # and the second statistics pass of each row (from L1) prefetches its row of c+1
+            sch.annotate(sch.get_loops("bm2_update")[3], PREFETCH_ANNOTATION, int(spec.shape[-1]))
     return sch
+
+
+# _channel_first_lanes also prefetches the next channel in its second statistics pass: the memory reads of
+# channel c+1 then spread over the whole task of channel c instead of bursting during y (A/B, same rounds,
+# znver4, load ~3.7: plain NCHW 64x128x28x28 -5.5% AVX-512, -15% AVX2; 32x64x56x56 -6%, -11%)
+STATS_PREFETCH = True
 
 
 MIN_SAMPLE_BLOCK = 8       # fewest samples per statistics block worth the sample-block schedule
