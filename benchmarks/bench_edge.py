@@ -5,8 +5,13 @@ DenseNet-121 for reference) with :mod:`edge_models` (random weights, no download
 :func:`bncompile.bench.benchmark` with the variants ``ort`` (onnxruntime at its default optimization
 level) and ``tvm`` (``bncompile compile``, untuned) at batch 1, interleaved and rotated, once with 1
 thread and once with every core. Each thread count runs in its own process: TVM's thread pool is sized
-when TVM is first imported. Prints TVM / onnxruntime per network and thread count, with the CPU it ran
-on (model, vector width, cache sizes).
+when TVM is first imported. Above 1 thread :func:`bncompile.bench.benchmark` times in settled rounds
+(:func:`bncompile.bench.timing.time_settled`: each timed call starts once no other thread of the process
+is runnable, so neither runtime's spinning workers take the other's cores); the table says which rounds
+ran and gives ``b2b`` (TVM / onnxruntime of the calls right after, each runtime's own workers still
+spinning). Prints TVM / onnxruntime per network and thread count, with the CPU it ran on (model, vector
+width, cache sizes) and the load average before and after (the machine may be shared: a busy core delays
+every parallel launch of both runtimes).
 
 Usage::
 
@@ -65,6 +70,17 @@ def cpu_description() -> str:
     return f"{model}, {width}, {cache_text}, {os.cpu_count()} cores"
 
 
+def _load_average() -> str:
+    try:
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _fmt_ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def run_one(networks, threads, args, db=None) -> dict:
     """One process per thread count: benchmark each network, return {network: ratio or error}. ``db``: the
     ``tvm`` variant compiles with this tuning database (``bncompile tune``)."""
@@ -83,7 +99,9 @@ def run_one(networks, threads, args, db=None) -> dict:
                          "ratio": tvm.get("ratio"), "status": tvm.get("status"),
                          "error": tvm.get("reason"), "max_rel_err": tvm.get("max_rel_err"),
                          "tvm_threads": tvm.get("threads_used"), "ort_threads": ort.get("threads_used"),
-                         "tvm_parallelism": tvm.get("parallelism"), "ort_parallelism": ort.get("parallelism")}
+                         "tvm_parallelism": tvm.get("parallelism"), "ort_parallelism": ort.get("parallelism"),
+                         "settled": d.get("settle"), "b2b_ratio": tvm.get("warm_ratio"),
+                         "tvm_busy": tvm.get("threads_busy"), "ort_busy": ort.get("threads_busy")}
         except Exception as err:  # noqa: BLE001 - a benchmark reports, it does not stop
             out[name] = {"status": "failed", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         print(f"  threads={threads} {name}{' (tuned)' if db else ''}: {out[name]}", file=sys.stderr, flush=True)
@@ -177,11 +195,15 @@ def main(argv=None) -> int:
     thread_counts = sorted({int(t) for t in args.threads.split(",") if t})
     cpu = cpu_description()
     print(f"CPU: {cpu}")
+    load_before = _load_average()
     results = {}
     kinds = ["untuned", "tuned"] if args.db else ["untuned"]
     for t in thread_counts:
         results[t] = {}
-        for k in kinds:            # each in its own process (a second benchmark in one process got half a CPU)
+        # each in its own process: TVM sizes its thread pool (TVM_NUM_THREADS) when it starts. (A second
+        # benchmark in one process once seemed to get half a CPU: that was the shared machine's load, see
+        # the README's Edge networks paragraph, not the benchmark.)
+        for k in kinds:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "r.json"
                 cmd = [sys.executable, __file__, "--size", str(args.size), "--repeat", str(args.repeat),
@@ -190,7 +212,7 @@ def main(argv=None) -> int:
                 subprocess.run(cmd, check=True, env={**os.environ, "TVM_NUM_THREADS": str(t)})
                 results[t][k] = json.loads(out.read_text())
     header = "network".ljust(22) + "".join(f"{'TVM/ORT @' + str(t) + 't' + (' ' + k if args.db else ''):>24}"
-                                           f"{'TVM ms':>10}{'ORT ms':>10}{'thr':>6}{'par':>10}"
+                                           f"{'TVM ms':>10}{'ORT ms':>10}{'thr':>6}{'par':>10}{'b2b':>6}"
                                            for t in thread_counts for k in kinds)
     print(header)
     for name in networks:
@@ -203,16 +225,24 @@ def main(argv=None) -> int:
                 else:
                     row += (f"{r['ratio']:>24.2f}{r['tvm_ms']:>10.2f}{r['ort_ms']:>10.2f}"
                             f"{r['tvm_threads']!s:>3}/{r['ort_threads']!s:<2}"
-                            f"{r['tvm_parallelism']:>5.2f}/{r['ort_parallelism']:<4.2f}")
+                            f"{r['tvm_parallelism']:>5.2f}/{r['ort_parallelism']:<4.2f}"
+                            f"{_fmt_ratio(r.get('b2b_ratio')):>6}")
         print(row)
-    print("(thr = threads TVM / onnxruntime really used; par = their CPU time / wall time over the timed runs)")
+    print("(thr = threads TVM / onnxruntime really used; par = their CPU time / wall time over the timed runs; "
+          "b2b = TVM / onnxruntime of the calls right after the timed ones, settled rounds only)")
+    for t in thread_counts:
+        settled = {r.get("settled") for k in kinds for r in results[t][k].values()} - {None}
+        print(f"  @{t}t: {'settled' if settled == {True} else 'plain' if settled == {False} else 'mixed'} rounds")
+    print(f"load average (1, 5, 15 min): {load_before} before, {_load_average()} after")
     for t in thread_counts:
         for k in kinds:
             for name in networks:
                 if results[t][k][name].get("error"):
                     print(f"  {name} @{t}t {k}: {results[t][k][name]['error']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu, "size": args.size, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu, "size": args.size, "results": results,
+                                               "load_before": load_before, "load_after": _load_average()},
+                                              indent=2))
     return 0
 
 

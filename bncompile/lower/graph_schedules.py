@@ -52,7 +52,16 @@ zeros plus an in-bounds copy (:func:`_decompose_root_pads`); a packed conv's cos
 runs on channel vectors before the NCHW store (:func:`_epilogue_on_channel_vectors`).
 
 Splits are only ever even (divisible) ones: TVM can drop the ``T.where`` predicate of an uneven split after
-``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error.
+``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error. (The one predicate
+left is the channel slice of a zero-padded conv moved into the conv's tile, :func:`_slice_in_tile`: it is
+made by that ``reverse_compute_at`` itself, and the tests run it at batch 1 and 3.)
+
+Thread-pool launches. Each parallel loop of a function is a launch of TVM's pool (hand the tasks to the
+workers, wait for all of them): a few microseconds with the workers spinning, a scheduler time slice when a
+loaded machine has descheduled one. So a function runs at most one parallel loop where it can (the channel
+slice of a zero-padded conv inside the conv's loop), and a function with less work than
+:data:`PARALLEL_MIN_VECTOR_OPS` vectors of the target (:func:`parallel_worth`) runs serial: ShuffleNetV2
+went from 125 launches per inference to 43.
 """
 
 from __future__ import annotations
@@ -456,6 +465,7 @@ def schedule_conv(func, target=None):
         if len(loops) != 7:
             return None
         n, oc, oh, ow, rc, ry, rx = loops
+        work = _loop_work(sch, loops)
         OW = _static(sch.get(ow).extent)
         OH = _static(sch.get(oh).extent)
         OC = _static(sch.get(oc).extent)
@@ -479,7 +489,8 @@ def schedule_conv(func, target=None):
         # inline the element-wise epilogue (bias, relu, residual add...) into the write-back
         _inline_epilogue(sch, wb)
         fused = sch.fuse(n, ocb, oho)
-        sch.parallel(fused)
+        if parallel_worth(work, vector_lanes(target)[0]):
+            sch.parallel(fused)
         sch.reverse_compute_at(wb, owo)
         sch.unroll(rx)          # (unrolling ry as well made LLVM spill the accumulators: 4x slower)
         sch.unroll(owi)
@@ -498,9 +509,36 @@ def schedule_conv(func, target=None):
         # write-back loops under owo: (n 1, oc 16, oh 1, ow T) -> unroll the channel loop
         if len(wl) >= 2 and _static(sch.get(wl[-1]).extent) == T and T >= 4:
             sch.vectorize(wl[-1])      # the epilogue (a sigmoid's polynomial...) runs on vectors
+        _slice_in_tile(sch, wb, owo, T)
     _decompose_root_pads(sch)
     _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
     return sch
+
+
+def _slice_in_tile(sch, wb, at, width: int) -> None:
+    """The channel slice of a zero-padded conv (:data:`SLICE_BLOCK`, carrying the epilogue) moved into the
+    conv's tile, right after the write-back ``wb`` under loop ``at``: the tile's channels below
+    ``out_channels`` are stored from the values just written (in cache), and the function runs ONE parallel
+    loop instead of two (each parallel loop is a launch of the thread pool: a wake-up and a join per call,
+    which on a loaded machine waits for a descheduled worker), and the write-back is inlined into it (the
+    slice reads the accumulator tile; the padded output is never stored). The last block's zero channels
+    are cut by the predicate ``reverse_compute_at`` adds. Left at the root (its own parallel pass) when TVM
+    refuses."""
+    for sl in sch.get_consumers(wb):
+        if not sch.get(sl).name_hint.startswith(SLICE_BLOCK):
+            continue
+        try:
+            sch.reverse_compute_at(sl, at)
+        except Exception as err:  # noqa: BLE001 - the slice stays a parallel pass of its own
+            log.debug("channel slice stays at the root: %s", err)
+            return
+        try:        # the slice reads the accumulator tile itself: no padded output in memory
+            sch.compute_inline(wb)
+        except Exception as err:  # noqa: BLE001 - the write-back stays, the slice reads its output
+            log.debug("conv write-back not inlined into the slice: %s", err)
+        inner = sch.get_loops(sl)[-1]
+        if _static(sch.get(inner).extent) == width and width >= 4:
+            sch.vectorize(inner)
 
 
 #: calls and loads (opening parentheses of the printed body) above which an epilogue is computed on channel
@@ -601,6 +639,7 @@ def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     if OH is None or OW is None:
         return None
     lanes, regs = vector_lanes(target)
+    work = _loop_work(sch, loops)
     tw, th = depthwise_tiling(OW, OH, lanes, regs)
     yo, yi = sch.split(y, [None, th])
     xo, xi = sch.split(x, [None, tw])
@@ -608,7 +647,8 @@ def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     wb = sch.cache_write(blk, 0, "local")
     _inline_epilogue(sch, wb)
     fused = sch.fuse(n, c)
-    sch.parallel(fused)
+    if parallel_worth(work, lanes):
+        sch.parallel(fused)
     sch.reverse_compute_at(wb, xo)
     for split in _block_named(sch, DW_SPLIT_BLOCK):      # the column phases (stride > 1)
         sch.compute_at(split, fused)
@@ -685,6 +725,7 @@ def schedule_conv_rows(func, target=None):
         return None
     _, F, OH, OW, RC, RY, RX = exts
     lanes, regs = vector_lanes(target)
+    work = _loop_work(sch, loops)
     tw, th = row_tiling(OW, OH, lanes, regs)
     yo, yi = sch.split(y, [None, th])
     xo, xi = sch.split(x, [None, tw])
@@ -692,7 +733,8 @@ def schedule_conv_rows(func, target=None):
     wb = sch.cache_write(blk, 0, "local")
     _inline_epilogue(sch, wb)
     fused = sch.fuse(n, f, yo)
-    sch.parallel(fused)
+    if parallel_worth(work, lanes):
+        sch.parallel(fused)
     sch.reverse_compute_at(wb, xo)
     producers = sch.get_producers(blk)
     if RC == 1:       # depthwise: the pad of one tile's rows, computed where it is used
@@ -713,7 +755,31 @@ def schedule_conv_rows(func, target=None):
     return _finish_row_tile(sch, blk, wb, rc, xi, tw, lanes)
 
 
-PARALLEL_MIN = 4096            # elements below which a spatial block stays serial (thread start-up)
+#: vector operations (the function's multiply-adds, or the elements it copies, over the target's fp32 lanes)
+#: below which a function runs serial. Each parallel loop is a launch of TVM's thread pool: hand the tasks to
+#: the workers, wait for all of them. Measured on the 2-core AVX-512 VM of the README (load 3.7, TVM 0.27,
+#: workers spinning): an empty launch took 4-12 us, and a 64K-element copy (4K vector ops, 6.8 us serial)
+#: took 14 us on 2 threads. 16K vector ops is about 5-10 us of one core's work: below it the second
+#: thread gains less than the launch costs, and on a loaded machine a launch waits for a descheduled worker.
+PARALLEL_MIN_VECTOR_OPS = 16384
+
+
+def parallel_worth(work: int | None, lanes: int) -> bool:
+    """True when a function of ``work`` multiply-adds (or copied elements) should run its parallel loop:
+    ``work`` unknown (a symbolic batch: assume large) or at least :data:`PARALLEL_MIN_VECTOR_OPS` vectors
+    of ``lanes``."""
+    return work is None or work >= PARALLEL_MIN_VECTOR_OPS * lanes
+
+
+def _loop_work(sch, loops) -> int | None:
+    """The product of the loops' extents (the block's iterations), None when one is symbolic."""
+    total = 1
+    for lp in loops:
+        e = _static(sch.get(lp).extent)
+        if e is None:
+            return None
+        total *= e
+    return total
 
 
 def _schedule_spatial(sch, blk, lanes: int = 8) -> None:
@@ -743,7 +809,7 @@ def _schedule_spatial(sch, blk, lanes: int = 8) -> None:
         io, ii = sch.split(inner, [None, vec])
         sch.vectorize(ii)
         outer.append(io)
-    if outer and (total is None or total >= PARALLEL_MIN):
+    if outer and parallel_worth(total, lanes):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
 
@@ -775,7 +841,7 @@ def _inline_spatial(sch) -> None:
             pass
 
 
-def _schedule_reduction(sch, blk) -> None:
+def _schedule_reduction(sch, blk, lanes: int = 8) -> None:
     """Parallel over the leading spatial loops; the reduction loops stay serial (unrolled when small).
     (Vectorizing a pooling window along the output width was slower here: 1.09 vs 0.78 ms for ResNet's
     max pool on AVX2, the strided reads become gathers.)"""
@@ -786,9 +852,10 @@ def _schedule_reduction(sch, blk) -> None:
         raise ValueError("not a simple reduction")
     # parallel() refuses a loop that drives a reduction iter, so loops out of block-iter order fail here
     spatial = loops[:ns]
+    work = _loop_work(sch, loops)
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     ext = _static(sch.get(fused).extent)
-    if ext is None or ext >= 8:
+    if (ext is None or ext >= 8) and parallel_worth(work, lanes):
         sch.parallel(fused)
     red = loops[ns:]
     total = 1
@@ -810,7 +877,7 @@ def schedule_generic(func, target=None):
         try:
             kinds = _iter_kinds(sch, blk)
             if "R" in kinds:
-                _schedule_reduction(sch, blk)
+                _schedule_reduction(sch, blk, vector_lanes(target)[0])
             else:
                 _schedule_spatial(sch, blk, vector_lanes(target)[0])
             done = True
@@ -850,13 +917,15 @@ def schedule_inner_vector_reduction(func, target=None):
                 break
     if V is None:
         return None
+    work = _loop_work(sch, loops)
     jo, ji = sch.split(loops[ns - 1], [None, V])
     sch.reorder(*loops[:ns - 1], jo, *loops[ns:], ji)
     wb = sch.cache_write(blk, 0, "local")
     _inline_epilogue(sch, wb)
     outer = [*loops[:ns - 1], jo]
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(fused)
+    if parallel_worth(work, lanes):
+        sch.parallel(fused)
     sch.reverse_compute_at(wb, fused)
     sch.vectorize(ji)
     init = sch.decompose_reduction(blk, loops[ns])
@@ -901,13 +970,15 @@ def schedule_global_pool(func, target=None):
     ilp = next((t for t in ILP if exts[j] % t == 0), None)
     if ilp is None:
         return None
+    work = _loop_work(sch, loops)
     so, si = sch.split(loops[j], [None, ilp])
     red = loops[ns]       # (not fused: a fused h x w loop pays a division per element for its index)
     sch.reorder(*loops[:j], so, *loops[j + 1:ns], *loops[ns:], si)
     outer = sch.fuse(*loops[:j], so) if j else so
     wb = sch.cache_write(blk, 0, "local")
     _inline_epilogue(sch, wb)
-    sch.parallel(outer)
+    if parallel_worth(work, vector_lanes(target)[0]):
+        sch.parallel(outer)
     sch.reverse_compute_at(wb, outer)
     sch.unroll(si)
     init = sch.decompose_reduction(blk, red)

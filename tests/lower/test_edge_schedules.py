@@ -352,3 +352,77 @@ def test_half_register_channels_padded_to_whole_registers(compiler, co, batch):
 
     cm = bncompile.compile(model, target=AVX512)      # compiled only: the host may lack AVX-512
     assert set(_conv_rules(cm)) == {"conv2d_nchw16o"}, cm.info["cpu_schedules"]
+
+
+def _scheduled(model, target=AVX2):
+    """``{function name: (rule, TVMScript text)}`` of the scheduled PrimFuncs of a model's compile."""
+    from bncompile.lower import graph_schedules as gs
+    from bncompile.lower.tuning import fused_module
+    from bncompile.lower.tvm import tvm
+
+    fused, tdict = fused_module(model, target=target)
+    report: dict = {}
+    mod = gs.schedule_module(fused, tvm().target.Target(tdict), report)
+    return {gv.name_hint: (report.get(gv.name_hint), f.script()) for gv, f in mod.functions.items()
+            if gv.name_hint in report}
+
+
+@pytest.mark.parametrize("co,k,s", [(58, 1, 1), (116, 3, 2), (29, 5, 1)])
+def test_zero_padded_conv_slices_inside_its_tile(compiler, co, k, s):
+    """A zero-padded conv stores its channel slice (with the epilogue) from the accumulator tile inside
+    the conv's parallel loop: one parallel loop per function (one launch of the thread pool), no padded
+    output buffer; the last block's zero channels are cut by a predicate. Against onnxruntime, static
+    and free batch (a predicate lost would write the zero channels into the next batch row)."""
+    g = G(co)
+    ci = 24
+    y = act(g, g.conv("x", ci, co, k, stride=s), "relu")
+    y = g.op("Add", [y, g.conv("x", ci, co, 1, stride=s)])
+    h = 56 // s
+    for batch in (1, "N"):
+        model = g.model(y, ci, h, h, batch)
+        g.nodes.pop()                                  # the Identity model() appended
+        _check(compiler, model, (1, ci, h, h), target=AVX2, batches=(1,) if batch == 1 else (1, 3))
+    funcs = {n: t for n, (r, t) in _scheduled(g.model(y, ci, h, h, 1)).items() if r == "conv2d_nchw16o"}
+    assert funcs
+    for name, text in funcs.items():
+        assert text.count("T.parallel(") == 1, name
+        assert "bnc_channel_slice" in text and "T.where" in text, name
+        assert "bnc_conv2d_nchw16o = T.sblock_alloc_buffer" not in text, name      # no padded output
+
+
+def test_small_functions_stay_serial():
+    """:func:`parallel_worth`: a function under PARALLEL_MIN_VECTOR_OPS vectors of work runs no parallel
+    loop (a launch of the pool costs more than the second thread gains); a large one does; a symbolic
+    batch is taken as large. AVX2 pinned (the threshold counts the target's vectors)."""
+    from bncompile.lower.graph_schedules import PARALLEL_MIN_VECTOR_OPS, parallel_worth
+
+    assert not parallel_worth(PARALLEL_MIN_VECTOR_OPS * 8 - 1, 8)
+    assert parallel_worth(PARALLEL_MIN_VECTOR_OPS * 8, 8) and parallel_worth(None, 8)
+    assert not parallel_worth(PARALLEL_MIN_VECTOR_OPS * 8, 16)          # twice the lanes: half the vectors
+
+    def dw_model(c, hw, batch):
+        g = G(c)
+        return g.model(act(g, g.conv("x", c, c, 3, group=c), "relu"), c, hw, hw, batch)
+
+    small = _scheduled(dw_model(16, 7, 1))        # 16 x 7 x 7 x 9 multiply-adds: 882 AVX2 vectors
+    big = _scheduled(dw_model(64, 56, 1))         # 64 x 56 x 56 x 9: 225,792 vectors
+    dyn = _scheduled(dw_model(16, 7, "N"))
+    for funcs, want in ((small, False), (big, True), (dyn, True)):
+        rules = {n: (r, t) for n, (r, t) in funcs.items() if r == "depthwise_planes"}
+        assert len(rules) == 1, funcs.keys()
+        (rule, text), = rules.values()
+        assert ("T.parallel(" in text) == want, text
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_serial_small_functions_match(compiler, batch):
+    """A stack of small functions (depthwise 5 x 5 stride 2, a pointwise conv, a global pool and a Gemm on
+    odd widths), most under the parallel threshold, against onnxruntime."""
+    g = G(11)
+    c = 13
+    y = act(g, g.conv("x", c, c, 5, stride=2, group=c), "hardswish")
+    y = act(g, g.conv(y, c, 24, 1), "relu")
+    y = g.op("GlobalAveragePool", [y])
+    y = g.op("Flatten", [y])
+    y = g.op("Gemm", [y, g.c(g.rng.standard_normal((24, 7))), g.c(g.rng.standard_normal(7))])
+    _check(compiler, g.model(y, c, 9, 9, batch), (1, c, 9, 9), target=AVX2, batches=(1,) if batch == 1 else (1, 2))
