@@ -79,6 +79,21 @@ def _inline_parameter_only(sch, names: list[str], keep=("shift",)) -> list[str]:
 # --------------------------------------------------------------------------- CPU
 
 
+def _channel_vectors_over_groups(sch, blocks, names, cv: int) -> None:
+    """Reductions over the groups of a ghost batch (blocks with loops c, g, those of ``blocks`` present in
+    ``names``) as parallel tasks of ``cv`` channels walking the groups, the channels innermost
+    (vectorized: the per-group terms are stored group-major)."""
+    for b in blocks:
+        if b not in names:
+            continue
+        c, g = sch.get_loops(b)
+        co, ci = sch.split(c, [None, cv])
+        sch.reorder(co, g, ci)
+        sch.parallel(co)
+        sch.vectorize(ci)
+        sch.decompose_reduction(sch.get_sblock(b), g)
+
+
 def _per_sample_partials(sch, block, C: int, cv: int, *, row_major: bool = False) -> None:
     """Channels-last reduction ``block`` (loops c, n, p, q) as per-sample partial sums (rfactor over n),
     parallel over the samples, vectorized over ``cv`` contiguous channels. By default a sample's rows

@@ -40,7 +40,7 @@ import os
 from bncompile.lower.kernels.backward import LANE_BLOCK
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.machine import cpu_machine
-from bncompile.lower.kernels.schedules._common import (_per_sample_partials, _rows_pass, _blocks, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_channel_vectors_over_groups, _per_sample_partials, _rows_pass, _blocks, _inline_parameter_only, _sched,
                                                       _vector_factor, _vectorize_channels)
 
 Y_TASK_BYTES = 128 * 1024
@@ -292,15 +292,7 @@ def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
 def _group_sums_by_stripe(sch, names, stripe: int) -> None:
     """dgamma and dbeta's sums over the groups (loops c, g) as stripe tasks walking the groups, the
     stripe's channels innermost (vectorized): the per-group terms are stored group-major."""
-    for b in ("dgamma64", "dbeta64"):
-        if b not in names:
-            continue
-        c, g = sch.get_loops(b)
-        co, ci = sch.split(c, [None, stripe])
-        sch.reorder(co, g, ci)
-        sch.parallel(co)
-        sch.vectorize(ci)
-        sch.decompose_reduction(sch.get_sblock(b), g)
+    _channel_vectors_over_groups(sch, ("dgamma64", "dbeta64"), names, stripe)
 
 
 def _vectorize_stripe_scalars(sch, names, stripe: int) -> None:

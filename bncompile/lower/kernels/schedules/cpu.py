@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_M2_MAX, KernelSpec
-from bncompile.lower.kernels.schedules._common import (_per_sample_partials, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_channel_vectors_over_groups, _per_sample_partials, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -477,15 +477,7 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
             sch.reorder(*loops[2:], cl)
         sch.vectorize(cl)
     # the averages over the groups: parallel over channel vectors, the groups inner
-    for b in ("batch_shift", "batch_offset", "batch_var"):
-        if b not in names:
-            continue
-        cl, gl = sch.get_loops(b)
-        co, ci = sch.split(cl, [None, cv])
-        sch.reorder(co, gl, ci)
-        sch.parallel(co)
-        sch.vectorize(ci)
-        sch.decompose_reduction(sch.get_sblock(b), gl)
+    _channel_vectors_over_groups(sch, ("batch_shift", "batch_offset", "batch_var"), names, cv)
     return sch
 
 
