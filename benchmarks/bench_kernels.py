@@ -2,6 +2,11 @@
 
     python benchmarks/bench_kernels.py [--repeat 30] [--json out.json] [--target llvm:haswell]
                                        [--threads 2] [--part forward|backward|both]
+    python benchmarks/bench_kernels.py --target cuda [--schedule cuda_two_phase] [--json out.json]
+
+With ``--target cuda`` (a GPU machine): the forward, inference and backward kernels against the GPU's
+own device-to-device copy of the same bytes (:mod:`bncompile.bench.cuda`); ``--schedule`` forces the
+forward's rule for an A/B run.
 
 The forward table, then the backward's (its time beside the forward's and beside its floor); both for
 the same ``--target`` and thread count. ``--json`` holds the forward's result with the backward's under
@@ -25,9 +30,16 @@ def main(argv=None) -> int:
                     help="TVM target (default llvm: the host CPU; llvm:haswell builds AVX2 kernels on any x86 host)")
     ap.add_argument("--part", choices=("both", "forward", "backward"), default="both",
                     help="which tables to run (default both)")
+    ap.add_argument("--schedule", default=None, help="CUDA only: force the forward's schedule rule")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if args.target.split(":")[0] == "cuda":
+        from bncompile.bench.cuda import format_cuda_table, run_cuda_benchmark
+
+        res = run_cuda_benchmark(repeat=min(args.repeat, 30), schedule=args.schedule, json_path=args.json_path)
+        print(format_cuda_table(res))
+        return 0
     result: dict = {}
     if args.part in ("both", "forward"):
         result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)

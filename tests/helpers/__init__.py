@@ -82,4 +82,10 @@ def assert_close(actual, expected, rtol: float, what: str = ""):
 
 
 def has_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidia0")
+    """An NVIDIA driver with a GPU: nvidia-smi on PATH and a device node (any index) or the driver's
+    GPU list."""
+    import glob
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))

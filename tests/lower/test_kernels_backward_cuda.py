@@ -4,6 +4,7 @@ checks against the float64 backward reference marked ``gpu``."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -22,13 +23,15 @@ CUDA = {"kind": "cuda", "arch": "sm_90"}
 HAS_NVCC = shutil.which("nvcc") is not None
 
 CASES = [
-    ("nchw-many-channels", BatchNormConfig(axis=1, fused=False), (4, 300, 3, 7), "bwd_cuda_block_per_channel"),
+    ("nchw-many-channels", BatchNormConfig(axis=1, fused=False), (4, 300, 3, 7), "bwd_cuda_two_phase"),
     ("nchw-renorm-dynamic", BatchNormConfig(axis=1, renorm=True, renorm_clipping={"rmax": 2.0}), (None, 300, 8),
-     "bwd_cuda_block_per_channel"),
+     "bwd_cuda_two_phase"),
     ("ghost-static", BatchNormConfig(axis=1, virtual_batch_size=2, renorm=True), (8, 5, 3, 7),
      "bwd_cuda_block_per_channel"),
-    ("nchw-few-channels", BatchNormConfig(axis=1), (None, 30, 5, 7), "bwd_cuda_generic"),
-    ("nhwc", BatchNormConfig(axis=-1), (None, 5, 7, 30), "bwd_cuda_generic"),
+    ("nchw-few-channels", BatchNormConfig(axis=1), (None, 30, 5, 7), "bwd_cuda_two_phase"),
+    ("nhwc", BatchNormConfig(axis=-1), (None, 5, 7, 30), "bwd_cuda_two_phase"),
+    ("nc-renorm", BatchNormConfig(axis=-1, renorm=True, scale=False), (None, 1030), "bwd_cuda_two_phase"),
+    ("nchw-wide", BatchNormConfig(axis=1, center=False), (None, 64, 28, 28), "bwd_cuda_two_phase"),
     ("ghost-symbolic", BatchNormConfig(axis=1, virtual_batch_size=2), (None, 5, 3, 7), "bwd_cuda_generic"),
     ("axis-list", BatchNormConfig(axis=(1, 3)), (2, 3, 4, 5), "bwd_cuda_generic"),
     ("adjust-full", BatchNormConfig(axis=1, adjustment="inputs"), (None, 300, 4), None),
@@ -53,6 +56,7 @@ def test_cuda_backward_compiles_to_ptx(cfg, shape, rule):
     assert _tvm.imported_kinds(ex) == ["cuda"]
     src = _tvm.cuda_source(ex)
     assert "__global__" in src
+    assert not re.search(r"__global__[^{]*\b\w+_shared_ptr\b", src), "a shared buffer crosses kernels"
     if name == "bwd_cuda_block_per_channel":
         assert "__shfl_down_sync" in src and "__shared__" in src and "__syncthreads" in src
     if HAS_NVCC:
@@ -63,7 +67,7 @@ def test_cuda_backward_compiles_to_ptx(cfg, shape, rule):
 @pytest.mark.tvm
 def test_cuda_kernel_with_gradients_builds():
     k = compile_batchnorm(BatchNormConfig(axis=1, fused=False), (None, 300, 4, 4), target="cuda", gradients=True)
-    assert k.backward_schedule == "bwd_cuda_block_per_channel"
+    assert k.backward_schedule == "bwd_cuda_two_phase"
 
 
 needs_gpu = pytest.mark.skipif(not _tvm.cuda_available(), reason="no CUDA GPU")

@@ -7,6 +7,7 @@ pre-compile VerifyMemory check must pass, and nvcc (when on PATH) must turn the 
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -25,9 +26,13 @@ HAS_NVCC = shutil.which("nvcc") is not None
 CASES = [
     # (id, config, input shape, expected rule)
     ("nchw-many-channels", BatchNormConfig(axis=1, fused=False), (4, 300, 3, 7), "cuda_block_per_channel"),
-    ("nchw-few-channels", BatchNormConfig(axis=1), (None, 30, 5, 7), "cuda_two_phase"),
-    ("nhwc", BatchNormConfig(axis=-1), (None, 5, 7, 30), "cuda_two_phase"),
-    ("nc", BatchNormConfig(axis=-1, fused=False), (None, 1024), "cuda_two_phase"),
+    ("nchw-few-channels", BatchNormConfig(axis=1), (None, 30, 5, 7), "cuda_blocked"),
+    ("nchw-wide-planes", BatchNormConfig(axis=1, renorm=True), (None, 64, 28, 28), "cuda_blocked"),
+    ("nchw-rows-per-block", BatchNormConfig(axis=2, fused=False), (None, 6, 5, 40), "cuda_blocked"),
+    ("nhwc", BatchNormConfig(axis=-1), (None, 5, 7, 30), "cuda_blocked"),
+    ("nc", BatchNormConfig(axis=-1, fused=False), (None, 1024), "cuda_blocked"),
+    ("nc-odd", BatchNormConfig(axis=-1, fused=False, adjustment="inputs"), (None, 1030), "cuda_blocked"),
+    ("nchw-short-rows", BatchNormConfig(axis=1), (None, 30, 3, 7), "cuda_two_phase"),
     ("renorm-adjust", BatchNormConfig(axis=1, renorm=True, renorm_clipping={"rmin": 0.5, "dmax": 1.0},
                                       adjustment="inputs"), (4, 30, 3, 7), "cuda_two_phase"),
     ("ghost-static", BatchNormConfig(axis=1, virtual_batch_size=2, renorm=True), (8, 5, 3, 7),
@@ -53,6 +58,10 @@ def test_cuda_schedule_compiles_and_verifies(cfg, shape, rule):
     assert _tvm.imported_kinds(ex) == ["cuda"]
     src = _tvm.cuda_source(ex)
     assert "__global__" in src
+    # a buffer in shared memory is never a kernel parameter (it would cross kernels: undefined)
+    assert not re.search(r"__global__[^{]*\b\w+_shared_ptr\b", src), "a shared buffer crosses kernels"
+    if rule == "cuda_blocked":
+        assert src.count("__global__") <= 2 * 4 + 2      # declarations and definitions: a few kernels, not one per block
     if rule in ("cuda_block_per_channel",) or (rule == "cuda_two_phase" and spec.shape[-1] != 1):
         assert "__shfl_down_sync" in src                  # warp-shuffle reductions
     if rule == "cuda_block_per_channel":

@@ -59,7 +59,7 @@ from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELIN
                                                      nt_store_pass,
                                                      nt_store_pipeline, nt_stores_apply, prefetch_pass,
                                                      stat_block_floats, y_task_bytes)
-from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_generic, cuda_two_phase
+from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_blocked, cuda_generic, cuda_two_phase
 from bncompile.lower.kernels.schedules import backward_cpu, backward_cuda
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -69,7 +69,7 @@ RULES: dict[str, list[tuple[str, Rule]]] = {
     "llvm": [("cpu_inference", cpu_inference), ("cpu_channel_first", cpu_channel_first),
              ("cpu_channels_last_rows", cpu_channels_last_rows), ("cpu_channels_last", cpu_channels_last),
              ("cpu_channels_last_ghost", cpu_channels_last_ghost), ("cpu_generic", cpu_generic)],
-    "cuda": [("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
+    "cuda": [("cuda_blocked", cuda_blocked), ("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
              ("cuda_generic", cuda_generic)],
 }
 
@@ -139,4 +139,4 @@ def schedule_backward(spec: KernelSpec, func, *, target="llvm", rule: str | None
 
 __all__ = ["CpuMachine", "cpu_machine", "stat_block_floats", "y_task_bytes", "RULES", "BACKWARD_RULES", "schedule_backward", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
            "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "merge_parallel_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_channels_last_ghost", "cpu_generic", "cpu_inference",
-           "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]
+           "cuda_blocked", "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

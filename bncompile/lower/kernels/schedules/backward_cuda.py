@@ -6,6 +6,12 @@
   other threads read: ThreadSync puts the barriers), and the same block writes the channel's dx, so x
   and dy are read once for the sums and once more, from L2, for dx. Ghost BN: the group loop is serial
   in the block, the sums over groups are cross-thread.
+* ``bwd_cuda_two_phase`` (training, one channel run, no ghost groups, static dimensions but the batch):
+  three kernels: the one-pass reduction's partial sums over chunks of rows (``cuda.partial_sums``:
+  coalesced, threads along the contiguous axis), one thread block per channel combining them with
+  every per-channel value (``cuda.per_channel_kernels``: intermediates in shared memory), and dx
+  element-wise with 16-byte accesses where the layout allows. x and dy are read once for the sums and
+  once for dx.
 * ``bwd_cuda_generic`` (every other layout, inference): the forward's generic rule, every block its
   own kernel over its spatial loops, reductions serial per thread. Correct, not fast.
 """
@@ -15,7 +21,8 @@ from __future__ import annotations
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.cuda import block_per_channel_applies
 from bncompile.lower.kernels.schedules._common import CUDA_THREADS, H100_SMS, _blocks, _inline_parameter_only, _sched
-from bncompile.lower.kernels.schedules.cuda import cuda_generic
+from bncompile.lower.kernels.schedules.cuda import (Y_VECTOR, cuda_generic, elementwise_kernel, partial_sums,
+                                                    per_channel_kernels)
 
 _GROUP_SUMS = ("batch_mean64", "batch_var", "dgamma64", "dbeta64")
 _OUTPUTS = ("dx", "dgamma", "dbeta")
@@ -51,10 +58,29 @@ def bwd_cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
     return sch
 
 
+def bwd_cuda_two_phase(spec: KernelSpec, func):
+    if not spec.training or spec.ghost or spec.kinds != "RRCR":
+        return None
+    _, P, C, Q = spec.shape
+    if not all(isinstance(d, int) for d in (P, C, Q)):
+        return None
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    sch.compute_inline(sch.get_sblock("shift"))        # one masked load of x per use; no kernel of its own
+    names.remove("shift")
+    channels_last = Q == 1
+    partial_sums(sch, "red", C, channels_last)
+    per_channel_kernels(sch, ["red"], [n for n in names if n not in ("red", "dx")], C)
+    vec = Y_VECTOR if (C if channels_last else Q) % Y_VECTOR == 0 and spec.dtype == "float32" else 1
+    elementwise_kernel(sch, "dx", vec)
+    return sch
+
+
 def bwd_cuda_generic(spec: KernelSpec, func):
     return cuda_generic(spec, func)
 
 
-RULES = [("bwd_cuda_block_per_channel", bwd_cuda_block_per_channel), ("bwd_cuda_generic", bwd_cuda_generic)]
+RULES = [("bwd_cuda_two_phase", bwd_cuda_two_phase), ("bwd_cuda_block_per_channel", bwd_cuda_block_per_channel),
+         ("bwd_cuda_generic", bwd_cuda_generic)]
 
-__all__ = ["RULES", "bwd_cuda_block_per_channel", "bwd_cuda_generic"]
+__all__ = ["RULES", "bwd_cuda_two_phase", "bwd_cuda_block_per_channel", "bwd_cuda_generic"]

@@ -4,7 +4,8 @@ for the rule contract and the list)."""
 from __future__ import annotations
 
 from bncompile.lower.kernels.compute import KernelSpec
-from bncompile.lower.kernels.schedules._common import (CUDA_THREADS, H100_SMS, REDUCTIONS, _blocks, _inline_parameter_only, _sched)
+from bncompile.lower.kernels.schedules._common import (CUDA_THREADS, H100_SMS, REDUCTIONS, _blocks, _divisor,
+                                                       _inline_parameter_only, _sched, log)
 
 # --------------------------------------------------------------------------- CUDA
 
@@ -60,12 +61,212 @@ def cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
     return sch
 
 
+# cuda_blocked's tunables (measured on an H200: docs/cuda-kernels.md)
+BLOCKED_THREADS = 256        # threads of a channel-first statistics block (one block per sample and channel)
+BLOCKED_VALUES = 4096        # channel first: rows of P per statistics block while the block holds at most this
+BLOCKED_ROWS = 32            # channels last: rows of P per statistics block
+BLOCKED_SAMPLES = 8          # channels last with one row per sample ((N, C)): samples per statistics block
+CHANNEL_THREADS = 128        # threads combining one channel's block partials
+Y_THREADS = 256
+Y_VECTOR = 4                 # float32 values per thread access of the y pass (16-byte loads and stores)
+
+
+def _thread_split(sch, loop, threads: int):
+    """Split ``loop`` into (outer, threadIdx.x) of ``threads``; a static extent of at most ``threads``
+    is bound whole (a predicate such as ``threadIdx.x < 1`` around a cross-thread reduction would put
+    its barriers inside a condition, which TVM refuses)."""
+    ext = sch.get(loop).extent
+    try:
+        ext = int(ext)
+    except TypeError:
+        ext = None
+    if ext is not None and ext <= threads:
+        sch.bind(loop, "threadIdx.x")
+        return loop
+    _, tx = sch.split(loop, [None, threads])
+    sch.bind(tx, "threadIdx.x")
+    return tx
+
+
+def blocked_spec(spec: KernelSpec) -> KernelSpec | None:
+    """The blocked-statistics spec cuda_blocked computes (compute.py ``_blocked_statistics``), or None
+    where the rule does not apply (inference, ghost BN, axis lists, a short contiguous run Q < 32 that is
+    not channels last, a symbolic dimension other than the batch)."""
+    import dataclasses
+
+    if not spec.training or spec.ghost or spec.kinds != "RRCR":
+        return None
+    _, P, C, Q = spec.shape
+    if not all(isinstance(d, int) for d in (P, C, Q)):
+        return None
+    if Q == 1:
+        if P == 1:
+            return dataclasses.replace(spec, stat_block=1, stat_rows=BLOCKED_SAMPLES)
+        return dataclasses.replace(spec, stat_block=_divisor(P, BLOCKED_ROWS))
+    if Q >= 32:
+        return dataclasses.replace(spec, stat_block=_divisor(P, max(1, BLOCKED_VALUES // Q)))
+    return None
+
+
+def _shared_for_kernel(sch, blocks: list[str], loop, outside: list[str]) -> None:
+    """Every buffer ``blocks`` write (all under the block-bound ``loop``; function outputs excepted) in
+    shared memory: other threads of the block read them, and ThreadSync puts the barriers (a scalar
+    block runs on every thread, a cross-thread reduction writes from thread 0). A block of ``outside``
+    (a later kernel) that reads one of them reads a global copy, written under ``loop`` too."""
+    params = {p.name for p in sch.mod["main"].params}
+    mine = set()
+    for b in blocks:
+        blk = sch.get_sblock(b)
+        for k, w in enumerate(sch.get(blk).writes):
+            if w.source.name not in params:          # outputs stay where the caller gave them
+                sch.set_scope(blk, k, "shared")      # renames the buffer (<name>_shared)
+        mine.update(w.source.name for w in sch.get(blk).writes if w.source.name not in params)
+    readers: dict[str, list] = {}           # buffer name -> [(outside block, its read index)]
+    for o in outside:
+        for k, r in enumerate(sch.get(sch.get_sblock(o)).reads):
+            if r.source.name in mine:
+                readers.setdefault(r.source.name, []).append((o, k))
+    for found in readers.values():
+        o, k = found[0]
+        cp = sch.cache_read(sch.get_sblock(o), k, "global", consumer_blocks=[sch.get_sblock(r) for r, _ in found])
+        sch.reverse_compute_at(cp, loop)
+
+
+def cuda_blocked(spec: KernelSpec, func):
+    """Training, one channel run, channel first with a contiguous run Q >= 32 or channels last; three
+    kernels: (1) per statistics block (a sample's plane of a channel, or rows of a sample by a stripe of
+    channels) its sum and centred sum of squares, the second pass re-reading the block from L1; (2) one
+    thread block per channel combines the block partials exactly (Chan et al.) and computes every
+    per-channel value (mean, variance, scale, the updated variables); (3) y, element-wise, 16-byte
+    accesses where the layout allows. x is read from memory once for the statistics and once for y
+    (from L2 where x fits it)."""
+    bspec = blocked_spec(spec)
+    if bspec is None:
+        return None
+    from bncompile.lower.kernels.compute import prim_func
+
+    try:
+        return _cuda_blocked(bspec, prim_func(bspec))
+    except Exception as err:  # noqa: BLE001 - a layout the primitives refuse: the next rule takes it
+        log.warning("cuda_blocked does not apply to %s %s: %s", spec.kinds, spec.shape, str(err).splitlines()[-1:])
+        return None
+
+
+def _cuda_blocked(spec: KernelSpec, func):
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    sch.compute_inline(sch.get_sblock("shift"))        # one masked load of x per use; no kernel of its own
+    names.remove("shift")
+    _, P, C, Q = spec.shape
+    channels_last = Q == 1
+    # (1) the block statistics
+    loops = sch.get_loops("bsum")                        # c, n, pb, j | [ri], bi, bq
+    if channels_last:
+        ct = C if C <= 1024 else _divisor(C, 512)        # exact split: blocks move under it
+        co, ci = sch.split(loops[0], [None, ct])
+        sch.reorder(loops[1], loops[2], loops[3], co, ci)
+        bx = sch.fuse(loops[1], loops[2], loops[3], co)
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(ci, "threadIdx.x")                      # a thread's sums are its own: no sharing
+        sch.reverse_compute_at(sch.get_sblock("bm2"), bx, preserve_unit_loops=True)
+        blk = sch.get(sch.get_sblock("bm2"))
+        nsp = sum(1 for iv in blk.iter_vars if int(iv.iter_type) == 0)
+        bl = sch.get_loops("bm2")[1:]
+        sch.bind(sch.fuse(*bl[:nsp]), "threadIdx.x")
+    else:
+        bx = sch.fuse(*loops[:4])
+        sch.bind(bx, "blockIdx.x")
+        _thread_split(sch, sch.fuse(*loops[4:]), BLOCKED_THREADS)     # cross-thread (warp shuffles)
+        # the block sum is read by every thread of the block (bm2): shared, with a global copy for (2)
+        _shared_for_kernel(sch, ["bsum"], bx, ["sum", "sqsum"])
+        sch.reverse_compute_at(sch.get_sblock("bm2"), bx, preserve_unit_loops=True)
+        blk = sch.get(sch.get_sblock("bm2"))
+        nsp = sum(1 for iv in blk.iter_vars if int(iv.iter_type) == 0)
+        bl = sch.get_loops("bm2")[1:]
+        _thread_split(sch, sch.fuse(*bl[nsp:]), BLOCKED_THREADS)
+    # (2) per channel: the two combining reductions each own a kernel of one thread block per channel
+    # (cross-thread over the block partials), with every per-channel value their producers allow
+    per_channel_kernels(sch, ["sum", "sqsum"],
+                        [n for n in names if n not in ("bsum", "bm2", "sum", "sqsum", "y") and "_global" not in n], C)
+    # (3) y
+    vec = Y_VECTOR if (C if channels_last else Q) % Y_VECTOR == 0 and spec.dtype == "float32" else 1
+    elementwise_kernel(sch, "y", vec)
+    return sch
+
+
 def _bind_elementwise(sch, block: str, nthreads: int = CUDA_THREADS):
     loops = sch.get_loops(block)
     f = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     bx, tx = sch.split(f, [None, nthreads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
+
+
+def partial_sums(sch, block: str, C: int, channels_last: bool, chunks: int = 64) -> None:
+    """Phase 1 of a chunked reduction ``block`` (loops c, then the reduced ones): ``rfactor`` into partial
+    sums over chunks of the rows, loads coalesced. Channels last: threads along c (a warp across 32
+    adjacent channels of a row, predicated), blocks over (chunk, channel stripe), 4 x ``chunks`` chunks
+    (few threads per block); else threads along the contiguous reduced run (a cross-thread reduction),
+    blocks over (c, chunk). Leaves ``block`` as the combine over the chunks (loops c, ko)."""
+    loops = sch.get_loops(block)
+    rows = sch.fuse(*loops[1:])
+    if channels_last:
+        ko, _ = sch.split(rows, [4 * chunks, None])
+        rf = sch.rfactor(ko, factor_axis=0)
+        rl = sch.get_loops(rf)                 # c, ko, ri
+        co, cin = sch.split(rl[0], [None, min(C, 32)])
+        sch.reorder(rl[1], co, cin, rl[2])
+        sch.bind(sch.fuse(rl[1], co), "blockIdx.x")
+        sch.bind(cin, "threadIdx.x")
+        sch.decompose_reduction(rf, rl[2])
+    else:
+        ko, _ = sch.split(rows, [chunks, None])
+        rf = sch.rfactor(ko, factor_axis=1)
+        rl = sch.get_loops(rf)                 # c, ko, ri
+        sch.bind(sch.fuse(rl[0], rl[1]), "blockIdx.x")
+        _thread_split(sch, rl[2], CUDA_THREADS)   # cross-thread reduction (warp shuffles)
+
+
+def per_channel_kernels(sch, owners: list[str], blocks: list[str], C: int, threads: int = CHANNEL_THREADS) -> None:
+    """Per-channel kernels: each block of ``owners`` (a reduction with loops c, then the reduced ones)
+    becomes a kernel of one thread block per channel, reduced across ``threads`` threads; every block of
+    ``blocks`` (per-channel values) goes under the first owner whose kernel holds all its producers, else
+    is a kernel of its own over the channels. In an owner's kernel every intermediate lives in shared
+    memory (the scalar blocks run on every thread; :func:`_shared_for_kernel`)."""
+    members = {}
+    for b in owners:
+        loops = sch.get_loops(b)
+        sch.bind(loops[0], "blockIdx.x")
+        red = loops[1:]
+        _thread_split(sch, sch.fuse(*red) if len(red) > 1 else red[0], threads)
+        members[b] = [b]
+    for b in blocks:
+        for owner in owners:
+            try:
+                sch.reverse_compute_at(sch.get_sblock(b), sch.get_loops(owner)[0], preserve_unit_loops=True)
+                members[owner].append(b)
+                break
+            except Exception:  # noqa: BLE001 - a producer lives in another kernel
+                continue
+        else:
+            _bind_elementwise(sch, b, min(CUDA_THREADS, 32 * -(-C // 32)))
+    everything = _blocks(sch)
+    for owner in owners:
+        _shared_for_kernel(sch, members[owner], sch.get_loops(owner)[0],
+                           [b for b in everything if b not in members[owner]])
+
+
+def elementwise_kernel(sch, block: str, vector: int) -> None:
+    """The element-wise pass ``block`` as one kernel over its fused loops, ``vector`` values per thread
+    access (their total must divide by it)."""
+    f = sch.fuse(*sch.get_loops(block))
+    if vector > 1:
+        f, vi = sch.split(f, [None, vector])
+    bx, tx = sch.split(f, [None, Y_THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    if vector > 1:
+        sch.vectorize(vi)
 
 
 def cuda_two_phase(spec: KernelSpec, func, *, chunks: int = 64):
@@ -80,36 +281,14 @@ def cuda_two_phase(spec: KernelSpec, func, *, chunks: int = 64):
     q = int(spec.shape[-1])
     channels_last = q == 1
     for b in REDUCTIONS:
-        loops = sch.get_loops(b)               # c, n, p, q
+        partial_sums(sch, b, C, channels_last, chunks)
+        fl = sch.get_loops(b)                  # c, ko
         if channels_last:
-            # threads along c (contiguous); rows split into `chunks` partial sums
-            rows = sch.fuse(*loops[1:])
-            ko, ri = sch.split(rows, [4 * chunks, None])   # few threads per block: more chunks
-            rf = sch.rfactor(ko, factor_axis=0)
-            rl = sch.get_loops(rf)             # c, ko, ri
-            cw = min(C, 32)                    # a warp across 32 adjacent channels of a row (predicated)
-            co, cin = sch.split(rl[0], [None, cw])
-            sch.reorder(rl[1], co, cin, rl[2])
-            bx = sch.fuse(rl[1], co)
-            sch.bind(bx, "blockIdx.x")
-            sch.bind(cin, "threadIdx.x")
-            sch.decompose_reduction(rf, rl[2])
             # phase 2: each thread combines its channel's partials serially
-            fl = sch.get_loops(b)              # c, ko
-            cb, ct = sch.split(fl[0], [None, cw])
+            cb, ct = sch.split(fl[0], [None, min(C, 32)])
             sch.bind(cb, "blockIdx.x")
             sch.bind(ct, "threadIdx.x")
         else:
-            # threads along the contiguous q axis (coalesced), blocks over (c, chunk)
-            rows = sch.fuse(*loops[1:])
-            ko, ri = sch.split(rows, [chunks, None])
-            rf = sch.rfactor(ko, factor_axis=1)
-            rl = sch.get_loops(rf)             # c, ko, ri
-            bx = sch.fuse(rl[0], rl[1])
-            sch.bind(bx, "blockIdx.x")
-            _, tx = sch.split(rl[2], [None, CUDA_THREADS])
-            sch.bind(tx, "threadIdx.x")        # cross-thread reduction (warp shuffles)
-            fl = sch.get_loops(b)              # c, ko
             sch.bind(fl[0], "blockIdx.x")
             sch.bind(fl[1], "threadIdx.x")     # allreduce of the partials
     for b in ["shift", *_cuda_scalar_blocks(names), *[n for n in names if n.endswith("_new")]]:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU checks, in one call of a lent GPU machine (no registry there; TVM travels as ../shared/tools/
+# gpu-bundle's .gpu/, which the call carries):  bash benchmarks/gpu_check.sh [tests|bench|all]
+#
+#  1. the CUDA tests: every test marked `gpu` (numerics of each CUDA rule, forward and backward, and the
+#     random-config property test tests/lower/test_kernels_cuda_property.py), spread over the cores;
+#  2. the CUDA kernel benchmark (benchmarks/bench_kernels.py --target cuda: the kernels against the
+#     GPU's own device-to-device copy), then an A/B of the forward's rule on the issue's shapes.
+# Logs and JSON go to $OUT (the device tool brings that folder back) or ./gpu-out.
+set -u
+what=${1:-all}
+out=${OUT:-$PWD/gpu-out}
+mkdir -p "$out"
+t0=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+if [ -d .gpu ]; then
+  mkdir -p /tmp/site
+  tar -C /tmp/site -xJf .gpu/tvm.tar.xz || exit 1
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl || exit 1
+fi
+# bncompile itself, built from this tree (bncompile.passes is the passes/ folder)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >"$out/install.log" 2>&1 \
+  || { stamp "install failed"; tail -5 "$out/install.log"; exit 1; }
+export PYTHONPATH=/tmp/site TVM_CUDA_COMPILE_MODE=nvcc PYTHONUNBUFFERED=1 PATH=$PATH:/usr/local/cuda/bin
+cd /tmp || exit 1        # import the installed bncompile, not the tree
+stamp "set up"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+python3 -c "import tvm, bncompile; d = tvm.cuda(0); print('tvm', tvm.__version__, 'cuda', d.exist, d.device_name, \
+d.multi_processor_count, 'SMs', d.l2_cache_size_bytes >> 20, 'MB L2', 'compute', d.compute_version)" 2>&1 | tee -a "$out/gpu.txt"
+tree=$OLDPWD
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  stamp "CUDA tests"
+  par=""; python3 -c "import xdist" 2>/dev/null && par="-n 12"
+  ( cd "$tree" && timeout 170 python3 -P -m pytest -q -m gpu $par -p no:cacheprovider --rootdir "$tree" \
+      tests/lower/test_kernels_cuda.py tests/lower/test_kernels_backward_cuda.py \
+      tests/lower/test_kernels_cuda_property.py tests/lower/test_compile.py ) > "$out/tests.log" 2>&1
+  echo "pytest rc=$?" >> "$out/tests.log"
+  grep -E "passed|failed|error|rc=" "$out/tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-300 | head -20
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  stamp "CUDA benchmark"
+  timeout 150 python3 "$tree/benchmarks/bench_kernels.py" --target cuda --repeat 15 --json "$out/cuda_bench.json" \
+    > "$out/bench.log" 2>&1
+  echo "bench rc=$?" >> "$out/bench.log"
+  stamp "A/B of the forward: the previous rule (cuda_two_phase), and cuda_blocked's tunables"
+  timeout 100 python3 - > "$out/ab.log" 2>&1 <<'PY'
+from bncompile.bench.cuda import format_cuda_table, run_cuda_benchmark
+from bncompile.bench.kernels import Case
+from bncompile.lower.kernels import clear_cache
+from bncompile.lower.kernels.schedules import cuda
+
+cases = [Case("NCHW", (32, 64, 56, 56), 1), Case("NCHW", (64, 128, 28, 28), 1), Case("NHWC", (32, 56, 56, 64), -1),
+         Case("NC", (256, 1024), 1), Case("NCHW", (128, 64, 112, 112), 1)]
+base = {k: getattr(cuda, k) for k in ("BLOCKED_THREADS", "CHANNEL_THREADS", "Y_VECTOR", "BLOCKED_ROWS", "BLOCKED_SAMPLES")}
+variants = [("previous rule cuda_two_phase", {}, "cuda_two_phase"), ("Y_VECTOR=1", {"Y_VECTOR": 1}, None),
+            ("BLOCKED_THREADS=512 CHANNEL_THREADS=256", {"BLOCKED_THREADS": 512, "CHANNEL_THREADS": 256}, None),
+            ("BLOCKED_THREADS=128 BLOCKED_ROWS=8 BLOCKED_SAMPLES=4", {"BLOCKED_THREADS": 128, "BLOCKED_ROWS": 8,
+                                                                     "BLOCKED_SAMPLES": 4}, None)]
+for label, over, rule in variants:
+    for k, v in {**base, **over}.items():
+        setattr(cuda, k, v)
+    clear_cache()
+    print("==", label, flush=True)
+    print(format_cuda_table(run_cuda_benchmark(cases, repeat=10, schedule=rule, parts=("fwd", "copy"))), flush=True)
+PY
+  echo "ab rc=$?" >> "$out/ab.log"
+  cat "$out/ab.log" "$out/bench.log"
+fi
+stamp "done"
