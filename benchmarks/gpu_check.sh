@@ -16,7 +16,9 @@ stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
 if [ -d .gpu ]; then
   mkdir -p /tmp/site
   tar -C /tmp/site -xJf .gpu/tvm.tar.xz || exit 1
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl || exit 1
+  # tvm-ffi: the wheel, or its files as an xz tarball (smaller: the call carries 64 MiB at most)
+  if [ -f .gpu/ffi.tar.xz ]; then tar -C /tmp/site -xJf .gpu/ffi.tar.xz || exit 1
+  else python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl || exit 1; fi
 fi
 # bncompile itself, built from this tree (bncompile.passes is the passes/ folder)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >"$out/install.log" 2>&1 \
