@@ -125,8 +125,9 @@ def test_cuda_numerics(cfg, shape, rule, monkeypatch):
     feeds = {"x": x}
     adj = None
     if cfg.adjustment == "inputs":
-        C = concrete[1]
-        adj = (rng.uniform(0.9, 1.1, (1, C, 1, 1)), rng.uniform(-0.1, 0.1, (C, 1, 1)))
+        ax = cfg.axis[0] % len(concrete) if isinstance(cfg.axis, (list, tuple)) else cfg.axis % len(concrete)
+        per_channel = tuple(d if i == ax else 1 for i, d in enumerate(concrete))
+        adj = (rng.uniform(0.9, 1.1, per_channel), rng.uniform(-0.1, 0.1, per_channel[1:]))
         feeds.update(adjustment_scale=adj[0], adjustment_bias=adj[1])
     out = k.run(feeds)
     ref = batchnorm(cfg, x, None, training=True, adjustment=adj)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.cuda import block_per_channel_applies
-from bncompile.lower.kernels.schedules._common import CUDA_THREADS, H100_SMS, _blocks, _inline_parameter_only, _sched
+from bncompile.lower.kernels.schedules._common import (CUDA_THREADS, H100_SMS, _blocks, _divisor, _inline_parameter_only,
+                                                       _sched)
 from bncompile.lower.kernels.schedules.cuda import (Y_VECTOR, cuda_generic, elementwise_kernel, partial_sums,
                                                     per_channel_kernels)
 
@@ -58,20 +59,39 @@ def bwd_cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
     return sch
 
 
+ROW_BLOCK = 64      # (N, C) layouts: samples per row block of the reduction (backward.py LANE_BLOCK at most)
+
+
 def bwd_cuda_two_phase(spec: KernelSpec, func):
     if not spec.training or spec.ghost or spec.kinds != "RRCR":
         return None
     _, P, C, Q = spec.shape
     if not all(isinstance(d, int) for d in (P, C, Q)):
         return None
+    import dataclasses
+
+    from bncompile.lower.kernels.backward import LANE_BLOCK, backward_prim_func
+
+    rows = Q == 1 and P * Q <= LANE_BLOCK // 4          # few values per sample: row blocks of samples
+    if rows:
+        spec = dataclasses.replace(spec, stat_rows=max(2, min(ROW_BLOCK, LANE_BLOCK // (P * Q))))
+        func = backward_prim_func(spec)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     sch.compute_inline(sch.get_sblock("shift"))        # one masked load of x per use; no kernel of its own
     names.remove("shift")
-    channels_last = Q == 1
-    partial_sums(sch, "red", C, channels_last)
+    if rows:
+        # bsum (NB, C): a thread per channel adds its R samples' values serially, stored block-major
+        nb, c, *_ = sch.get_loops("bsum")
+        ct = C if C <= 1024 else _divisor(C, 512)
+        co, ci = sch.split(c, [None, ct])
+        sch.bind(sch.fuse(nb, co), "blockIdx.x")
+        sch.bind(ci, "threadIdx.x")
+        names.remove("bsum")
+    else:
+        partial_sums(sch, "red", C, P, Q == 1)
     per_channel_kernels(sch, ["red"], [n for n in names if n not in ("red", "dx")], C)
-    vec = Y_VECTOR if (C if channels_last else Q) % Y_VECTOR == 0 and spec.dtype == "float32" else 1
+    vec = Y_VECTOR if (C if Q == 1 else Q) % Y_VECTOR == 0 and spec.dtype == "float32" else 1
     elementwise_kernel(sch, "dx", vec)
     return sch
 
