@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call of a lent GPU machine (no registry there; TVM travels as ../shared/tools/
-# gpu-bundle's .gpu/, which the call carries):  bash benchmarks/gpu_check.sh [tests|bench|all]
+# gpu-bundle's .gpu/, which the call carries):
+#   bash benchmarks/gpu_check.sh [all|final|tests|bench|profile]     (final: all but the A/B)
 #
 #  1. the CUDA tests: every test marked `gpu` (numerics of each CUDA rule, forward and backward, and the
 #     random-config property test tests/lower/test_kernels_cuda_property.py), spread over the cores;
@@ -30,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version 
 python3 -c "import tvm, bncompile; d = tvm.cuda(0); print('tvm', tvm.__version__, 'cuda', d.exist, d.device_name, \
 d.multi_processor_count, 'SMs', d.l2_cache_size_bytes >> 20, 'MB L2', 'compute', d.compute_version)" 2>&1 | tee -a "$out/gpu.txt"
 tree=$OLDPWD
-if [ "$what" = all ] || [ "$what" = tests ]; then
+if [ "$what" = all ] || [ "$what" = final ] || [ "$what" = tests ]; then
   stamp "CUDA tests"
   par=""; python3 -c "import xdist" 2>/dev/null && par="-n 12"
   ( cd "$tree" && timeout 170 python3 -P -m pytest -q -m gpu $par -p no:cacheprovider --rootdir "$tree" \
@@ -39,12 +40,16 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   echo "pytest rc=$?" >> "$out/tests.log"
   grep -E "passed|failed|error|rc=" "$out/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-300 | head -20
+  grep -E "^E  " "$out/tests.log" | cut -c1-240 | head -30
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if [ "$what" = all ] || [ "$what" = final ] || [ "$what" = bench ]; then
   stamp "CUDA benchmark"
   timeout 150 python3 "$tree/benchmarks/bench_kernels.py" --target cuda --repeat 15 --json "$out/cuda_bench.json" \
     > "$out/bench.log" 2>&1
   echo "bench rc=$?" >> "$out/bench.log"
+  cat "$out/bench.log"
+fi
+if [ "$what" = all ]; then
   stamp "A/B of the forward: the previous rule (cuda_two_phase), and cuda_blocked's tunables"
   timeout 100 python3 - > "$out/ab.log" 2>&1 <<'PY'
 from bncompile.bench.cuda import format_cuda_table, run_cuda_benchmark
@@ -66,15 +71,15 @@ for label, over, rule in variants:
     print(format_cuda_table(run_cuda_benchmark(cases, repeat=10, schedule=rule, parts=("fwd", "copy"))), flush=True)
 PY
   echo "ab rc=$?" >> "$out/ab.log"
-  cat "$out/ab.log" "$out/bench.log"
+  cat "$out/ab.log"
 fi
-if [ "$what" = all ] || [ "$what" = profile ]; then
-  stamp "per-kernel GPU times (ncu) of one forward and one backward step, NCHW 32x64x56x56 and NC 256x1024"
+if [ "$what" = all ] || [ "$what" = final ] || [ "$what" = profile ]; then
+  stamp "per-kernel GPU times (ncu) of one forward and one backward step, NCHW 32x64x56x56, NHWC 32x56x56x64, NC 256x1024"
   cat > /tmp/prof.py <<'PY'
 import numpy as np
 from bncompile.config import BatchNormConfig
 from bncompile.kernels import compile_batchnorm
-for shape, axis in (((32, 64, 56, 56), 1), ((256, 1024), -1)):
+for shape, axis in (((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1), ((256, 1024), -1)):
     k = compile_batchnorm(BatchNormConfig(axis=axis, fused=False), (None,) + shape[1:], target="cuda", gradients=True)
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     k.run({"x": x, "dy": x})

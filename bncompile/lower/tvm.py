@@ -224,8 +224,18 @@ def view(tensor, shape):
 # --------------------------------------------------------------------------- build and checks
 
 def build(func, target: Any):
-    """Compile a (scheduled) PrimFunc or IRModule; returns the ``runtime.Executable``."""
-    return tvm().compile(func, target=make_target(target))
+    """Compile a (scheduled) PrimFunc or IRModule; returns the ``runtime.Executable``.
+
+    CUDA: without TVM's storage rewrite. The CUDA schedules keep per-channel scalars in shared memory
+    and let every thread of the block compute them (the barriers come from ThreadSync); storage rewrite
+    folds a scalar into the slot of one it was computed from (``r = inv * r`` in place), and with every
+    thread doing that read-modify-write one thread read the value another had already updated (seen on
+    an H200: the renorm backward's gradients off)."""
+    t = make_target(target)
+    if target_kind(target) == "cuda":
+        with tvm().transform.PassContext(opt_level=3, config={"tirx.disable_storage_rewrite": True}):
+            return tvm().compile(func, target=t)
+    return tvm().compile(func, target=t)
 
 
 def verify_memory(mod, target: Any) -> None:

@@ -18,7 +18,7 @@ from bncompile.config import BatchNormConfig
 from bncompile.reference import batchnorm, batchnorm_backward
 
 pytest.importorskip("tvm")
-pytestmark = [pytest.mark.gpu, pytest.mark.tvm]
+pytestmark = pytest.mark.tvm
 
 TOL_Y = 5e-5        # float32, relative to max(1, |expected|)
 TOL_GRAD = 1e-4
@@ -84,6 +84,22 @@ def _case(part: int, i: int):
     return cfg, shape, dynamic, adj_shapes, loc, int(rng.integers(0, 2**31 - 1))
 
 
+@pytest.mark.parametrize("part", range(0, PARTS, 2))
+def test_random_cuda_sources_are_race_free(part):
+    """Without a GPU (CI): the random cases compile for sm_90 and their CUDA source keeps the shared-
+    memory invariants (helpers.cuda.check_cuda_source), forward and backward."""
+    from bncompile.kernels import compile_batchnorm
+    from bncompile.lower import tvm as _tvm
+    from helpers.cuda import check_cuda_source
+
+    for i in range(PER_PART):
+        cfg, shape, dynamic, adj_shapes, _, _ = _case(part, i)
+        k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape, target="cuda", gradients=True)
+        check_cuda_source(_tvm.cuda_source(k.executable))
+        check_cuda_source(_tvm.cuda_source(k._built_backward(k.spec.adjustment).executable))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("part", range(PARTS))
 def test_random_cuda_kernels_match_reference(part):
     from bncompile.kernels import compile_batchnorm
@@ -124,6 +140,7 @@ def test_random_cuda_kernels_match_reference(part):
             np.testing.assert_allclose(act, exp, rtol=tol, atol=tol * scale, err_msg=f"{name}; {what}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("cfg,shape", [
     (BatchNormConfig(axis=1, fused=False), (None, 64, 14, 14)),
     (BatchNormConfig(axis=-1, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5}), (None, 7, 7, 48)),

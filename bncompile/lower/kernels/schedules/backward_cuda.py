@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.cuda import block_per_channel_applies
-from bncompile.lower.kernels.schedules._common import (CUDA_THREADS, H100_SMS, _blocks, _divisor, _inline_parameter_only,
-                                                       _sched)
-from bncompile.lower.kernels.schedules.cuda import (Y_VECTOR, cuda_generic, elementwise_kernel, partial_sums,
-                                                    per_channel_kernels)
+from bncompile.lower.kernels.schedules._common import CUDA_THREADS, H100_SMS, _blocks, _inline_parameter_only, _sched
+from bncompile.lower.kernels.schedules.cuda import (Y_VECTOR, _channel_threads, _unroll_static, cuda_generic,
+                                                    elementwise_kernel, partial_sums, per_channel_kernels)
 
 _GROUP_SUMS = ("batch_mean64", "batch_var", "dgamma64", "dbeta64")
 _OUTPUTS = ("dx", "dgamma", "dbeta")
@@ -59,7 +58,7 @@ def bwd_cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
     return sch
 
 
-ROW_BLOCK = 64      # (N, C) layouts: samples per row block of the reduction (backward.py LANE_BLOCK at most)
+ROW_BLOCK = 8       # (N, C) layouts: samples per row block of the reduction (backward.py LANE_BLOCK at most)
 
 
 def bwd_cuda_two_phase(spec: KernelSpec, func):
@@ -82,11 +81,12 @@ def bwd_cuda_two_phase(spec: KernelSpec, func):
     names.remove("shift")
     if rows:
         # bsum (NB, C): a thread per channel adds its R samples' values serially, stored block-major
-        nb, c, *_ = sch.get_loops("bsum")
-        ct = C if C <= 1024 else _divisor(C, 512)
-        co, ci = sch.split(c, [None, ct])
+        nb, c, *red = sch.get_loops("bsum")
+        co, ci = sch.split(c, [None, _channel_threads(C)])
         sch.bind(sch.fuse(nb, co), "blockIdx.x")
         sch.bind(ci, "threadIdx.x")
+        for r in red:
+            _unroll_static(sch, r)
         names.remove("bsum")
     else:
         partial_sums(sch, "red", C, P, Q == 1)

@@ -65,8 +65,9 @@ def cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
 BLOCKED_THREADS = 256        # threads of a channel-first statistics block (one block per sample and channel)
 BLOCKED_VALUES = 4096        # channel first: rows of P per statistics block while the block holds at most this
 BLOCKED_ROWS = 32            # channels last: rows of P per statistics block
-BLOCKED_SAMPLES = 32         # channels last with one row per sample ((N, C)): samples per statistics block
+BLOCKED_SAMPLES = 8          # channels last with one row per sample ((N, C)): samples per statistics block
 CHANNEL_THREADS = 128        # threads combining one channel's block partials
+CHANNELS_LAST_THREADS = 256  # channels last: threads across the channels of a block (more blocks, fewer serial rows)
 Y_THREADS = 256
 Y_VECTOR = 4                 # float32 values per thread access of the y pass (16-byte loads and stores)
 
@@ -83,9 +84,32 @@ def _thread_split(sch, loop, threads: int):
     if ext is not None and ext <= threads:
         sch.bind(loop, "threadIdx.x")
         return loop
-    _, tx = sch.split(loop, [None, threads])
+    outer, tx = sch.split(loop, [None, threads])
     sch.bind(tx, "threadIdx.x")
+    _unroll_static(sch, outer)
     return tx
+
+
+UNROLL_MAX = 32     # serial loops of at most this many static iterations are unrolled (loads in flight)
+
+
+def _unroll_static(sch, loop) -> None:
+    """Unroll a thread's serial ``loop`` when its extent is static and at most :data:`UNROLL_MAX`: its
+    loads are independent of the running sums, and unrolled they are all in flight at once (measured
+    on an H200: a statistics pass of 13 loads a thread moved 1.5 TB/s rolled, about half the copy's
+    bandwidth, for want of loads in flight)."""
+    try:
+        ext = int(sch.get(loop).extent)
+    except TypeError:
+        return
+    if 1 < ext <= UNROLL_MAX:
+        sch.unroll(loop)
+
+
+def _channel_threads(C: int) -> int:
+    """Threads across the channels of a channels-last block: all of them up to CHANNELS_LAST_THREADS,
+    else an exact divisor (blocks move under the split)."""
+    return C if C <= CHANNELS_LAST_THREADS else _divisor(C, CHANNELS_LAST_THREADS)
 
 
 def blocked_spec(spec: KernelSpec) -> KernelSpec | None:
@@ -162,17 +186,20 @@ def _cuda_blocked(spec: KernelSpec, func):
     # (1) the block statistics
     loops = sch.get_loops("bsum")                        # c, n, pb, j | [ri], bi, bq
     if channels_last:
-        ct = C if C <= 1024 else _divisor(C, 512)        # exact split: blocks move under it
-        co, ci = sch.split(loops[0], [None, ct])
+        co, ci = sch.split(loops[0], [None, _channel_threads(C)])
         sch.reorder(loops[1], loops[2], loops[3], co, ci)
         bx = sch.fuse(loops[1], loops[2], loops[3], co)
         sch.bind(bx, "blockIdx.x")
         sch.bind(ci, "threadIdx.x")                      # a thread's sums are its own: no sharing
+        for r in loops[4:]:
+            _unroll_static(sch, r)
         sch.reverse_compute_at(sch.get_sblock("bm2"), bx, preserve_unit_loops=True)
         blk = sch.get(sch.get_sblock("bm2"))
         nsp = sum(1 for iv in blk.iter_vars if int(iv.iter_type) == 0)
         bl = sch.get_loops("bm2")[1:]
         sch.bind(sch.fuse(*bl[:nsp]), "threadIdx.x")
+        for r in bl[nsp:]:
+            _unroll_static(sch, r)
     else:
         # the channel on blockIdx.y, (sample, row block, lane) on blockIdx.x: decoding a fused index
         # whose extent holds the symbolic batch would divide by it for every element (measured on an
@@ -220,11 +247,11 @@ def partial_sums(sch, block: str, C: int, P: int, channels_last: bool) -> None:
         k = sch.fuse(n, pb)
         rf = sch.rfactor(k, factor_axis=0)
         c, k, bi, q = sch.get_loops(rf)
-        ct = C if C <= 1024 else _divisor(C, 512)
-        co, ci = sch.split(c, [None, ct])
+        co, ci = sch.split(c, [None, _channel_threads(C)])
         sch.reorder(k, co, ci, bi, q)
         sch.bind(sch.fuse(k, co), "blockIdx.x")
         sch.bind(ci, "threadIdx.x")
+        _unroll_static(sch, bi)
     else:
         rf = sch.rfactor(n, factor_axis=1)
         c, n, p, q = sch.get_loops(rf)
