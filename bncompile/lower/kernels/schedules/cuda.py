@@ -64,8 +64,8 @@ def cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
 # cuda_blocked's tunables (measured on an H200: docs/cuda-kernels.md)
 BLOCKED_THREADS = 256        # threads of a channel-first statistics block (one block per sample and channel)
 BLOCKED_VALUES = 4096        # channel first: rows of P per statistics block while the block holds at most this
-BLOCKED_ROWS = 32            # channels last: rows of P per statistics block
-BLOCKED_SAMPLES = 8          # channels last with one row per sample ((N, C)): samples per statistics block
+BLOCKED_ROWS = 64            # channels last: rows of P per statistics block
+BLOCKED_SAMPLES = 32         # channels last with one row per sample ((N, C)): samples per statistics block
 CHANNEL_THREADS = 128        # threads combining one channel's block partials
 CHANNELS_LAST_THREADS = 256  # channels last: threads across the channels of a block (more blocks, fewer serial rows)
 Y_THREADS = 256
