@@ -186,20 +186,19 @@ def _cuda_blocked(spec: KernelSpec, func):
     # (1) the block statistics
     loops = sch.get_loops("bsum")                        # c, n, pb, j | [ri], bi, bq
     if channels_last:
-        co, ci = sch.split(loops[0], [None, _channel_threads(C)])
+        # a stripe of up to 1024 channels per block and the rows rolled: on an H200 the (65536, 1024)
+        # forward took 0.41 ms this way, 4.2 ms with 256-channel stripes and the rows unrolled
+        ct = C if C <= 1024 else _divisor(C, 512)        # exact split: blocks move under it
+        co, ci = sch.split(loops[0], [None, ct])
         sch.reorder(loops[1], loops[2], loops[3], co, ci)
         bx = sch.fuse(loops[1], loops[2], loops[3], co)
         sch.bind(bx, "blockIdx.x")
         sch.bind(ci, "threadIdx.x")                      # a thread's sums are its own: no sharing
-        for r in loops[4:]:
-            _unroll_static(sch, r)
         sch.reverse_compute_at(sch.get_sblock("bm2"), bx, preserve_unit_loops=True)
         blk = sch.get(sch.get_sblock("bm2"))
         nsp = sum(1 for iv in blk.iter_vars if int(iv.iter_type) == 0)
         bl = sch.get_loops("bm2")[1:]
         sch.bind(sch.fuse(*bl[:nsp]), "threadIdx.x")
-        for r in bl[nsp:]:
-            _unroll_static(sch, r)
     else:
         # the channel on blockIdx.y, (sample, row block, lane) on blockIdx.x: decoding a fused index
         # whose extent holds the symbolic batch would divide by it for every element (measured on an
