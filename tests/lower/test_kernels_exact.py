@@ -156,9 +156,10 @@ def test_half_precision_statistics_exact(dtype):
 
 
 CUDA = {"kind": "cuda", "arch": "sm_90"}
-CUDA_CASES = [(BatchNormConfig(axis=1), (None, 300, 5, 7), "cuda_block_per_channel"),
-              (BatchNormConfig(axis=-1), (None, 5, 7, 30), "cuda_two_phase"),
-              (BatchNormConfig(axis=1), (None, 30, 5, 7), "cuda_two_phase"),
+CUDA_CASES = [(BatchNormConfig(axis=1), (None, 300, 3, 7), "cuda_block_per_channel"),
+              (BatchNormConfig(axis=1), (None, 30, 3, 7), "cuda_two_phase"),
+              (BatchNormConfig(axis=-1), (None, 5, 7, 30), "cuda_blocked"),
+              (BatchNormConfig(axis=1), (None, 30, 5, 7), "cuda_blocked"),
               (BatchNormConfig(axis=(1, 3)), (2, 3, 4, 5), "cuda_generic")]
 
 
