@@ -6,7 +6,8 @@
 #  1. the CUDA tests: every test marked `gpu` (numerics of each CUDA rule, forward and backward, and the
 #     random-config property test tests/lower/test_kernels_cuda_property.py), spread over the cores;
 #  2. the CUDA kernel benchmark (benchmarks/bench_kernels.py --target cuda: the kernels against the
-#     GPU's own device-to-device copy), then an A/B of the forward's rule on the issue's shapes.
+#     GPU's own device-to-device copy), then (all) A/B rounds of cuda_blocked's tunables, and (all,
+#     final, profile) per-kernel GPU times from ncu.
 # Logs and JSON go to $OUT (the device tool brings that folder back) or ./gpu-out.
 set -u
 what=${1:-all}
@@ -50,7 +51,7 @@ if [ "$what" = all ] || [ "$what" = final ] || [ "$what" = bench ]; then
   cat "$out/bench.log"
 fi
 if [ "$what" = all ]; then
-  stamp "A/B of the forward: the previous rule (cuda_two_phase), and cuda_blocked's tunables"
+  stamp "A/B of the forward: cuda_blocked's tunables"
   timeout 100 python3 - > "$out/ab.log" 2>&1 <<'PY'
 from bncompile.bench.cuda import format_cuda_table, run_cuda_benchmark
 from bncompile.bench.kernels import Case

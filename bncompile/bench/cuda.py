@@ -15,13 +15,15 @@ issue's target is 0.8), ``bwd_copy_bw`` the backward's (1.5 x copy time / backwa
 ``peak_copy_gbps`` the copy bandwidth of the largest case (bytes read plus written), against which
 every case's own ``gbps`` can be read.
 
-Every implementation is pre-bound to several input sets (together at least 3x the GPU's L2), one
-shared counter picks the next set at every call, so no call finds its x in L2 from an earlier call.
-A round runs ``calls`` back-to-back calls of one implementation and synchronizes; the order of the
-implementations rotates every round. Two clocks: the host's wall clock around the round (what a
-caller waits for, the launch overhead included) and, when PyTorch is importable (never a dependency:
-the GPU machines have it), CUDA events on the default stream, which TVM launches into (GPU time
-alone). The table names the GPU, its multiprocessor count and L2 size.
+Every implementation is pre-bound to several input sets (x, y and dy each; the x sets together at
+least 3x the GPU's L2, at most 1024 sets), one shared counter picks the next set at every call, so no
+call finds its x in L2 from an earlier call. A round runs ``calls`` back-to-back calls of one
+implementation and synchronizes; the order of the implementations rotates every round. Two clocks:
+the host's wall clock around the round (what a caller waits for) and, when PyTorch is importable (never
+a dependency: the GPU machines have it), CUDA events on the default stream TVM launches into, around
+the round's calls: GPU time including the gaps between kernels. A tensor of a few MB moves in a few us,
+about what a launch costs: those rows measure launches as much as bandwidth. The table names the GPU,
+its multiprocessor count and L2 size.
 """
 
 from __future__ import annotations
@@ -134,12 +136,13 @@ def run_cuda_benchmark(cases: Sequence[Case] | None = None, *, repeat: int = 15,
     machine = gpu_info()
     l2 = int(machine.get("l2_cache_size_bytes") or 64 << 20)
     events = _events()
-    machine["clock"] = "CUDA events (GPU time) and wall clock" if events else "wall clock only (no PyTorch)"
+    machine["clock"] = ("CUDA events around each round's calls (GPU time, gaps between kernels included) and "
+                        "wall clock") if events else "wall clock only (no PyTorch)"
     rng = np.random.default_rng(0)
     rows = []
     for case in (cases or DEFAULT_CUDA_CASES):
         nbytes = int(np.prod(case.shape)) * 4
-        sets = int(min(8, max(2, -(-3 * l2 // nbytes) + 1)))
+        sets = int(min(1024, max(2, -(-3 * l2 // nbytes) + 1)))
         k, runners = _runners(case, sets, rng, schedule=schedule, parts=parts)
         dev.sync()
         names = list(runners)
@@ -178,7 +181,8 @@ def run_cuda_benchmark(cases: Sequence[Case] | None = None, *, repeat: int = 15,
         rows.append(row)
         log.info("cuda benchmark %s %s %s: %s", case.name, case.shape, case.variant, base)
         del runners
-    peak = max((r["gbps"]["copy"] for r in rows), default=0.0)
+    largest = max(rows, key=lambda r: int(np.prod(r["shape"])), default=None)
+    peak = largest["gbps"]["copy"] if largest else 0.0
     out = {"machine": {**machine, "repeat": repeat, "calls": calls, "peak_copy_gbps": peak}, "cases": rows}
     if json_path:
         from pathlib import Path
@@ -210,8 +214,9 @@ def format_cuda_table(result: dict) -> str:
                  f"{FORWARD_TARGET}); bwd/cp: the backward's over 1.5 copies. Times: {m.get('clock')}; wall fwd: "
                  f"host wall clock per call (launches included).")
     lines.append(f"GPU: {m.get('gpu')}, {m.get('multi_processor_count', '?')} SMs, compute "
-                 f"{m.get('compute_version', '?')}, L2 {int(m.get('l2_cache_size_bytes') or 0) >> 20} MB; peak copy "
-                 f"{m.get('peak_copy_gbps', 0):.0f} GB/s (read + write); {m.get('repeat')} rounds of {m.get('calls')} calls")
+                 f"{m.get('compute_version', '?')}, L2 {int(m.get('l2_cache_size_bytes') or 0) >> 20} MB; copy of the "
+                 f"largest case {m.get('peak_copy_gbps', 0):.0f} GB/s (read + write); {m.get('repeat')} rounds of "
+                 f"{m.get('calls')} calls")
     return "\n".join(lines)
 
 

@@ -123,7 +123,8 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
             from bncompile.lower import graph_schedules
 
             pipeline = graph_schedules.pipeline(tgt, cpu_report, database=tuned_db)
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
+        with _tvm.cuda_pass_context(tdict):       # CUDA: no storage rewrite (shared scalars race)
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     except BncompileError:
         raise
     except Exception as err:

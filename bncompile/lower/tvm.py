@@ -224,18 +224,32 @@ def view(tensor, shape):
 # --------------------------------------------------------------------------- build and checks
 
 def build(func, target: Any):
-    """Compile a (scheduled) PrimFunc or IRModule; returns the ``runtime.Executable``.
-
-    CUDA: without TVM's storage rewrite. The CUDA schedules keep per-channel scalars in shared memory
-    and let every thread of the block compute them (the barriers come from ThreadSync); storage rewrite
-    folds a scalar into the slot of one it was computed from (``r = inv * r`` in place), and with every
-    thread doing that read-modify-write one thread read the value another had already updated (seen on
-    an H200: the renorm backward's gradients off)."""
+    """Compile a (scheduled) PrimFunc or IRModule; returns the ``runtime.Executable`` (CUDA: inside
+    :func:`cuda_pass_context`)."""
     t = make_target(target)
-    if target_kind(target) == "cuda":
-        with tvm().transform.PassContext(opt_level=3, config={"tirx.disable_storage_rewrite": True}):
-            return tvm().compile(func, target=t)
-    return tvm().compile(func, target=t)
+    with cuda_pass_context(target, opt_level=3):      # the level the kernels were verified at on a GPU
+        return tvm().compile(func, target=t)
+
+
+def cuda_pass_context(target: Any, *, opt_level: int | None = None):
+    """For a CUDA target, the current PassContext with TVM's storage rewrite turned off (else a no-op).
+
+    The CUDA schedules keep per-channel scalars in shared memory and let every thread of the block
+    compute them (the barriers come from ThreadSync); storage rewrite folds a scalar into the slot of one
+    it was computed from (``r = inv * r`` in place), and with every thread doing that read-modify-write
+    one thread read the value another had already updated (seen on an H200: the renorm backward's
+    gradients off). Used by kernel builds and whole-model compiles alike; ``opt_level`` overrides the
+    current context's."""
+    import contextlib
+
+    if target_kind(target) != "cuda":
+        return contextlib.nullcontext()
+    transform = tvm().transform
+    cur = transform.PassContext.current()
+    config = {str(k): v for k, v in dict(cur.config).items()}
+    config["tirx.disable_storage_rewrite"] = True
+    return transform.PassContext(opt_level=cur.opt_level if opt_level is None else opt_level, required_pass=list(cur.required_pass),
+                                 disabled_pass=list(cur.disabled_pass), config=config)
 
 
 def verify_memory(mod, target: Any) -> None:

@@ -265,16 +265,21 @@ def test_cuda_codegen_whole_graph_and_training_kernel(compiler):
     from bncompile.lower import tvm as _tvm
     from bncompile.lower.runtime import cuda_source
 
-    for model in (M.mlp(4), build_model(BatchNormConfig(axis=1), [None, 8, 6, 6], training=True)):
+    from helpers.cuda import check_cuda_source
+
+    renorm = BatchNormConfig(axis=-1, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
+    for model in (M.mlp(4), build_model(BatchNormConfig(axis=1), [None, 8, 6, 6], training=True),
+                  build_model(renorm, [None, 7, 7, 48], training=True, gradients=True)):
         cm = compiler.compile(model, target="cuda")
         assert cm.target == {"kind": "cuda", "arch": "sm_90"}
         assert "cuda" in _tvm.module_tree_kinds(cm._executable.mod)
         src = cuda_source(cm)
         assert "__global__" in src
+        check_cuda_source(src)        # the kernels' shared-memory invariants hold in a whole-model compile too
         if shutil.which("nvcc"):
             ptx = _tvm.compile_cuda_source(src, arch="sm_90", fmt="ptx")
             assert b".target sm_90" in ptx
-    assert cm.info["kernels"] and all(r.startswith("cuda") for r in cm.info["kernels"].values())
+    assert cm.info["kernels"] and all(r.startswith(("cuda", "bwd_cuda")) for r in cm.info["kernels"].values())
 
 
 def test_cuda_arch_option():

@@ -19,7 +19,8 @@ from bncompile.config import BatchNormConfig
 from bncompile.lower import tvm as _tvm  # noqa: E402
 from bncompile.lower.kernels import build_spec, compile_batchnorm  # noqa: E402
 from bncompile.lower.kernels.compute import make_spec, prim_func  # noqa: E402
-from bncompile.lower.kernels.schedules import schedule  # noqa: E402
+from bncompile.lower.kernels import backward  # noqa: E402
+from bncompile.lower.kernels.schedules import schedule, schedule_backward  # noqa: E402
 
 CUDA = {"kind": "cuda", "arch": "sm_90"}
 HAS_NVCC = shutil.which("nvcc") is not None
@@ -155,3 +156,20 @@ def test_compile_batchnorm_for_cuda_without_gpu():
     assert k.target == {"kind": "cuda", "arch": "sm_90"}
     assert _tvm.imported_kinds(k.executable) == ["cuda"]
     assert k.output_names[-2:] == ["adjustment_scale", "adjustment_bias"]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("cfg,shape", [
+    (BatchNormConfig(axis=-1, fused=False), (None, 1031)),        # channel stripes of one thread
+    (BatchNormConfig(axis=-1, fused=False), (None, 2, 514)),      # partial sums: stripes of 2 threads
+    (BatchNormConfig(axis=1, fused=False), (None, 70000, 32)),    # more channels than blockIdx.y allows
+], ids=["nc-prime", "nhwc-514", "grid-y"])
+def test_cuda_fast_rules_decline_awkward_channel_counts(cfg, shape):
+    spec = make_spec(cfg, shape)
+    name, _ = schedule(spec, prim_func(spec), target=CUDA)
+    if shape[-1] == 514:
+        assert name == "cuda_blocked"          # the forward's stripes hold all 514 channels
+        bname, _ = schedule_backward(spec, backward.backward_prim_func(spec), target=CUDA)
+        assert bname != "bwd_cuda_two_phase"
+    else:
+        assert name not in ("cuda_blocked", "cuda_two_phase"), name

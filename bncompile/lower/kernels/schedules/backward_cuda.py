@@ -7,11 +7,12 @@
   and dy are read once for the sums and once more, from L2, for dx. Ghost BN: the group loop is serial
   in the block, the sums over groups are cross-thread.
 * ``bwd_cuda_two_phase`` (training, one channel run, no ghost groups, static dimensions but the batch):
-  three kernels: the one-pass reduction's partial sums over chunks of rows (``cuda.partial_sums``:
-  coalesced, threads along the contiguous axis), one thread block per channel combining them with
-  every per-channel value (``cuda.per_channel_kernels``: intermediates in shared memory), and dx
-  element-wise with 16-byte accesses where the layout allows. x and dy are read once for the sums and
-  once for dx.
+  three kernels: the one-pass reduction's partial sums (``cuda.partial_sums``: per (channel, sample)
+  with a cross-thread reduction along the contiguous axis, channel first; per (sample, block of rows)
+  with a thread per channel, channels last; (N, C): row blocks of 8 samples stored block-major), one
+  thread block per channel combining them with every per-channel value (``cuda.per_channel_kernels``:
+  intermediates in shared memory), and dx element-wise with 16-byte accesses where the layout allows.
+  x and dy are read once for the sums and once for dx.
 * ``bwd_cuda_generic`` (every other layout, inference): the forward's generic rule, every block its
   own kernel over its spatial loops, reductions serial per thread. Correct, not fast.
 """
@@ -22,7 +23,8 @@ from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.cuda import block_per_channel_applies
 from bncompile.lower.kernels.schedules._common import CUDA_THREADS, H100_SMS, _blocks, _inline_parameter_only, _sched
 from bncompile.lower.kernels.schedules.cuda import (Y_VECTOR, _channel_threads, _unroll_static, cuda_generic,
-                                                    elementwise_kernel, partial_sums, per_channel_kernels)
+                                                    elementwise_kernel, layout_fits, partial_sums,
+                                                    per_channel_kernels)
 
 _GROUP_SUMS = ("batch_mean64", "batch_var", "dgamma64", "dbeta64")
 _OUTPUTS = ("dx", "dgamma", "dbeta")
@@ -65,7 +67,7 @@ def bwd_cuda_two_phase(spec: KernelSpec, func):
     if not spec.training or spec.ghost or spec.kinds != "RRCR":
         return None
     _, P, C, Q = spec.shape
-    if not all(isinstance(d, int) for d in (P, C, Q)):
+    if not all(isinstance(d, int) for d in (P, C, Q)) or not layout_fits(C, Q):
         return None
     import dataclasses
 

@@ -106,6 +106,25 @@ def _unroll_static(sch, loop) -> None:
         sch.unroll(loop)
 
 
+MAX_GRID_Y = 65535
+
+
+def layout_fits(C: int, Q: int, *, stripe=None) -> bool:
+    """Whether the rules that put the channel on blockIdx.y (channel first) or a stripe of channels on
+    the threads (channels last; ``stripe(C)`` threads, default :func:`_channel_threads`) suit C channels:
+    at most 65535 channels (the grid's y limit), stripes of at least 32 channels (a warp; a C such as
+    1031 would leave one thread per block)."""
+    if Q > 1:
+        return C <= MAX_GRID_Y
+    return (stripe or _channel_threads)(C) >= min(C, 32)
+
+
+def _forward_stripe(C: int) -> int:
+    """Channels per block of cuda_blocked's channels-last statistics: all up to 1024, else an exact
+    stripe of up to 512."""
+    return C if C <= 1024 else _divisor(C, 512)
+
+
 def _channel_threads(C: int) -> int:
     """Threads across the channels of a channels-last block: all of them up to CHANNELS_LAST_THREADS,
     else an exact divisor (blocks move under the split)."""
@@ -121,7 +140,7 @@ def blocked_spec(spec: KernelSpec) -> KernelSpec | None:
     if not spec.training or spec.ghost or spec.kinds != "RRCR":
         return None
     _, P, C, Q = spec.shape
-    if not all(isinstance(d, int) for d in (P, C, Q)):
+    if not all(isinstance(d, int) for d in (P, C, Q)) or not layout_fits(C, Q, stripe=_forward_stripe):
         return None
     if Q == 1:
         if P == 1:
@@ -171,7 +190,9 @@ def cuda_blocked(spec: KernelSpec, func):
 
     try:
         return _cuda_blocked(bspec, prim_func(bspec))
-    except Exception as err:  # noqa: BLE001 - a layout the primitives refuse: the next rule takes it
+    except (TypeError, AttributeError, NameError, KeyError):
+        raise                                            # a bug here, not a layout the primitives refuse
+    except Exception as err:  # noqa: BLE001 - a layout TVM's primitives refuse: the next rule takes it
         log.warning("cuda_blocked does not apply to %s %s: %s", spec.kinds, spec.shape, str(err).splitlines()[-1:])
         return None
 
@@ -186,10 +207,10 @@ def _cuda_blocked(spec: KernelSpec, func):
     # (1) the block statistics
     loops = sch.get_loops("bsum")                        # c, n, pb, j | [ri], bi, bq
     if channels_last:
-        # a stripe of up to 1024 channels per block and the rows rolled: on an H200 the (65536, 1024)
-        # forward took 0.41 ms this way, 4.2 ms with 256-channel stripes and the rows unrolled
-        ct = C if C <= 1024 else _divisor(C, 512)        # exact split: blocks move under it
-        co, ci = sch.split(loops[0], [None, ct])
+        # all channels in one block up to 1024 (else exact stripes of up to 512), the rows rolled: on an
+        # H200 the (65536, 1024) forward took 0.41 ms this way, 4.2 ms with 256-channel stripes and the
+        # rows unrolled
+        co, ci = sch.split(loops[0], [None, _forward_stripe(C)])     # exact: blocks move under it
         sch.reorder(loops[1], loops[2], loops[3], co, ci)
         bx = sch.fuse(loops[1], loops[2], loops[3], co)
         sch.bind(bx, "blockIdx.x")
@@ -278,7 +299,9 @@ def per_channel_kernels(sch, owners: list[str], blocks: list[str], C: int, threa
                 sch.reverse_compute_at(sch.get_sblock(b), sch.get_loops(owner)[0], preserve_unit_loops=True)
                 members[owner].append(b)
                 break
-            except Exception:  # noqa: BLE001 - a producer lives in another kernel
+            except (TypeError, AttributeError, NameError, KeyError):
+                raise
+            except Exception:  # noqa: BLE001 - TVM refuses: a producer lives in another kernel
                 continue
         else:
             _bind_elementwise(sch, b, min(CUDA_THREADS, 32 * -(-C // 32)))
@@ -306,6 +329,8 @@ def cuda_two_phase(spec: KernelSpec, func):
     if not spec.training or not spec.single_channel_run:
         return None
     if spec.ghost or spec.kinds != "RRCR" or not all(isinstance(d, int) for d in spec.shape[1:]):
+        return None
+    if not layout_fits(int(spec.shape[2]), int(spec.shape[3])):
         return None
     sch = _sched(func)
     names = _blocks(sch)
