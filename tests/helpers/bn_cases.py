@@ -62,3 +62,29 @@ def case_variables(cfg: BatchNormConfig, shape, loc: float, rng) -> dict:
         else:
             variables[name] = (v + loc + rng.normal(0, 0.2, v.shape)).astype("float32")
     return variables
+
+
+def case_adjustment(adj_shapes, rng):
+    """float32 adjustment inputs of ``adj_shapes`` ((scale shape, bias shape) or None): scale U(0.9, 1.1),
+    bias U(-0.1, 0.1); None without shapes."""
+    if not adj_shapes:
+        return None
+    return (rng.uniform(0.9, 1.1, adj_shapes[0]).astype("float32"),
+            rng.uniform(-0.1, 0.1, adj_shapes[1]).astype("float32"))
+
+
+def training_step_inputs(cfg: BatchNormConfig, shape, adj_shapes, loc: float, seed: int):
+    """Seeded inputs of a training step with gradients: ``(x, dy, variables, adjustment, feeds)``; x about
+    ``loc`` with spread 1.5, dy N(0, 1), :func:`case_variables`, :func:`case_adjustment` (None without
+    shapes); ``feeds`` holds them under the kernel's input names."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = (loc + rng.normal(0, 1.5, shape)).astype(np.float32)
+    dy = rng.normal(0, 1.0, shape).astype(np.float32)
+    variables = case_variables(cfg, shape, loc, rng)
+    adj = case_adjustment(adj_shapes, rng)
+    feeds = {"x": x, "dy": dy, **variables}
+    if adj:
+        feeds.update(adjustment_scale=adj[0], adjustment_bias=adj[1])
+    return x, dy, variables, adj, feeds

@@ -18,6 +18,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from bncompile.config import BatchNormConfig  # noqa: E402
 from bncompile.reference import batchnorm_backward  # noqa: E402
+from helpers.bn_cases import training_step_inputs  # noqa: E402
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -71,21 +72,7 @@ def test_random_backward_configs_match_reference(case):
 def _check_kernel(k, cfg, shape, adj_shapes, loc, seed_):
     """Run ``k`` on random x, dy, variables (and adjustment inputs of ``adj_shapes``) about ``loc``; its
     gradients against the float64 reference."""
-    rng = np.random.default_rng(seed_)
-    x = (loc + rng.normal(0, 1.5, shape)).astype(np.float32)
-    dy = rng.normal(0, 1.0, shape).astype(np.float32)
-    variables = {}
-    for name, v in cfg.initial_variables(shape).items():
-        if name in ("moving_variance", "moving_stddev", "renorm_stddev", "gamma"):
-            variables[name] = (v * rng.uniform(0.7, 1.3, v.shape)).astype(np.float32)
-        else:
-            variables[name] = (v + loc + rng.normal(0, 0.2, v.shape)).astype(np.float32)
-    feeds = {"x": x, "dy": dy, **variables}
-    adj = None
-    if adj_shapes:
-        adj = (rng.uniform(0.9, 1.1, adj_shapes[0]).astype(np.float32),
-               rng.uniform(-0.1, 0.1, adj_shapes[1]).astype(np.float32))
-        feeds.update(adjustment_scale=adj[0], adjustment_bias=adj[1])
+    x, dy, variables, adj, feeds = training_step_inputs(cfg, shape, adj_shapes, loc, seed_)
     out = k.run(feeds)
     ref = batchnorm_backward(cfg, x.astype(np.float64), dy.astype(np.float64), variables, training=True,
                              adjustment=adj)

@@ -16,6 +16,7 @@ import pytest
 
 from bncompile.config import BatchNormConfig
 from bncompile.reference import batchnorm, batchnorm_backward
+from helpers.bn_cases import training_step_inputs
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -106,21 +107,7 @@ def test_random_cuda_kernels_match_reference(part):
 
     for i in range(PER_PART):
         cfg, shape, dynamic, adj_shapes, loc, s = _case(part, i)
-        rng = np.random.default_rng(s)
-        x = (loc + rng.normal(0, 1.5, shape)).astype(np.float32)
-        dy = rng.normal(0, 1.0, shape).astype(np.float32)
-        variables = {}
-        for name, v in cfg.initial_variables(shape).items():
-            if name in ("moving_variance", "moving_stddev", "renorm_stddev", "gamma"):
-                variables[name] = (v * rng.uniform(0.7, 1.3, v.shape)).astype(np.float32)
-            else:
-                variables[name] = (v + loc + rng.normal(0, 0.2, v.shape)).astype(np.float32)
-        feeds = {"x": x, "dy": dy, **variables}
-        adj = None
-        if adj_shapes:
-            adj = (rng.uniform(0.9, 1.1, adj_shapes[0]).astype(np.float32),
-                   rng.uniform(-0.1, 0.1, adj_shapes[1]).astype(np.float32))
-            feeds.update(adjustment_scale=adj[0], adjustment_bias=adj[1])
+        x, dy, variables, adj, feeds = training_step_inputs(cfg, shape, adj_shapes, loc, s)
         k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape, target="cuda", gradients=True)
         what = f"case {part}.{i}: {cfg} {shape} dynamic={dynamic} adj={adj_shapes} loc={loc} " \
                f"rules {k.schedule}/{k.backward_schedule}"
