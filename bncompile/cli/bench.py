@@ -1,7 +1,8 @@
 """``bncompile bench model.onnx [--batch 1,8] [--threads N] ...``: compare runtimes against onnxruntime.
 
 ``bncompile bench --kernels`` runs the TVM batch-normalization kernel benchmark instead
-(:func:`bncompile.bench.kernels.run_kernel_benchmark`).
+(:func:`bncompile.bench.kernels.run_kernel_benchmark`; with ``--target cuda``,
+:func:`bncompile.bench.cuda.run_cuda_benchmark`: the kernels against the GPU's own copy).
 """
 
 from __future__ import annotations
@@ -147,6 +148,13 @@ def _run_kernels(args) -> int:
     from bncompile._io import atomic_output
     from bncompile.bench.kernels import format_table, run_kernel_benchmark
 
+    if str(args.target).split(":")[0] == "cuda":
+        # on a GPU the floor is the device's own copy, not onnxruntime on the host (bncompile.bench.cuda)
+        from bncompile.bench.cuda import format_cuda_table, run_cuda_benchmark
+
+        result = run_cuda_benchmark(repeat=args.repeat, json_path=args.json)
+        print(format_cuda_table(result))
+        return 0
     result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
     backward = _run_kernels_backward(args)
     if args.json:

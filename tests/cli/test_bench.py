@@ -125,6 +125,23 @@ def test_cli_kernels_delegates(tmp_path, capsys, monkeypatch):
     assert json.loads(js.read_text())["backward"]["cases"] == [{"case": "bwd"}]
 
 
+def test_cli_kernels_cuda_target_runs_the_gpu_benchmark(tmp_path, capsys, monkeypatch):
+    from bncompile.bench import cuda
+
+    seen = {}
+
+    def fake_run(**kw):
+        seen.update(kw)
+        return {"machine": {"skipped": "no CUDA GPU"}, "cases": []}
+
+    monkeypatch.setattr(cuda, "run_cuda_benchmark", fake_run)
+    js = tmp_path / "k.json"
+    rc = main(["bench", "--kernels", "--target", "cuda", "--repeat", "3", "--json", str(js)])
+    assert rc == 0
+    assert seen == {"repeat": 3, "json_path": str(js)}
+    assert "CUDA benchmark skipped: no CUDA GPU" in capsys.readouterr().out
+
+
 def test_cli_kernels_refuses_model_and_model_flags(conv_path, capsys):
     rc, _, err = _bad([conv_path, "--kernels"], capsys)
     assert rc == 2 and "--kernels" in err
