@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call of a lent GPU machine (no registry there; TVM travels as ../shared/tools/
-# gpu-bundle's .gpu/, which the call carries):
+# The GPU checks, in one call of a lent GPU machine (no registry there; TVM travels as .gpu/, which the
+# call carries: make it with benchmarks/gpu_pack.sh, which trims ../shared/tools/gpu-bundle's pack to
+# fit the 64 MiB a call may carry):
 #   bash benchmarks/gpu_check.sh [all|final|tests|bench|profile]     (final: all but the A/B)
 #
 #  1. the CUDA tests: every test marked `gpu` (numerics of each CUDA rule, forward and backward, and the
