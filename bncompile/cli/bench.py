@@ -151,7 +151,11 @@ def _run_kernels(args) -> int:
     if str(args.target).split(":")[0] == "cuda":
         # on a GPU the floor is the device's own copy, not onnxruntime on the host (bncompile.bench.cuda)
         from bncompile.bench.cuda import format_cuda_table, run_cuda_benchmark
+        from bncompile.lower import tvm as _tvm
 
+        if not _tvm.cuda_available():
+            raise UnsupportedError("--kernels --target cuda: TVM sees no CUDA GPU here; run it on a machine "
+                                   "with one, or drop --target for the CPU kernels")
         result = run_cuda_benchmark(repeat=args.repeat, json_path=args.json)
         print(format_cuda_table(result))
         return 0

@@ -134,12 +134,22 @@ def test_cli_kernels_cuda_target_runs_the_gpu_benchmark(tmp_path, capsys, monkey
         seen.update(kw)
         return {"machine": {"skipped": "no CUDA GPU"}, "cases": []}
 
+    from bncompile.lower import tvm as _tvm
+
     monkeypatch.setattr(cuda, "run_cuda_benchmark", fake_run)
     js = tmp_path / "k.json"
+    monkeypatch.setattr(_tvm, "cuda_available", lambda: True)
     rc = main(["bench", "--kernels", "--target", "cuda", "--repeat", "3", "--json", str(js)])
     assert rc == 0
     assert seen == {"repeat": 3, "json_path": str(js)}
     assert "CUDA benchmark skipped: no CUDA GPU" in capsys.readouterr().out
+    # without a GPU: one line naming the problem and the fix, exit 2, nothing written
+    monkeypatch.setattr(_tvm, "cuda_available", lambda: False)
+    seen.clear()
+    rc = main(["bench", "--kernels", "--target", "cuda", "--json", str(js)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not seen and not js.exists()
+    assert len(err) == 1 and "no CUDA GPU" in err[0] and "drop --target" in err[0]
 
 
 def test_cli_kernels_refuses_model_and_model_flags(conv_path, capsys):
