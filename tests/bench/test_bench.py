@@ -39,8 +39,25 @@ def test_schema_is_valid_draft_2020_12():
     jsonschema.Draft202012Validator.check_schema(schema)
 
 
-def test_benchmark_conv_structure_ratios_and_tvm(conv_path):
-    report = benchmark(conv_path, batches=(1, 2), **FAST)
+def _benchmark_in_fresh_process(tmp_path, model, **kw):
+    """``benchmark(model, **kw)`` run in a new Python process, its BenchReport brought back (pickled).
+
+    TVM sizes its thread pool once per process: a test that ran before in this process (e.g. a CLI test
+    with threads=2) fixes it, and the benchmark then truthfully reports that pool, not the one asked."""
+    out = tmp_path / "report.pkl"
+    code = ("import pickle; from bncompile.bench import benchmark; "
+            f"r = benchmark({str(model)!r}, **{kw!r}); "
+            f"open({str(out)!r}, 'wb').write(pickle.dumps(r))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import pickle
+
+    return pickle.loads(out.read_bytes())
+
+
+def test_benchmark_conv_structure_ratios_and_tvm(conv_path, tmp_path):
+    report = _benchmark_in_fresh_process(tmp_path, conv_path, batches=(1, 2), **FAST)
     assert isinstance(report, BenchReport)
     assert report.variants[0] == "ort" and set(ORT_VARIANTS + ["tvm"]) <= set(report.variants)
     assert report.threads == bench.DEFAULT_THREADS

@@ -119,6 +119,10 @@ def backward_te(spec: KernelSpec):
 
     f32 = widen_to_stat
     const = lambda v: tirx.const(float(v), STAT)  # noqa: E731
+    # 1/sqrt, as compute.py spells it: what TVM legalizes rsqrt to, kept a vector op by the vectorizer
+    # (tirx.rsqrt is not marked vectorizable: a vectorized loop holding it is scalarized; ghost (N, C)
+    # has one per group and channel, a quarter of the elements at 4 samples per group)
+    rsqrt = lambda v: const(1.0) / te.sqrt(v)  # noqa: E731
     c64 = lambda v: tirx.const(float(v), WIDE)  # noqa: E731
     f64 = lambda v: v.astype(WIDE)  # noqa: E731
     shape, cshape, gshape, rshape = te_shapes(spec)
@@ -164,7 +168,7 @@ def backward_te(spec: KernelSpec):
     outputs = []
 
     if not spec.training:
-        inv = te.compute(cshape, lambda *c: te.rsqrt(params["moving_variance"][c] + eps), name="inv")
+        inv = te.compute(cshape, lambda *c: rsqrt(params["moving_variance"][c] + eps), name="inv")
         r1 = raxes("r")
         ksum = compensated_sums(te, tirx, 2)
 
@@ -230,7 +234,7 @@ def backward_te(spec: KernelSpec):
     mean = te.compute(sshape, lambda *s: mean64[s].astype(STAT), name="mean")
     var = te.compute(sshape, lambda *s: te.max(total(1, s) / cnt64 - mean64[s] * mean64[s], c64(0.0)).astype(STAT),
                      name="var")
-    inv = te.compute(sshape, lambda *s: te.rsqrt(var[s] + eps), name="inv")
+    inv = te.compute(sshape, lambda *s: rsqrt(var[s] + eps), name="inv")
     # Σu·xc about the float32 mean that dx uses
     suxc = te.compute(sshape, lambda *s: total(3, s) - f64(mean[s]) * total(2, s), name="suxc")
 

@@ -264,6 +264,7 @@ def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
         [n for n in names if n != "shift" and n not in _GROUP_SUMS]
     _move_all_under(sch, task, per_group)
     sch.parallel(task)
+    sch.vectorize(ci)           # the shift of the stripe's channels (a scalar loop per task otherwise)
     loops = sch.get_loops("red")          # task | c_inner, g', v, p, q
     sch.reorder(*loops[2:], loops[1])
     loops = sch.get_loops("red")

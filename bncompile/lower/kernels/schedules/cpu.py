@@ -477,7 +477,21 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
             sch.reorder(*loops[2:], cl)
         sch.vectorize(cl)
     # the averages over the groups: parallel over channel vectors, the groups inner
-    _channel_vectors_over_groups(sch, ("batch_shift", "batch_offset", "batch_var"), names, cv)
+    over_groups = ("batch_shift", "batch_offset", "batch_var")
+    _channel_vectors_over_groups(sch, over_groups, names, cv)
+    # the per-channel values after them (batch mean and variance, moving statistics, renorm's r and d):
+    # vectors across the channels (else scalar loops of C float64 divisions, serial while the other
+    # threads wait at the launch's barrier)
+    for b in names:
+        if b in over_groups or b in moved or b in ("shift", "y") or b in REDUCTIONS:
+            continue
+        loops = sch.get_loops(b)
+        if len(loops) != 1 or int(sch.get(loops[0]).extent) != C:
+            continue
+        c = loops[0]
+        if cv < C:
+            _, c = sch.split(c, [None, cv])
+        sch.vectorize(c)
     return sch
 
 
