@@ -221,3 +221,72 @@ def test_channel_first_prefetches_next_channel_in_stats_and_y():
     assert name == "cpu_channel_first"
     assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2
     assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "bm2_update"))
+
+
+def _lambda_ir(ll: str) -> str:
+    """The LLVM IR of the parallel tasks (the ``__tvm_parallel_lambda`` functions) of a kernel."""
+    out, keep = [], False
+    for line in ll.splitlines():
+        if line.startswith("define "):
+            keep = "__tvm_parallel_lambda" in line
+        if keep:
+            out.append(line)
+    return "\n".join(out)
+
+
+def test_parallel_task_buffers_on_the_stack():
+    """Ghost (N, C): a group's task keeps its per-channel buffers (4 KB each) on its stack, not in TVM's
+    workspace pool (three allocations and three frees, runtime calls, per group before)."""
+    cfg = BatchNormConfig(axis=-1, virtual_batch_size=4)
+    built = build_spec(make_spec(cfg, (None, 1024)), target=HASWELL)
+    tasks = _lambda_ir(built.executable.mod.inspect_source("ll"))
+    assert tasks and "alloca" in tasks
+    assert "@__TVMBackendAllocWorkspace" not in tasks and "@__TVMBackendFreeWorkspace" not in tasks
+
+
+def test_stack_buffers_pass_limits():
+    """Only static buffers allocated inside a parallel loop, up to the size limit, are marked."""
+    from bncompile.lower import tvm as _tvm
+    from bncompile.lower.kernels.schedules.cpu import stack_buffers_pass
+
+    tvm, T = _tvm.tvm(), _tvm.submodule("tvm.script").tirx
+
+    @T.prim_func
+    def f(a: T.Buffer((4, 1024), "float32"), b: T.Buffer((4, 1024), "float32")):
+        outer = T.alloc_buffer((1024,), "float32")
+        for i in T.parallel(4):
+            small = T.alloc_buffer((1024,), "float32")          # 4 KB: on the stack
+            big = T.alloc_buffer((32768,), "float32")           # 128 KB: stays with the runtime
+            for j in range(1024):
+                small[j] = a[i, j]
+                big[j] = small[j] * T.float32(2)
+                outer[j] = big[j]
+                b[i, j] = outer[j]
+
+    script = stack_buffers_pass(64 * 1024)(tvm.IRModule({"main": f}))["main"].script()
+    allocs = {ln.split("=")[0].strip(): ln for ln in script.splitlines() if "T.alloc_buffer" in ln}
+    assert set(allocs) == {"outer", "small", "big"}, script
+    assert [n for n, ln in allocs.items() if '"disable_lower_builtin": 1' in ln] == ["small"], script
+
+
+def test_backward_inverse_std_is_a_vector_op():
+    """The backward's 1/sqrt(var + eps) per group and channel (a quarter of the elements for ghost (N, C)
+    of 4 samples per group) is a vector square root, not a scalar loop (tirx.rsqrt is not
+    vectorizable); the numbers match the float64 backward."""
+    from bncompile.lower.kernels import build_backward
+    from bncompile.reference import batchnorm_backward
+
+    cfg = BatchNormConfig(axis=-1, virtual_batch_size=4)
+    built = build_backward(make_spec(cfg, (None, 1024), training=True), target=HASWELL)
+    ll = built.executable.mod.inspect_source("ll")
+    assert "sqrt.v" in ll and "@llvm.sqrt.f32(" not in ll
+    rng = np.random.default_rng(1)
+    x = (3.0 + rng.standard_normal((32, 1024))).astype(np.float32)
+    dy = rng.standard_normal((32, 1024)).astype(np.float32)
+    k = compile_batchnorm(cfg, (None, 1024), gradients=True)
+    out = k.run({"x": x, "dy": dy})
+    ref = batchnorm_backward(cfg, x.astype(np.float64), dy.astype(np.float64), training=True)
+    for name in ("dx", "dgamma", "dbeta"):
+        want = getattr(ref, name)
+        np.testing.assert_allclose(out[name], want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())),
+                                   err_msg=name)

@@ -329,16 +329,16 @@ def nt_dx_pipeline() -> str:
     dx pass re-reads from cache (measured on NCHW/NHWC 32x64x56x56: 25-50% faster). Then the forward's
     :func:`~bncompile.lower.kernels.schedules.cpu.merge_parallel_pass`: a kernel's parallel loops run in
     one launch of the thread pool (one wake-up of a sleeping worker, ~14 us measured here, per call
-    instead of one per loop)."""
+    instead of one per loop); then its :func:`~bncompile.lower.kernels.schedules.cpu.stack_buffers_pass`."""
     from bncompile.lower import tvm as _tvm
-    from bncompile.lower.kernels.schedules.cpu import merge_parallel_pass, nt_store_pass
+    from bncompile.lower.kernels.schedules.cpu import merge_parallel_pass, nt_store_pass, stack_buffers_pass
 
     tvm = _tvm.tvm()
     cp = _tvm.submodule("tvm.tirx.compilation_pipeline")
     if NT_PIPELINE not in cp.PIPELINE_MAP:
         def factory(**kwargs):
             base, fin_host, fin_dev = cp.get_tir_pipeline("s_tir", **kwargs)
-            passes = [base, nt_store_pass(("dx",)), merge_parallel_pass()]
+            passes = [base, nt_store_pass(("dx",)), merge_parallel_pass(), stack_buffers_pass()]
             return tvm.transform.Sequential(passes), fin_host, fin_dev
 
         tvm.tirx.register_tir_pipeline(NT_PIPELINE, factory)

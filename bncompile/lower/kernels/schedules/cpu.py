@@ -878,19 +878,99 @@ def merge_parallel_pass():
     return _pass
 
 
+# the largest buffer a parallel task allocates on its stack (stack_buffers_pass); a thread's stack is
+# 8 MB by default (TVM's workers: the platform default), so a few of these stay far from it
+STACK_BUFFER_BYTES = 64 * 1024
+
+
+def _alloc_bytes(buf) -> int | None:
+    """Bytes of a buffer of static shape, or None."""
+    n = 1
+    for d in buf.shape:
+        if not isinstance(d, _tvm.tvm().tirx.IntImm):
+            return None
+        n *= int(d)
+    dt = buf.dtype
+    bits = getattr(dt, "bits", None)
+    lanes = getattr(dt, "lanes", 1)
+    if bits is None:
+        import re
+
+        m = re.fullmatch(r"[a-z]+(\d+)(?:x(\d+))?", str(dt))
+        if not m:
+            return None
+        bits, lanes = int(m.group(1)), int(m.group(2) or 1)
+    return n * int(bits) * int(lanes) // 8
+
+
+def stack_buffers_pass(limit: int = STACK_BUFFER_BYTES):
+    """A TIR pass (after the default lowering) that puts the buffers a parallel task allocates, of static
+    size up to ``limit`` bytes, on the task's stack instead of TVM's workspace pool.
+
+    Why: TVM serves an allocation of 1 KB or more through ``TVMBackendAllocWorkspace`` and
+    ``TVMBackendFreeWorkspace``, calls into the runtime made in every iteration of the parallel loop
+    that holds the buffer: ghost BN channels-last (N, C) allocated three 4 KB buffers per group, six
+    runtime calls for 16 KB of x. Marked ``disable_lower_builtin``, the allocation stays an LLVM
+    ``alloca`` in the task's entry block.
+    """
+    tvm = _tvm.tvm()
+    tirx = tvm.tirx
+
+    @tirx.transform.prim_func_pass(opt_level=0)
+    def _pass(func, mod, ctx):
+        changed = [False]
+
+        def visit(stmt, in_par):
+            if isinstance(stmt, tirx.AllocBuffer):
+                if not in_par or str(stmt.buffer.scope()) != "global":
+                    return stmt
+                nbytes = _alloc_bytes(stmt.buffer)
+                if nbytes is None or nbytes > limit:
+                    return stmt
+                ann = dict(stmt.annotations) if stmt.annotations else {}
+                if "disable_lower_builtin" in ann:
+                    return stmt
+                ann["disable_lower_builtin"] = tirx.IntImm("int32", 1)
+                changed[0] = True
+                return tirx.AllocBuffer(stmt.buffer, ann, stmt.span)
+            if isinstance(stmt, tirx.SeqStmt):
+                return tirx.SeqStmt([visit(x, in_par) for x in stmt.seq])
+            if isinstance(stmt, tirx.For):
+                body = visit(stmt.body, in_par or stmt.kind == tirx.ForKind.PARALLEL)
+                if body.same_as(stmt.body):
+                    return stmt
+                return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
+                                stmt.annotations, stmt.step)
+            if isinstance(stmt, tirx.AttrStmt):
+                body = visit(stmt.body, in_par)
+                return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
+            if isinstance(stmt, tirx.IfThenElse):
+                t = visit(stmt.then_case, in_par)
+                e = visit(stmt.else_case, in_par) if stmt.else_case is not None else None
+                return tirx.IfThenElse(stmt.condition, t, e)
+            return stmt
+
+        body = visit(func.body, False)
+        return func.with_body(body) if changed[0] else func
+
+    return _pass
+
+
 CPU_PIPELINE = "bncompile_cpu"
 
 
 def cpu_pipeline(streaming: bool) -> str:
     """Register (once) and return the name of the TIR pipeline of the CPU kernels: TVM's default, then
-    :func:`prefetch_pass`, then (``streaming``) :func:`nt_store_pass`, then :func:`merge_parallel_pass`."""
+    :func:`prefetch_pass`, then (``streaming``) :func:`nt_store_pass`, then :func:`merge_parallel_pass`, then
+    :func:`stack_buffers_pass`."""
     tvm = _tvm.tvm()
     cp = _tvm.submodule("tvm.tirx.compilation_pipeline")
     name = NT_PIPELINE if streaming else CPU_PIPELINE
     if name not in cp.PIPELINE_MAP:
         def factory(**kwargs):
             base, fin_host, fin_dev = cp.get_tir_pipeline("s_tir", **kwargs)
-            passes = [base, prefetch_pass()] + ([nt_store_pass()] if streaming else []) + [merge_parallel_pass()]
+            passes = [base, prefetch_pass()] + ([nt_store_pass()] if streaming else []) + [merge_parallel_pass(),
+                                                                                         stack_buffers_pass()]
             return tvm.transform.Sequential(passes), fin_host, fin_dev
 
         tvm.tirx.register_tir_pipeline(name, factory)
