@@ -58,7 +58,14 @@ def _check(compiler, model, feeds, **kw):
 
 CONV_CASES = {
     # name: (conv kwargs, the rule expected for the conv function)
-    "3x3_56": (dict(ci=16, co=32, h=14, w=14), "conv2d_nchw16o"),
+    # 3x3 stride 1 with an output of 14 rows and columns or more: Winograd F(2x2, 3x3), in chunks of output
+    # rows when the rows are even; the tile columns (7 here) take the register tile (AVX2: 8 channels x 7)
+    "3x3_56": (dict(ci=16, co=32, h=14, w=14), "conv2d_winograd"),
+    "winograd_odd_rows": (dict(ci=8, co=16, h=15, w=14), "conv2d_winograd"),
+    "winograd_asym_pads": (dict(ci=5, co=16, h=16, w=17, pads=[0, 1, 2, 0]), "conv2d_winograd"),
+    "winograd_no_pad": (dict(ci=12, co=16, h=18, w=18, pads=[0, 0, 0, 0], bias=False, relu=False), "conv2d_winograd"),
+    "winograd_many_chunks": (dict(ci=16, co=16, h=28, w=28), "conv2d_winograd"),
+    "3x3_small": (dict(ci=16, co=32, h=12, w=12), "conv2d_nchw16o"),       # under 14 output rows: direct
     "first_7x7_s2": (dict(ci=3, co=16, h=20, w=20, k=7, stride=2), "conv2d_nchw16o"),
     "1x1_s2_nopad": (dict(ci=8, co=16, h=9, w=9, k=1, stride=2, pads=[0, 0, 0, 0]), "conv2d_nchw16o"),
     "prime_width": (dict(ci=4, co=24, h=5, w=13), "conv2d_nchw16o"),
@@ -164,8 +171,8 @@ def test_generic_x86_64_target_runs(compiler):
     assert "conv2d_nchw16o" in cm.info["cpu_schedules"].values()
 
 
-def test_conv_schedule_shape(compiler):
-    """The packed conv function is parallel, vectorized, and has no predicate (even splits only)."""
+def _scheduled_conv(hw, wshape, *, padding=(1, 1, 1, 1)):
+    """``(function name, rule, scheduled TVMScript)`` of conv2d + relu on a ``(1, C) + hw`` input for AVX2."""
     from bncompile.lower import tvm as _shim
     tvm, relax = _shim.tvm(), _shim.submodule("tvm.relax")
 
@@ -174,11 +181,11 @@ def test_conv_schedule_shape(compiler):
 
     T = tvm.target.Target(target_dict(AVX2))
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 14, 14), "float32"))
-    w = np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32)
+    x = relax.Var("x", relax.TensorType((1, wshape[1]) + tuple(hw), "float32"))
+    w = np.random.default_rng(0).standard_normal(wshape).astype(np.float32)
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1])))
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w), padding=list(padding))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     seq = tvm.transform.Sequential([
@@ -188,14 +195,65 @@ def test_conv_schedule_shape(compiler):
     with T:
         mod = seq(bb.get())
     funcs = [(gv.name_hint, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert len(funcs) == 1 and "conv2d_nchw16o" in funcs[0][0], [n for n, _ in funcs]
+    assert len(funcs) == 1, [n for n, _ in funcs]      # conv and relu fused into one function
     report: dict = {}
     new = gs.schedule_module(mod, T, report)
-    rule = report[funcs[0][0]]
-    text = new[funcs[0][0]].script()
-    assert rule == "conv2d_nchw16o"
+    return funcs[0][0], report[funcs[0][0]], new[funcs[0][0]].script()
+
+
+def test_conv_schedule_shape(compiler):
+    """The packed conv function is parallel, vectorized, and has no predicate (even splits only)."""
+    name, rule, text = _scheduled_conv((12, 12), (32, 16, 3, 3))
+    assert "conv2d_nchw16o" in name and rule == "conv2d_nchw16o"
     assert "T.parallel" in text and "T.vectorized" in text
     assert "T.where" not in text
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (15, 14), (28, 30)])
+def test_winograd_schedule_shape(compiler, hw):
+    """A 3x3 stride-1 conv with 14 output rows and columns or more is the Winograd function: parallel,
+    vectorized, no predicate; even output rows are chunked (the stages under one parallel loop), odd
+    ones not (a chunk of whole tile rows would split unevenly)."""
+    name, rule, text = _scheduled_conv(hw, (32, 16, 3, 3))
+    assert "conv2d_winograd" in name and rule == "conv2d_winograd"
+    assert "T.parallel" in text and "T.vectorized" in text
+    assert "T.where" not in text
+    assert text.count("T.parallel") == (1 if hw[0] % 2 == 0 else 4), text
+
+
+def test_winograd_chunk_rows():
+    from bncompile.lower.graph_schedules import WINOGRAD_CHUNK_BYTES, winograd_chunk_rows
+
+    assert winograd_chunk_rows(28, 28, 64, 56) == 2           # 16 x 64 x 2 x 28 x 4 B = 229 KB
+    assert winograd_chunk_rows(28, 28, 128, 56) == 1
+    assert winograd_chunk_rows(7, 7, 256, 14) == 1            # 7 tile rows: 1 or 7 (one chunk: no parallelism)
+    assert winograd_chunk_rows(8, 8, 16, 15) == 0             # odd output rows: unchunked
+    assert winograd_chunk_rows(2, 8, 8, 4) == 1
+    for th, tw, c, oh in [(28, 28, 64, 56), (14, 14, 32, 28), (8, 8, 4, 16)]:
+        k = winograd_chunk_rows(th, tw, c, oh)
+        assert th % k == 0 and oh % (2 * k) == 0
+        assert k == 1 or 16 * c * k * tw * 4 <= WINOGRAD_CHUNK_BYTES
+
+
+def test_winograd_weight_transform():
+    """``winograd_weight``: G g G^T per filter, packed [16, O/B, I, B]; with B^T d B and A^T m A it gives
+    the 3x3 correlation of a 4x4 tile exactly (float64 check of the algebra)."""
+    from bncompile.lower.kernels.conv2d_packed import winograd_weight
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    u = winograd_weight(w, 8)
+    assert u.shape == (16, 2, 3, 8) and u.dtype == np.float32
+    bt = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+    at = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+    d = rng.standard_normal((3, 4, 4))
+    for o in (0, 5, 15):
+        uo = u[:, o // 8, :, o % 8].reshape(4, 4, 3)                 # [a, b, channel]
+        m = sum(uo[:, :, c] * (bt @ d[c] @ bt.T) for c in range(3))
+        got = at @ m @ at.T
+        want = np.array([[sum((d[c, i:i + 3, j:j + 3] * w[o, c]).sum() for c in range(3)) for j in range(2)]
+                         for i in range(2)])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bncompile_kernels_are_left_alone(compiler):

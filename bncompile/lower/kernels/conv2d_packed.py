@@ -8,6 +8,12 @@
   ``xs[.., rx % S, .., z + rx // S]``: consecutive output columns read consecutive addresses for every
   stride (a vector load, not a gather).
 
+* :func:`conv2d_winograd_te`: 3x3 stride-1 conv2d as Winograd's minimal filtering F(2x2, 3x3) (Lavin and
+  Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each 2x2 output tile is ``A^T [(G g
+  G^T) * (B^T d B)] A`` of the 4x4 input tile ``d`` around it; the 16 element-wise products over the
+  input channels are 16 matrix products, 2.25x fewer multiply-adds than the direct conv. The weight
+  transform ``G g G^T`` is done at compile time (:func:`winograd_weight`).
+
 The layout legalizations and the CPU schedule rules live in :mod:`bncompile.lower.graph_schedules`; the
 rules find the blocks by the names below.
 """
@@ -122,5 +128,83 @@ def _one_phase(xp):
     return lambda b, ch, y, p, q: xp[b, ch, y, q]
 
 
-__all__ = ["conv2d_packed_te", "depthwise_conv2d_te", "max_pool2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK",
+WINO_SPLIT_BLOCK = "bnc_wino_split"      # the zero-padded input, its columns split by parity
+WINO_INPUT_BLOCK = "bnc_wino_input"      # B^T d B for every 4x4 input tile
+WINO_GEMM_BLOCK = "bnc_wino_gemm"        # the 16 matrix products over the input channels
+WINO_OUTPUT_BLOCK = "bnc_wino_output"    # A^T m A: the 2x2 outputs of each tile (NCHW)
+
+# G of F(2x2, 3x3): U = G g G^T (4x4) for each 3x3 filter g; the entries are exact in float32
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_tiles(out_h: int, out_w: int) -> tuple[int, int]:
+    """(tile rows, tile columns) of 2x2 output tiles covering an ``out_h`` x ``out_w`` output."""
+    return (out_h + 1) // 2, (out_w + 1) // 2
+
+
+def winograd_weight(w, block: int):
+    """The transformed weight of a float32 OIHW 3x3 ``w``, ``G g G^T`` computed in float64 and rounded once,
+    packed ``[16, O/block, I, block]`` (position ``xi = 4a + b`` of the 4x4 tile first, then ``block``
+    output channels contiguous: one vector load per input channel in the matrix products)."""
+    import numpy as np
+
+    g = np.asarray(_WINO_G, np.float64)
+    o, i = w.shape[:2]
+    u = np.einsum("ak,ockl,bl->aboc", g, np.asarray(w, np.float64), g)          # [4, 4, O, I]
+    u = u.reshape(16, o // block, block, i).transpose(0, 1, 3, 2)               # [16, O/B, I, B]
+    return np.ascontiguousarray(u.astype(np.float32))
+
+
+def conv2d_winograd_te(x, up, *, padding, out_channels: int, block: int, tile: int):
+    """TE: NCHW 3x3 stride-1 conv2d by F(2x2, 3x3) with the weight of :func:`winograd_weight`; output NCHW.
+
+    Stages (one block each, named for the schedule rule): the zero-padded input with its columns split by
+    parity, ``xs[n, c, j % 2, row, q]`` = padded column ``2q + j % 2`` (so tile ``tx``'s columns ``2tx + j``
+    are consecutive over ``tx``); ``V = B^T d B`` per tile, ``[16, N, C, tile rows, tile columns]``; the
+    products ``M[n, o/B, ty, tx, xi, o%B] = sum_c U[xi, o/B, c, o%B] V[xi, n, c, ty, tx]`` (``tile`` tile
+    columns per register tile: it divides the tile columns); ``y = A^T m A``. A tile past the
+    output's last row or column (an odd size) reads zeros and its extra outputs are not written."""
+    tvm = _tvm.tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n, c, h, w = x.shape
+    c, h, w = int(c), int(h), int(w)
+    pt, pl, pb, pr = (int(v) for v in padding)
+    oh, ow = h + pt + pb - 2, w + pl + pr - 2
+    th, tw = winograd_tiles(oh, ow)
+    if tw % tile:
+        raise ValueError(f"winograd: {tile} does not divide the {tw} tile columns")
+    zero = tirx.const(0.0, x.dtype)
+
+    def split(b, ch, j, row, q):
+        col = 2 * q + j
+        inside = tirx.all(row >= pt, row < h + pt, col >= pl, col < w + pl)
+        return tirx.if_then_else(inside, x[b, ch, row - pt, col - pl], zero)
+
+    xs = te.compute((n, c, 2, 2 * th + 2, tw + 1), split, name=WINO_SPLIT_BLOCK)
+
+    def bt(a, f):          # the rows of B^T: d0 - d2, d1 + d2, d2 - d1, d1 - d3
+        return tirx.Select(a == 0, f(0) - f(2), tirx.Select(a == 1, f(1) + f(2),
+                                                            tirx.Select(a == 2, f(2) - f(1), f(1) - f(3))))
+
+    def tile_in(xi, b, ch, ty, tx):
+        d = lambda i, j: xs[b, ch, j % 2, 2 * ty + i, tx + j // 2]  # noqa: E731
+        return bt(xi // 4, lambda i: bt(xi % 4, lambda j: d(i, j)))
+
+    v = te.compute((16, n, c, th, tw), tile_in, name=WINO_INPUT_BLOCK)
+    rc = te.reduce_axis((0, c), name="rc")
+    m = te.compute((n, out_channels // block, th, tw, 16, block),
+                   lambda b, ob, ty, tx, xi, oi: te.sum(up[xi, ob, rc, oi] * v[xi, b, rc, ty, tx], axis=rc),
+                   name=WINO_GEMM_BLOCK)
+
+    def at(i, f):          # the rows of A^T: m0 + m1 + m2, m1 - m2 - m3
+        return tirx.Select(i == 0, f(0) + f(1) + f(2), f(1) - f(2) - f(3))
+
+    def tile_out(b, o, y, z):
+        return at(y % 2, lambda a: at(z % 2, lambda bb: m[b, o // block, y // 2, z // 2, a * 4 + bb, o % block]))
+
+    return te.compute((n, out_channels, oh, ow), tile_out, name=WINO_OUTPUT_BLOCK)
+
+
+__all__ = ["conv2d_packed_te", "conv2d_winograd_te", "winograd_weight", "winograd_tiles", "WINO_SPLIT_BLOCK",
+           "WINO_INPUT_BLOCK", "WINO_GEMM_BLOCK", "WINO_OUTPUT_BLOCK", "depthwise_conv2d_te", "max_pool2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK",
            "DW_PAD_BLOCK", "DW_SPLIT_BLOCK", "POOL_BLOCK"]
