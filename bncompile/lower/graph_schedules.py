@@ -341,20 +341,27 @@ def _winograd_plan(wshape, groups: int, strides, x, oh, ow) -> tuple[int, int] |
     tiling = conv_tiling(o, tw)
     if tiling is None or tiling[1] < 4:
         return None
+    if not winograd_chunk_rows(th, tw, i, o, oh):
+        # odd output rows: no chunk of whole tile rows splits them evenly, and unchunked (four parallel
+        # loops, full-size transformed buffers) it measured no faster than the direct conv (57x57x64:
+        # 2.6-3.5 against 2.6-2.7 ms; 113x113x32: 10.7 against 10.1 ms)
+        return None
     return tiling[0], tiling[1]
 
 
-#: bytes of the transformed input of one chunk of tile rows (:func:`winograd_chunk_rows`): the chunk's
-#: transformed input and products stay in L2 between the three stages that pass them (a quarter of a 1 MB
-#: L2; measured on 56x56x64 with the caches flushed between calls: 1.56 ms chunked in 2 tile rows against
-#: 2.09 unchunked, whose 3.2 MB buffers went through L3)
-WINOGRAD_CHUNK_BYTES = 256 * 1024
+#: bytes of the transformed input and the products of one chunk of tile rows (:func:`winograd_chunk_rows`):
+#: they stay in L2 between the three stages that pass them (half of a 1 MB L2; measured on 56x56x64 with
+#: the caches flushed between calls: 1.56 ms chunked in 2 tile rows against 2.09 unchunked, whose 3.2 MB
+#: buffers went through L3)
+WINOGRAD_CHUNK_BYTES = 512 * 1024
 
 
-def winograd_chunk_rows(tile_rows: int, tile_cols: int, in_channels: int, out_rows: int) -> int:
+def winograd_chunk_rows(tile_rows: int, tile_cols: int, in_channels: int, out_channels: int,
+                        out_rows: int) -> int:
     """Tile rows per chunk of the Winograd conv: ``k`` dividing the tile rows with whole output rows (``2k``
-    divides the output rows: splits are only ever even), the chunk's transformed input (16 positions x the
-    input channels x its tiles, float32) within :data:`WINOGRAD_CHUNK_BYTES` unless ``k`` is 1, two chunks
+    divides the output rows: splits are only ever even), the chunk's transformed input and products (16
+    positions x the input and output channels x its tiles, float32) within :data:`WINOGRAD_CHUNK_BYTES`
+    unless ``k`` is 1, two chunks
     or more when there is more than one tile row. The chunks are the parallel tasks: an even number of
     them first (7 chunks on 2 threads leave one thread a chunk alone: 765 against 720 us on 28x28x128 for
     7 and 14 chunks), then at least 8 of them (more cores), then the largest ``k`` (fewer re-reads of the
@@ -362,7 +369,8 @@ def winograd_chunk_rows(tile_rows: int, tile_cols: int, in_channels: int, out_ro
     unchunked)."""
     ok = [k for k in range(1, tile_rows + 1)
           if tile_rows % k == 0 and out_rows % (2 * k) == 0
-          and (k == 1 or (16 * in_channels * k * tile_cols * 4 <= WINOGRAD_CHUNK_BYTES and tile_rows // k >= 2))]
+          and (k == 1 or (16 * (in_channels + out_channels) * k * tile_cols * 4 <= WINOGRAD_CHUNK_BYTES
+                          and tile_rows // k >= 2))]
     if not ok:
         return 0
 
@@ -617,7 +625,7 @@ def schedule_winograd(func, target=None):
     _inline_epilogue(sch, out)
     on, oc, oy, ox = sch.get_loops(out)
     OH = _static(sch.get(oy).extent)
-    k = winograd_chunk_rows(TH, TW, C, OH) if OH is not None else 0
+    k = winograd_chunk_rows(TH, TW, C, nob * block, OH) if OH is not None else 0
     ocb, oci = sch.split(oc, [None, block])
     if k:
         yc, yi = sch.split(oy, [None, 2 * k])

@@ -61,7 +61,10 @@ CONV_CASES = {
     # 3x3 stride 1 with an output of 14 rows and columns or more: Winograd F(2x2, 3x3), in chunks of output
     # rows when the rows are even; the tile columns (7 here) take the register tile (AVX2: 8 channels x 7)
     "3x3_56": (dict(ci=16, co=32, h=14, w=14), "conv2d_winograd"),
-    "winograd_odd_rows": (dict(ci=8, co=16, h=15, w=14), "conv2d_winograd"),
+    "odd_rows_direct": (dict(ci=8, co=16, h=15, w=14), "conv2d_nchw16o"),     # odd output rows: direct
+    "3x3_s2_direct": (dict(ci=8, co=16, h=32, w=32, stride=2), "conv2d_nchw16o"),  # 16x16 output, stride 2
+    "3x3_dilated_large": (dict(ci=4, co=16, h=20, w=20, dilation=2, pads=[2, 2, 2, 2]), None),
+    "winograd_batch_3": (dict(ci=8, co=16, h=16, w=16, batch=3), "conv2d_winograd"),
     "winograd_asym_pads": (dict(ci=5, co=16, h=16, w=17, pads=[0, 1, 2, 0]), "conv2d_winograd"),
     "winograd_no_pad": (dict(ci=12, co=16, h=18, w=18, pads=[0, 0, 0, 0], bias=False, relu=False), "conv2d_winograd"),
     "winograd_many_chunks": (dict(ci=16, co=16, h=28, w=28), "conv2d_winograd"),
@@ -91,7 +94,7 @@ def test_conv_cases_match_onnxruntime(compiler, case, target):
     kw, rule = CONV_CASES[case]
     model, wt = _conv_model(**kw)
     rng = np.random.default_rng(1)
-    feeds = {"x": rng.standard_normal((1, kw["ci"], kw["h"], kw["w"])).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((kw.get("batch", 1), kw["ci"], kw["h"], kw["w"])).astype(np.float32)}
     if kw.get("weight_input"):
         feeds["W"] = wt
     cm = _check(compiler, model, feeds, target="llvm" if target == "host" else AVX2)
@@ -101,7 +104,7 @@ def test_conv_cases_match_onnxruntime(compiler, case, target):
     conv_rules = [r for name, r in rules.items() if "conv" in name]
     assert conv_rules, rules
     if rule is None:
-        assert "conv2d_nchw16o" not in conv_rules
+        assert not {"conv2d_nchw16o", "conv2d_winograd"} & set(conv_rules), rules
     else:
         assert conv_rules == [rule], rules
 
@@ -171,7 +174,7 @@ def test_generic_x86_64_target_runs(compiler):
     assert "conv2d_nchw16o" in cm.info["cpu_schedules"].values()
 
 
-def _scheduled_conv(hw, wshape, *, padding=(1, 1, 1, 1)):
+def _scheduled_conv(hw, wshape, *, padding=(1, 1, 1, 1), strides=(1, 1)):
     """``(function name, rule, scheduled TVMScript)`` of conv2d + relu on a ``(1, C) + hw`` input for AVX2."""
     from bncompile.lower import tvm as _shim
     tvm, relax = _shim.tvm(), _shim.submodule("tvm.relax")
@@ -185,7 +188,8 @@ def _scheduled_conv(hw, wshape, *, padding=(1, 1, 1, 1)):
     w = np.random.default_rng(0).standard_normal(wshape).astype(np.float32)
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w), padding=list(padding))))
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w), strides=list(strides),
+                                                            padding=list(padding))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     seq = tvm.transform.Sequential([
@@ -209,30 +213,37 @@ def test_conv_schedule_shape(compiler):
     assert "T.where" not in text
 
 
-@pytest.mark.parametrize("hw", [(16, 16), (15, 14), (28, 30)])
+@pytest.mark.parametrize("hw", [(16, 16), (14, 15), (28, 30)])
 def test_winograd_schedule_shape(compiler, hw):
-    """A 3x3 stride-1 conv with 14 output rows and columns or more is the Winograd function: parallel,
-    vectorized, no predicate; even output rows are chunked (the stages under one parallel loop), odd
-    ones not (a chunk of whole tile rows would split unevenly)."""
+    """A 3x3 stride-1 conv with 14 output rows and columns or more (even rows) is the Winograd function,
+    its stages in chunks of output rows under one parallel loop, vectorized, no predicate."""
     name, rule, text = _scheduled_conv(hw, (32, 16, 3, 3))
     assert "conv2d_winograd" in name and rule == "conv2d_winograd"
     assert "T.parallel" in text and "T.vectorized" in text
     assert "T.where" not in text
-    assert text.count("T.parallel") == (1 if hw[0] % 2 == 0 else 4), text
+    assert text.count("T.parallel") == 1, text
+
+
+def test_winograd_not_for_odd_rows_or_stride_2(compiler):
+    """Odd output rows (no even chunk of whole tile rows) and stride 2 keep the direct packed conv."""
+    for hw, stride in [((15, 16), 1), ((32, 32), 2)]:
+        name, rule, _ = _scheduled_conv(hw, (32, 16, 3, 3), strides=(stride, stride))
+        assert "conv2d_nchw16o" in name and rule == "conv2d_nchw16o", (hw, stride, name, rule)
 
 
 def test_winograd_chunk_rows():
     from bncompile.lower.graph_schedules import WINOGRAD_CHUNK_BYTES, winograd_chunk_rows
 
-    assert winograd_chunk_rows(28, 28, 64, 56) == 2           # 16 x 64 x 2 x 28 x 4 B = 229 KB
-    assert winograd_chunk_rows(28, 28, 128, 56) == 1
-    assert winograd_chunk_rows(7, 7, 256, 14) == 1            # 7 tile rows: 1 or 7 (one chunk: no parallelism)
-    assert winograd_chunk_rows(8, 8, 16, 15) == 0             # odd output rows: unchunked
-    assert winograd_chunk_rows(2, 8, 8, 4) == 1
-    for th, tw, c, oh in [(28, 28, 64, 56), (14, 14, 32, 28), (8, 8, 4, 16)]:
-        k = winograd_chunk_rows(th, tw, c, oh)
+    assert winograd_chunk_rows(28, 28, 64, 64, 56) == 2       # 16 x 128 x 2 x 28 x 4 B = 458 KB, 14 chunks
+    assert winograd_chunk_rows(28, 28, 128, 32, 56) == 1      # 2 rows: 573 KB
+    assert winograd_chunk_rows(14, 14, 128, 128, 28) == 1     # 14 chunks (k = 2 would give 7: odd)
+    assert winograd_chunk_rows(7, 7, 256, 256, 14) == 1       # 7 tile rows: 1 or 7 (one chunk: no parallelism)
+    assert winograd_chunk_rows(8, 8, 16, 16, 15) == 0         # odd output rows: none
+    assert winograd_chunk_rows(2, 8, 8, 8, 4) == 1
+    for th, tw, c, o, oh in [(28, 28, 64, 64, 56), (14, 14, 32, 32, 28), (8, 8, 4, 8, 16), (56, 56, 16, 16, 112)]:
+        k = winograd_chunk_rows(th, tw, c, o, oh)
         assert th % k == 0 and oh % (2 * k) == 0
-        assert k == 1 or 16 * c * k * tw * 4 <= WINOGRAD_CHUNK_BYTES
+        assert k == 1 or 16 * (c + o) * k * tw * 4 <= WINOGRAD_CHUNK_BYTES
 
 
 def test_winograd_weight_transform():

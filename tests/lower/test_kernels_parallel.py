@@ -268,6 +268,22 @@ def test_stack_buffers_pass_limits():
     assert set(allocs) == {"outer", "small", "big"}, script
     assert [n for n, ln in allocs.items() if '"disable_lower_builtin": 1' in ln] == ["small"], script
 
+    @T.prim_func
+    def g(a: T.Buffer((4, 1024), "float32"), b: T.Buffer((4, 1024), "float32")):
+        for i in T.parallel(4):
+            p1 = T.alloc_buffer((12288,), "float32")            # 48 KB each: the third passes 128 KB in all
+            p2 = T.alloc_buffer((12288,), "float32")
+            p3 = T.alloc_buffer((12288,), "float32")
+            for j in range(1024):
+                p1[j] = a[i, j]
+                p2[j] = p1[j]
+                p3[j] = p2[j]
+                b[i, j] = p3[j]
+
+    script = stack_buffers_pass(64 * 1024, 128 * 1024)(tvm.IRModule({"main": g}))["main"].script()
+    allocs = {ln.split("=")[0].strip(): ln for ln in script.splitlines() if "T.alloc_buffer" in ln}
+    assert [n for n, ln in allocs.items() if '"disable_lower_builtin": 1' in ln] == ["p1", "p2"], script
+
 
 def test_backward_inverse_std_is_a_vector_op():
     """The backward's 1/sqrt(var + eps) per group and channel (a quarter of the elements for ghost (N, C)

@@ -162,7 +162,7 @@ def conv2d_winograd_te(x, up, *, padding, out_channels: int, block: int, tile: i
     parity, ``xs[n, c, j % 2, row, q]`` = padded column ``2q + j % 2`` (so tile ``tx``'s columns ``2tx + j``
     are consecutive over ``tx``); ``V = B^T d B`` per tile, ``[16, N, C, tile rows, tile columns]``; the
     products ``M[n, o/B, ty, tx, xi, o%B] = sum_c U[xi, o/B, c, o%B] V[xi, n, c, ty, tx]`` (``tile`` tile
-    columns per register tile: it divides the tile columns); ``y = A^T m A``. A tile past the
+    columns per register tile of the schedule: checked to divide the tile columns); ``y = A^T m A``. A tile past the
     output's last row or column (an odd size) reads zeros and its extra outputs are not written."""
     tvm = _tvm.tvm()
     te, tirx = tvm.te, tvm.tirx
@@ -205,6 +205,6 @@ def conv2d_winograd_te(x, up, *, padding, out_channels: int, block: int, tile: i
     return te.compute((n, out_channels, oh, ow), tile_out, name=WINO_OUTPUT_BLOCK)
 
 
-__all__ = ["conv2d_packed_te", "conv2d_winograd_te", "winograd_weight", "winograd_tiles", "WINO_SPLIT_BLOCK",
-           "WINO_INPUT_BLOCK", "WINO_GEMM_BLOCK", "WINO_OUTPUT_BLOCK", "depthwise_conv2d_te", "max_pool2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK",
-           "DW_PAD_BLOCK", "DW_SPLIT_BLOCK", "POOL_BLOCK"]
+__all__ = ["conv2d_packed_te", "conv2d_winograd_te", "winograd_weight", "winograd_tiles", "depthwise_conv2d_te",
+           "max_pool2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK", "DW_PAD_BLOCK", "DW_SPLIT_BLOCK",
+           "POOL_BLOCK", "WINO_SPLIT_BLOCK", "WINO_INPUT_BLOCK", "WINO_GEMM_BLOCK", "WINO_OUTPUT_BLOCK"]

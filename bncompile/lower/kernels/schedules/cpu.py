@@ -878,9 +878,13 @@ def merge_parallel_pass():
     return _pass
 
 
-# the largest buffer a parallel task allocates on its stack (stack_buffers_pass); a thread's stack is
-# 8 MB by default (TVM's workers: the platform default), so a few of these stay far from it
+# the largest buffer a parallel task allocates on its stack, and the most bytes of them per function
+# (stack_buffers_pass). LLVM puts every such alloca in the task's entry block, for every parallel loop
+# of the function together (no lifetime markers), and probes no stack, so the total is what a task's
+# stack must hold: TVM's workers and the calling thread run on the platform's default thread stack
+# (8 MB with glibc; musl's is 128 KB), so 128 KB in all stays within either
 STACK_BUFFER_BYTES = 64 * 1024
+STACK_TOTAL_BYTES = 128 * 1024
 
 
 def _alloc_bytes(buf) -> int | None:
@@ -903,9 +907,10 @@ def _alloc_bytes(buf) -> int | None:
     return n * int(bits) * int(lanes) // 8
 
 
-def stack_buffers_pass(limit: int = STACK_BUFFER_BYTES):
+def stack_buffers_pass(limit: int = STACK_BUFFER_BYTES, total: int = STACK_TOTAL_BYTES):
     """A TIR pass (after the default lowering) that puts the buffers a parallel task allocates, of static
-    size up to ``limit`` bytes, on the task's stack instead of TVM's workspace pool.
+    size up to ``limit`` bytes, on the task's stack instead of TVM's workspace pool, first come first
+    served until they add up to ``total`` bytes in the function (the rest stay with the pool).
 
     Why: TVM serves an allocation of 1 KB or more through ``TVMBackendAllocWorkspace`` and
     ``TVMBackendFreeWorkspace``, calls into the runtime made in every iteration of the parallel loop
@@ -919,18 +924,20 @@ def stack_buffers_pass(limit: int = STACK_BUFFER_BYTES):
     @tirx.transform.prim_func_pass(opt_level=0)
     def _pass(func, mod, ctx):
         changed = [False]
+        used = [0]
 
         def visit(stmt, in_par):
             if isinstance(stmt, tirx.AllocBuffer):
                 if not in_par or str(stmt.buffer.scope()) != "global":
                     return stmt
                 nbytes = _alloc_bytes(stmt.buffer)
-                if nbytes is None or nbytes > limit:
+                if nbytes is None or nbytes > limit or used[0] + nbytes > total:
                     return stmt
                 ann = dict(stmt.annotations) if stmt.annotations else {}
                 if "disable_lower_builtin" in ann:
                     return stmt
                 ann["disable_lower_builtin"] = tirx.IntImm("int32", 1)
+                used[0] += nbytes
                 changed[0] = True
                 return tirx.AllocBuffer(stmt.buffer, ann, stmt.span)
             if isinstance(stmt, tirx.SeqStmt):
