@@ -232,8 +232,22 @@ def backward_te(spec: KernelSpec):
 
     mean64 = te.compute(sshape, lambda *s: total(0, s) / cnt64, name="mean64")
     mean = te.compute(sshape, lambda *s: mean64[s].astype(STAT), name="mean")
-    var = te.compute(sshape, lambda *s: te.max(total(1, s) / cnt64 - mean64[s] * mean64[s], c64(0.0)).astype(STAT),
-                     name="var")
+    if plain:
+        # short groups: the variance from a second, centred pass over the group (its values are in L1).
+        # The one-pass Σxk²/n - mean'² squares offsets from the coarse shift (up to 2^-11 |x|) in float32:
+        # a group spread under ~2^-12 |x| cancels away (two values 1 ulp apart at 34013.6 gave var 0 and,
+        # with epsilon 0, dx NaN; random testing)
+        r2 = raxes("q")
+
+        def centred(s):
+            xc = (f32(x[xidx(s, r2)]) - shift[s]) - mean[s]
+            return xc * xc
+
+        sqc = te.compute(sshape, lambda *s: te.sum(centred(s), axis=r2), name="sqc")
+        var = te.compute(sshape, lambda *s: (f64(sqc[s]) / cnt64).astype(STAT), name="var")
+    else:
+        var = te.compute(sshape, lambda *s: te.max(total(1, s) / cnt64 - mean64[s] * mean64[s], c64(0.0))
+                         .astype(STAT), name="var")
     inv = te.compute(sshape, lambda *s: rsqrt(var[s] + eps), name="inv")
     # Σu·xc about the float32 mean that dx uses
     suxc = te.compute(sshape, lambda *s: total(3, s) - f64(mean[s]) * total(2, s), name="suxc")

@@ -260,16 +260,17 @@ def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
     co, ci = sch.split(c, [None, stripe])
     sch.reorder(g, co, ci)
     task = sch.fuse(g, co)
-    per_group = ("red", "mean64", "mean", "var", "inv", "suxc") if spec.renorm else \
-        [n for n in names if n != "shift" and n not in _GROUP_SUMS]
+    per_group = [n for n in ("red", "mean64", "mean", "sqc", "var", "inv", "suxc") if n in names] if spec.renorm \
+        else [n for n in names if n != "shift" and n not in _GROUP_SUMS]
     _move_all_under(sch, task, per_group)
     sch.parallel(task)
     sch.vectorize(ci)           # the shift of the stripe's channels (a scalar loop per task otherwise)
-    loops = sch.get_loops("red")          # task | c_inner, g', v, p, q
-    sch.reorder(*loops[2:], loops[1])
-    loops = sch.get_loops("red")
-    sch.vectorize(loops[-1])
-    sch.decompose_reduction(sch.get_sblock("red"), loops[1])
+    for b in [b for b in ("red", "sqc") if b in names]:       # sqc: the centred pass of short groups
+        loops = sch.get_loops(b)          # task | c_inner, g', v, p, q
+        sch.reorder(*loops[2:], loops[1])
+        loops = sch.get_loops(b)
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(sch.get_sblock(b), loops[1])
     if spec.renorm:
         v, g, p, c, q = sch.get_loops("dx")
         co, ci = sch.split(c, [None, stripe])
@@ -285,7 +286,7 @@ def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
     cin = inner[3]
     sch.reorder(*[lp for lp in inner if not lp.same_as(cin)], cin)
     sch.vectorize(cin)
-    _vectorize_stripe_scalars(sch, [n for n in per_group if n not in ("red", "dx")], stripe)
+    _vectorize_stripe_scalars(sch, [n for n in per_group if n not in ("red", "sqc", "dx")], stripe)
     _group_sums_by_stripe(sch, names, stripe)
     return sch
 
