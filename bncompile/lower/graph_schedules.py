@@ -16,7 +16,7 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    / ``max_pool2d_te``: per channel a zero-(or lowest-)padded plane whose columns are split by the stride's
    phase, so every output row is read as vectors. Every other conv2d keeps TVM's legalization (and gets
    the generic rules below). A 3x3 stride-1 conv of one group with at least :data:`WINOGRAD_MIN_OUTPUT`
-   output rows and columns is legalized to Winograd's F(2x2, 3x3) instead
+   output rows (an even number) and columns is legalized to Winograd's F(2x2, 3x3) instead
    (:func:`~bncompile.lower.kernels.conv2d_packed.conv2d_winograd_te`, weight transformed at compile time):
    2.25x fewer multiply-adds, errors against onnxruntime no larger than the direct conv's.
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
@@ -324,9 +324,9 @@ WINOGRAD = True
 def _winograd_plan(wshape, groups: int, strides, x, oh, ow) -> tuple[int, int] | None:
     """``(channel block, tile)`` of the Winograd conv for a conv of weight ``wshape`` (OIHW), or None
     when it does not apply: 3x3, stride 1, one group, static input channels, height and width, an output
-    of at least :data:`WINOGRAD_MIN_OUTPUT` rows and columns, and a register tile (:func:`conv_tiling`
-    over the tiles: a channel block that divides the output channels, at least 4 tiles that divide the
-    tile count)."""
+    of at least :data:`WINOGRAD_MIN_OUTPUT` rows (an even number: :func:`winograd_chunk_rows`) and
+    columns, and a register tile (:func:`conv_tiling` over the tile columns: a channel block that divides
+    the output channels, at least 4 tile columns that divide theirs)."""
     o, i, kh, kw = (int(d) for d in wshape)
     if not WINOGRAD or groups != 1 or (kh, kw) != (3, 3) or list(strides) != [1, 1] or oh is None or ow is None:
         return None
