@@ -467,7 +467,7 @@ SLICE_BLOCK = "bnc_channel_slice"
 
 #: the fewest values per output (or a symbolic count) that a float32 sum or mean accumulates in float64:
 #: shorter ones (global pooling over 7x7-28x28) stay float32, whose error grows with the count (measured:
-#: float64 made MobileNetV3's squeeze-excitation means 1.3-3.5x slower, 0.17 of 6.3 ms)
+#: float64 made MobileNetV3's squeeze-excitation means 1.1-3.5x slower, 0.17 of 6.3 ms)
 WIDE_SUM_MIN = 4096
 
 
