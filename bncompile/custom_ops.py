@@ -239,14 +239,14 @@ def make_function(kind: OpKind) -> onnx.FunctionProto:
 
 
 def emit_backward(b, *, x: str, dy: str, scale: str, eps: str, vbs: str | None = None,
-                  renorm: Mapping[str, str] | None = None, adjust: tuple[str, str] | None = None,
-                  shifted: bool = True) -> tuple[str, str, str]:
+                  renorm: Mapping[str, str] | None = None, adjust: tuple[str, str] | None = None
+                  ) -> tuple[str, str, str]:
     """Append the backward of one BN call to ``b`` (a node writer: ``b(op, *inputs, **attrs) -> name``
     and ``b.ints(hint, values) -> name``), on x and dy in the canonical (N, M, C, A) layout, already in
     the statistics' type. ``vbs``: an int64 [1] tensor for ghost BN; ``renorm``: names of
     ``renorm_mean``/``renorm_stddev`` ((C,)) and ``rmin``/``rmax``/``dmax`` (scalars); ``adjust``:
-    (adj_scale, adj_bias) in x's layout. ``shifted``: the mean as :func:`shifted_mean` (else a plain
-    ReduceMean). Returns (dx in x's layout, dscale (C,), dB (C,)).
+    (adj_scale, adj_bias) in x's layout. The mean is :func:`shifted_mean`'s. Returns (dx in x's layout,
+    dscale (C,), dB (C,)).
 
     ``dx = inv*(g - mean(g) - xhat*mean(g*xhat))`` with ``g = dy*r*adj_scale*scale`` per group.
     """
@@ -257,7 +257,7 @@ def emit_backward(b, *, x: str, dy: str, scale: str, eps: str, vbs: str | None =
     else:
         xw, dyw, red, sums, pshape = x, dy, [0, 1, 3], [0, 1, 3], [1, 1, -1, 1]
     pc = b.ints("pshape", pshape)
-    mean = shifted_mean(b, xw, red) if shifted else b("ReduceMean", xw, axes=red, keepdims=1)
+    mean = shifted_mean(b, xw, red)
     centered = b("Sub", xw, mean)
     var = b("ReduceMean", b("Mul", centered, centered), axes=red, keepdims=1)
     inv = b("Reciprocal", b("Sqrt", b("Add", var, eps)))

@@ -896,17 +896,7 @@ def _alloc_bytes(buf) -> int | None:
         if not isinstance(d, _tvm.tvm().tirx.IntImm):
             return None
         n *= int(d)
-    dt = buf.dtype
-    bits = getattr(dt, "bits", None)
-    lanes = getattr(dt, "lanes", 1)
-    if bits is None:
-        import re
-
-        m = re.fullmatch(r"[a-z]+(\d+)(?:x(\d+))?", str(dt))
-        if not m:
-            return None
-        bits, lanes = int(m.group(1)), int(m.group(2) or 1)
-    return n * int(bits) * int(lanes) // 8
+    return n * int(buf.dtype.bits) * int(buf.dtype.lanes) // 8
 
 
 def stack_buffers_pass(limit: int = STACK_BUFFER_BYTES, total: int = STACK_TOTAL_BYTES):
