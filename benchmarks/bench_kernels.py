@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py [--repeat 30] [--json out.json] [--target llvm:haswell]
                                        [--threads 2] [--part forward|backward|both]
+                                       [--rounds settled|interleaved]
     python benchmarks/bench_kernels.py --target cuda [--schedule cuda_two_phase] [--json out.json]
 
 With ``--target cuda`` (a GPU machine): the forward, inference and backward kernels against the GPU's
@@ -23,7 +24,11 @@ from bncompile.bench.kernels import print_table, run_kernel_benchmark
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=30, help="interleaved rounds (median reported)")
+    ap.add_argument("--repeat", type=int, default=30, help="timed rounds (median reported)")
+    ap.add_argument("--rounds", choices=("settled", "interleaved"), default="settled",
+                    help="settled (default): each runner twice in a row, the second timed (TVM's pool awake), "
+                         "then a wait until its workers sleep; interleaved: one call each, TVM's pool never "
+                         "spinning (every call wakes a worker)")
     ap.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--target", default="llvm",
@@ -42,12 +47,14 @@ def main(argv=None) -> int:
         return 0
     result: dict = {}
     if args.part in ("both", "forward"):
-        result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
+        result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target,
+                                      rounds=args.rounds)
         print_table(result)
     if args.part in ("both", "backward"):
         from bncompile.bench.kernels import format_backward_table, run_backward_benchmark
 
-        backward = run_backward_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
+        backward = run_backward_benchmark(repeat=args.repeat, threads=args.threads, target=args.target,
+                                          rounds=args.rounds)
         print(format_backward_table(backward))
         result = {**result, "backward": backward} if result else backward
     if args.json_path:

@@ -1,9 +1,10 @@
 """Benchmark of the TVM batch-normalization kernels against onnxruntime and NumPy.
 
-For each shape, in one run and interleaved (:func:`bncompile.bench.timing.time_interleaved`: one
-call of each implementation per round, the order rotated every round, so that machine noise hits
-them alike; 2 warm-up rounds; the variants of a shape, plain, renorm and ghost, in the same rounds, so
-``vs plain`` is the median of per-round ratios), the median time of:
+For each shape, in one run and in *settled* rounds (:func:`bncompile.bench.timing.time_settled`: per
+round each implementation is called twice back to back, then the process waits until no other thread
+of it runs; the order rotated every round, so that machine noise hits them alike; 2 warm-up rounds;
+the variants of a shape, plain, renorm and ghost, in the same rounds, so ``vs plain`` is the median of
+per-round ratios), the median time of:
 
 * ``tvm``: the compiled training-mode kernel (y and every updated variable), pre-bound TVM tensors;
 * ``tvm_infer``: the compiled inference kernel of the same config (y from the moving statistics);
@@ -11,6 +12,19 @@ them alike; 2 warm-up rounds; the variants of a shape, plain, renorm and ghost, 
 * ``ort_infer``: onnxruntime's inference-mode BatchNormalization on the same tensor: one read and one
   write of x, the floor a training kernel (which must also reduce) is compared to;
 * ``numpy``: float32 NumPy (mean, var, normalize).
+
+The figures and ratios are the second calls' (``rounds="settled"``): each runtime right after its own
+previous call, its own workers as that runtime leaves them, TVM's pool awake, as in a training step
+whose kernels run one after another; and nobody else's workers running, since the wait lets the
+previous runner's workers go to sleep. The first calls give the ``cold`` ratio: TVM's pool asleep, so
+one wake-up of a worker per call (20-70 us on the 2-core VM this was written on: half a 1 MB kernel's
+time). The wait is needed because a spinning neighbour is not free: a process spinning on
+``sched_yield`` on the other core slowed onnxruntime's single-threaded BN by 8-29% there, so
+TVM's workers spinning through onnxruntime's calls would flatter TVM; TVM's spin is bounded to
+:data:`SPIN_COUNT` yields (``TVM_THREAD_POOL_SPIN_COUNT``, unless set) so the wait takes milliseconds,
+not TVM's default half second. ``rounds="interleaved"`` is the older method: one call per runner and
+round, no waits, TVM's workers never spinning (``TVM_THREAD_POOL_SPIN_COUNT=0``), so every TVM call
+pays a wake-up (the ``cold`` figures).
 
 Both sides run ``threads`` threads (TVM's pool is configured to it: TVM 0.27 would otherwise run half
 the logical CPUs on x86, one thread on a 2-core machine without SMT) and read and write the same kind
@@ -51,7 +65,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bncompile.bench.timing import time_interleaved
+from bncompile.bench.timing import time_interleaved, time_settled
+
+#: TVM's pool spin (``TVM_THREAD_POOL_SPIN_COUNT``) in settled rounds unless the environment sets one: long
+#: enough to keep the workers awake between a runner's two calls, short enough that they sleep within
+#: milliseconds after (TVM's default, 300000 yields, takes ~0.5 s on a busy 2-core machine)
+SPIN_COUNT = 20000
+ROUNDS = ("settled", "interleaved")
 from bncompile.config import BatchNormConfig
 
 log = logging.getLogger(__name__)
@@ -229,12 +249,32 @@ def _tvm_runner(case: Case, x: np.ndarray, *, target="llvm", training: bool = Tr
     return k, call
 
 
+def _timing_setup(rounds: str) -> None:
+    """TVM's pool spin for ``rounds`` (read when TVM's pool starts: before the first parallel kernel)."""
+    if rounds not in ROUNDS:
+        raise ValueError(f"rounds: expected one of {', '.join(ROUNDS)}, got {rounds!r}")
+    # interleaved: TVM's workers spin ~300k iterations after each job by default, stealing the cores from
+    # the runner that comes next (ORT's pool is told not to spin either); settled: a bounded spin
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0" if rounds == "interleaved" else str(SPIN_COUNT))
+
+
+def _timed_rounds(runners: dict, repeat: int, rounds: str) -> tuple[dict, dict, dict]:
+    """``(wall, cold, cpu)`` per runner and kept round: settled rounds give the second calls' wall times,
+    the first calls' and the second calls' CPU times; interleaved rounds the one call's (twice)."""
+    if rounds == "settled":
+        st = time_settled(runners, repeat, warmup=2)
+        return st.warm_wall, st.wall, st.warm_cpu
+    wall, cpu = time_interleaved(runners, repeat, warmup=2)
+    return wall, wall, cpu
+
+
 def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, json_path: str | None = None,
-                         threads: int | None = None, target: str = "llvm") -> dict:
+                         threads: int | None = None, target: str = "llvm", rounds: str = "settled") -> dict:
     """Run the benchmark; returns ``{"machine": ..., "cases": [...]}`` (times in ms, medians).
 
     ``shapes``: a list of :class:`Case` or of ``(shape, axis)`` / ``(shape, axis, variant)`` tuples;
-    default :data:`DEFAULT_CASES`. ``json_path`` writes the result as JSON too.
+    default :data:`DEFAULT_CASES`. ``json_path`` writes the result as JSON too. ``rounds``: ``settled``
+    (default) or ``interleaved`` (see the module docstring).
     """
     from bncompile.lower import targets, tvm as _tvm
 
@@ -254,18 +294,18 @@ def run_kernel_benchmark(shapes: Sequence | None = None, *, repeat: int = 30, js
     threads = threads or os.cpu_count() or 1
     machine = machine_info(target)
     if _tvm.target_kind(target) == "llvm":
-        # TVM's workers spin ~300k iterations after each job by default, stealing the cores from the runner
-        # that comes next (ORT's pool is told not to spin either); read when TVM's pool starts
-        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+        _timing_setup(rounds)
         machine["tvm_threads"] = _tvm.set_num_threads(threads)
+        machine["tvm_spin_count"] = os.environ.get("TVM_THREAD_POOL_SPIN_COUNT")
     rng = np.random.default_rng(0)
     results = []
     groups: dict[tuple, list[Case]] = {}       # the variants of one shape share their rounds
     for case in cases:
         groups.setdefault((case.name, case.shape, case.axis % len(case.shape)), []).append(case)
     for group in groups.values():
-        results += _run_group(group, rng, machine, repeat=repeat, threads=threads, target=target)
-    out = {"machine": {**machine, "threads": threads, "target": label, "repeat": repeat}, "cases": results}
+        results += _run_group(group, rng, machine, repeat=repeat, threads=threads, target=target, rounds=rounds)
+    out = {"machine": {**machine, "threads": threads, "target": label, "repeat": repeat, "rounds": rounds},
+           "cases": results}
     if json_path:
         from pathlib import Path
 
@@ -281,8 +321,9 @@ def _quartiles(values: Sequence[float]) -> list[float]:
     return [v[min(len(v) - 1, int(f * len(v)))] for f in (0.25, 0.5, 0.75)]
 
 
-def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: int, target) -> list[dict]:
-    """Time the variants of one shape in the same interleaved rounds, with the shared baselines."""
+def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: int, target,
+               rounds: str = "settled") -> list[dict]:
+    """Time the variants of one shape in the same rounds, with the shared baselines."""
     first = group[0]
     x = rng.standard_normal(first.shape, dtype=np.float32) * 2 + 1
     ncopy = rotation_copies(2 * x.nbytes, machine["l3"])
@@ -303,7 +344,7 @@ def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: i
     runners["ort_infer"] = _ort_runner(x_cf.shape, {"x": x_cf, **params}, training=False, threads=threads,
                                        copies=xs_cf, rot=rot)
     runners["numpy"] = _numpy_runner(x, first.axis, copies=xs, rot=rot)
-    times, _ = time_interleaved(runners, repeat, warmup=2)
+    times, cold, _ = _timed_rounds(runners, repeat, rounds)
     med_all = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
     nbytes = 2 * x.nbytes
     rows = []
@@ -311,6 +352,9 @@ def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: i
         mine = times[f"tvm:{case.variant}"]
         med = {"tvm": med_all[f"tvm:{case.variant}"],
                **{k2: med_all[k2] for k2 in ("tvm_infer", "ort_train", "ort_infer", "numpy")}}
+        cold_ms = {"tvm": statistics.median(cold[f"tvm:{case.variant}"]) * 1e3,
+                   "ort_infer": statistics.median(cold["ort_infer"]) * 1e3,
+                   "ort_train": statistics.median(cold["ort_train"]) * 1e3}
         # spread: quartiles of the per-round ratio TVM / ORT inference (ratios of one round's adjacent
         # calls cancel the drift of a shared machine)
         q = _quartiles([a / b for a, b in zip(mine, times["ort_infer"])])
@@ -320,6 +364,12 @@ def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: i
                "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
                "tvm_vs_ort_infer_iqr": [q[0], q[2]], "copies": ncopy,
                "ort_train_vs_tvm": med["ort_train"] / med["tvm"],
+               # the first calls: TVM's pool asleep (a worker wake-up per call), ORT as ever
+               "cold_ms": cold_ms,
+               "cold_tvm_vs_ort_infer": _quartiles([a / b for a, b in zip(cold[f"tvm:{case.variant}"],
+                                                                          cold["ort_infer"])])[1],
+               "cold_ort_train_vs_tvm": _quartiles([a / b for a, b in zip(cold["ort_train"],
+                                                                          cold[f"tvm:{case.variant}"])])[1],
                "numpy_vs_tvm": med["numpy"] / med["tvm"],
                "tvm_vs_tvm_infer": med["tvm"] / med["tvm_infer"]}
         if case.variant != "plain" and "tvm:plain" in times:    # per-round ratio to plain, same rounds
@@ -361,7 +411,7 @@ def format_table(result: dict) -> str:
     """A plain-text table of :func:`run_kernel_benchmark`'s result."""
     head = (f"{'case':<6} {'shape':<14} {'variant':<7} {'schedule':<22} {'tvm ms':>7} {'GB/s':>5} "
             f"{'tvm_inf':>7} {'ort_inf':>7} {'ort_trn':>7} {'numpy':>7} {'tvm/inf':>7} {'(iqr)':>11} "
-            f"{'trn/tvm':>7} {'vs plain':>8}")
+            f"{'trn/tvm':>7} {'vs plain':>8} {'cold':>11}")
     lines = [head, "-" * len(head)]
     for r in result["cases"]:
         ms = r["ms"]
@@ -369,17 +419,31 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
                      f"{ms['tvm']:7.3f} {r['gbps']['tvm']:5.1f} {ms['tvm_infer']:7.3f} {ms['ort_infer']:7.3f} "
                      f"{ms['ort_train']:7.3f} {ms['numpy']:7.2f} {r['tvm_vs_ort_infer']:7.2f} "
-                     f"{_iqr(r):>11} {r['ort_train_vs_tvm']:7.2f} {vp:>8}")
+                     f"{_iqr(r):>11} {r['ort_train_vs_tvm']:7.2f} {vp:>8} {_cold(r):>11}")
     m = result["machine"]
     if m.get("skipped"):
         return f"benchmark skipped for target {m.get('target')}: {m['skipped']}"
-    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; tvm/inf = TVM training time / "
+    lines.append(f"(medians of {m['repeat']} {_rounds_text(m)}, inputs rotated; tvm/inf = TVM training time / "
                  "ORT inference floor, (iqr) its per-round quartiles; trn/tvm = ORT training / TVM; "
-                 "vs plain = renorm or ghost / plain)")
+                 "vs plain = renorm or ghost / plain; cold = tvm/inf and trn/tvm of the first calls, "
+                 "TVM's pool asleep: a worker wake-up each)")
     cpu = f"{m.get('model') or '?'} (LLVM {m['cpu']})"
     tgt = f", kernels built for mcpu={m['target_mcpu']}" if m.get("target_mcpu") and m["target_mcpu"] != m["cpu"] else ""
     lines.append(f"cpu {cpu}, {m['threads']} threads (TVM {m.get('tvm_threads', '?')}); {m.get('caches', '')}{tgt}")
     return "\n".join(lines)
+
+
+def _rounds_text(m: dict) -> str:
+    if m.get("rounds", "interleaved") == "settled":
+        return (f"settled rounds (the second of two calls in a row: TVM's pool awake, spin "
+                f"{m.get('tvm_spin_count') or 'default'}; then a wait until its workers sleep)")
+    return "interleaved rounds"
+
+
+def _cold(row: dict) -> str:
+    if "cold_tvm_vs_ort_infer" not in row:
+        return ""
+    return f"{row['cold_tvm_vs_ort_infer']:.2f}|{row['cold_ort_train_vs_tvm']:.2f}"
 
 
 def _iqr(row: dict) -> str:
@@ -400,9 +464,10 @@ __all__ = ["Case", "DEFAULT_CASES", "machine_info", "run_kernel_benchmark", "for
 # The backward kernel (compile_batchnorm(..., gradients=True), Kernel.bind_backward) beside the forward
 # training kernel and beside its floor: one read of x and dy and one write of dx, 1.5x onnxruntime's
 # inference BN on the same tensor (one read, one write). Like the forward's benchmark: the three in the
-# same interleaved rounds (order rotated every round), every side pre-bound (Kernel.bind and
+# same rounds (order rotated every round), every side pre-bound (Kernel.bind and
 # bind_backward on zero-copy aligned NumPy memory, ORT IOBinding on the same kind of memory), TVM's pool
-# and ORT's at the same thread count and neither spinning, and one counter shared by all three picking
+# and ORT's at the same thread count, the same settled (or interleaved) rounds as the forward's, and one
+# counter shared by all three picking
 # the next input set at every call (x, dy and the outputs of each set; sets together past twice the
 # L3), so no call finds its inputs in a cache from an earlier call. ``bwd/floor``'s spread is the
 # quartiles of the per-round ratio bwd / (1.5 x ORT inference).
@@ -486,7 +551,7 @@ def _backward_runners(case: Case, xs: list, dys: list, rot: Rotation, *, target,
 
 
 def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, json_path: str | None = None,
-                           threads: int | None = None, target: str = "llvm") -> dict:
+                           threads: int | None = None, target: str = "llvm", rounds: str = "settled") -> dict:
     """The backward's time beside the forward's and beside its floor (see the section comment).
 
     ``shapes``: :class:`Case` s or ``(shape, axis[, variant])`` tuples, variant one of
@@ -507,8 +572,9 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
     threads = threads or os.cpu_count() or 1
     machine = machine_info(target)
     if _tvm.target_kind(target) == "llvm":
-        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")     # as the forward: no spinning pool
+        _timing_setup(rounds)                                         # as the forward's
         machine["tvm_threads"] = _tvm.set_num_threads(threads)
+        machine["tvm_spin_count"] = os.environ.get("TVM_THREAD_POOL_SPIN_COUNT")
     rng = np.random.default_rng(0)
     results = []
     for case in cases:
@@ -518,7 +584,7 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
         xs = [_aligned_copy(rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1) for _ in range(ncopy)]
         dys = [_aligned_copy(rng.standard_normal(case.shape, dtype=np.float32)) for _ in range(ncopy)]
         k, runners = _backward_runners(case, xs, dys, Rotation(ncopy), target=target, threads=threads)
-        times, cpu = time_interleaved(runners, repeat, warmup=2)
+        times, cold, cpu = _timed_rounds(runners, repeat, rounds)
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
         floor = 1.5 * med["ort_infer"]
         q = _quartiles([b / (1.5 * o) for b, o in zip(times["bwd"], times["ort_infer"])])
@@ -531,11 +597,13 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
                         "bwd_vs_floor_min": min(times["bwd"]) / (1.5 * min(times["ort_infer"])),
                         "bwd_vs_floor_cpu": _quartiles(cpu_ratios)[1] if cpu_ratios else None,
                         "bwd_vs_fwd": _quartiles([b / f for b, f in zip(times["bwd"], times["fwd"])])[1],
+                        "cold_bwd_vs_floor": _quartiles([b / (1.5 * o) for b, o in zip(cold["bwd"],
+                                                                                     cold["ort_infer"])])[1],
                         "bwd_gbps": 3 * nbytes / (med["bwd"] * 1e-3) / 1e9, "input_sets": ncopy})
         log.info("backward benchmark %s %s %s: %s", case.name, case.shape, case.variant, med)
         del xs, dys, runners
     out = {"machine": {**machine, "threads": threads, "target": label if isinstance(label, str) else str(label),
-                       "repeat": repeat, "loadavg": _loadavg()}, "cases": results}
+                       "repeat": repeat, "rounds": rounds, "loadavg": _loadavg()}, "cases": results}
     if json_path:
         from pathlib import Path
 
@@ -564,7 +632,7 @@ def format_backward_table(result: dict) -> str:
         return f"backward benchmark skipped for target {m.get('target')}: {m['skipped']}"
     head = (f"{'case':<6} {'shape':<14} {'variant':<7} {'bwd schedule':<22} {'fwd ms':>7} {'bwd ms':>7} "
             f"{'ort_inf':>7} {'floor':>7} {'bwd/floor':>9} {'(iqr)':>11} {'min':>5} {'cpu':>5} {'bwd/fwd':>7} "
-            f"{'GB/s':>5}")
+            f"{'GB/s':>5} {'cold':>5}")
     lines = [head, "-" * len(head)]
     for r in result["cases"]:
         ms = r["ms"]
@@ -573,11 +641,13 @@ def format_backward_table(result: dict) -> str:
         lines.append(f"{r['case']:<6} {'x'.join(map(str, r['shape'])):<14} {r['variant']:<7} {r['schedule']:<22} "
                      f"{ms['fwd']:7.3f} {ms['bwd']:7.3f} {ms['ort_infer']:7.3f} {r['floor_ms']:7.3f} "
                      f"{r['bwd_vs_floor']:9.2f} {iqr_s:>11} {_ratio(r.get('bwd_vs_floor_min')):>5} "
-                     f"{_ratio(r.get('bwd_vs_floor_cpu')):>5} {r['bwd_vs_fwd']:7.2f} {r['bwd_gbps']:5.1f}")
-    lines.append(f"(medians of {m['repeat']} interleaved rounds, inputs rotated; bwd/floor and bwd/fwd: medians of "
+                     f"{_ratio(r.get('bwd_vs_floor_cpu')):>5} {r['bwd_vs_fwd']:7.2f} {r['bwd_gbps']:5.1f} "
+                     f"{_ratio(r.get('cold_bwd_vs_floor')):>5}")
+    lines.append(f"(medians of {m['repeat']} {_rounds_text(m)}, inputs rotated; bwd/floor and bwd/fwd: medians of "
                  f"the per-round ratios, (iqr) the quartiles of bwd/floor, min: best bwd / best floor, cpu: the "
                  f"median per-round ratio of process CPU time; floor = 1.5 x ORT inference BN: one read of x and "
-                 f"dy, one write of dx; target bwd/floor <= {BACKWARD_TARGET_VS_FLOOR})")
+                 f"dy, one write of dx; target bwd/floor <= {BACKWARD_TARGET_VS_FLOOR}; cold: bwd/floor of the "
+                 f"first calls, TVM's pool asleep)")
     cpu = f"{m.get('model') or '?'} (LLVM {m.get('cpu')})"
     tgt = (f", kernels built for mcpu={m['target_mcpu']}"
            if m.get("target_mcpu") and m["target_mcpu"] != m.get("cpu") else "")

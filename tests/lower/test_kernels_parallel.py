@@ -56,6 +56,22 @@ def test_training_kernels_launch_the_pool_once(cfg, shape, rule, phases):
     assert launches == 1 and (barriers > 0) == (phases > 1)
 
 
+@pytest.mark.parametrize("cfg,shape,streaming", [
+    (BatchNormConfig(axis=-1), (None, 1024), False),          # NC row blocks: block sums, combine, dx
+    (BatchNormConfig(axis=-1), (None, 1024), True),
+    (BatchNormConfig(axis=-1, virtual_batch_size=4), (None, 1024), False),
+])
+def test_backward_kernels_launch_the_pool_once(cfg, shape, streaming):
+    """The CPU backward runs its parallel loops in one launch whether dx is streamed or stored normally
+    (the plain store variant used TVM's default pipeline: one launch, one worker wake-up, per loop)."""
+    from bncompile.lower.kernels import build_backward
+
+    spec = make_spec(cfg, shape)
+    built = build_backward(spec, target=HASWELL, streaming=streaming)
+    launches, barriers = _launches(built)
+    assert launches == 1 and barriers > 0
+
+
 def test_merge_leaves_single_loop_kernels_alone():
     spec = make_spec(BatchNormConfig(axis=1), (None, 8, 16, 16), training=False)
     built = build_spec(spec, target=HASWELL)
@@ -133,7 +149,9 @@ def test_sample_blocks_exact_mean_and_variance(monkeypatch, loc, scale):
 
 def test_sample_blocks_wide_rows_use_row_groups():
     """C = 1024 on AVX2: blocks of 64 samples reduced 4 rows at a time, one 32-channel vector (4 registers)
-    each, and the second pass prefetches the next block."""
+    each; the first pass prefetches x STATS_PREFETCH_BYTES ahead (4 rows of 4 KB), the second none."""
+    from bncompile.lower.kernels.schedules.cpu import STATS_PREFETCH_BYTES
+
     mach = M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20)
     spec = make_spec(BatchNormConfig(axis=-1), (None, 1024))
     name, sch = schedule(spec, prim_func(spec), target=HASWELL, machine=mach)
@@ -141,7 +159,50 @@ def test_sample_blocks_wide_rows_use_row_groups():
     assert name == "cpu_channels_last" and "T.where" not in script
     assert f"T.grid(16, 32, {ROW_GROUP})" in script                 # row groups, channel vectors, rows
     assert "T.vectorized(32)" in script
-    assert "bncompile_prefetch_x" in script
+    ahead = STATS_PREFETCH_BYTES // 4
+    assert script.count("bncompile_prefetch_x") == 1
+    assert any(f'"bncompile_prefetch_x": {ahead}' in line for line in _enclosing_loops(script, "bsum_update"))
+
+
+@pytest.mark.skipif(not X86, reason="prefetch instructions are checked in x86 assembly")
+@pytest.mark.parametrize("C", [32, 1024])
+def test_sample_blocks_prefetch_ahead_exact(C):
+    """The first statistics pass of (N, C) sample blocks issues prefetcht1 (x, rows ahead, past the end
+    of x on the last rows: a hint that cannot fault); results exact against the float64 reference for
+    a batch the blocks do not divide."""
+    cfg = BatchNormConfig(axis=-1, momentum=0.5)
+    k = compile_batchnorm(cfg, (None, C))
+    assert k.schedule == "cpu_channels_last"
+    assert "prefetcht1" in k.executable.mod.inspect_source("asm")
+    x = (50.0 + np.random.default_rng(C).standard_normal((203, C))).astype(np.float32)
+    out = k.run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=2e-5)
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,prefetch", [((None, 1024), True), ((None, 8, 8, 64), True),
+                                            ((None, 64, 64, 64), False)])
+def test_ghost_channels_last_prefetches_next_group_rows(shape, prefetch):
+    """Ghost BN channels-last with a sample's rows of at most STATS_PREFETCH_BYTES: the first statistics
+    pass prefetches the next group's rows (one sample's floats on); long rows stream without it.
+    Exact against the float64 reference either way."""
+    cfg = BatchNormConfig(axis=-1, virtual_batch_size=4, momentum=0.5)
+    spec = make_spec(cfg, shape)
+    name, sch = schedule(spec, prim_func(spec), target=HASWELL)
+    script = sch.mod.script()
+    assert name == "cpu_channels_last_ghost"
+    row = int(np.prod(shape[1:]))
+    assert any(f'"bncompile_prefetch_x": {row}' in line
+               for line in _enclosing_loops(script, "sum_update")) == prefetch
+    full = (12,) + shape[1:]
+    x = (20.0 + 3.0 * np.random.default_rng(row).standard_normal(full)).astype(np.float32)
+    out = compile_batchnorm(cfg, shape).run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref.y).max())))
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(v).max())))
 
 
 def test_ghost_channels_last_stats_group_major():

@@ -50,6 +50,7 @@ _LOCK = threading.Lock()
 # y of at least this many bytes is written with streaming stores on x86 (Kernel._streaming): well past
 # what the caches keep for the next reader, where a cached write only costs a read of y from memory
 STREAMING_MIN_BYTES = 4 << 20
+BACKWARD_CPU_PIPELINE = True      # backward_cpu.cpu_pipeline for llvm targets (False: TVM's default)
 
 
 @dataclass
@@ -135,6 +136,8 @@ def build_backward(spec: KernelSpec, *, target: Any = "llvm", schedule: str | No
     nt = nt and name in backward_cpu.STREAMING_RULES
     if nt:
         ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=backward_cpu.nt_dx_pipeline())
+    elif tdict.get("kind") == "llvm" and BACKWARD_CPU_PIPELINE:
+        ex = _tvm.tvm().compile(sch.mod, target=_tvm.make_target(tdict), tir_pipeline=backward_cpu.cpu_pipeline())
     else:
         ex = _tvm.build(sch.mod, tdict)
     if tdict.get("kind") == "cuda" and "cuda" not in _tvm.imported_kinds(ex):

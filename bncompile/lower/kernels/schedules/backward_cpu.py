@@ -332,18 +332,44 @@ def nt_dx_pipeline() -> str:
     one launch of the thread pool (one wake-up of a sleeping worker, ~14 us measured here, per call
     instead of one per loop); then its :func:`~bncompile.lower.kernels.schedules.cpu.stack_buffers_pass`."""
     from bncompile.lower import tvm as _tvm
-    from bncompile.lower.kernels.schedules.cpu import merge_parallel_pass, nt_store_pass, stack_buffers_pass
+    from bncompile.lower.kernels.schedules.cpu import (merge_parallel_pass, nt_store_pass, prefetch_pass,
+                                                       stack_buffers_pass)
 
     tvm = _tvm.tvm()
     cp = _tvm.submodule("tvm.tirx.compilation_pipeline")
     if NT_PIPELINE not in cp.PIPELINE_MAP:
         def factory(**kwargs):
             base, fin_host, fin_dev = cp.get_tir_pipeline("s_tir", **kwargs)
-            passes = [base, nt_store_pass(("dx",)), merge_parallel_pass(), stack_buffers_pass()]
+            passes = [base, prefetch_pass(("x", "dy")), nt_store_pass(("dx",)), merge_parallel_pass(),
+                      stack_buffers_pass()]
             return tvm.transform.Sequential(passes), fin_host, fin_dev
 
         tvm.tirx.register_tir_pipeline(NT_PIPELINE, factory)
     return NT_PIPELINE
+
+
+CPU_PIPELINE = "bncompile_cpu_backward"
+
+
+def cpu_pipeline() -> str:
+    """Register (once) and return the TIR pipeline of the CPU backward kernels whose dx is stored
+    normally (dx smaller than ``STREAMING_MIN_BYTES``, stays in cache for its reader):
+    :func:`nt_dx_pipeline` without the streaming stores, so the kernel's parallel loops still run in one
+    launch (before, only the streaming variant merged them: NC 256x1024 paid two wake-ups of a
+    sleeping worker per call) and a schedule's prefetch annotations take effect."""
+    from bncompile.lower import tvm as _tvm
+    from bncompile.lower.kernels.schedules.cpu import merge_parallel_pass, prefetch_pass, stack_buffers_pass
+
+    tvm = _tvm.tvm()
+    cp = _tvm.submodule("tvm.tirx.compilation_pipeline")
+    if CPU_PIPELINE not in cp.PIPELINE_MAP:
+        def factory(**kwargs):
+            base, fin_host, fin_dev = cp.get_tir_pipeline("s_tir", **kwargs)
+            passes = [base, prefetch_pass(("x", "dy")), merge_parallel_pass(), stack_buffers_pass()]
+            return tvm.transform.Sequential(passes), fin_host, fin_dev
+
+        tvm.tirx.register_tir_pipeline(CPU_PIPELINE, factory)
+    return CPU_PIPELINE
 
 
 def bwd_cpu_generic(spec: KernelSpec, func):
