@@ -39,7 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--settle", action=argparse.BooleanOptionalAction, default=None,
                         help="settled rounds: time each call once the other runtimes' thread-pool workers "
                              "sleep, then once more right after it (b2b), and report each pool's spin after "
-                             "its calls (default: on when --threads > 1; --no-settle: plain interleaving)")
+                             "its calls (default: on when --threads > 1, and always with --kernels; "
+                             "--no-settle: plain interleaving)")
     parser.add_argument("--target", default="llvm", help="TVM target of the tvm variant (default llvm)")
     parser.add_argument("--repeat", type=_args.count(1, 10**6, "a number of rounds"), default=DEFAULT_REPEAT, metavar="R",
                         help=f"timed interleaved rounds (default {DEFAULT_REPEAT})")
@@ -96,7 +97,7 @@ def _check_args(args) -> None:
         if args.model:
             raise InputError("--kernels benchmarks the BN kernels, not a model: drop the model or --kernels")
         for flag, value in (("--batch", args.batch), ("--plot", args.plot), ("--variants", args.variants),
-                            ("--input-shape", args.input_shape), ("--settle/--no-settle", args.settle is not None)):
+                            ("--input-shape", args.input_shape)):
             if value:
                 raise InputError(f"{flag} does not apply to --kernels: drop it")
         return
@@ -159,7 +160,8 @@ def _run_kernels(args) -> int:
         result = run_cuda_benchmark(repeat=args.repeat, json_path=args.json)
         print(format_cuda_table(result))
         return 0
-    result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
+    result = run_kernel_benchmark(repeat=args.repeat, threads=args.threads, target=args.target,
+                                  rounds=_kernel_rounds(args))
     backward = _run_kernels_backward(args)
     if args.json:
         with atomic_output(args.json, what="--json") as tmp:
@@ -175,4 +177,10 @@ def _run_kernels_backward(args) -> dict:
     """The backward section of ``--kernels`` (bncompile.bench.kernels.run_backward_benchmark)."""
     from bncompile.bench.kernels import run_backward_benchmark
 
-    return run_backward_benchmark(repeat=args.repeat, threads=args.threads, target=args.target)
+    return run_backward_benchmark(repeat=args.repeat, threads=args.threads, target=args.target,
+                                  rounds=_kernel_rounds(args))
+
+
+def _kernel_rounds(args) -> str:
+    """--kernels: settled rounds (bncompile.bench.kernels) unless --no-settle asks for interleaved ones."""
+    return "interleaved" if args.settle is False else "settled"

@@ -106,23 +106,28 @@ def test_cli_kernels_delegates(tmp_path, capsys, monkeypatch):
 
     calls = {}
 
-    def fake_run(shapes=None, *, repeat=30, json_path=None, threads=None, target="llvm"):
-        calls.update(repeat=repeat, threads=threads, target=target)
+    def fake_run(shapes=None, *, repeat=30, json_path=None, threads=None, target="llvm", rounds="settled"):
+        calls.update(repeat=repeat, threads=threads, target=target, rounds=rounds)
         return {"machine": {"target": target}, "cases": [{"case": "NC"}]}
+
+    def fake_backward(**kw):
+        calls["backward_rounds"] = kw["rounds"]
+        return {"machine": {"target": kw["target"]}, "cases": [{"case": "bwd"}]}
 
     monkeypatch.setattr(kernels, "run_kernel_benchmark", fake_run)
     monkeypatch.setattr(kernels, "format_table", lambda result: f"KERNEL TABLE {len(result['cases'])} case(s)")
-    monkeypatch.setattr(kernels, "run_backward_benchmark",
-                        lambda **kw: {"machine": {"target": kw["target"]}, "cases": [{"case": "bwd"}]})
+    monkeypatch.setattr(kernels, "run_backward_benchmark", fake_backward)
     monkeypatch.setattr(kernels, "format_backward_table", lambda result: "BACKWARD TABLE")
     js = tmp_path / "k.json"
     rc = main(["bench", "--kernels", "--repeat", "4", "--threads", "2", "--json", str(js)])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "KERNEL TABLE 1 case(s)" in out and "BACKWARD TABLE" in out
-    assert calls == {"repeat": 4, "threads": 2, "target": "llvm"}
+    assert calls == {"repeat": 4, "threads": 2, "target": "llvm", "rounds": "settled", "backward_rounds": "settled"}
     assert json.loads(js.read_text())["cases"] == [{"case": "NC"}]
     assert json.loads(js.read_text())["backward"]["cases"] == [{"case": "bwd"}]
+    assert main(["bench", "--kernels", "--repeat", "4", "--no-settle"]) == 0
+    assert calls["rounds"] == calls["backward_rounds"] == "interleaved"
 
 
 def test_cli_kernels_cuda_target_runs_the_gpu_benchmark(tmp_path, capsys, monkeypatch):
@@ -157,5 +162,5 @@ def test_cli_kernels_refuses_model_and_model_flags(conv_path, capsys):
     assert rc == 2 and "--kernels" in err
     rc, _, err = _bad(["--kernels", "--batch", "1"], capsys)
     assert rc == 2 and "--batch does not apply" in err
-    rc, _, err = _bad(["--kernels", "--no-settle"], capsys)
-    assert rc == 2 and "--settle/--no-settle does not apply" in err
+    rc, _, err = _bad(["--kernels", "--variants", "tvm"], capsys)
+    assert rc == 2 and "--variants does not apply" in err

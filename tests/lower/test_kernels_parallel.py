@@ -205,6 +205,31 @@ def test_ghost_channels_last_prefetches_next_group_rows(shape, prefetch):
         np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(v).max())))
 
 
+@pytest.mark.parametrize("kshape,n,v", [((None, 1024), 256, 4), ((None, 40), 34, 2), ((None, 16), 4, 4),
+                                        ((88, 40), 88, 2), ((None, 6, 5, 24), 63, 3)])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_ghost_channels_last_chunked_averages(kshape, n, v, renorm):
+    """The averages over the groups as partial sums over chunks of GHOST_CHUNK_GROUPS groups, parallel
+    over the chunks (rfactor blocks ``batch_*_rf``), whenever there are more groups than one chunk or
+    the batch is free: exact against the float64 reference for group counts the chunk does not divide
+    (17 groups), a single group (G = 1 at run time), static and free batches."""
+    from bncompile.lower.kernels.schedules.cpu import GHOST_CHUNK_GROUPS
+
+    cfg = BatchNormConfig(axis=-1, virtual_batch_size=v, momentum=0.5, renorm=renorm)
+    spec = make_spec(cfg, kshape)
+    name, sch = schedule(spec, prim_func(spec), target=HASWELL)
+    G = kshape[0] // v if kshape[0] else None
+    assert name == "cpu_channels_last_ghost"
+    assert ("batch_var_rf" in sch.mod.script()) == (G is None or G > GHOST_CHUNK_GROUPS)
+    x = (40.0 + 3.0 * np.random.default_rng(n).standard_normal((n,) + kshape[1:])).astype(np.float32)
+    out = compile_batchnorm(cfg, kshape).run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref.y).max())))
+    for name_, val in ref.variables.items():
+        np.testing.assert_allclose(out[name_ + "_new"], val, rtol=2e-6,
+                                   atol=2e-6 * max(1.0, float(np.abs(val).max())), err_msg=name_)
+
+
 def test_ghost_channels_last_stats_group_major():
     """The per-(group, channel) statistics in (G, C): no strided vector access, 1/sqrt vectorized."""
     cfg = BatchNormConfig(axis=-1, virtual_batch_size=4)

@@ -26,11 +26,14 @@ with barriers between them (:func:`merge_parallel_pass`): one wake-up of the wor
   * ``cpu_channels_last`` (Q == 1, few rows per sample, e.g. (N, C)): statistics from blocks of R
     samples (R: as many as fit in L2/4, a multiple of 4; the batch's tail block masked, not split),
     two passes per block while it is cached, reduced 4 rows at a time per channel vector (rows of
-    4 KB alias in L1), parallel over blocks, the next block prefetched during the second pass; a
-    serial exact combine; y parallel over rows with the same split. Very wide rows (fewer than 8
-    samples per block): parallel over stripes of channels, y in the same task.
+    4 KB alias in L1), parallel over blocks, the first pass prefetching x 16 KB ahead (a row's streams
+    end where the hardware prefetchers stop); a serial exact combine; y parallel over rows with the
+    same split. Very wide rows (fewer than 8 samples per block): parallel over stripes of channels, y
+    in the same task.
   * ``cpu_channels_last_ghost`` (ghost BN with Q == 1, e.g. NHWC): one parallel task per virtual-batch
-    group (statistics vectorized across channels; y in the same task unless renorm needs every group).
+    group (statistics vectorized across channels; y in the same task unless renorm needs every group;
+    short rows prefetch the next group's); the averages over the groups as partial sums over chunks of
+    8 groups, parallel over the chunks, then over the chunks' partials.
   * ``cpu_generic`` (axis lists that are not one run of axes): parallel only.
 CUDA (arch sm_90 by default)
   * ``cuda_block_per_channel`` (channel-first with C >= 2x the SM count, or ghost with a static batch):

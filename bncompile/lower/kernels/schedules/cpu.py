@@ -114,6 +114,7 @@ GHOST_GROUP_PASSES = True
 GHOST_PREFETCH = True
 GHOST_STATS_PREFETCH = True
 GHOST_ROW_PREFETCH = True
+GHOST_CHUNK_GROUPS = 8     # ghost channels-last: groups per partial sum of the averages (0: one sum over all)
 
 
 def _ghost_group_passes(sch, names: list, rf: bool) -> None:
@@ -444,7 +445,10 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
     computes the group's statistics (sum, then centred sum of squares, vectorized across the contiguous
     channels; the group's slab is re-read from L2/L3, not memory, when it fits there) and, when y needs
     nothing from other groups (no renorm), normalizes the group in the same task; else y is its own
-    parallel pass over (v, g) rows. The per-channel averages over the groups are O(C*G) serial work."""
+    parallel pass over (v, g) rows. The per-channel averages over the groups (O(C*G) work: with v = 4
+    and (N, C), the per-group terms they read are as many bytes as x) are partial sums over chunks of
+    :data:`GHOST_CHUNK_GROUPS` consecutive groups, parallel over the chunks (each task reads the terms
+    its own core wrote), then a sum over the chunks' partials, parallel over channel vectors."""
     if not spec.training or spec.kinds != "RGRCR" or spec.shape[-1] != 1 or spec.adjustment == "full":
         return None
     lanes = _row_lanes(_machine(machine))
@@ -460,6 +464,11 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
                 sch.transform_layout(sch.get_sblock(b), ("write", k), lambda c, g: (g, c))
     c, g = sch.get_loops("shift")
     sch.reorder(g, c)
+    G = spec.shape[1]
+    S = GHOST_CHUNK_GROUPS
+    over_groups = ("batch_shift", "batch_offset", "batch_var")
+    chunked = S > 0 and (not isinstance(G, int) or G > S) and all(b in names for b in over_groups)
+    lead = 1
     moved = []
     for b in ("sum", "mean64", "mean", "sqsum", "var", "scale_c"):
         if b not in names:
@@ -477,34 +486,52 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
         except Exception:  # noqa: BLE001 - y reads per-channel values of every group
             fused_y = False
     sch.parallel(g)
+    if chunked:
+        # the averages' sums over the groups as partial sums over chunks of S consecutive groups, parallel
+        # over the chunks, the chunk's groups walked with the channels contiguous: the pool splits the
+        # group loop and the chunk loops alike (static, contiguous), so a task re-reads the per-group
+        # statistics its own core wrote, not rows the other core holds. (A split into a fixed number of
+        # chunks would make the chunk size symbolic with a free batch: not an affine binding, and the
+        # partials' initialization could not be taken out of the predicated loop.)
+        for b in over_groups:
+            cb, gb = sch.get_loops(b)
+            gbo, _ = sch.split(gb, [None, S])
+            rf = sch.rfactor(gbo, factor_axis=0)
+            cl, ko, gl = sch.get_loops(rf)          # channel, chunk (now spatial), group in the chunk
+            sch.reorder(ko, gl, cl)
+            if cv < C:
+                _, cl = sch.split(cl, [None, cv])
+            sch.vectorize(cl)
+            sch.parallel(ko)
+            sch.decompose_reduction(rf, gl)
     for b in REDUCTIONS:
-        vec = _channels_last_vector(sch, b, 1, C, cv)
+        vec = _channels_last_vector(sch, b, lead, C, cv)
         sch.vectorize(vec)
         loops = sch.get_loops(b)
-        sch.decompose_reduction(sch.get_sblock(b), loops[1] if cv == C else loops[2])
+        sch.decompose_reduction(sch.get_sblock(b), loops[lead] if cv == C else loops[lead + 1])
     row = int(spec.shape[2]) * C * int(spec.shape[4])       # the floats of one sample in a group's slab
     if GHOST_ROW_PREFETCH and isinstance(spec.shape[2], int) and 4 * row <= STATS_PREFETCH_BYTES:
         # short rows (e.g. (N, C)): a group's v samples lie G rows apart, each its own short stream that
         # the hardware prefetchers barely start on; its first pass prefetches the next group's (the rows
         # right after, in memory: the same task's next group, or the next task's)
-        sch.annotate(sch.get_loops("sum_update")[1], PREFETCH_ANNOTATION, row)
+        sch.annotate(sch.get_loops("sum_update")[lead], PREFETCH_ANNOTATION, row)
     if fused_y:
-        v, _, p, cc, q = sch.get_loops("y")[1:]      # g | v, g (unit), p, c, q
+        v, _, p, cc, q = sch.get_loops("y")[lead:]      # [chunk,] g | v, g (unit), p, c, q
     else:
         v, gg, p, cc, q = sch.get_loops("y")
         sch.parallel(sch.fuse(v, gg))
     _vectorize_channels(sch, cc, q, C, cv)
     # the group's per-channel scalars (float64 finalization) as vectors across the channels
     for b in ["shift"] + [b for b in moved if b not in REDUCTIONS]:
-        loops = sch.get_loops(b)                    # g | c [, unit g']
-        cl = loops[1]
+        loops = sch.get_loops(b)                    # [chunk,] g | c [, unit g']
+        cl = loops[lead]
         if cv < C:
             _, cl = sch.split(cl, [None, cv])
-        if len(loops) > 2:
-            sch.reorder(*loops[2:], cl)
+        if len(loops) > lead + 1:
+            sch.reorder(*loops[lead + 1:], cl)
         sch.vectorize(cl)
-    # the averages over the groups: parallel over channel vectors, the groups inner
-    over_groups = ("batch_shift", "batch_offset", "batch_var")
+    # the averages over the groups (over the chunks' partials when chunked): parallel over channel
+    # vectors, the groups inner
     _channel_vectors_over_groups(sch, over_groups, names, cv)
     # the per-channel values after them (batch mean and variance, moving statistics, renorm's r and d):
     # vectors across the channels (else scalar loops of C float64 divisions, serial while the other
