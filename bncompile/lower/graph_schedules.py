@@ -134,8 +134,9 @@ def _inline_epilogue(sch, wb) -> None:
             return
         if len(cons) == 1:
             try:
-                sch.reverse_compute_inline(cons[0])
-                continue
+                if _reverse_compute_inline(sch, cons[0]):
+                    continue
+                return
             except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses; leave the rest as it is
                 return
         if len(cons) < 2 or not _inline_side_branches(sch, wb):
@@ -160,8 +161,7 @@ def _inline_side_branches(sch, wb) -> bool:
         if not nxt:
             continue             # an output block: the join, nothing to inline it into
         try:
-            sch.compute_inline(blk)
-            changed = True
+            changed = _compute_inline(sch, blk) or changed
         except Exception:  # noqa: BLE001 - not inlinable: look further down
             pass
         frontier.extend(nxt)
@@ -796,6 +796,75 @@ def _costly_epilogue(sch, wb) -> bool:
     return str(sch.get(wb).body).count("(") > COSTLY_EPILOGUE
 
 
+#: the largest block expression (calls and loads: parentheses of its printed body) an inlining may make
+#: when it copies the inlined value more than once. A block that reads its producer k times gets k copies
+#: of the producer's expression, so a chain of such blocks inlined one into the next grows as k**depth:
+#: 4 chained float32 sigmoids (``fast_exp`` reads its input several times) took 45 s to compile and 8
+#: ran out of memory before this bound. One conv epilogue with a sigmoid or SiLU is a few hundred.
+INLINE_MAX_SIZE = 4000
+
+
+def _inline_size_ok(sch, value_block, reader) -> bool:
+    """Whether substituting ``value_block``'s stored expression for each of ``reader``'s loads of its
+    buffer leaves ``reader`` within :data:`INLINE_MAX_SIZE` (always, when it reads it at most once:
+    linear growth). Both blocks' printed bodies are within the bound already (every inlining is checked)."""
+    import re
+
+    vb = sch.get(value_block)
+    if len(vb.writes) != 1:
+        return True                       # TVM refuses to inline it anyway
+    text = str(sch.get(reader).body)
+    copies = len(re.findall(r"(?<![\w.])" + re.escape(_region_buffer(vb.writes[0]).name) + r"\[", text))
+    if copies <= 1:
+        return True
+    return text.count("(") + copies * str(vb.body).count("(") <= INLINE_MAX_SIZE
+
+
+def inline_would_blow_up(func) -> bool:
+    """Whether inlining every spatial block of ``func`` into its consumers would make an expression larger
+    than :data:`INLINE_MAX_SIZE` (each block's size: its own, plus, per producer, the producer's size
+    times the loads of it; in program order, which is topological)."""
+    import re
+
+    sch = _schedule_of(func)
+    size: dict = {}
+    for blk in _all_blocks(sch):
+        b = sch.get(blk)
+        text = str(b.body)
+        total = text.count("(")
+        for p in sch.get_producers(blk):
+            pb = sch.get(p)
+            if len(pb.writes) != 1 or "R" in _iter_kinds(sch, p):
+                continue
+            name = _region_buffer(pb.writes[0]).name
+            loads = len(re.findall(r"(?<![\w.])" + re.escape(name) + r"\[", text))
+            total += loads * size.get(pb.name_hint, 0)
+        size[b.name_hint] = total
+        if total > INLINE_MAX_SIZE:
+            return True
+    return False
+
+
+def _compute_inline(sch, blk) -> bool:
+    """``compute_inline(blk)`` unless a consumer would outgrow :data:`INLINE_MAX_SIZE`; True when inlined.
+    TVM's errors (not inlinable) propagate as before."""
+    if not all(_inline_size_ok(sch, blk, c) for c in sch.get_consumers(blk)):
+        log.debug("not inlined (expression size): %s", sch.get(blk).name_hint)
+        return False
+    sch.compute_inline(blk)
+    return True
+
+
+def _reverse_compute_inline(sch, blk) -> bool:
+    """``reverse_compute_inline(blk)`` unless the producer it goes into would outgrow
+    :data:`INLINE_MAX_SIZE`; True when inlined."""
+    if not all(_inline_size_ok(sch, p, blk) for p in sch.get_producers(blk)):
+        log.debug("not reverse-inlined (expression size): %s", sch.get(blk).name_hint)
+        return False
+    sch.reverse_compute_inline(blk)
+    return True
+
+
 def _epilogue_on_channel_vectors(sch, wb, at):
     """Split the packed conv's write-back ``wb`` (epilogue + NCHW store, under loop ``at``): the epilogue
     runs on the channels-last accumulator tile along the channels (whole vectors, contiguous) into a
@@ -1079,7 +1148,7 @@ def _inline_spatial(sch) -> None:
         try:
             if "R" in _iter_kinds(sch, blk):
                 continue
-            sch.compute_inline(blk)
+            _compute_inline(sch, blk)
         except Exception:
             pass
 
@@ -1277,7 +1346,12 @@ def rules(applied: list | None = None) -> list[Rule]:
     dl = _shim.submodule("tvm.s_tir.dlight")
 
     def dlight(rule):
-        return Rule(type(rule).__name__, lambda func, target: rule.apply(func, target, False), applied)
+        # dlight's rules inline every element-wise block they can before they look at the function (in
+        # trials: on a copy), with no bound on the size: a chain whose blocks read their input many times
+        # would take minutes or exhaust memory there; such functions go to the rules below
+        return Rule(type(rule).__name__,
+                    lambda func, target: None if inline_would_blow_up(func) else rule.apply(func, target, False),
+                    applied)
 
     return [Rule("conv2d_winograd", schedule_winograd, applied),
             Rule("conv2d_nchw16o", schedule_conv, applied),
