@@ -796,18 +796,22 @@ def _costly_epilogue(sch, wb) -> bool:
     return str(sch.get(wb).body).count("(") > COSTLY_EPILOGUE
 
 
-#: the largest block expression (calls and loads: parentheses of its printed body) an inlining may make
-#: when it copies the inlined value more than once. A block that reads its producer k times gets k copies
-#: of the producer's expression, so a chain of such blocks inlined one into the next grows as k**depth:
-#: 4 chained float32 sigmoids (``fast_exp`` reads its input several times) took 45 s to compile and 8
-#: ran out of memory before this bound. One conv epilogue with a sigmoid or SiLU is a few hundred.
-INLINE_MAX_SIZE = 4000
+#: the largest block expression (calls and loads: parentheses of its printed body) an inlining may make.
+#: A block that reads its producer k times gets k copies of the producer's expression, so a chain of such
+#: blocks inlined one into the next grows as k**depth, and so does a chain of branches that join again
+#: (``x + relu(x)``: the producer is copied into both branches): before this bound 4 chained float32
+#: sigmoids (``fast_exp`` reads its input about 30 times) took 45 s to compile and 8 ran out of memory, 18
+#: chained ``x + relu(x)`` took 2 minutes and 22 ran out of memory. One conv epilogue with a sigmoid or
+#: SiLU is a few hundred; a long chain stops being inlined at the bound and keeps its later blocks.
+INLINE_MAX_SIZE = 2000
 
 
 def _inline_size_ok(sch, value_block, reader) -> bool:
     """Whether substituting ``value_block``'s stored expression for each of ``reader``'s loads of its
-    buffer leaves ``reader`` within :data:`INLINE_MAX_SIZE` (always, when it reads it at most once:
-    linear growth). Both blocks' printed bodies are within the bound already (every inlining is checked)."""
+    buffer leaves ``reader`` within :data:`INLINE_MAX_SIZE`. Checked for a single load too: a block with
+    two consumers is copied into both, so where the branches join again (``x + relu(x)``, chained) one
+    load per reader doubles the expression per level just the same. Both printed bodies are within the
+    bound already (every inlining is checked), so printing them is cheap."""
     import re
 
     vb = sch.get(value_block)
@@ -815,9 +819,7 @@ def _inline_size_ok(sch, value_block, reader) -> bool:
         return True                       # TVM refuses to inline it anyway
     text = str(sch.get(reader).body)
     copies = len(re.findall(r"(?<![\w.])" + re.escape(_region_buffer(vb.writes[0]).name) + r"\[", text))
-    if copies <= 1:
-        return True
-    return text.count("(") + copies * str(vb.body).count("(") <= INLINE_MAX_SIZE
+    return copies == 0 or text.count("(") + copies * str(vb.body).count("(") <= INLINE_MAX_SIZE
 
 
 def inline_would_blow_up(func) -> bool:

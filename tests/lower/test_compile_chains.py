@@ -3,8 +3,9 @@
 TVM's float32 sigmoid goes through ``fast_exp``, whose expression reads its input about 30 times; inlining
 such blocks one into the next copies the whole chain into every read (k**depth growth). Before the
 bound (:data:`bncompile.lower.graph_schedules.INLINE_MAX_SIZE`), 4 chained sigmoids took 15-45 s to
-compile and 8 exhausted memory (std::bad_alloc in dlight's trial inlining). Found by trying a chain of
-60 sigmoids. Every chain here compiles in seconds and matches onnxruntime.
+compile and 8 exhausted memory (std::bad_alloc in dlight's trial inlining); branches that join again
+(``x + relu(x)``, chained) doubled per level the same way (18 took 2 minutes, 22 exhausted memory).
+Found by trying a chain of 60 sigmoids. Every chain here compiles in seconds and matches onnxruntime.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def _chain(ops, shape, *, conv: bool = False):
         if op == "SiLU":
             nodes.append(helper.make_node("Sigmoid", [prev], [f"s{i}"]))
             nodes.append(helper.make_node("Mul", [prev, f"s{i}"], [f"t{i}"]))
+        elif op == "ResidualRelu":          # x + relu(x): two branches that join again
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            nodes.append(helper.make_node("Add", [prev, f"r{i}"], [f"t{i}"]))
         else:
             nodes.append(helper.make_node(op, [prev], [f"t{i}"]))
         prev = f"t{i}"
@@ -43,6 +47,7 @@ def _chain(ops, shape, *, conv: bool = False):
     (["Sigmoid"] * 12, (1, 16), False),
     (["Sigmoid", "Tanh", "Softplus", "Sigmoid"] * 4, (2, 3, 5), False),
     (["SiLU"] * 20, (1, 8, 6, 6), False),
+    (["ResidualRelu"] * 30, (1, 8, 6, 6), False),
     (["Sigmoid"] * 8, (1, 16, 14, 14), True),
 ])
 def test_long_element_wise_chains_compile_quickly(ops, shape, conv):
