@@ -806,6 +806,52 @@ def _costly_epilogue(sch, wb) -> bool:
 INLINE_MAX_SIZE = 2000
 
 
+#: calls whose arguments cost more than their printed size, with the factor they are counted at:
+#: ``tanh``, which TVM's lowering (LowerIntrin, llvm) expands into a ratio of exponentials with clamping
+#: that reads its argument several times (6 chained ``x * tanh(x) - x`` blocks printed 27 KB inlined but
+#: took 4.5 s to build, 7 took 49 s; erf, exp, log, softplus, asinh... lower to one call each: measured,
+#: no growth), and conditionals (a reflect pad's ``if_then_else``/``Select`` in index arithmetic) nested in
+#: conditionals, which TVM's simplifier handles in time exponential in the depth (5 chained reflect pads
+#: with slices printed 45 KB inlined and took 55 s to schedule and 25 s to build); one level of
+#: conditionals (the Winograd output's parity select) counts at its printed size.
+EXPANDED_INTRINSICS = {"T.tanh(": 8, "T.if_then_else(": 4, "T.Select(": 4}
+_CONDITIONALS = ("T.if_then_else(", "T.Select(")
+
+
+def lowered_size(text: str) -> int:
+    """The size of a printed TIR expression once lowered: its parentheses (calls and loads) and size
+    markers (:func:`_substituted_size`), each argument of an :data:`EXPANDED_INTRINSICS` call counted as
+    often as the lowering copies it."""
+    if not any(k in text for k in EXPANDED_INTRINSICS):
+        return text.count("(") + text.count(_MARK)
+    match, stack = {}, []
+    for i, ch in enumerate(text):
+        if ch == "(":
+            stack.append(i)
+        elif ch == ")" and stack:
+            match[stack.pop()] = i
+
+    def size(lo: int, hi: int, in_conditional: bool) -> int:
+        total, i = 0, lo
+        while i < hi:
+            if text[i] == "(" or text[i] == _MARK:
+                total += 1
+            else:
+                for name, copies in EXPANDED_INTRINSICS.items():
+                    if text.startswith(name, i):
+                        cond = name in _CONDITIONALS
+                        factor = copies if (not cond or in_conditional) else 1
+                        open_at = i + len(name) - 1
+                        close = match.get(open_at, hi)
+                        total += 1 + factor * size(open_at + 1, close, in_conditional or cond)
+                        i = close
+                        break
+            i += 1
+        return total
+
+    return size(0, len(text), False)
+
+
 def _inline_size_ok(sch, value_block, reader) -> bool:
     """Whether substituting ``value_block``'s stored expression for each of ``reader``'s loads of its
     buffer leaves ``reader`` within :data:`INLINE_MAX_SIZE`. Checked for a single load too: a block with
@@ -819,32 +865,63 @@ def _inline_size_ok(sch, value_block, reader) -> bool:
         return True                       # TVM refuses to inline it anyway
     text = str(sch.get(reader).body)
     copies = len(re.findall(r"(?<![\w.])" + re.escape(_region_buffer(vb.writes[0]).name) + r"\[", text))
-    return copies == 0 or text.count("(") + copies * str(vb.body).count("(") <= INLINE_MAX_SIZE
+    if copies == 0:
+        return True
+    # loads inside an intrinsic's argument are copied again by its lowering: the estimate substitutes the
+    # value's size for every load, then counts as the lowering would
+    return _substituted_size(text, {_region_buffer(vb.writes[0]).name: _value_cost(str(vb.body))}) \
+        <= INLINE_MAX_SIZE
 
 
 def inline_would_blow_up(func) -> bool:
     """Whether inlining every spatial block of ``func`` into its consumers would make an expression larger
     than :data:`INLINE_MAX_SIZE` (each block's size: its own, plus, per producer, the producer's size
     times the loads of it; in program order, which is topological)."""
-    import re
 
     sch = _schedule_of(func)
-    size: dict = {}
+    cost: dict = {}
     for blk in _all_blocks(sch):
         b = sch.get(blk)
-        text = str(b.body)
-        total = text.count("(")
+        body = str(b.body)
+        costs = {}
         for p in sch.get_producers(blk):
             pb = sch.get(p)
             if len(pb.writes) != 1 or "R" in _iter_kinds(sch, p):
                 continue
-            name = _region_buffer(pb.writes[0]).name
-            loads = len(re.findall(r"(?<![\w.])" + re.escape(name) + r"\[", text))
-            total += loads * size.get(pb.name_hint, 0)
-        size[b.name_hint] = total
+            costs[_region_buffer(pb.writes[0]).name] = cost.get(pb.name_hint, (0, 0))
+        total = _substituted_size(body, costs)
+        # the block's value once its producers are inlined: its size, and its own variables' uses
+        cost[b.name_hint] = (total, _value_cost(body)[1])
         if total > INLINE_MAX_SIZE:
             return True
     return False
+
+
+_MARK = "@"          # one unit of an inlined value's size in a substituted text (never in printed TIR)
+
+
+def _value_cost(body: str) -> tuple[int, int]:
+    """``(size, uses)`` of a block's printed body for :func:`_substituted_size`: its lowered size and how
+    often it uses its block variables (``v_...``), each of which an inlining replaces by the reader's
+    index expression."""
+    import re
+
+    return lowered_size(body), len(re.findall(r"(?<![\w.])v_\w+", body))
+
+
+def _substituted_size(text: str, costs: dict) -> int:
+    """:func:`lowered_size` of ``text`` with every load of a buffer named in ``costs`` (name -> ``(size,
+    uses)`` of its value, :func:`_value_cost`) standing for the inlined value: the value's size plus, per
+    use of a block variable, the load's index expression (an index of index arithmetic, a reflect pad's
+    conditionals, grows this way), as that many size markers."""
+    import re
+
+    for name, (size, uses) in costs.items():
+        def marks(m, size=size, uses=uses):
+            return _MARK * max(1, size + uses * lowered_size(m.group(1)))
+
+        text = re.sub(r"(?<![\w.])" + re.escape(name) + r"\[([^\]]*)\]", marks, text)
+    return lowered_size(text)
 
 
 def _compute_inline(sch, blk) -> bool:

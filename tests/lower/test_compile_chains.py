@@ -4,7 +4,9 @@ TVM's float32 sigmoid goes through ``fast_exp``, whose expression reads its inpu
 such blocks one into the next copies the whole chain into every read (k**depth growth). Before the
 bound (:data:`bncompile.lower.graph_schedules.INLINE_MAX_SIZE`), 4 chained sigmoids took 15-45 s to
 compile and 8 exhausted memory (std::bad_alloc in dlight's trial inlining); branches that join again
-(``x + relu(x)``, chained) doubled per level the same way (18 took 2 minutes, 22 exhausted memory).
+(``x + relu(x)``, chained) doubled per level the same way (18 took 2 minutes, 22 exhausted memory);
+tanh's lowering copies its argument (7 chained ``x * tanh(x) - x``: 49 s to build) and nested index
+conditionals slow TVM's simplifier exponentially (5 chained reflect pads with slices: 80 s).
 Found by trying a chain of 60 sigmoids. Every chain here compiles in seconds and matches onnxruntime.
 """
 
@@ -35,6 +37,18 @@ def _chain(ops, shape, *, conv: bool = False):
         elif op == "ResidualRelu":          # x + relu(x): two branches that join again
             nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
             nodes.append(helper.make_node("Add", [prev, f"r{i}"], [f"t{i}"]))
+        elif op == "TanhDiamond":           # x * tanh(x) - x: tanh's lowering reads its argument often
+            nodes.append(helper.make_node("Tanh", [prev], [f"a{i}"]))
+            nodes.append(helper.make_node("Mul", [prev, f"a{i}"], [f"b{i}"]))
+            nodes.append(helper.make_node("Sub", [f"b{i}", prev], [f"t{i}"]))
+        elif op == "ReflectPadSlice":       # index conditionals nested in index conditionals
+            if not inits or inits[-1].name != "ax":
+                inits += [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+                          numpy_helper.from_array(np.array([1, 1], np.int64), "st"),
+                          numpy_helper.from_array(np.array([shape[2] + 1, shape[3] + 1], np.int64), "en"),
+                          numpy_helper.from_array(np.array([2, 3], np.int64), "ax")]
+            nodes.append(helper.make_node("Pad", [prev, "pads"], [f"p{i}"], mode="reflect"))
+            nodes.append(helper.make_node("Slice", [f"p{i}", "st", "en", "ax"], [f"t{i}"]))
         else:
             nodes.append(helper.make_node(op, [prev], [f"t{i}"]))
         prev = f"t{i}"
@@ -48,6 +62,8 @@ def _chain(ops, shape, *, conv: bool = False):
     (["Sigmoid", "Tanh", "Softplus", "Sigmoid"] * 4, (2, 3, 5), False),
     (["SiLU"] * 20, (1, 8, 6, 6), False),
     (["ResidualRelu"] * 30, (1, 8, 6, 6), False),
+    (["TanhDiamond"] * 12, (1, 8, 6, 6), False),
+    (["ReflectPadSlice"] * 12, (1, 4, 9, 7), False),
     (["Sigmoid"] * 8, (1, 16, 14, 14), True),
 ])
 def test_long_element_wise_chains_compile_quickly(ops, shape, conv):
