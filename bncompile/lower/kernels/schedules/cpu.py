@@ -468,7 +468,6 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
     S = GHOST_CHUNK_GROUPS
     over_groups = ("batch_shift", "batch_offset", "batch_var")
     chunked = S > 0 and (not isinstance(G, int) or G > S) and all(b in names for b in over_groups)
-    lead = 1
     moved = []
     for b in ("sum", "mean64", "mean", "sqsum", "var", "scale_c"):
         if b not in names:
@@ -505,30 +504,30 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
             sch.parallel(ko)
             sch.decompose_reduction(rf, gl)
     for b in REDUCTIONS:
-        vec = _channels_last_vector(sch, b, lead, C, cv)
+        vec = _channels_last_vector(sch, b, 1, C, cv)
         sch.vectorize(vec)
         loops = sch.get_loops(b)
-        sch.decompose_reduction(sch.get_sblock(b), loops[lead] if cv == C else loops[lead + 1])
+        sch.decompose_reduction(sch.get_sblock(b), loops[1] if cv == C else loops[2])
     row = int(spec.shape[2]) * C * int(spec.shape[4])       # the floats of one sample in a group's slab
     if GHOST_ROW_PREFETCH and isinstance(spec.shape[2], int) and 4 * row <= STATS_PREFETCH_BYTES:
         # short rows (e.g. (N, C)): a group's v samples lie G rows apart, each its own short stream that
         # the hardware prefetchers barely start on; its first pass prefetches the next group's (the rows
         # right after, in memory: the same task's next group, or the next task's)
-        sch.annotate(sch.get_loops("sum_update")[lead], PREFETCH_ANNOTATION, row)
+        sch.annotate(sch.get_loops("sum_update")[1], PREFETCH_ANNOTATION, row)
     if fused_y:
-        v, _, p, cc, q = sch.get_loops("y")[lead:]      # [chunk,] g | v, g (unit), p, c, q
+        v, _, p, cc, q = sch.get_loops("y")[1:]      # g | v, g (unit), p, c, q
     else:
         v, gg, p, cc, q = sch.get_loops("y")
         sch.parallel(sch.fuse(v, gg))
     _vectorize_channels(sch, cc, q, C, cv)
     # the group's per-channel scalars (float64 finalization) as vectors across the channels
     for b in ["shift"] + [b for b in moved if b not in REDUCTIONS]:
-        loops = sch.get_loops(b)                    # [chunk,] g | c [, unit g']
-        cl = loops[lead]
+        loops = sch.get_loops(b)                    # g | c [, unit g']
+        cl = loops[1]
         if cv < C:
             _, cl = sch.split(cl, [None, cv])
-        if len(loops) > lead + 1:
-            sch.reorder(*loops[lead + 1:], cl)
+        if len(loops) > 2:
+            sch.reorder(*loops[2:], cl)
         sch.vectorize(cl)
     # the averages over the groups (over the chunks' partials when chunked): parallel over channel
     # vectors, the groups inner
