@@ -426,3 +426,89 @@ def test_serial_small_functions_match(compiler, batch):
     y = g.op("Flatten", [y])
     y = g.op("Gemm", [y, g.c(g.rng.standard_normal((24, 7))), g.c(g.rng.standard_normal(7))])
     _check(compiler, g.model(y, c, 9, 9, batch), (1, c, 9, 9), target=AVX2, batches=(1,) if batch == 1 else (1, 2))
+
+
+def _parallel_loops(text):
+    import re
+
+    return re.findall(r"for (\w+) in T\.parallel\(", text)
+
+
+def _rows_first(loop: str, channel: str = "o") -> bool:
+    """Whether the fused parallel loop ``loop`` (``b_y_0_o_0_fused``: TVM joins the fused loops' names) runs
+    output rows outside the ``channel`` loop."""
+    parts = loop.split("_")
+    return parts.index("y") < parts.index(channel)
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("ci,co,k,s,hw", [(16, 32, 1, 1, 28), (8, 24, 3, 2, 30), (96, 16, 1, 1, 6), (64, 48, 3, 1, 5)])
+def test_conv_parallel_order_follows_the_larger_read(compiler, ci, co, k, s, hw, batch):
+    """:data:`graph_schedules.ROWS_OUTER`: a packed conv whose weight is smaller than one sample of its input
+    runs its parallel loop over batch x row tiles x channel blocks (each thread a band of rows of every
+    channel); one whose weight is larger keeps channel blocks outside (each thread half the weight). The
+    order changes which thread computes what, never the result: against onnxruntime, static and free
+    batch, odd sizes, stride 2 and a 3x3 window."""
+    g = G(ci + co)
+    y = act(g, g.conv("x", ci, co, k, stride=s), "relu")
+    model = g.model(y, ci, hw, hw, batch)
+    _check(compiler, model, (1, ci, hw, hw), target=AVX2, batches=(1,) if batch == 1 else (2, 3))
+    funcs = [t for r, t in _scheduled(model).values() if r == "conv2d_nchw16o"]
+    assert len(funcs) == 1
+    rows_outside = co * ci * k * k < ci * (hw + 2 * (k // 2)) ** 2
+    loops = [lp for lp in _parallel_loops(funcs[0]) if lp.startswith("b_")]     # not the pad's
+    if loops:      # a small function runs serial (parallel_worth)
+        assert len(loops) == 1
+        assert _rows_first(loops[0]) == rows_outside, loops
+
+
+def test_conv_parallel_order_setting():
+    """ROWS_OUTER True/False forces the order (the A/B switch the measurements used)."""
+    from bncompile.lower import graph_schedules as gs
+
+    g = G(3)
+    model = g.model(act(g, g.conv("x", 64, 64, 1), "relu"), 64, 7, 7, 1)   # weight 4096 > input 3136
+    old = gs.ROWS_OUTER
+    try:
+        orders = {}
+        for setting in (True, False, "auto"):
+            gs.ROWS_OUTER = setting
+            (text,) = [t for r, t in _scheduled(model).values() if r == "conv2d_nchw16o"]
+            orders[setting] = _parallel_loops(text)
+    finally:
+        gs.ROWS_OUTER = old
+    assert _rows_first(orders[True][0]) and not _rows_first(orders[False][0]) and orders["auto"] == orders[False]
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+@pytest.mark.parametrize("c,k,s,hw,op", [(24, 3, 1, 28, "Conv"), (17, 3, 2, 64, "Conv"), (16, 5, 1, 32, "Conv"),
+                                         (24, 3, 2, 56, "MaxPool"), (16, 3, 2, 64, "MaxPool"), (27, 3, 1, 27, "Conv")])
+def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch):
+    """:data:`graph_schedules.DW_ROW_CHUNKS`: a depthwise conv or max pool with at least DW_ROW_CHUNK_MIN
+    output rows (and an even number of row tiles) runs its parallel loop over batch x 2 bands of rows x
+    channels, each band filling its own rows of the padded plane (the halo rows twice, the pad still
+    decomposed: no per-element test). Against onnxruntime, static and free batch, stride 1 and 2, windows
+    3 and 5; 27 rows stay one band."""
+    from bncompile.lower.graph_schedules import DW_ROW_CHUNK_MIN, DW_ROW_CHUNKS, depthwise_tiling
+
+    g = G(c + hw)
+    if op == "Conv":
+        wt = g.rng.standard_normal((c, 1, k, k)) * 0.5
+        y = g.op("Conv", ["x", g.c(wt), g.c(g.rng.normal(0, 0.1, c))], kernel_shape=[k, k], strides=[s, s],
+                 pads=[k // 2] * 4, group=c)
+        y = act(g, y, "relu")
+        rule = "depthwise_planes"
+    else:
+        y = g.op("MaxPool", ["x"], kernel_shape=[k, k], strides=[s, s], pads=[k // 2] * 4)
+        rule = "pool_planes"
+    model = g.model(y, c, hw, hw, batch)
+    _check(compiler, model, (1, c, hw, hw), target=AVX2, batches=(1,) if batch == 1 else (2, 3))
+    (text,) = [t for r, t in _scheduled(model).values() if r == rule]
+    oh = (hw + 2 * (k // 2) - k) // s + 1
+    _, th = depthwise_tiling(oh, oh, 8, 16)
+    banded = DW_ROW_CHUNKS > 1 and oh >= DW_ROW_CHUNK_MIN and (oh // th) % DW_ROW_CHUNKS == 0
+    loops = _parallel_loops(text)
+    assert len(loops) == 1 and ("y" in loops[0].split("_")) == banded, (loops, oh, th)
+    if banded:
+        assert _rows_first(loops[0], "ch"), loops
+    assert "pad_const" in text and "if_then_else" not in text
