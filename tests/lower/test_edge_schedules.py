@@ -482,6 +482,7 @@ def test_conv_parallel_order_setting():
 
 @pytest.mark.parametrize("batch", [1, "N"])
 @pytest.mark.parametrize("c,k,s,hw,op", [(24, 3, 1, 28, "Conv"), (17, 3, 2, 64, "Conv"), (16, 5, 1, 32, "Conv"),
+                                         (8, 3, 2, 112, "Conv"), (9, 5, 1, 56, "Conv"),
                                          (24, 3, 2, 56, "MaxPool"), (16, 3, 2, 64, "MaxPool"), (27, 3, 1, 27, "Conv")])
 def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch):
     """:data:`graph_schedules.DW_ROW_CHUNKS`: a depthwise conv or max pool with at least DW_ROW_CHUNK_MIN
@@ -489,7 +490,7 @@ def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch):
     channels, each band filling its own rows of the padded plane (the halo rows twice, the pad still
     decomposed: no per-element test). Against onnxruntime, static and free batch, stride 1 and 2, windows
     3 and 5; 27 rows stay one band."""
-    from bncompile.lower.graph_schedules import DW_ROW_CHUNK_MIN, DW_ROW_CHUNKS, depthwise_tiling
+    from bncompile.lower.graph_schedules import depthwise_tiling, dw_row_bands
 
     g = G(c + hw)
     if op == "Conv":
@@ -505,10 +506,23 @@ def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch):
     _check(compiler, model, (1, c, hw, hw), target=AVX2, batches=(1,) if batch == 1 else (2, 3))
     (text,) = [t for r, t in _scheduled(model).values() if r == rule]
     oh = (hw + 2 * (k // 2) - k) // s + 1
-    _, th = depthwise_tiling(oh, oh, 8, 16)
-    banded = DW_ROW_CHUNKS > 1 and oh >= DW_ROW_CHUNK_MIN and (oh // th) % DW_ROW_CHUNKS == 0
+    banded = dw_row_bands(oh, depthwise_tiling(oh, oh, 8, 16)[1]) > 1
     loops = _parallel_loops(text)
-    assert len(loops) == 1 and ("y" in loops[0].split("_")) == banded, (loops, oh, th)
+    assert len(loops) == 1 and ("y" in loops[0].split("_")) == banded, (loops, oh)
     if banded:
         assert _rows_first(loops[0], "ch"), loops
     assert "pad_const" in text and "if_then_else" not in text
+
+
+def test_depthwise_row_bands_split_evenly():
+    """:func:`dw_row_bands`: two bands of whole row tiles on planes of at least DW_ROW_CHUNK_MIN rows whose
+    tiles split evenly; other planes one band."""
+    from bncompile.lower.graph_schedules import DW_ROW_CHUNK_MIN, depthwise_tiling, dw_row_bands
+
+    for lanes, regs in ((8, 16), (16, 32)):
+        for oh in range(1, 130):
+            th = depthwise_tiling(oh, oh, lanes, regs)[1]
+            bands = dw_row_bands(oh, th)
+            assert bands in (0, 2)
+            assert bool(bands) == (oh >= DW_ROW_CHUNK_MIN and (oh // th) % 2 == 0), (oh, th)
+    assert dw_row_bands(56, 8) == 0 and dw_row_bands(112, 8) == 2 and dw_row_bands(14, 7) == 0
