@@ -616,9 +616,9 @@ def _packed_block(sch, blk) -> int | None:
 #: wrote, from its own core's L2, where channel blocks outside leave half of every input channel in the
 #: other core's cache. Channel blocks stay outside where the weight is the larger read (ResNet's 7x7 and
 #: 14x14 stages), so each thread reads half the weight, not all of it. Measured at 2 threads (AMD EPYC
-#: znver4, 2 cores, whole networks at 224x224, TVM / onnxruntime in one process): DenseNet-121 1.02 ->
-#: 0.92, MobileNetV2 1.40 -> 1.28, EfficientNet-B0 1.16 -> 1.13, ResNet-50 within the noise (0.95-1.08
-#: both ways); 1 thread unchanged.
+#: znver4, 2 cores, whole networks at 224x224, both orders in one process, interleaved): DenseNet-121
+#: 3.5-11% faster (four runs), MobileNetV2 4-8%, RegNetY 4-20%, EfficientNet-B0 3%, ResNet-50 from 9%
+#: faster to 4% slower (six runs: the noise); 1 thread unchanged.
 ROWS_OUTER: bool | str = "auto"
 
 
