@@ -671,17 +671,14 @@ def schedule_conv(func, target=None):
             oho, ohi = sch.split(oh, [None, TH])
         else:
             oho, ohi = oh, None
-        rows_outer = _rows_outer(sch, blk)
-        if rows_outer:
-            sch.reorder(n, oho, ocb, owo, rc, ry, rx, *([ohi] if ohi is not None else []), owi, oci)
-        else:
-            sch.reorder(n, ocb, oho, owo, rc, ry, rx, *([ohi] if ohi is not None else []), owi, oci)
+        outer = (n, oho, ocb) if _rows_outer(sch, blk) else (n, ocb, oho)
+        sch.reorder(*outer, owo, rc, ry, rx, *([ohi] if ohi is not None else []), owi, oci)
         wb = sch.cache_write(blk, 0, "local")
         # accumulator channels-last, so each vector of output channels is contiguous in the local tile
         sch.transform_layout(blk, ("write", 0), lambda b, o, y, z: (b, y, z, o))
         # inline the element-wise epilogue (bias, relu, residual add...) into the write-back
         _inline_epilogue(sch, wb)
-        fused = sch.fuse(n, oho, ocb) if rows_outer else sch.fuse(n, ocb, oho)
+        fused = sch.fuse(*outer)
         if parallel_worth(work, vector_lanes(target)[0]):
             sch.parallel(fused)
         sch.reverse_compute_at(wb, owo)
@@ -1091,14 +1088,14 @@ def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     chunks = dw_row_bands(OH, th)
     yo, yi = sch.split(y, [None, th])
     xo, xi = sch.split(x, [None, tw])
+    outer = (n, c)
     if chunks:
         yc, yo = sch.split(yo, [chunks, None])
-        sch.reorder(n, yc, c, yo, xo, ry, rx, yi, xi)
-    else:
-        sch.reorder(n, c, yo, xo, ry, rx, yi, xi)
+        outer = (n, yc, c)
+    sch.reorder(*outer, yo, xo, ry, rx, yi, xi)
     wb = sch.cache_write(blk, 0, "local")
     _inline_epilogue(sch, wb)
-    fused = sch.fuse(n, yc, c) if chunks else sch.fuse(n, c)
+    fused = sch.fuse(*outer)
     if parallel_worth(work, lanes):
         sch.parallel(fused)
     sch.reverse_compute_at(wb, xo)
