@@ -72,6 +72,7 @@ went from 125 launches per inference to 43.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -602,7 +603,7 @@ def _iter_kinds(sch, blk) -> str:
 def _packed_block(sch, blk) -> int | None:
     """The channel block of our conv: the last dim of its 5-D (packed weight) read."""
     for region in sch.get(blk).reads:
-        buf = getattr(region, "buffer", None) or getattr(region, "source", None)   # 0.27: .source
+        buf = _region_buffer(region)
         shape = getattr(buf, "shape", ())
         if len(shape) == 5:
             return _static(shape[4])
@@ -629,12 +630,12 @@ def _rows_outer(sch, blk) -> bool:
         return bool(ROWS_OUTER)
     data = weight = None
     for region in sch.get(blk).reads:
-        buf = getattr(region, "buffer", None) or getattr(region, "source", None)   # 0.27: .source
+        buf = _region_buffer(region)
         shape = [_static(d) for d in getattr(buf, "shape", ())]
         if len(shape) == 5 and None not in shape:
-            weight = shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
+            weight = math.prod(shape)
         elif len(shape) == 4 and None not in shape[1:] and data is None:
-            data = shape[1] * shape[2] * shape[3]          # per sample: the batch may be symbolic
+            data = math.prod(shape[1:])          # per sample: the batch may be symbolic
     return data is not None and weight is not None and weight < data
 
 
