@@ -105,6 +105,8 @@ EXACT_CASES = [  # (config, shape, expected CPU schedule)
     (BatchNormConfig(axis=1), (8, 16, 32, 32), "cpu_channel_first"),
     (BatchNormConfig(axis=1), (4096, 3, 5), "cpu_channel_first"),             # rfactor path (Q = 5)
     (BatchNormConfig(axis=1, virtual_batch_size=4), (4096, 3, 16), "cpu_channel_first"),
+    (BatchNormConfig(axis=-1, virtual_batch_size=4), (4096, 24), "cpu_channels_last_ghost"),   # plain group sums
+    (BatchNormConfig(axis=-1, virtual_batch_size=4), (4096, 3, 5), "cpu_channels_last_ghost"),
     (BatchNormConfig(axis=[1, 3]), (512, 3, 8, 5), "cpu_generic"),
 ]
 
@@ -127,6 +129,20 @@ def test_batch_mean_exact_to_float32_rounding(cfg, shape, rule, loc, scale):
     assert _ulps(out["moving_variance_new"], ref.variables["moving_variance"]).max() <= 8.0
     # y: as exact as float32 normalization allows
     _close(out["y"], ref.y, 2e-6 * max(1.0, float(np.abs(ref.y).max())), "y")
+
+
+@pytest.mark.parametrize("shape,v,plain", [((None, 1024), 4, True), ((64, 3, 5), 4, True),
+                                           ((None, 40), 16, True), ((None, 40), 32, False), ((None, 4, 5), 8, False)])
+def test_ghost_short_groups_sum_plainly(shape, v, plain):
+    """Ghost channels-last groups of at most PLAIN_GROUP_MAX values per channel sum in plain float32 (the
+    cases above bound their error); longer groups keep the compensated sums."""
+    from bncompile.lower.kernels.schedules import cpu as scpu
+
+    spec = make_spec(BatchNormConfig(axis=-1, virtual_batch_size=v), shape)
+    name, sch = schedule(spec, prim_func(spec), target={"kind": "llvm"}, machine=scpu.cpu_machine())
+    assert name == "cpu_channels_last_ghost"
+    script = sch.mod.script()          # a compensated sum writes two buffers, <name>_v0 and <name>_v1
+    assert ("sum_v1" in script) != plain and ("sqsum_v1" in script) != plain
 
 
 def test_issue_case_mean_error():

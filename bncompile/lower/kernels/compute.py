@@ -19,7 +19,11 @@ One PrimFunc computes ``y`` and every variable a training step updates. The math
   exactly, so x is read from memory once. With
   ``stat_plain_m2`` (blocks of at most :data:`PLAIN_M2_MAX` elements) a block's sum of squares is a
   plain float32 sum about the block's centre: non-negative terms, so its relative error is bounded by
-  (m-1)*u whatever the data, and compensation is kept for the sums and across blocks.
+  (m-1)*u whatever the data, and compensation is kept for the sums and across blocks. Unblocked,
+  ``stat_plain_m2`` (a ghost schedule's request for groups of at most :data:`PLAIN_GROUP_MAX` values,
+  e.g. (N, C) with v = 4) makes both sums of a group plain float32 sums about K: m offsets sum to
+  within (m-1)*u*sum|x - K| (far below the mean's own rounding when the mean dwarfs the spread), and
+  the averages over the groups stay float64.
 * ``A = rsqrt(var + eps) * r * adj_scale * gamma``, ``B = (d * adj_scale + adj_bias) * gamma + beta``,
   with ``r = 1, d = 0`` without renorm and ``adj = (1, 0)`` without adjustment.
 * renorm: ``s = max(renorm_stddev, sqrt(eps))``, ``r = clip(sqrt(var_B + eps)/s)``,
@@ -307,7 +311,20 @@ def batchnorm_te(spec: KernelSpec):
         ssum, mean64, mean, sqsum = _blocked_statistics(spec, te, x, shift, f32, cnt64, shape, ksum)
     else:
         r1 = raxes("r")
-        ssum = te.compute(sshape, lambda *s: ksum((f32(x[xidx(s, r1)]) - shift[s], zero), axis=r1), name="sum")
+        plain = bool(spec.stat_plain_m2)
+        if plain and (not isinstance(count, int) or count > PLAIN_GROUP_MAX):
+            raise ValueError(f"plain sums need at most {PLAIN_GROUP_MAX} values per statistic, not {count}")
+        if plain:
+            # a short group (a schedule's request: ghost (N, C)): plain float32 sums about K. Every
+            # x - K is exact where |x| >> |x - K|, and m terms sum to within (m-1)*u*sum|x - K|: for
+            # data whose mean dwarfs its spread, far below the rounding of the mean itself; for
+            # other data, the error of NumPy's float32 mean over the group. The sum of squares has
+            # non-negative terms: within (m-1)*u relative whatever the data
+            ssum = (te.compute(sshape, lambda *s: te.sum(f32(x[xidx(s, r1)]) - shift[s], axis=r1), name="sum"),
+                    _Zero(zero))
+        else:
+            ssum = te.compute(sshape, lambda *s: ksum((f32(x[xidx(s, r1)]) - shift[s], zero), axis=r1),
+                              name="sum")
         # offset from shift: the compensated sum's two parts added and divided in float64, rounded once
         mean64 = te.compute(sshape, lambda *s: (f64(ssum[0][s]) + f64(ssum[1][s])) / cnt64, name="mean64")
         if pow2:
@@ -320,8 +337,12 @@ def batchnorm_te(spec: KernelSpec):
         def centered(s, red):
             return (f32(x[xidx(s, red)]) - shift[s]) - mean[s]
 
-        sqsum = te.compute(sshape, lambda *s: ksum((centered(s, r2) * centered(s, r2), zero), axis=r2),
-                           name="sqsum")
+        if plain:
+            sqsum = (te.compute(sshape, lambda *s: te.sum(centered(s, r2) * centered(s, r2), axis=r2),
+                                name="sqsum"), _Zero(zero))
+        else:
+            sqsum = te.compute(sshape, lambda *s: ksum((centered(s, r2) * centered(s, r2), zero), axis=r2),
+                               name="sqsum")
     if pow2:
         var = te.compute(sshape, lambda *s: (sqsum[0][s] + sqsum[1][s]) * inv_cnt, name="var")
     else:
@@ -455,6 +476,16 @@ def batchnorm_te(spec: KernelSpec):
     return inputs, outputs
 
 
+class _Zero:
+    """Stands for the compensation part of a plain sum: 0 at every index."""
+
+    def __init__(self, zero):
+        self.zero = zero
+
+    def __getitem__(self, idx):
+        return self.zero
+
+
 def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum):
     """Statistics of the (N, P, C, Q) view from small blocks, combined exactly.
 
@@ -573,6 +604,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
 
 
 PLAIN_M2_MAX = 128       # longest block whose sum of squares may be a plain float32 sum (stat_plain_m2)
+PLAIN_GROUP_MAX = 16     # most values per statistic whose sums may be plain float32 sums (unblocked stat_plain_m2)
 SHIFT_MASK = 0xFFFFF000   # float32 bits kept in the shift K: sign, exponent, top 11 mantissa bits
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
-from bncompile.lower.kernels.compute import PLAIN_M2_MAX, KernelSpec
+from bncompile.lower.kernels.compute import PLAIN_GROUP_MAX, PLAIN_M2_MAX, KernelSpec
 from bncompile.lower.kernels.schedules._common import (_channel_vectors_over_groups, _per_sample_partials, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
@@ -115,6 +115,7 @@ GHOST_PREFETCH = True
 GHOST_STATS_PREFETCH = True
 GHOST_ROW_PREFETCH = True
 GHOST_CHUNK_GROUPS = 8     # ghost channels-last: groups per partial sum of the averages (0: one sum over all)
+GHOST_PLAIN_SUMS = True    # ghost channels-last: groups of at most PLAIN_GROUP_MAX values summed in plain float32
 
 
 def _ghost_group_passes(sch, names: list, rf: bool) -> None:
@@ -454,6 +455,16 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
     lanes = _row_lanes(_machine(machine))
     C = int(spec.channel_shape[0])
     cv = C if C <= 4 * lanes else _vector_factor(C, lanes)
+    m = int(spec.shape[0]) * int(spec.shape[2]) * int(spec.shape[4])     # values per (channel, group)
+    if GHOST_PLAIN_SUMS and not spec.stat_plain_m2 and m <= PLAIN_GROUP_MAX:
+        # short groups (e.g. (N, C) with v = 4): plain float32 sums (compute.py's accuracy argument);
+        # a compensated sum of four values cost as much as the rest of the group's statistics
+        import dataclasses
+
+        from bncompile.lower.kernels.compute import prim_func
+
+        spec = dataclasses.replace(spec, stat_plain_m2=True)
+        func = prim_func(spec)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     # the per-(channel, group) statistics stored group-major, (G, C): a group's task writes contiguous
