@@ -7,6 +7,8 @@ runs pin the CPU (AVX2 code runs on every x86-64 CPU these tests run on; the AVX
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -483,14 +485,18 @@ def test_conv_parallel_order_setting():
 @pytest.mark.parametrize("batch", [1, "N"])
 @pytest.mark.parametrize("c,k,s,hw,op", [(24, 3, 1, 28, "Conv"), (17, 3, 2, 64, "Conv"), (16, 5, 1, 32, "Conv"),
                                          (8, 3, 2, 112, "Conv"), (9, 5, 1, 56, "Conv"),
-                                         (24, 3, 2, 56, "MaxPool"), (16, 3, 2, 64, "MaxPool"), (27, 3, 1, 27, "Conv")])
+                                         (24, 3, 2, 56, "MaxPool"), (16, 3, 2, 64, "MaxPool"), (27, 3, 1, 27, "Conv"),
+                                         (12, 5, 2, 56, "Conv"), (96, 3, 1, 14, "Conv"), (64, 5, 2, 28, "MaxPool")])
 def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch):
     """:data:`graph_schedules.DW_ROW_CHUNKS`: a depthwise conv or max pool with at least DW_ROW_CHUNK_MIN
     output rows (and an even number of row tiles) runs its parallel loop over batch x 2 bands of rows x
-    channels, each band filling its own rows of the padded plane (the halo rows twice, the pad still
-    decomposed: no per-element test). Against onnxruntime, static and free batch, stride 1 and 2, windows
-    3 and 5; 27 rows stay one band."""
-    from bncompile.lower.graph_schedules import depthwise_tiling, dw_row_bands
+    channels, each band filling its own rows of the padded plane (the halo rows twice). The padded copy is
+    zero-filled then copied (no per-element test) only on rows of at most DW_PAD_FILL_MAX_WIDTH floats; with
+    stride 2 the padded rows and their phases are built per tile of output rows where the tiles overlap
+    little (DW_PHASES_PER_TILE: a 3x3 window over 4-row tiles, not a 5x5 one). Against onnxruntime, static
+    and free batch, stride 1 and 2, windows 3 and 5; 27 rows stay one band."""
+    from bncompile.lower.graph_schedules import (DW_PAD_FILL_MAX_WIDTH, DW_TILE_ROWS_READ_MAX, depthwise_tiling,
+                                                 dw_row_bands)
 
     g = G(c + hw)
     if op == "Conv":
@@ -506,12 +512,18 @@ def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch):
     _check(compiler, model, (1, c, hw, hw), target=AVX2, batches=(1,) if batch == 1 else (2, 3))
     (text,) = [t for r, t in _scheduled(model).values() if r == rule]
     oh = (hw + 2 * (k // 2) - k) // s + 1
-    banded = dw_row_bands(oh, depthwise_tiling(oh, oh, 8, 16)[1]) > 1
+    th = depthwise_tiling(oh, oh, 8, 16)[1]
+    banded = dw_row_bands(oh, th) > 1
     loops = _parallel_loops(text)
     assert len(loops) == 1 and ("y" in loops[0].split("_")) == banded, (loops, oh)
     if banded:
         assert _rows_first(loops[0], "ch"), loops
-    assert "pad_const" in text and "if_then_else" not in text
+    width = hw + 2 * (k // 2) if s == 1 else (oh + (k - 1) // s) * s      # the padded rows' columns
+    assert ("pad_const" in text) == (width <= DW_PAD_FILL_MAX_WIDTH), width
+    assert ("if_then_else" in text) == (width > DW_PAD_FILL_MAX_WIDTH), width
+    per_tile = s > 1 and oh > th and (th - 1) * s + k <= DW_TILE_ROWS_READ_MAX * th * s
+    tile_loop = re.search(r"for y_0(?:_1)? in", text)
+    assert (tile_loop is not None and tile_loop.start() < text.index('T.sblock("bnc_dw_pad')) == per_tile
 
 
 def test_depthwise_row_bands_split_evenly():
