@@ -1054,16 +1054,18 @@ DW_ROW_CHUNK_MIN = 28
 #: output rows where the tile reads them (its rows plus the halo: 17 padded rows for 8 output rows of a 3x3
 #: stride-2 window), not the channel's whole plane: a 112 x 112 plane's pad and phases are 2 x 51 KB, past
 #: L1, so the three passes over them (pad, phases, the conv's reads) each went to L2. Measured alone, 1
-#: thread (AMD EPYC znver4; mcpu=haswell alike): MobileNetV2's 96 x 112 x 112 stride-2 conv 337 -> 229 us,
-#: ResNet-50's max pool 212 -> 143 us, EfficientNet-B0's 5x5 stride-2 convs 8-21% faster.
+#: thread, both builds in one process in alternating order (AMD EPYC znver4): MobileNetV2's 96 x 112 x 112
+#: stride-2 conv 330 -> 222 us, EfficientNet-B0's 453 -> 352, ResNet-50's max pool 212 -> 148 (mcpu=haswell:
+#: 392 -> 344, 211 -> 148). Only where a tile reads at most DW_TILE_ROWS_READ_MAX times its share of rows.
 DW_PHASES_PER_TILE = True
 DW_TILE_ROWS_READ_MAX = 1.25
 #: the padded copy of a depthwise conv or max pool whose rows are at most this many floats is zero-filled, then
 #: its interior copied (decompose_padding), both vectorized by TVM (7 x 7 planes: 9 or 11 columns). Wider rows
 #: are one serial pass with a test per element, which LLVM peels into zero rows, a masked first vector, whole
 #: vectors and a scalar tail, each element written once instead of twice; on 7 x 7 planes the peeled loop's
-#: branches cost more (960 x 7 x 7: 80 us against 73). Measured alone, 1 thread: MobileNetV3-Large's depthwise
-#: convs 992 -> 946 us in all without the per-tile phases, 56 x 56 planes 4-8% faster.
+#: branches cost more (960 x 7 x 7: 80 us against 73; 14 x 14 planes even). Measured alone, 1 thread: stride-1
+#: 56 x 56 and 112 x 112 depthwise convs 1-7% faster (MobileNetV2, EfficientNet-B0), MobileNetV3's 120 x 28 x 28
+#: 4%.
 DW_PAD_FILL_MAX_WIDTH = 24
 
 
@@ -1087,7 +1089,7 @@ def _phases_per_tile(sch, pad, ry, out_height: int, rows: int) -> bool:
         return False
     kh = _static(sch.get(ry).extent)
     padded = _static(_region_buffer(sch.get(pad).writes[0]).shape[2])
-    if kh is None or padded is None or out_height < 2:
+    if kh is None or padded is None:
         return False
     sh = (padded - kh) // (out_height - 1)               # padded rows = (OH - 1) * stride + KH
     return (rows - 1) * sh + kh <= DW_TILE_ROWS_READ_MAX * rows * sh
