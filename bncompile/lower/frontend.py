@@ -10,7 +10,9 @@
   ``BatchNormalization`` keeps TVM's converter; the backward custom ops (``<Op>Grad``, from
   ``build_model(..., gradients=True)``) become a ``call_tir`` of our backward kernel
   (:mod:`bncompile.lower.kernels.backward`), so one library runs a full training step (the plain and
-  fused layers' backward is standard ops, which TVM fuses);
+  fused layers' backward is standard ops, which TVM fuses); ``MaxPool`` / ``AveragePool`` with
+  ``auto_pad`` SAME_* get the spec's explicit pads first (:func:`same_pads`: TVM 0.27's converter is one
+  row short for SAME_LOWER and shifts the windows when the kernel is smaller than the stride);
 * :func:`from_onnx` runs ``tvm.relax.frontend.onnx.from_onnx`` with those converters (installed by the
   shim's :func:`bncompile.lower.tvm.patched_onnx_converters`); symbolic dims (``dim_param``) stay symbolic.
 """
@@ -386,7 +388,22 @@ def make_converters(ctx: KernelContext) -> dict:
 
         _impl_v8 = _impl_v13
 
-    convs = {"BatchNormalization": BatchNormalization, "Expand": Expand}
+    def pool_converter(base):
+        class Pool(base):
+            """MaxPool / AveragePool with ``auto_pad`` SAME_UPPER or SAME_LOWER: explicit pads per the ONNX
+            spec (:func:`same_pads`), then TVM's converter. TVM 0.27's computes SAME_LOWER's output as
+            floor(in / stride) (one row or column short), leaves a negative total pad (kernel < stride)
+            unclamped, which shifts every window, and reads the batch dim as an int (a free batch failed)."""
+
+            @classmethod
+            def _impl_v1(cls, bb, inputs, attr, params):
+                return super()._impl_v1(bb, inputs, _explicit_same_pads(inputs[0], attr, base.__name__), params)
+
+        Pool.__name__ = base.__name__
+        return Pool
+
+    convs = {"BatchNormalization": BatchNormalization, "Expand": Expand,
+             "MaxPool": pool_converter(fe.MaxPool), "AveragePool": pool_converter(fe.AveragePool)}
 
     for kind in custom_ops.OPS.values():
         def impl(cls, bb, inputs, attr, params, _kind=kind):
@@ -432,6 +449,43 @@ def make_converters(ctx: KernelContext) -> dict:
 
         convs[gkind.name] = type(gkind.name, (fe.OnnxOpConverter,), {"_impl_v1": classmethod(grad_impl)})
     return convs
+
+
+def same_pads(sizes, kernel, strides, dilations, mode: str) -> list[int]:
+    """ONNX pads ``[begin..., end...]`` of ``auto_pad`` ``mode`` (SAME_UPPER / SAME_LOWER) for spatial
+    ``sizes``: the output is ceil(size / stride); the total pad, max(0, (out - 1) * stride + (kernel - 1) *
+    dilation + 1 - size), split in halves with the odd one at the end (UPPER) or the beginning (LOWER)."""
+    begins, ends = [], []
+    for n, k, st, d in zip(sizes, kernel, strides, dilations):
+        out = -(-n // st)
+        total = max(0, (out - 1) * st + (k - 1) * d + 1 - n)
+        small, big = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else big)
+        ends.append(big if mode == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _explicit_same_pads(x, attr, op: str) -> dict:
+    """``attr`` of a pool node with ``auto_pad`` SAME_* replaced by explicit pads (:func:`same_pads`) and
+    ceil_mode 0 (floor((size + pads - window) / stride) + 1 is then exactly ceil(size / stride))."""
+    mode = attr.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in ("SAME_UPPER", "SAME_LOWER"):
+        return attr
+    kernel = [int(k) for k in attr["kernel_shape"]]
+    nd = len(kernel)
+    sizes = [_static(d) for d in list(x.ty.shape)[2:]]
+    if len(sizes) != nd or any(n is None for n in sizes):
+        raise UnsupportedError(f"node {_node_label(attr)} ({op}): auto_pad={mode} needs static spatial dims, "
+                               f"got {_fmt_shape(list(x.ty.shape))}; give the input's height and width "
+                               "(--input-shape) or explicit pads")
+    strides = [int(v) for v in attr.get("strides", [1] * nd)]
+    dilations = [int(v) for v in attr.get("dilations", [1] * nd)]
+    out = dict(attr)
+    out["auto_pad"] = b"NOTSET"
+    out["pads"] = same_pads(sizes, kernel, strides, dilations, mode)
+    out["ceil_mode"] = 0
+    return out
 
 
 def _clipping(a: Mapping) -> tuple:
