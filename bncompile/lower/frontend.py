@@ -13,6 +13,8 @@
   fused layers' backward is standard ops, which TVM fuses); ``MaxPool`` / ``AveragePool`` with
   ``auto_pad`` SAME_* get the spec's explicit pads first (:func:`same_pads`: TVM 0.27's converter is one
   row short for SAME_LOWER and shifts the windows when the kernel is smaller than the stride);
+  ``ConvTranspose``'s ``output_shape`` becomes the spec's pads (TVM's converter ignores it); a ``Resize``
+  whose scales give a fractional size is refused (TVM's resizes by out / in, not by the scale);
 * :func:`from_onnx` runs ``tvm.relax.frontend.onnx.from_onnx`` with those converters (installed by the
   shim's :func:`bncompile.lower.tvm.patched_onnx_converters`); symbolic dims (``dim_param``) stay symbolic.
 """
@@ -402,8 +404,27 @@ def make_converters(ctx: KernelContext) -> dict:
         Pool.__name__ = base.__name__
         return Pool
 
+    class ConvTranspose(fe.ConvTranspose):
+        """The ``output_shape`` attribute as the spec's pads (:func:`conv_transpose_pads`), then TVM's
+        converter, which ignores it (the natural output size came back: 11x11 for an asked 10x10)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            return super()._impl_v1(bb, inputs, _output_shape_as_pads(inputs[0], inputs[1], attr), params)
+
+    class Resize(fe.Resize):
+        """TVM's converter computes its coordinates from the output size, i.e. with out / in, not with the
+        given scale (ONNX: x_in = (x_out + 0.5) / scale - 0.5): the two differ, silently, wherever
+        in * scale is not a whole number (0.5 on an odd size). Refused there, with the fix."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            _check_resize_scales(inputs, attr, params)
+            return super()._impl_v18(bb, inputs, attr, params)
+
     convs = {"BatchNormalization": BatchNormalization, "Expand": Expand,
-             "MaxPool": pool_converter(fe.MaxPool), "AveragePool": pool_converter(fe.AveragePool)}
+             "MaxPool": pool_converter(fe.MaxPool), "AveragePool": pool_converter(fe.AveragePool),
+             "ConvTranspose": ConvTranspose, "Resize": Resize}
 
     for kind in custom_ops.OPS.values():
         def impl(cls, bb, inputs, attr, params, _kind=kind):
@@ -486,6 +507,70 @@ def _explicit_same_pads(x, attr, op: str) -> dict:
     out["pads"] = same_pads(sizes, kernel, strides, dilations, mode)
     out["ceil_mode"] = 0
     return out
+
+
+def conv_transpose_pads(sizes, kernel, strides, dilations, output_padding, output_shape, auto_pad: str) -> list[int]:
+    """ONNX ConvTranspose pads ``[begin..., end...]`` for an explicit ``output_shape``: total =
+    stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - out, the odd half at the end for
+    SAME_UPPER, else at the beginning. ValueError when an axis asks for more than the natural size."""
+    begins, ends = [], []
+    for n, k, st, d, op, out in zip(sizes, kernel, strides, dilations, output_padding, output_shape):
+        total = st * (n - 1) + op + (k - 1) * d + 1 - out
+        if total < 0:
+            raise ValueError(f"output_shape {out} exceeds the natural size {out + total}")
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else big)
+        ends.append(big if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _output_shape_as_pads(x, w, attr) -> dict:
+    """``attr`` of a ConvTranspose node with ``output_shape`` replaced by explicit pads."""
+    if not attr.get("output_shape"):
+        return attr
+    sizes = [_static(d) for d in list(x.ty.shape)[2:]]
+    nd = len(sizes)
+    want = [int(v) for v in attr["output_shape"]][-nd:]
+    kernel = [int(k) for k in attr.get("kernel_shape") or [_static(d) for d in list(w.ty.shape)[2:]]]
+    if any(v is None for v in sizes + kernel):
+        raise UnsupportedError(f"node {_node_label(attr)} (ConvTranspose): output_shape needs static spatial dims, "
+                               f"got {_fmt_shape(list(x.ty.shape))}; give the input's height and width "
+                               "(--input-shape) or explicit pads")
+    mode = attr.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    try:
+        pads = conv_transpose_pads(sizes, kernel, [int(v) for v in attr.get("strides", [1] * nd)],
+                                   [int(v) for v in attr.get("dilations", [1] * nd)],
+                                   [int(v) for v in attr.get("output_padding", [0] * nd)], want, mode)
+    except ValueError as err:
+        raise UnsupportedError(f"node {_node_label(attr)} (ConvTranspose): {err}; use output_padding for a "
+                               "larger output") from None
+    out = {k: v for k, v in attr.items() if k not in ("output_shape", "auto_pad")}
+    out["pads"] = pads
+    return out
+
+
+def _check_resize_scales(inputs, attr, params) -> None:
+    """UnsupportedError for a Resize whose constant ``scales`` give a fractional output size on a static axis
+    (see :func:`make_converters`' Resize)."""
+    if len(inputs) < 3 or inputs[2] is None:
+        return
+    try:
+        const = _tvm.relax_onnx().onnx_frontend.get_constant(inputs[2], params)
+        scales = [float(v) for v in const.value.numpy().ravel()]
+    except Exception:  # noqa: BLE001 - not a constant: TVM's converter decides
+        return
+    dims = list(inputs[0].ty.shape)
+    for axis, (scale, dim) in enumerate(zip(scales, dims)):
+        n = _static(dim)
+        if n is None or scale == 1.0:
+            continue
+        if abs(n * scale - round(n * scale)) > 1e-6 * max(1.0, n * scale):
+            raise UnsupportedError(
+                f"node {_node_label(attr)} (Resize): scale {scale:g} on axis {axis} of size {n} gives "
+                f"{n * scale:g} pixels; TVM resizes by output size ({math.floor(n * scale)} / {n}), not by the "
+                "scale, so the result would differ from the ONNX spec: give the 'sizes' input instead, or scales "
+                "that give whole sizes")
 
 
 def _clipping(a: Mapping) -> tuple:
