@@ -472,25 +472,31 @@ def make_converters(ctx: KernelContext) -> dict:
     return convs
 
 
+def _split_pads(totals, mode: str) -> list[int]:
+    """ONNX pads ``[begin..., end...]`` from each axis's total pad: halves, the odd one at the end for
+    SAME_UPPER, else at the beginning."""
+    upper = mode == "SAME_UPPER"
+    begins = [t // 2 if upper else t - t // 2 for t in totals]
+    return begins + [t - b for t, b in zip(totals, begins)]
+
+
+def _auto_pad(attr) -> str:
+    mode = attr.get("auto_pad", b"NOTSET")
+    return mode.decode() if isinstance(mode, bytes) else str(mode)
+
+
 def same_pads(sizes, kernel, strides, dilations, mode: str) -> list[int]:
     """ONNX pads ``[begin..., end...]`` of ``auto_pad`` ``mode`` (SAME_UPPER / SAME_LOWER) for spatial
     ``sizes``: the output is ceil(size / stride); the total pad, max(0, (out - 1) * stride + (kernel - 1) *
     dilation + 1 - size), split in halves with the odd one at the end (UPPER) or the beginning (LOWER)."""
-    begins, ends = [], []
-    for n, k, st, d in zip(sizes, kernel, strides, dilations):
-        out = -(-n // st)
-        total = max(0, (out - 1) * st + (k - 1) * d + 1 - n)
-        small, big = total // 2, total - total // 2
-        begins.append(small if mode == "SAME_UPPER" else big)
-        ends.append(big if mode == "SAME_UPPER" else small)
-    return begins + ends
+    return _split_pads([max(0, (-(-n // st) - 1) * st + (k - 1) * d + 1 - n)
+                        for n, k, st, d in zip(sizes, kernel, strides, dilations)], mode)
 
 
 def _explicit_same_pads(x, attr, op: str) -> dict:
     """``attr`` of a pool node with ``auto_pad`` SAME_* replaced by explicit pads (:func:`same_pads`) and
     ceil_mode 0 (floor((size + pads - window) / stride) + 1 is then exactly ceil(size / stride))."""
-    mode = attr.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = _auto_pad(attr)
     if mode not in ("SAME_UPPER", "SAME_LOWER"):
         return attr
     kernel = [int(k) for k in attr["kernel_shape"]]
@@ -513,15 +519,12 @@ def conv_transpose_pads(sizes, kernel, strides, dilations, output_padding, outpu
     """ONNX ConvTranspose pads ``[begin..., end...]`` for an explicit ``output_shape``: total =
     stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - out, the odd half at the end for
     SAME_UPPER, else at the beginning. ValueError when an axis asks for more than the natural size."""
-    begins, ends = [], []
+    totals = []
     for n, k, st, d, op, out in zip(sizes, kernel, strides, dilations, output_padding, output_shape):
-        total = st * (n - 1) + op + (k - 1) * d + 1 - out
-        if total < 0:
-            raise ValueError(f"output_shape {out} exceeds the natural size {out + total}")
-        small, big = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else big)
-        ends.append(big if auto_pad == "SAME_UPPER" else small)
-    return begins + ends
+        totals.append(st * (n - 1) + op + (k - 1) * d + 1 - out)
+        if totals[-1] < 0:
+            raise ValueError(f"output_shape {out} exceeds the natural size {out + totals[-1]}")
+    return _split_pads(totals, auto_pad)
 
 
 def _output_shape_as_pads(x, w, attr) -> dict:
@@ -536,12 +539,10 @@ def _output_shape_as_pads(x, w, attr) -> dict:
         raise UnsupportedError(f"node {_node_label(attr)} (ConvTranspose): output_shape needs static spatial dims, "
                                f"got {_fmt_shape(list(x.ty.shape))}; give the input's height and width "
                                "(--input-shape) or explicit pads")
-    mode = attr.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
     try:
         pads = conv_transpose_pads(sizes, kernel, [int(v) for v in attr.get("strides", [1] * nd)],
                                    [int(v) for v in attr.get("dilations", [1] * nd)],
-                                   [int(v) for v in attr.get("output_padding", [0] * nd)], want, mode)
+                                   [int(v) for v in attr.get("output_padding", [0] * nd)], want, _auto_pad(attr))
     except ValueError as err:
         raise UnsupportedError(f"node {_node_label(attr)} (ConvTranspose): {err}; use output_padding for a "
                                "larger output") from None
