@@ -115,7 +115,7 @@ GHOST_PREFETCH = True
 GHOST_STATS_PREFETCH = True
 GHOST_ROW_PREFETCH = True
 GHOST_CHUNK_GROUPS = 8     # ghost channels-last: groups per partial sum of the averages (0: one sum over all)
-GHOST_PLAIN_SUMS = True    # ghost channels-last: groups of at most PLAIN_GROUP_MAX values summed in plain float32
+GHOST_PLAIN_SUMS = True    # ghost channels-last: groups of at most PLAIN_GROUP_MAX (4) values summed in plain float32
 
 
 def _ghost_group_passes(sch, names: list, rf: bool) -> None:
