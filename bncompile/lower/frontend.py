@@ -422,7 +422,47 @@ def make_converters(ctx: KernelContext) -> dict:
             _check_resize_scales(inputs, attr, params)
             return super()._impl_v18(bb, inputs, attr, params)
 
-    convs = {"BatchNormalization": BatchNormalization, "Expand": Expand,
+    class Clip(fe.Clip):
+        """Relax ``maximum`` / ``minimum`` (with a NaN bound read as no bound, as ONNX and onnxruntime do),
+        not TVM's TE calls: layout conversion (``ConvertLayout``, the channel-blocked layout of
+        :mod:`bncompile.lower.graph_schedules`) sees through Relax ops, while a TE call stops it (a
+        relu6 between two convs then cost two layout copies)."""
+
+        @classmethod
+        def _bound(cls, bb, bound, *, for_min: bool, dtype: str):
+            value = getattr(bound, "data", None)
+            if value is None or not hasattr(value, "numpy"):
+                return cls._sanitize_nan_clip_bound(bb, bound, for_min=for_min)
+            v = value.numpy()
+            if v.dtype.kind == "f" and v.size == 1 and np.isnan(v).all():
+                v = np.full(v.shape, -np.inf if for_min else np.inf, v.dtype)
+            return relax.const(v, dtype)
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            lo = inputs[1] if len(inputs) > 1 else None
+            hi = inputs[2] if len(inputs) > 2 else None
+            if lo is not None:
+                x = bb.emit(relax.op.maximum(x, cls._bound(bb, lo, for_min=True, dtype=dtype)))
+            if hi is not None:
+                x = bb.emit(relax.op.minimum(x, cls._bound(bb, hi, for_min=False, dtype=dtype)))
+            return x
+
+        _impl_v11 = _impl_v13
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            if "min" in attr:
+                x = bb.emit(relax.op.maximum(x, relax.const(float(attr["min"]), dtype)))
+            if "max" in attr:
+                x = bb.emit(relax.op.minimum(x, relax.const(float(attr["max"]), dtype)))
+            return x
+
+    convs = {"BatchNormalization": BatchNormalization, "Expand": Expand, "Clip": Clip,
              "MaxPool": pool_converter(fe.MaxPool), "AveragePool": pool_converter(fe.AveragePool),
              "ConvTranspose": ConvTranspose, "Resize": Resize}
 

@@ -19,6 +19,19 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    output rows (an even number) and columns is legalized to Winograd's F(2x2, 3x3) instead
    (:func:`~bncompile.lower.kernels.conv2d_packed.conv2d_winograd_te`, weight transformed at compile time):
    2.25x fewer multiply-adds, errors against onnxruntime no larger than the direct conv's.
+   Before that, a network with a depthwise conv whose channels the target's vector lanes B (8 or more)
+   divide is carried in the channel-blocked layout ``NCHW{B}c`` (:func:`channel_blocked`, onnxruntime's
+   NCHWc idea): TVM's ``ConvertLayout`` with a per-call choice (:func:`_blocked_layouts`) gives each conv
+   our legalization handles a blocked input where B divides its input channels and a blocked output where
+   B divides its output channels (depthwise: both or neither), propagates the layout through the
+   element-wise ops, reductions and residual adds between them, and puts layout copies only where a
+   tensor changes hands (the network's input and output, channel counts B does not divide). Depthwise
+   convs on blocks (:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`) read a vector of
+   B channels per input pixel at any stride, with the zero padding tested in place; the packed conv reads
+   blocks through an inlined index and writes them as whole vectors (its NCHW write-back scattered the
+   channels-last accumulators). Clip is emitted as Relax ``maximum`` / ``minimum`` (the frontend's
+   ``Clip`` converter; ``clip`` from HardSwish / HardSigmoid is rewritten) because ``ConvertLayout`` has
+   no rule for ``clip``. Blocked dense convs stay direct (no Winograd).
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
    residual add become one PrimFunc). bncompile's own kernels (functions with a ``global_symbol``) are
    marked opaque first, so they are never fused.
@@ -32,6 +45,8 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    * :func:`schedule_conv`: the packed conv. Register tile of B channels (vectorized) x a width tile x a row
      tile, the reduction loops outside it, a local channels-last accumulator, the fused epilogue inlined into
      the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized;
+   * :func:`schedule_depthwise_blocked` (``depthwise_blocked``): parallel over batch x channel blocks x
+     row tiles, a register tile of rows x pixels of B-channel vectors, window unrolled;
    * :func:`schedule_depthwise` (``depthwise_planes``; ``pool_planes`` for the max pool): parallel over
      batch x channels, the padded plane per channel (zeros, then the in-bounds copy, then the phase split:
      all vectorized), a register tile of rows x a width vector (:func:`depthwise_tiling`), window unrolled;
@@ -77,10 +92,11 @@ import math
 import numpy as np
 
 from bncompile.lower import tvm as _shim
-from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK, POOL_BLOCK,
+from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK, DWB_BLOCK, POOL_BLOCK, UNBLOCK_BLOCK,
                                                    WINO_GEMM_BLOCK, WINO_INPUT_BLOCK, WINO_OUTPUT_BLOCK,
-                                                   WINO_SPLIT_BLOCK, conv2d_packed_te, conv2d_winograd_te,
-                                                   depthwise_conv2d_te, max_pool2d_te, winograd_tiles,
+                                                   WINO_SPLIT_BLOCK, block_channels, conv2d_packed_te,
+                                                   conv2d_winograd_te, depthwise_blocked_te, depthwise_conv2d_te,
+                                                   max_pool2d_te, unblock_channels, winograd_tiles,
                                                    winograd_weight)
 
 log = logging.getLogger(__name__)
@@ -251,6 +267,8 @@ def legalize_conv2d(bb, call):
     a = call.attrs
     w = call.args[1]
     x = call.args[0]
+    if any(layout_block(str(lay)) for lay in (a.data_layout, a.kernel_layout, a.out_layout)):
+        return _legalize_blocked(bb, call)
     dw = _legalize_depthwise(bb, call)
     if dw is not None:
         return dw
@@ -284,18 +302,7 @@ def legalize_conv2d(bb, call):
         return bb.call_te(conv2d_winograd_te, x, up, padding=_const_int_list(a.padding), out_channels=o,
                           block=block, tile=tile, primfunc_name_hint="conv2d_winograd")
     # grouped: a block of output channels stays inside one group (it divides the group's channels)
-    tiling = conv_tiling(o // groups, ow, out_height=oh)
-    op = o
-    if tiling is None and groups == 1:   # no block divides the channels (ShuffleNet's 58, 116): zero-padded
-        op = padded_channels(o)
-        tiling = conv_tiling(op, ow, out_height=oh) if op else None
-    elif groups == 1 and tiling[0] < vector_lanes()[0]:
-        # only a half register divides the channels (ShuffleNet's 232, RegNet's 440 on AVX-512): a few zero
-        # channels up to whole registers (232 -> 240: 84 -> 58 us at 7x7; 40 -> 48 was slower: the limit)
-        full = padded_channels(o, whole_registers=True, waste=WHOLE_REGISTER_WASTE)
-        wide = conv_tiling(full, ow, out_height=oh) if full else None
-        if wide is not None:
-            op, tiling = full, wide
+    op, tiling = _packed_tiling(o, ow, oh) if groups == 1 else (o, conv_tiling(o // groups, ow, out_height=oh))
     if tiling is None:
         return _nn_conv2d(bb, call)
     block = tiling[0]
@@ -311,6 +318,23 @@ def legalize_conv2d(bb, call):
     return bb.call_te(_conv2d_packed_sliced_te, x, wp, strides=_const_int_list(a.strides),
                       padding=_const_int_list(a.padding), out_channels=o, padded_channels=op, kernel=(kh, kw),
                       out_dtype="float32", block=block, groups=groups, primfunc_name_hint="conv2d_nchw16o")
+
+
+def _packed_tiling(o: int, ow, oh) -> tuple[int, tuple | None]:
+    """``(computed output channels, conv_tiling)`` of a one-group packed conv with ``o`` output channels:
+    zero-padded channels where no block divides them (ShuffleNet's 58, 116) or only a half register does
+    (ShuffleNet's 232, RegNet's 440 on AVX-512: a few zero channels up to whole registers; 232 -> 240: 84
+    -> 58 us at 7x7; 40 -> 48 was slower: the limit, :data:`WHOLE_REGISTER_WASTE`)."""
+    tiling = conv_tiling(o, ow, out_height=oh)
+    if tiling is None:
+        op = padded_channels(o)
+        return (op, conv_tiling(op, ow, out_height=oh)) if op else (o, None)
+    if tiling[0] < vector_lanes()[0]:
+        full = padded_channels(o, whole_registers=True, waste=WHOLE_REGISTER_WASTE)
+        wide = conv_tiling(full, ow, out_height=oh) if full else None
+        if wide is not None:
+            return full, wide
+    return o, tiling
 
 
 #: 3x3 stride-1 convs (one group) go through Winograd's F(2x2, 3x3) (conv2d_packed.conv2d_winograd_te) when
@@ -450,6 +474,189 @@ def padded_channels(out_channels: int, target=None, *, whole_registers: bool = F
         if op != out_channels and (op - out_channels) <= waste * op:
             return op
     return None
+
+
+# --------------------------------------------------------------------------- channel-blocked layout
+
+#: carry the channel-blocked layout ``NCHW{B}c`` (B = the target's float32 vector lanes, at least 8) between
+#: the convs of a network that has depthwise convs (:func:`channel_blocked`). A depthwise conv on it
+#: reads a vector of B channels per input pixel (no per-plane fixed cost, any stride), and a packed conv
+#: that writes it stores whole vectors instead of scattering its channels-last accumulators into NCHW rows.
+#: Measured alone (AMD EPYC znver4, AVX-512, 1 thread, hot caches), NCHW -> NCHW16c: depthwise 3x3 576 x
+#: 14 x 14 85 -> 41 us, 960 x 7 x 7 50 -> 18, 96 x 112 x 112 stride 2 227 -> 111, 144 x 56 x 56 stride 2
+#: 112 -> 42, 5x5 672 x 14 x 14 stride 2 117 -> 22 (large stride-1 planes: 144 x 56 x 56 150 -> 182-216);
+#: the 16 -> 96 1x1 conv at 112 x 112 705 -> 520, 24 -> 144 at 56 x 56 305 -> 208.
+CHANNEL_BLOCKED = True
+
+
+def layout_block(layout: str) -> int:
+    """The channel block of a layout string: ``"NCHW16c"`` / ``"OIHW16o"`` -> 16, ``"NCHW"`` (or ``""``) -> 0."""
+    digits = "".join(ch for ch in layout if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def _conv_facts(call) -> dict | None:
+    """Static facts of an NCHW/OIHW float32 ``relax.nn.conv2d`` with a constant 4-D weight and dilation 1:
+    ``{c, o, i, kh, kw, groups}``; None for any other conv2d."""
+    a = call.attrs
+    x, w = call.args[0], call.args[1]
+    try:
+        if not (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
+                and str(a.out_layout) in ("NCHW", "") and all(int(d) == 1 for d in a.dilation)
+                and str(x.ty.dtype) == "float32" and str(w.ty.dtype) == "float32"
+                and str(a.out_dtype) in ("", "None", "float32") and x.ty.ndim == 4 and w.ty.ndim == 4
+                and _is_constant(w)):
+            return None
+        c, h, wd = (int(d) for d in list(x.ty.shape)[1:])
+        o, i, kh, kw = (int(d) for d in list(w.ty.shape))
+        return {"c": c, "o": o, "i": i, "kh": kh, "kw": kw, "groups": int(a.groups), "h": h, "w": wd}
+    except Exception:  # noqa: BLE001 - symbolic channels/height/width, unusual attrs
+        return None
+
+
+def _blocked_layouts(call, block: int) -> dict:
+    """``ConvertLayout``'s per-call choice: NCHW{B}c for the input and/or output of a conv our legalization
+    runs on it (depthwise with C % B == 0: both; one group: the input when C % B == 0, the output when
+    O % B == 0); NCHW/OIHW for every other conv (TVM's converter then places the layout copies)."""
+    plain = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+    if getattr(call.op, "name", "") != "relax.nn.conv2d":
+        return {}
+    f = _conv_facts(call)
+    if f is None:
+        return plain
+    blocked, kernel = f"NCHW{block}c", f"OIHW{block}o"
+    if f["groups"] == f["c"] == f["o"] and f["i"] == 1:
+        return {"relax.nn.conv2d": [blocked, kernel, blocked]} if f["c"] % block == 0 else plain
+    if f["groups"] != 1:
+        return plain
+    bi, bo = f["c"] % block == 0, f["o"] % block == 0
+    if not (bi or bo):
+        return plain
+    return {"relax.nn.conv2d": [blocked if bi else "NCHW", kernel if bo else "OIHW", blocked if bo else "NCHW"]}
+
+
+def channel_blocked(mod, target=None):
+    """``mod`` with the channel-blocked layout carried between its convs (:data:`CHANNEL_BLOCKED`): TVM's
+    ``ConvertLayout`` with :func:`_blocked_layouts`, then ``FoldConstant`` (the weights' layout copies). Only
+    for a module with a depthwise conv that the layout takes and a target with at least 8 float32 lanes;
+    ``mod`` unchanged otherwise."""
+    tvm = _tvm()
+    relax = tvm.relax
+    block = vector_lanes(target)[0]
+    if not CHANNEL_BLOCKED or block < 8:
+        return mod
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.nn.conv2d":
+            f = _conv_facts(e)
+            if f is not None and f["groups"] == f["c"] == f["o"] and f["i"] == 1 and f["c"] % block == 0:
+                found.append(e)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    if not found:
+        return mod
+    try:
+        out = _clips_as_min_max(mod)
+        out = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NCHW", "OIHW"]},
+                                            layout_cb=lambda call: _blocked_layouts(call, block))(out)
+        return relax.transform.FoldConstant()(out)
+    except Exception as err:  # noqa: BLE001 - a graph TVM's layout pass cannot convert stays NCHW
+        log.warning("channel-blocked layout not applied (the model compiles in NCHW): %s",
+                    str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__)
+        return mod
+
+
+def _clips_as_min_max(mod):
+    """``relax.clip(x, lo, hi)`` with constant bounds (TVM's HardSigmoid / HardSwish converters) as
+    ``minimum(maximum(x, lo), hi)``: ``ConvertLayout`` has no layout rule for ``clip`` (it put two layout
+    copies around each of MobileNetV3's 29) and has one for the element-wise min and max."""
+    tvm = _tvm()
+    relax = tvm.relax
+    dpl = _shim.submodule("tvm.relax.dpl")
+    pattern = dpl.is_op("relax.clip")(dpl.wildcard(), dpl.wildcard(), dpl.wildcard())
+
+    def rewrite(expr, _matches):
+        x, lo, hi = expr.args
+        try:      # PrimValue(IntImm / FloatImm) or the IntImm / FloatImm itself
+            lo, hi = (float(getattr(b.value, "value", b.value)) for b in (lo, hi))
+            dtype = str(x.ty.dtype)
+        except Exception:  # noqa: BLE001 - symbolic bounds: left as it is
+            return expr
+        if not lo <= hi or not dtype.startswith("float"):
+            return expr
+        return relax.op.minimum(relax.op.maximum(x, relax.const(lo, dtype)), relax.const(hi, dtype))
+
+    out = mod.clone()
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = dpl.rewrite_call(pattern, rewrite, func)
+    return out
+
+
+def _unpacked_weight(w, kernel_block: int):
+    """The OIHW numpy weight of a constant in ``OIHW`` or ``OIHW{B}o`` (``[O/B, I, KH, KW, B]``)."""
+    wn = _const_value(w).numpy()
+    if not kernel_block:
+        return wn
+    ob, i, kh, kw, b = wn.shape
+    return np.ascontiguousarray(wn.transpose(0, 4, 1, 2, 3).reshape(ob * b, i, kh, kw))
+
+
+def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
+    """:func:`_conv2d_packed_sliced_te` reading an ``NCHW{in_block}c`` input and/or writing
+    ``NCHW{out_block}c``."""
+    xin = unblock_channels(x) if in_block else x
+    y = _conv2d_packed_sliced_te(xin, wp, **kw)
+    return block_channels(y, out_block) if out_block else y
+
+
+def _conv2d_generic_blocked_te(x, w, *, in_block: int, out_block: int, strides, padding, groups: int):
+    """Any conv2d with blocked input/output: unblocked, TVM's NCHW conv, blocked again (a fallback that is
+    always right; our rules schedule what they recognize)."""
+    topi = _tvm().topi
+    xin = unblock_channels(x) if in_block else x
+    y = topi.nn.group_conv2d_nchw(xin, w, strides, padding, 1, groups) if groups > 1 else \
+        topi.nn.conv2d_nchw(xin, w, strides, padding, 1)
+    return block_channels(y, out_block) if out_block else y
+
+
+def _legalize_blocked(bb, call):
+    """A conv2d that :func:`channel_blocked` gave NCHW{B}c input, output or weight: the depthwise conv on
+    blocks (:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`), the packed conv reading
+    and/or writing blocks (:func:`_conv2d_blocked_te`), else TVM's NCHW conv between layout copies."""
+    tvm = _tvm()
+    relax = tvm.relax
+    a = call.attrs
+    x, w = call.args[0], call.args[1]
+    bi, bk = layout_block(str(a.data_layout)), layout_block(str(a.kernel_layout))
+    bo = layout_block(str(a.out_layout) or str(a.data_layout))
+    wn = _unpacked_weight(w, bk)
+    o, i, kh, kw = wn.shape
+    groups = int(a.groups)
+    strides, padding = _const_int_list(a.strides), _const_int_list(a.padding)
+    shape = list(x.ty.shape)             # the batch may be symbolic
+    c = int(shape[1]) * bi if bi else int(shape[1])
+    h, wd = int(shape[2]), int(shape[3])
+    oh = (h + padding[0] + padding[2] - kh) // strides[0] + 1
+    ow = (wd + padding[1] + padding[3] - kw) // strides[1] + 1
+    if groups == c == o and i == 1 and bi and bi == bo:
+        w4 = np.ascontiguousarray(wn.reshape(c // bi, bi, kh, kw).transpose(0, 2, 3, 1))
+        return bb.call_te(depthwise_blocked_te, x, relax.const(w4, "float32"), strides=strides,
+                          padding=padding, kernel=(kh, kw), primfunc_name_hint="dwconv2d_blocked")
+    op, tiling = _packed_tiling(o, ow, oh) if groups == 1 and c == i else (o, None)
+    if tiling is not None and not (bo and op != o):
+        block = tiling[0]
+        if op != o:
+            wn = np.concatenate([wn, np.zeros((op - o, i, kh, kw), wn.dtype)])
+        packed = np.ascontiguousarray(wn.reshape(op // block, block, i, kh, kw).transpose(0, 2, 3, 4, 1))
+        return bb.call_te(_conv2d_blocked_te, x, relax.const(packed, "float32"), in_block=bi, out_block=bo,
+                          strides=strides, padding=padding, out_channels=o, padded_channels=op, kernel=(kh, kw),
+                          out_dtype="float32", block=block, groups=1, primfunc_name_hint="conv2d_nchw16o")
+    return bb.call_te(_conv2d_generic_blocked_te, x, relax.const(wn, "float32"), in_block=bi, out_block=bo,
+                      strides=strides, padding=padding, groups=groups, primfunc_name_hint="conv2d_blocked")
 
 
 def _conv2d_packed_sliced_te(x, wp, *, out_channels: int, padded_channels: int, **kw):
@@ -601,13 +808,11 @@ def _iter_kinds(sch, blk) -> str:
 
 
 def _packed_block(sch, blk) -> int | None:
-    """The channel block of our conv: the last dim of its 5-D (packed weight) read."""
-    for region in sch.get(blk).reads:
-        buf = _region_buffer(region)
-        shape = getattr(buf, "shape", ())
-        if len(shape) == 5:
-            return _static(shape[4])
-    return None
+    """The channel block of our conv: the last dim of its 5-D (packed weight) read, the last 5-D one (an
+    NCHW{B}c input is read before the weight)."""
+    shapes = [getattr(_region_buffer(region), "shape", ()) for region in sch.get(blk).reads]
+    weights = [shape for shape in shapes if len(shape) == 5]
+    return _static(weights[-1][4]) if weights else None
 
 
 #: the order of the packed conv's parallel loop: ``"auto"`` puts the output rows outside the channel blocks
@@ -628,15 +833,14 @@ def _rows_outer(sch, blk) -> bool:
     fewer elements than one sample of its 4-D input (the padded copy where there is one)."""
     if ROWS_OUTER != "auto":
         return bool(ROWS_OUTER)
-    data = weight = None
-    for region in sch.get(blk).reads:
-        buf = _region_buffer(region)
-        shape = [_static(d) for d in getattr(buf, "shape", ())]
-        if len(shape) == 5 and None not in shape:
-            weight = math.prod(shape)
-        elif len(shape) == 4 and None not in shape[1:] and data is None:
-            data = math.prod(shape[1:])          # per sample: the batch may be symbolic
-    return data is not None and weight is not None and weight < data
+    shapes = [[_static(d) for d in getattr(_region_buffer(region), "shape", ())] for region in sch.get(blk).reads]
+    shapes = [shape for shape in shapes if len(shape) in (4, 5)]
+    if len(shapes) < 2 or len(shapes[-1]) != 5 or None in shapes[-1]:
+        return False
+    weight = math.prod(shapes[-1])
+    # the input (4-D, or 5-D NCHW{B}c), per sample: the batch may be symbolic; the accumulator comes first
+    data = next((math.prod(shape[1:]) for shape in shapes[:-1] if None not in shape[1:]), None)
+    return data is not None and weight < data
 
 
 def schedule_conv(func, target=None):
@@ -649,6 +853,8 @@ def schedule_conv(func, target=None):
     convs = _block_named(sch, CONV_BLOCK)
     if not convs:
         return None
+    for ub in _block_named(sch, UNBLOCK_BLOCK):     # an NCHW{B}c input: the conv reads the blocks directly
+        sch.compute_inline(ub)
     for name in [sch.get(b).name_hint for b in convs]:
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
@@ -694,6 +900,12 @@ def schedule_conv(func, target=None):
         for lp in il[len(il) - (3 if ohi is not None else 2):-1]:
             sch.unroll(lp)
         sch.vectorize(il[-1])
+        out_block = _blocked_output(sch, wb)
+        if out_block:
+            if block % out_block:
+                return None
+            _store_channel_vectors(sch, wb, owo, out_block)
+            continue
         if _costly_epilogue(sch, wb):
             wb = _epilogue_on_channel_vectors(sch, wb, owo)
         wl = sch.get_loops(wb)
@@ -704,6 +916,33 @@ def schedule_conv(func, target=None):
     _decompose_root_pads(sch)
     _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
     return sch
+
+
+def _blocked_output(sch, wb) -> int:
+    """The channel block of the NCHW{B}c tensor the write-back ``wb`` stores (its epilogue inlined), 0 when
+    it stores NCHW."""
+    writes = sch.get(wb).writes
+    if len(writes) != 1:
+        return 0
+    shape = getattr(_region_buffer(writes[0]), "shape", ())
+    return (_static(shape[-1]) or 0) if len(shape) == 5 else 0
+
+
+def _store_channel_vectors(sch, wb, at, out_block: int) -> None:
+    """The write-back of a packed conv into NCHW{B}c, under loop ``at``: its channel loop innermost, split by
+    B and vectorized (one contiguous vector store per pixel and block of B channels), the rest unrolled."""
+    loops = sch.get_loops(wb)
+    depth = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(at)))
+    inner = [lp for lp in loops[depth + 1:] if _static(sch.get(lp).extent) != 1]
+    if not inner:
+        return
+    chan, rest = inner[0], inner[1:]
+    if rest:
+        sch.reorder(*rest, chan)
+    co, ci = sch.split(chan, [None, out_block])
+    sch.vectorize(ci)
+    for lp in (*rest, co):
+        sch.unroll(lp)
 
 
 def schedule_winograd(func, target=None):
@@ -1163,6 +1402,63 @@ def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     return _finish_row_tile(sch, blk, wb, ry, xi, tw, lanes)
 
 
+def depthwise_blocked_tiling(out_width: int, out_height: int, regs: int) -> tuple[int, int]:
+    """``(width tile, rows)`` of :func:`schedule_depthwise_blocked`: the largest divisor of the width up to 8
+    output pixels, then the most rows that divide the height with at most 20 accumulator vectors (of 32
+    registers; 8 of 16), each a vector of the channel block."""
+    most = 20 if regs >= 32 else 8
+    tw = next(t for t in range(min(8, out_width), 0, -1) if out_width % t == 0)
+    th = next(t for t in range(min(out_height, max(1, most // tw)), 0, -1) if out_height % t == 0)
+    return tw, th
+
+
+def schedule_depthwise_blocked(func, target=None):
+    """:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`: parallel over batch x channel
+    blocks x row tiles (bands of rows outside the blocks on tall planes, :func:`dw_row_bands`); a register tile of rows x output pixels (:func:`depthwise_blocked_tiling`), each a
+    vector of the block's channels; the kernel window unrolled outside it; the zero padding read in place
+    (a load per tap under an in-bounds test, no padded copy); the fused epilogue inlined into the
+    write-back. None when the function has no such block or its height/width/block are symbolic."""
+    sch = _schedule_of(func)
+    convs = _block_named(sch, DWB_BLOCK)
+    if len(convs) != 1:
+        return None
+    blk = convs[0]
+    loops = sch.get_loops(blk)
+    if len(loops) != 7:
+        return None
+    n, c, y, x, ci, ry, rx = loops
+    OH, OW, B = (_static(sch.get(lp).extent) for lp in (y, x, ci))
+    if OH is None or OW is None or B is None:
+        return None
+    lanes, regs = vector_lanes(target)
+    work = _loop_work(sch, loops)
+    tw, th = depthwise_blocked_tiling(OW, OH, regs)
+    yo, yi = sch.split(y, [None, th])
+    xo, xi = sch.split(x, [None, tw])
+    outer = (n, c, yo)
+    chunks = dw_row_bands(OH, th)
+    if chunks:              # bands of rows outside the channel blocks, as schedule_depthwise (DW_ROW_CHUNKS)
+        yc, yo = sch.split(yo, [chunks, None])
+        outer = (n, yc, c, yo)
+    sch.reorder(*outer, xo, ry, rx, yi, xi, ci)
+    wb = sch.cache_write(blk, 0, "local")
+    _inline_epilogue(sch, wb)
+    fused = sch.fuse(*outer)
+    if parallel_worth(work, lanes):
+        sch.parallel(fused)
+    sch.reverse_compute_at(wb, xo)
+    for lp in (ry, rx, yi, xi):
+        sch.unroll(lp)
+    sch.vectorize(ci)
+    init = sch.decompose_reduction(blk, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    wl = sch.get_loops(wb)
+    if _static(sch.get(wl[-1]).extent) == B:
+        sch.vectorize(wl[-1])
+    _schedule_leftovers(sch, lanes)
+    return sch
+
+
 def _finish_row_tile(sch, blk, wb, red, xi, tw: int, lanes: int):
     """The common end of the row-tile rules: the width vector ``xi``, the reduction's init split off at
     ``red`` and vectorized, the write-back vectorized along the width tile, the leftovers scheduled."""
@@ -1535,6 +1831,7 @@ def rules(applied: list | None = None) -> list[Rule]:
     return [Rule("conv2d_winograd", schedule_winograd, applied),
             Rule("conv2d_nchw16o", schedule_conv, applied),
             Rule("depthwise_planes", schedule_depthwise, applied),
+            Rule("depthwise_blocked", schedule_depthwise_blocked, applied),
             Rule("pool_planes", schedule_max_pool, applied),
             Rule("conv2d_rows", schedule_conv_rows, applied),
             Rule("inner_vector_reduction", schedule_inner_vector_reduction, applied),
@@ -1598,6 +1895,10 @@ def pipeline(target, report: dict | None = None, *, database=None, until_schedul
                 mod.update_func(gv, func.with_attr("op_pattern", OP_PATTERN_OPAQUE))
         return mod
 
+    @tvm.transform.module_pass(opt_level=0, name="bncompile.ChannelBlocked")
+    def blocked(mod, _ctx):
+        return channel_blocked(mod, target)
+
     @tvm.transform.module_pass(opt_level=0, name="bncompile.ScheduleCPU")
     def schedule(mod, _ctx):
         return schedule_module(mod, target, report, database)
@@ -1632,7 +1933,8 @@ def pipeline(target, report: dict | None = None, *, database=None, until_schedul
         finalize = cpu.finalize_passes(target)          # StaticPlanBlockMemory, ..., AttachGlobalSymbol
         _expect(legalize[0], "LegalizeOps")
         _expect(finalize[-1], "AttachGlobalSymbol")
-        return [*cpu.library_dispatch_passes(target),
+        return [blocked,
+                *cpu.library_dispatch_passes(target),
                 transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d,
                                                                "relax.nn.max_pool2d": legalize_max_pool2d,
                                                                "relax.sigmoid": legalize_sigmoid,
@@ -1657,4 +1959,5 @@ def _expect(pass_, name: str) -> None:
 
 __all__ = ["pipeline", "schedule_module", "rules", "Rule", "schedule_conv", "schedule_inner_vector_reduction",
            "schedule_generic", "schedule_conv_rows", "schedule_global_pool", "padded_channels", "row_tiling", "legalize_conv2d", "conv_tiling", "vector_lanes",
-           "schedule_depthwise", "schedule_max_pool", "depthwise_tiling", "legalize_max_pool2d"]
+           "schedule_depthwise", "schedule_max_pool", "depthwise_tiling", "legalize_max_pool2d",
+           "channel_blocked", "schedule_depthwise_blocked", "depthwise_blocked_tiling", "layout_block"]

@@ -101,17 +101,24 @@ def test_grouped_and_depthwise_convs(compiler, case, batch):
     y = act(g, g.conv("x", c, c, k, stride=s, group=group), "clip")
     model = g.model(y, c, h, w, batch)
     cm = _check(compiler, model, (2, c, h, w), batches=(2,) if batch == 2 else (1, 3), target=AVX2)
-    # grouped: the packed conv when an AVX2 block (16, 8, 4 channels) divides a group's output channels
-    want = ("depthwise_planes" if group == c else "conv2d_nchw16o" if (c // group) % 4 == 0 else "conv2d_rows")
+    # grouped: the packed conv when an AVX2 block (16, 8, 4 channels) divides a group's output channels;
+    # depthwise: on blocks of 8 channels (AVX2's lanes) where they divide the channels, else per plane
+    want = ("depthwise_blocked" if group == c and c % 8 == 0 else "depthwise_planes" if group == c
+            else "conv2d_nchw16o" if (c // group) % 4 == 0 else "conv2d_rows")
     assert _conv_rules(cm) == [want], cm.info["cpu_schedules"]
 
 
+@pytest.mark.parametrize("blocked", [True, False])
 @pytest.mark.parametrize("kind", ACTS)
-def test_depthwise_with_each_epilogue(compiler, kind):
+def test_depthwise_with_each_epilogue(compiler, kind, blocked, monkeypatch):
+    """Per plane (the channel-blocked layout off) and on channel blocks (on: the default)."""
+    from bncompile.lower import graph_schedules as gs
+
+    monkeypatch.setattr(gs, "CHANNEL_BLOCKED", blocked)
     g = G(1)
     y = act(g, g.conv("x", 16, 16, 3, group=16), kind)
     cm = _check(compiler, g.model(y, 16, 10, 10, 1), (1, 16, 10, 10), target=AVX2)
-    assert _conv_rules(cm) == ["depthwise_planes"], cm.info["cpu_schedules"]
+    assert _conv_rules(cm) == ["depthwise_blocked" if blocked else "depthwise_planes"], cm.info["cpu_schedules"]
 
 
 @pytest.mark.parametrize("kind", ACTS)
@@ -392,11 +399,17 @@ def test_zero_padded_conv_slices_inside_its_tile(compiler, co, k, s):
         assert "bnc_conv2d_nchw16o = T.sblock_alloc_buffer" not in text, name      # no padded output
 
 
-def test_small_functions_stay_serial():
+@pytest.mark.parametrize("blocked", [True, False])
+def test_small_functions_stay_serial(blocked, monkeypatch):
     """:func:`parallel_worth`: a function under PARALLEL_MIN_VECTOR_OPS vectors of work runs no parallel
     loop (a launch of the pool costs more than the second thread gains); a large one does; a symbolic
-    batch is taken as large. AVX2 pinned (the threshold counts the target's vectors)."""
+    batch is taken as large. AVX2 pinned (the threshold counts the target's vectors). The depthwise conv
+    per plane and on channel blocks."""
+    from bncompile.lower import graph_schedules as gs
     from bncompile.lower.graph_schedules import PARALLEL_MIN_VECTOR_OPS, parallel_worth
+
+    monkeypatch.setattr(gs, "CHANNEL_BLOCKED", blocked)
+    rule = "depthwise_blocked" if blocked else "depthwise_planes"
 
     assert not parallel_worth(PARALLEL_MIN_VECTOR_OPS * 8 - 1, 8)
     assert parallel_worth(PARALLEL_MIN_VECTOR_OPS * 8, 8) and parallel_worth(None, 8)
@@ -410,7 +423,7 @@ def test_small_functions_stay_serial():
     big = _scheduled(dw_model(64, 56, 1))         # 64 x 56 x 56 x 9: 225,792 vectors
     dyn = _scheduled(dw_model(16, 7, "N"))
     for funcs, want in ((small, False), (big, True), (dyn, True)):
-        rules = {n: (r, t) for n, (r, t) in funcs.items() if r == "depthwise_planes"}
+        rules = {n: (r, t) for n, (r, t) in funcs.items() if r == rule}
         assert len(rules) == 1, funcs.keys()
         (rule, text), = rules.values()
         assert ("T.parallel(" in text) == want, text
@@ -487,17 +500,20 @@ def test_conv_parallel_order_setting():
                                          (8, 3, 2, 112, "Conv"), (9, 5, 1, 56, "Conv"),
                                          (24, 3, 2, 56, "MaxPool"), (16, 3, 2, 64, "MaxPool"), (27, 3, 1, 27, "Conv"),
                                          (12, 5, 2, 56, "Conv"), (96, 3, 1, 14, "Conv"), (64, 5, 2, 28, "MaxPool")])
-def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch):
+def test_depthwise_bands_of_rows(compiler, c, k, s, hw, op, batch, monkeypatch):
     """:data:`graph_schedules.DW_ROW_CHUNKS`: a depthwise conv or max pool with at least DW_ROW_CHUNK_MIN
     output rows (and an even number of row tiles) runs its parallel loop over batch x 2 bands of rows x
     channels, each band filling its own rows of the padded plane (the halo rows twice). The padded copy is
     zero-filled then copied (no per-element test) only on rows of at most DW_PAD_FILL_MAX_WIDTH floats; with
     stride 2 the padded rows and their phases are built per tile of output rows where the tiles overlap
     little (DW_PHASES_PER_TILE: a 3x3 window over 4-row tiles, not a 5x5 one). Against onnxruntime, static
-    and free batch, stride 1 and 2, windows 3 and 5; 27 rows stay one band."""
+    and free batch, stride 1 and 2, windows 3 and 5; 27 rows stay one band. (The per-plane schedule: the
+    channel-blocked layout off, as for channel counts the block does not divide.)"""
+    from bncompile.lower import graph_schedules as gs
     from bncompile.lower.graph_schedules import (DW_PAD_FILL_MAX_WIDTH, DW_TILE_ROWS_READ_MAX, depthwise_tiling,
                                                  dw_row_bands)
 
+    monkeypatch.setattr(gs, "CHANNEL_BLOCKED", False)
     g = G(c + hw)
     if op == "Conv":
         wt = g.rng.standard_normal((c, 1, k, k)) * 0.5

@@ -128,6 +128,52 @@ def _one_phase(xp):
     return lambda b, ch, y, p, q: xp[b, ch, y, q]
 
 
+UNBLOCK_BLOCK = "bnc_unblock"            # NCHW{B}c input read as NCHW (inlined into the conv's reads)
+BLOCK_OUT_BLOCK = "bnc_block_out"        # NCHW output stored as NCHW{B}c (inlined into the write-back)
+DWB_BLOCK = "bnc_dwconv2d_blocked"       # depthwise conv on NCHW{B}c
+
+
+def unblock_channels(x):
+    """``x[n, c, h, w]`` of an ``NCHW{B}c`` tensor ``[N, C/B, H, W, B]`` (a compute the schedules inline: the
+    conv then reads the blocked tensor directly)."""
+    te = _tvm.tvm().te
+    n, cb, h, w, b = x.shape
+    return te.compute((n, cb * b, h, w), lambda i, c, y, z: x[i, c // b, y, z, c % b], name=UNBLOCK_BLOCK)
+
+
+def block_channels(y, block: int):
+    """``y`` (NCHW) as ``NCHW{block}c``: ``[N, C/B, H, W, B]`` (reverse-inlined into the conv's write-back,
+    which then stores whole vectors of channels)."""
+    te = _tvm.tvm().te
+    n, c, h, w = y.shape
+    return te.compute((n, c // block, h, w, block), lambda i, cb, yy, z, ci: y[i, cb * block + ci, yy, z],
+                      name=BLOCK_OUT_BLOCK)
+
+
+def depthwise_blocked_te(x, w, *, strides, padding, kernel: tuple[int, int]):
+    """TE: depthwise conv2d on the channel-blocked layout ``NCHW{B}c`` (``x``: ``[N, C/B, H, W, B]``; ``w``:
+    ``[C/B, KH, KW, B]``), float32, zero padding read in place (a vector of B channels per input pixel:
+    stride S only changes the address, no phase split); output ``NCHW{B}c``."""
+    tvm = _tvm.tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n, cb, h, wd, b = x.shape
+    kh, kw = kernel
+    pt, pl, pb, pr = padding
+    sh, sw = strides
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (wd + pl + pr - kw) // sw + 1
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    zero = tirx.const(0.0, x.dtype)
+
+    def body(i, c, y, z, ci):
+        yy, zz = y * sh + ry - pt, z * sw + rx - pl
+        inside = tirx.all(yy >= 0, yy < h, zz >= 0, zz < wd)
+        return te.sum(tirx.if_then_else(inside, x[i, c, yy, zz, ci], zero) * w[c, ry, rx, ci], axis=[ry, rx])
+
+    return te.compute((n, cb, oh, ow, b), body, name=DWB_BLOCK)
+
+
 WINO_SPLIT_BLOCK = "bnc_wino_split"      # the zero-padded input, its columns split by parity
 WINO_INPUT_BLOCK = "bnc_wino_input"      # B^T d B for every 4x4 input tile
 WINO_GEMM_BLOCK = "bnc_wino_gemm"        # the 16 matrix products over the input channels

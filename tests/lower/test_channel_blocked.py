@@ -1,0 +1,148 @@
+"""The channel-blocked layout ``NCHW{B}c`` carried between the convs of networks with depthwise convs
+(:func:`bncompile.lower.graph_schedules.channel_blocked`): depthwise convs on channel blocks, packed convs
+reading and writing blocks, element-wise epilogues, squeeze-and-excitation, residual adds and layout copies
+at the edges. Random inverted-residual stacks (channel counts that the block divides and that it does not,
+kernels 3 and 5, strides 1 and 2, odd sizes, static and free batch) against onnxruntime with optimizations
+off; on AVX2 (B = 8, runs on any x86-64 CPU these tests run on) and the host's own target. No timing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import helpers.compile_models as M
+from lower.test_edge_schedules import AVX2, G, act
+
+pytestmark = pytest.mark.tvm
+
+TOL = 1e-4
+
+
+def _run(compiler, model, shape, batches, target):
+    cm = compiler.compile(model, target=target)
+    for b in batches:
+        x = np.random.default_rng(b).standard_normal((b, *shape[1:])).astype(np.float32)
+        got = cm.run({"x": x})["y"]
+        want = M.ort_run(model, {"x": x})[0]
+        assert got.shape == want.shape
+        assert M.rel_err(got, want) < TOL, (M.rel_err(got, want), cm.info["cpu_schedules"])
+    return cm
+
+
+def _stack(seed: int):
+    """A random inverted-residual stack: stem conv, then blocks of expand 1x1 -> depthwise k x k / s ->
+    (squeeze-and-excitation) -> project 1x1 (+ residual), random activations. ``(model builder, input
+    channels, height, width, depthwise channel counts)``."""
+    rng = np.random.default_rng(seed)
+    g = G(seed)
+    cin = int(rng.choice([3, 8, 16]))
+    h = int(rng.integers(7, 21))
+    w = int(rng.integers(7, 21))
+    acts = ["relu", "clip", "hardswish", "silu", "hardsigmoid"]
+    c0 = int(rng.choice([16, 24, 32]))
+    x = act(g, g.conv("x", cin, c0, 3, stride=int(rng.integers(1, 3))), str(rng.choice(acts)))
+    c, dws = c0, []
+    for _ in range(int(rng.integers(1, 4))):
+        e = int(rng.choice([16, 24, 32, 40, 48, 64, 72, 96]))
+        k, s = int(rng.choice([3, 5])), int(rng.integers(1, 3))
+        y = act(g, g.conv(x, c, e, 1), str(rng.choice(acts)))
+        y = act(g, g.conv(y, e, e, k, stride=s, group=e), str(rng.choice(acts)))
+        dws.append(e)
+        if rng.random() < 0.4:                                   # squeeze-and-excitation
+            q = g.op("GlobalAveragePool", [y])
+            q = act(g, g.conv(q, e, 8, 1), "relu")
+            q = act(g, g.conv(q, 8, e, 1), str(rng.choice(["sigmoid", "hardsigmoid"])))
+            y = g.op("Mul", [y, q])
+        co = int(rng.choice([c, 16, 24, 32, 40]))
+        y = g.conv(y, e, co, 1)
+        x = g.op("Add", [y, x]) if s == 1 and co == c else y
+        c = co
+    if rng.random() < 0.5:                                        # a dense 3x3 conv on the blocks
+        x = act(g, g.conv(x, c, 32, 3), "relu")
+    return g, x, cin, h, w, dws
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_inverted_residual_stacks(compiler, seed):
+    g, y, cin, h, w, dws = _stack(seed)
+    batch = "N" if seed % 3 == 0 else (2 if seed % 3 == 1 else 1)
+    model = g.model(y, cin, h, w, batch)
+    batches = (1, 3) if batch == "N" else (batch,)
+    cm = _run(compiler, model, (1, cin, h, w), batches, AVX2)
+    rules = cm.info["cpu_schedules"]
+    blocked = [c for c in dws if c % 8 == 0]
+    if blocked:   # AVX2: a block of 8 channels
+        assert "depthwise_blocked" in rules.values(), rules
+    assert "default" not in rules.values(), rules
+
+
+@pytest.mark.parametrize("seed", [100, 101, 102])
+def test_random_stacks_on_the_host_target(compiler, seed):
+    """The host's own target (AVX-512 hosts: a block of 16 channels; 24, 40, 72 stay NCHW there)."""
+    g, y, cin, h, w, _ = _stack(seed)
+    _run(compiler, g.model(y, cin, h, w, "N"), (1, cin, h, w), (1, 2), "llvm")
+
+
+@pytest.mark.parametrize("k,s,hw", [(3, 1, 7), (3, 2, 14), (5, 1, 9), (5, 2, 11), (3, 2, 1), (5, 1, 2), (3, 1, 28)])
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_depthwise_blocked_shapes(compiler, k, s, hw, batch):
+    """Depthwise convs on blocks where the kernel reaches past every border (planes of 1 and 2 pixels),
+    strides 1 and 2, each epilogue in turn (the layout copies at the graph's edges included)."""
+    for kind in ("clip", "hardswish", "silu"):
+        g = G(k * 10 + s + hw)
+        y = act(g, g.conv("x", 16, 16, k, stride=s, group=16), kind)
+        model = g.model(y, 16, hw, hw, batch)
+        cm = _run(compiler, model, (1, 16, hw, hw), (1,) if batch == 1 else (1, 2), AVX2)
+        assert "depthwise_blocked" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+
+
+def test_networks_without_blocked_depthwise_keep_nchw(compiler):
+    """No depthwise conv that the block divides (24 channels on AVX-512; ShuffleNet's 58, 116): no layout
+    change. Compiled only (the host may lack AVX-512)."""
+    g = G(3)
+    y = act(g, g.conv("x", 8, 24, 1), "relu")
+    y = act(g, g.conv(y, 24, 24, 3, group=24), "relu")
+    cm = compiler.compile(g.model(y, 8, 9, 9, 1), target={"kind": "llvm", "mcpu": "skylake-avx512"})
+    rules = cm.info["cpu_schedules"]
+    assert "depthwise_planes" in rules.values() and "depthwise_blocked" not in rules.values(), rules
+
+
+def test_blocked_setting_off_keeps_planes(compiler, monkeypatch):
+    from bncompile.lower import graph_schedules as gs
+
+    monkeypatch.setattr(gs, "CHANNEL_BLOCKED", False)
+    g = G(4)
+    y = act(g, g.conv(act(g, g.conv("x", 8, 16, 1), "relu"), 16, 16, 3, group=16), "relu")
+    cm = _run(compiler, g.model(y, 8, 10, 10, 1), (1, 8, 10, 10), (1,), AVX2)
+    assert "depthwise_planes" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+
+
+def test_layout_block_and_tiling():
+    from bncompile.lower.graph_schedules import depthwise_blocked_tiling, layout_block
+
+    assert layout_block("NCHW16c") == 16 and layout_block("OIHW8o") == 8
+    assert layout_block("NCHW") == 0 and layout_block("") == 0
+    for regs in (16, 32):
+        for ow in (1, 2, 5, 7, 13, 14, 28, 56, 112):
+            for oh in (1, 3, 7, 14, 112):
+                tw, th = depthwise_blocked_tiling(ow, oh, regs)
+                assert ow % tw == 0 and oh % th == 0 and tw <= 8
+                assert tw * th <= (20 if regs >= 32 else 8) or th == 1
+
+
+def test_clip_bounds(compiler):
+    """Clip as Relax maximum / minimum: constant bounds, a NaN bound (no bound), one bound missing,
+    min > max (every value becomes max, as onnxruntime does)."""
+    from onnx import TensorProto
+
+    for lo, hi in ((0.0, 6.0), (np.nan, 1.0), (-1.0, np.nan), (None, 0.5), (0.5, None), (2.0, -1.0)):
+        g = G(0)
+        ins = ["x", g.c(lo) if lo is not None else "", g.c(hi) if hi is not None else ""]
+        while ins[-1] == "":
+            ins.pop()
+        y = g.op("Clip", ins)
+        model = g.model(y, 4, 3, 5, 2)
+        model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
+        x = np.random.default_rng(0).standard_normal((2, 4, 3, 5)).astype(np.float32) * 3
+        cm = compiler.compile(model)
+        np.testing.assert_array_equal(cm.run({"x": x})["y"], M.ort_run(model, {"x": x})[0])
