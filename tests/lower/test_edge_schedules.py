@@ -185,8 +185,8 @@ def test_squeeze_and_excitation_block(compiler, gate, batch):
 
 @pytest.mark.parametrize("batch", [2, "N"])
 def test_pools_and_odd_width_classifier(compiler, batch):
-    """MaxPool, AveragePool, GlobalAveragePool, Flatten and a Gemm with 40 outputs (the inner-vector
-    reduction with a half-register or smaller vector) and 13 outputs (no vector divides: another rule)."""
+    """MaxPool, AveragePool, GlobalAveragePool, Flatten and a Gemm with 40 outputs (the packed dense with a
+    half-register or smaller vector) and 13 outputs (no vector divides: another rule)."""
     g = G(7)
     x = g.op("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     x = g.op("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
@@ -196,7 +196,7 @@ def test_pools_and_odd_width_classifier(compiler, batch):
     x = g.op("Gemm", [act(g, x, "hardswish"), g.c(g.rng.standard_normal((13, 40))), g.c(np.ones(13))], transB=1)
     cm = _check(compiler, g.model(x, 9, 15, 15, batch), (2, 9, 15, 15), target=AVX2,
                 batches=(2,) if batch == 2 else (1, 3))
-    assert "inner_vector_reduction" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+    assert "dense_packed" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
 
 
 def test_row_tiling_divides_evenly():

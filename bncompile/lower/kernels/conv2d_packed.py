@@ -174,6 +174,21 @@ def depthwise_blocked_te(x, w, *, strides, padding, kernel: tuple[int, int]):
     return te.compute((n, cb, oh, ow, b), body, name=DWB_BLOCK)
 
 
+DENSE_BLOCK = "bnc_dense_packed"
+
+
+def dense_packed_te(x, wp):
+    """TE: ``y[..., j] = sum_k x[..., k] * w[k, j]`` with the constant weight ``w`` ([K, N]) packed at compile
+    time as ``wp[N/V, K, V]`` (``wp[j // V, k, j % V] = w[k, j]``): each block of V outputs reads one
+    contiguous panel, so a batch-1 classifier streams its weight from memory in address order."""
+    te = _tvm.tvm().te
+    nb, k_len, v = wp.shape
+    lead = list(x.shape[:-1])
+    k = te.reduce_axis((0, k_len), name="k")
+    return te.compute((*lead, nb * v), lambda *i: te.sum(x[(*i[:-1], k)] * wp[i[-1] // v, k, i[-1] % v], axis=k),
+                      name=DENSE_BLOCK)
+
+
 WINO_SPLIT_BLOCK = "bnc_wino_split"      # the zero-padded input, its columns split by parity
 WINO_INPUT_BLOCK = "bnc_wino_input"      # B^T d B for every 4x4 input tile
 WINO_GEMM_BLOCK = "bnc_wino_gemm"        # the 16 matrix products over the input channels
