@@ -487,7 +487,13 @@ def padded_channels(out_channels: int, target=None, *, whole_registers: bool = F
 #: 112 -> 42, 5x5 672 x 14 x 14 stride 2 117 -> 22 (large stride-1 planes: 144 x 56 x 56 150 -> 182-216);
 #: the 16 -> 96 1x1 conv at 112 x 112 705 -> 520, 24 -> 144 at 56 x 56 305 -> 208.
 CHANNEL_BLOCKED = True
+#: the block, when not the target's lanes (0: the lanes); an experiment's knob
 CHANNEL_BLOCK = 0
+#: also half a register's lanes (at least 8) for channel counts the lanes do not divide (MobileNetV3's 72,
+#: 120, 184, 200 on AVX-512). Measured (1 thread, both builds in one process, 20 alternating rounds):
+#: MobileNetV3-Large 6.55 -> 6.59 ms, ShuffleNetV2 4.04 -> 4.40 ms (its 24 and 232 channels then blocked,
+#: with layout copies around its channel shuffles). Off.
+HALF_BLOCKS = False
 
 
 def layout_block(layout: str) -> int:
@@ -515,7 +521,12 @@ def _conv_facts(call) -> dict | None:
         return None
 
 
-def _blocked_layouts(call, block: int) -> dict:
+def _channel_block(channels: int, blocks) -> int:
+    """The first of ``blocks`` that divides ``channels``; 0 when none does."""
+    return next((b for b in blocks if channels % b == 0), 0)
+
+
+def _blocked_layouts(call, blocks) -> dict:
     """``ConvertLayout``'s per-call choice: NCHW{B}c for the input and/or output of a conv our legalization
     runs on it (depthwise with C % B == 0: both; one group: the input when C % B == 0, the output when
     O % B == 0); NCHW/OIHW for every other conv (TVM's converter then places the layout copies)."""
@@ -525,15 +536,14 @@ def _blocked_layouts(call, block: int) -> dict:
     f = _conv_facts(call)
     if f is None:
         return plain
-    blocked, kernel = f"NCHW{block}c", f"OIHW{block}o"
+    bi, bo = _channel_block(f["c"], blocks), _channel_block(f["o"], blocks)
+    data, out = f"NCHW{bi}c" if bi else "NCHW", f"NCHW{bo}c" if bo else "NCHW"
+    kernel = f"OIHW{bo}o" if bo else "OIHW"
     if f["groups"] == f["c"] == f["o"] and f["i"] == 1:
-        return {"relax.nn.conv2d": [blocked, kernel, blocked]} if f["c"] % block == 0 else plain
-    if f["groups"] != 1:
+        return {"relax.nn.conv2d": [data, kernel, out]} if bi else plain
+    if f["groups"] != 1 or not (bi or bo):
         return plain
-    bi, bo = f["c"] % block == 0, f["o"] % block == 0
-    if not (bi or bo):
-        return plain
-    return {"relax.nn.conv2d": [blocked if bi else "NCHW", kernel if bo else "OIHW", blocked if bo else "NCHW"]}
+    return {"relax.nn.conv2d": [data, kernel, out]}
 
 
 def channel_blocked(mod, target=None):
@@ -543,15 +553,17 @@ def channel_blocked(mod, target=None):
     ``mod`` unchanged otherwise."""
     tvm = _tvm()
     relax = tvm.relax
-    block = CHANNEL_BLOCK or vector_lanes(target)[0]
-    if not CHANNEL_BLOCKED or block < 8:
+    lanes = vector_lanes(target)[0]
+    blocks = tuple(b for b in ((CHANNEL_BLOCK,) if CHANNEL_BLOCK else (lanes, lanes // 2) if HALF_BLOCKS
+                               else (lanes,)) if b >= 8)
+    if not CHANNEL_BLOCKED or not blocks:
         return mod
     found = []
 
     def visit(e):
         if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.nn.conv2d":
             f = _conv_facts(e)
-            if f is not None and f["groups"] == f["c"] == f["o"] and f["i"] == 1 and f["c"] % block == 0:
+            if f is not None and f["groups"] == f["c"] == f["o"] and f["i"] == 1 and _channel_block(f["c"], blocks):
                 found.append(e)
 
     for func in mod.functions.values():
@@ -562,7 +574,7 @@ def channel_blocked(mod, target=None):
     try:
         out = _clips_as_min_max(mod)
         out = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NCHW", "OIHW"]},
-                                            layout_cb=lambda call: _blocked_layouts(call, block))(out)
+                                            layout_cb=lambda call: _blocked_layouts(call, blocks))(out)
         return relax.transform.FoldConstant()(out)      # the weights' layout copies
     except Exception as err:  # noqa: BLE001 - a graph TVM's layout pass cannot convert stays NCHW
         log.warning("channel-blocked layout not applied (the model compiles in NCHW): %s",
@@ -647,8 +659,15 @@ def _legalize_blocked(bb, call):
         w4 = np.ascontiguousarray(wn.reshape(c // bi, bi, kh, kw).transpose(0, 2, 3, 1))
         return bb.call_te(depthwise_blocked_te, x, relax.const(w4, "float32"), strides=strides,
                           padding=padding, kernel=(kh, kw), primfunc_name_hint="dwconv2d_blocked")
-    op, tiling = _packed_tiling(o, ow, oh) if groups == 1 and c == i else (o, None)
-    if tiling is not None and not (bo and op != o):
+    if groups != 1 or c != i:
+        op, tiling = o, None
+    elif bo:    # a blocked output: no zero channels (the block divides them), a tile of whole blocks
+        op, tiling = o, conv_tiling(o, ow, out_height=oh)
+        if tiling is not None and tiling[0] % bo:
+            tiling = conv_tiling(o, ow, out_height=oh, block=bo)
+    else:
+        op, tiling = _packed_tiling(o, ow, oh)
+    if tiling is not None:
         block = tiling[0]
         if op != o:
             wn = np.concatenate([wn, np.zeros((op - o, i, kh, kw), wn.dtype)])
