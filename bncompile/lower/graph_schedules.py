@@ -1487,11 +1487,14 @@ def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     return _finish_row_tile(sch, blk, wb, ry, xi, tw, lanes)
 
 
+DWB_MAX_ACC = 20
+
+
 def depthwise_blocked_tiling(out_width: int, out_height: int, regs: int) -> tuple[int, int]:
     """``(width tile, rows)`` of :func:`schedule_depthwise_blocked`: the largest divisor of the width up to 8
     output pixels, then the most rows that divide the height with at most 20 accumulator vectors (of 32
     registers; 8 of 16), each a vector of the channel block."""
-    most = 20 if regs >= 32 else 8
+    most = DWB_MAX_ACC if regs >= 32 else 8
     tw = next(t for t in range(min(8, out_width), 0, -1) if out_width % t == 0)
     th = next(t for t in range(min(out_height, max(1, most // tw)), 0, -1) if out_height % t == 0)
     return tw, th
@@ -1501,8 +1504,8 @@ def schedule_depthwise_blocked(func, target=None):
     """:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`: parallel over batch x channel
     blocks x row tiles (bands of rows outside the blocks on tall planes, :func:`dw_row_bands`); a register tile of rows x output pixels (:func:`depthwise_blocked_tiling`), each a
     vector of the block's channels; the kernel window unrolled outside it; the zero padding read in place
-    (a load per tap under an in-bounds test, no padded copy); the fused epilogue inlined into the
-    write-back. None when the function has no such block or its height/width/block are symbolic."""
+    (a load at the clamped pixel, blended to zero outside the plane: no padded copy); the fused epilogue
+    inlined into the write-back. None when the function has no such block or its height/width/block are symbolic."""
     sch = _schedule_of(func)
     convs = _block_named(sch, DWB_BLOCK)
     if len(convs) != 1:

@@ -153,7 +153,7 @@ def block_channels(y, block: int):
 def depthwise_blocked_te(x, w, *, strides, padding, kernel: tuple[int, int]):
     """TE: depthwise conv2d on the channel-blocked layout ``NCHW{B}c`` (``x``: ``[N, C/B, H, W, B]``; ``w``:
     ``[C/B, KH, KW, B]``), float32, zero padding read in place (a vector of B channels per input pixel:
-    stride S only changes the address, no phase split); output ``NCHW{B}c``."""
+    stride S only changes the address, no phase split; the border blended to zero); output ``NCHW{B}c``."""
     tvm = _tvm.tvm()
     te, tirx = tvm.te, tvm.tirx
     n, cb, h, wd, b = x.shape
@@ -167,9 +167,13 @@ def depthwise_blocked_te(x, w, *, strides, padding, kernel: tuple[int, int]):
     zero = tirx.const(0.0, x.dtype)
 
     def body(i, c, y, z, ci):
+        # the load at the clamped (always in-bounds) pixel, then a Select: LLVM gets one basic block per
+        # tile, reuses a load across the taps that read it and blends the border to zero; if_then_else (a
+        # branch per tap) took 1.36x the time over MobileNetV2's depthwise convs
         yy, zz = y * sh + ry - pt, z * sw + rx - pl
         inside = tirx.all(yy >= 0, yy < h, zz >= 0, zz < wd)
-        return te.sum(tirx.if_then_else(inside, x[i, c, yy, zz, ci], zero) * w[c, ry, rx, ci], axis=[ry, rx])
+        v = x[i, c, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(zz, wd - 1), 0), ci]
+        return te.sum(tirx.Select(inside, v, zero) * w[c, ry, rx, ci], axis=[ry, rx])
 
     return te.compute((n, cb, oh, ow, b), body, name=DWB_BLOCK)
 
