@@ -27,11 +27,14 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    element-wise ops, reductions and residual adds between them, and puts layout copies only where a
    tensor changes hands (the network's input and output, channel counts B does not divide). Depthwise
    convs on blocks (:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`) read a vector of
-   B channels per input pixel at any stride, with the zero padding tested in place; the packed conv reads
+   B channels per input pixel at any stride, the border read at the clamped pixel and blended to zero;
+   the packed conv reads
    blocks through an inlined index and writes them as whole vectors (its NCHW write-back scattered the
    channels-last accumulators). Clip is emitted as Relax ``maximum`` / ``minimum`` (the frontend's
    ``Clip`` converter; ``clip`` from HardSwish / HardSigmoid is rewritten) because ``ConvertLayout`` has
-   no rule for ``clip``. Blocked dense convs stay direct (no Winograd).
+   no rule for ``clip``. Blocked dense convs stay direct (no Winograd). A matmul by a constant matrix
+   (ONNX Gemm / MatMul) is legalized to a packed dense (:func:`legalize_matmul`: the weight in contiguous
+   panels of V outputs), after a ``FoldConstant`` that runs before legalization.
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
    residual add become one PrimFunc). bncompile's own kernels (functions with a ``global_symbol``) are
    marked opaque first, so they are never fused.
@@ -50,6 +53,8 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    * :func:`schedule_depthwise` (``depthwise_planes``; ``pool_planes`` for the max pool): parallel over
      batch x channels, the padded plane per channel (zeros, then the in-bounds copy, then the phase split:
      all vectorized), a register tile of rows x a width vector (:func:`depthwise_tiling`), window unrolled;
+   * :func:`schedule_dense_packed` (``dense_packed``): the packed dense, each panel's V outputs accumulated
+     in registers over the reduction;
    * :func:`schedule_inner_vector_reduction`: one reduction whose output's innermost axis is also the
      innermost axis of an input (dense/matmul with a ``[K, N]`` weight): that axis vectorized inside the
      reduction, local accumulator, epilogue inlined, parallel outside;
@@ -92,10 +97,11 @@ import math
 import numpy as np
 
 from bncompile.lower import tvm as _shim
-from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DENSE_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK, DWB_BLOCK, POOL_BLOCK, UNBLOCK_BLOCK,
-                                                   WINO_GEMM_BLOCK, WINO_INPUT_BLOCK, WINO_OUTPUT_BLOCK,
-                                                   WINO_SPLIT_BLOCK, block_channels, conv2d_packed_te,
-                                                   conv2d_winograd_te, dense_packed_te, depthwise_blocked_te, depthwise_conv2d_te,
+from bncompile.lower.kernels.conv2d_packed import (CONV_BLOCK, DENSE_BLOCK, DW_BLOCK, DW_PAD_BLOCK, DW_SPLIT_BLOCK,
+                                                   DWB_BLOCK, POOL_BLOCK, UNBLOCK_BLOCK, WINO_GEMM_BLOCK,
+                                                   WINO_INPUT_BLOCK, WINO_OUTPUT_BLOCK, WINO_SPLIT_BLOCK,
+                                                   block_channels, conv2d_packed_te, conv2d_winograd_te,
+                                                   dense_packed_te, depthwise_blocked_te, depthwise_conv2d_te,
                                                    max_pool2d_te, unblock_channels, winograd_tiles,
                                                    winograd_weight)
 
@@ -504,7 +510,7 @@ def layout_block(layout: str) -> int:
 
 def _conv_facts(call) -> dict | None:
     """Static facts of an NCHW/OIHW float32 ``relax.nn.conv2d`` with a constant 4-D weight and dilation 1:
-    ``{c, o, i, kh, kw, groups}``; None for any other conv2d."""
+    ``{c, o, i, kh, kw, groups, h, w}``; None for any other conv2d."""
     a = call.attrs
     x, w = call.args[0], call.args[1]
     try:
