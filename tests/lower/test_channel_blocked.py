@@ -146,3 +146,31 @@ def test_clip_bounds(compiler):
         x = np.random.default_rng(0).standard_normal((2, 4, 3, 5)).astype(np.float32) * 3
         cm = compiler.compile(model)
         np.testing.assert_array_equal(cm.run({"x": x})["y"], M.ort_run(model, {"x": x})[0])
+
+
+@pytest.mark.parametrize("target", [AVX2, "llvm"])
+def test_training_batchnorm_between_blocked_convs(compiler, target):
+    """A training-mode BatchNormalization (bncompile's own kernel, a TIR call the layout pass cannot see
+    into) between a blocked depthwise conv and a blocked 1x1 conv: layout copies around the kernel, the
+    batch statistics and running updates as onnxruntime's."""
+    from onnx import TensorProto, helper
+
+    g = G(21)
+    c = 16
+    h = act(g, g.conv("x", 8, c, 1), "relu")
+    h = g.conv(h, c, c, 3, stride=2, group=c)
+    rng = np.random.default_rng(5)
+    ins = [h, g.c(rng.uniform(0.5, 1.5, c)), g.c(rng.normal(size=c)), g.c(rng.normal(size=c)),
+           g.c(rng.uniform(0.5, 2, c))]
+    g.nodes.append(helper.make_node("BatchNormalization", ins, ["bn", "rm", "rv"], training_mode=1, momentum=0.8))
+    y = g.conv(act(g, "bn", "clip"), c, 32, 1)
+    model = g.model(y, 8, 9, 9, "N")
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, [c]) for n in ("rm", "rv")])
+    cm = compiler.compile(model, target=target)
+    x = np.random.default_rng(3).normal(1, 2, (3, 8, 9, 9)).astype(np.float32)
+    got = cm.run({"x": x})
+    want = M.ort_run(model, {"x": x})
+    for k, w in zip(["y", "rm", "rv"], want):
+        assert M.rel_err(got[k], w) < TOL, (k, M.rel_err(got[k], w))
+    if target == AVX2:
+        assert "depthwise_blocked" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
