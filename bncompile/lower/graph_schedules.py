@@ -581,11 +581,63 @@ def channel_blocked(mod, target=None):
         out = _clips_as_min_max(mod)
         out = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NCHW", "OIHW"]},
                                             layout_cb=lambda call: _blocked_layouts(call, blocks))(out)
-        return relax.transform.FoldConstant()(out)      # the weights' layout copies
+        out = relax.transform.FoldConstant()(out)      # the weights' layout copies
     except Exception as err:  # noqa: BLE001 - a graph TVM's layout pass cannot convert stays NCHW
         log.warning("channel-blocked layout not applied (the model compiles in NCHW): %s",
                     str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__)
         return mod
+    unsafe = _unsafe_blocked_uses(out, blocks)
+    if unsafe:
+        log.info("channel-blocked layout not applied: %s would run on channel blocks", ", ".join(sorted(unsafe)))
+        return mod
+    return out
+
+
+#: the operators allowed to read or write a channel-blocked tensor (:func:`_unsafe_blocked_uses`): the ones
+#: the layout is measured and tested on. ``ConvertLayout`` also moves Split, Concat, Pad, pools... onto the
+#: blocks; a random differential run found a channel Split at an offset the block does not divide
+#: (TVM 0.27) returning garbage (1.9e36), so a network where any other operator would touch a blocked
+#: tensor compiles in NCHW instead.
+BLOCKED_SAFE_OPS = frozenset({
+    "relax.nn.conv2d", "relax.layout_transform", "relax.add", "relax.subtract", "relax.multiply",
+    "relax.divide", "relax.maximum", "relax.minimum", "relax.nn.relu", "relax.sigmoid", "relax.tanh",
+    "relax.exp", "relax.nn.silu", "relax.mean", "relax.sum", "relax.max"})
+_SPATIAL_REDUCTIONS = frozenset({"relax.mean", "relax.sum", "relax.max"})
+
+
+def _unsafe_blocked_uses(mod, blocks) -> set:
+    """Names of the operators of ``mod``'s Relax functions that read or write a channel-blocked tensor (5-D,
+    last dim one of ``blocks``) and are not in :data:`BLOCKED_SAFE_OPS` (a reduction only over the height and
+    width axes 2, 3)."""
+    tvm = _tvm()
+    relax = tvm.relax
+    bad: set = set()
+
+    def blocked(e) -> bool:
+        ty = getattr(e, "ty", None)
+        shape = getattr(ty, "shape", None)
+        if shape is None or getattr(ty, "ndim", -1) != 5 or not hasattr(shape, "__len__"):
+            return False
+        return _static(shape[4]) in blocks
+
+    def visit(e):
+        if not isinstance(e, relax.Call):
+            return
+        name = getattr(e.op, "name", None) or type(e.op).__name__
+        args = [a for a in e.args if isinstance(a, relax.Expr)]
+        if not (blocked(e) or any(blocked(a) for a in args)):
+            return
+        if name not in BLOCKED_SAFE_OPS:
+            bad.add(name)
+        elif name in _SPATIAL_REDUCTIONS:
+            axes = getattr(e.attrs, "axis", None)
+            if axes is None or not {int(a) for a in axes} <= {2, 3}:
+                bad.add(name)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bad
 
 
 def _clips_as_min_max(mod):

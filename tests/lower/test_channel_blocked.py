@@ -174,3 +174,27 @@ def test_training_batchnorm_between_blocked_convs(compiler, target):
         assert M.rel_err(got[k], w) < TOL, (k, M.rel_err(got[k], w))
     if target == AVX2:
         assert "depthwise_blocked" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+
+
+@pytest.mark.parametrize("split", [(2, 14), (8, 8)])
+def test_operators_outside_the_safe_set_keep_nchw(compiler, split):
+    """A channel Split after a blocked depthwise conv. Where the block divides the split (8 + 8 on AVX2's
+    blocks of 8), TVM's layout pass moves the Split onto the blocks; a random differential run found such a
+    graph (splits, reflect pad, reshapes) returning garbage (1.9e36). Any operator outside BLOCKED_SAFE_OPS
+    that would touch a blocked tensor keeps the whole network in NCHW: per-plane depthwise convs. Where it
+    does not divide (2 + 14), the pass puts a layout copy before the Split and the rest stays blocked."""
+    from onnx import helper
+
+    g = G(28)
+    h = act(g, g.conv("x", 8, 16, 1), "clip")
+    h = g.op("Sigmoid", [g.conv(h, 16, 16, 5, stride=2, group=16)])
+    outs = [f"s{k}" for k in range(2)]
+    g.nodes.append(helper.make_node("Split", [h, g.c(np.array(split, np.int64))], outs, axis=1))
+    g.inits[-1].data_type = 7                                          # int64 split sizes
+    g.inits[-1].ClearField("float_data")
+    g.inits[-1].raw_data = np.array(split, np.int64).tobytes()
+    y = g.op("Concat", [g.op("Relu", [outs[1]]), g.op("Relu", [outs[0]])], axis=1)
+    model = g.model(y, 8, 16, 16, "N")
+    cm = _run(compiler, model, (1, 8, 16, 16), (1, 3), AVX2)
+    want = "depthwise_planes" if split == (8, 8) else "depthwise_blocked"
+    assert want in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
