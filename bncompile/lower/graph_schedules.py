@@ -32,7 +32,8 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    blocks through an inlined index and writes them as whole vectors (its NCHW write-back scattered the
    channels-last accumulators). Clip is emitted as Relax ``maximum`` / ``minimum`` (the frontend's
    ``Clip`` converter; ``clip`` from HardSwish / HardSigmoid is rewritten) because ``ConvertLayout`` has
-   no rule for ``clip``. Blocked dense convs stay direct (no Winograd). A matmul by a constant matrix
+   no rule for ``clip``. Blocked dense convs stay direct (no Winograd). The layout is kept only when every
+   operator on a blocked tensor is in :data:`BLOCKED_SAFE_OPS` (else the module stays NCHW). A matmul by a constant matrix
    (ONNX Gemm / MatMul) is legalized to a packed dense (:func:`legalize_matmul`: the weight in contiguous
    panels of V outputs), after a ``FoldConstant`` that runs before legalization.
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
