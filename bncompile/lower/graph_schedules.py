@@ -417,23 +417,12 @@ def _legalize_depthwise(bb, call):
     """``relax.nn.conv2d`` that is depthwise (groups == input channels == output channels, NCHW/OIHW,
     dilation 1, float32, static channels, height and width; any batch) -> :func:`depthwise_conv2d_te`
     (scheduled by :func:`schedule_depthwise`); None otherwise."""
-    a = call.attrs
-    x, w = call.args[0], call.args[1]
-    try:
-        if not (str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
-                and str(a.out_layout) in ("NCHW", "") and all(int(d) == 1 for d in a.dilation)
-                and str(x.ty.dtype) == "float32" and str(w.ty.dtype) == "float32"
-                and str(a.out_dtype) in ("", "None", "float32") and x.ty.ndim == 4 and w.ty.ndim == 4):
-            return None
-        c, h, wd = (int(d) for d in list(x.ty.shape)[1:])
-        o, i, kh, kw = (int(d) for d in list(w.ty.shape))
-        if not (int(a.groups) == c == o and i == 1):
-            return None
-    except Exception as err:  # symbolic channels/height/width, unusual attrs: not ours
-        log.debug("depthwise legalization does not apply: %s", err)
+    f = _conv_facts(call, constant_weight=False)
+    if f is None or not (f["groups"] == f["c"] == f["o"] and f["i"] == 1):
         return None
-    return bb.call_te(depthwise_conv2d_te, x, w, strides=_const_int_list(a.strides),
-                      padding=_const_int_list(a.padding), kernel=(kh, kw), primfunc_name_hint="dwconv2d")
+    a = call.attrs
+    return bb.call_te(depthwise_conv2d_te, call.args[0], call.args[1], strides=_const_int_list(a.strides),
+                      padding=_const_int_list(a.padding), kernel=(f["kh"], f["kw"]), primfunc_name_hint="dwconv2d")
 
 
 def legalize_max_pool2d(bb, call):
@@ -509,8 +498,9 @@ def layout_block(layout: str) -> int:
     return int(digits) if digits else 0
 
 
-def _conv_facts(call) -> dict | None:
-    """Static facts of an NCHW/OIHW float32 ``relax.nn.conv2d`` with a constant 4-D weight and dilation 1:
+def _conv_facts(call, *, constant_weight: bool = True) -> dict | None:
+    """Static facts of an NCHW/OIHW float32 ``relax.nn.conv2d`` with a 4-D weight (a constant one unless
+    ``constant_weight`` is False), dilation 1 and static channels, height and width (any batch):
     ``{c, o, i, kh, kw, groups, h, w}``; None for any other conv2d."""
     a = call.attrs
     x, w = call.args[0], call.args[1]
@@ -519,7 +509,7 @@ def _conv_facts(call) -> dict | None:
                 and str(a.out_layout) in ("NCHW", "") and all(int(d) == 1 for d in a.dilation)
                 and str(x.ty.dtype) == "float32" and str(w.ty.dtype) == "float32"
                 and str(a.out_dtype) in ("", "None", "float32") and x.ty.ndim == 4 and w.ty.ndim == 4
-                and _is_constant(w)):
+                and (_is_constant(w) or not constant_weight)):
             return None
         c, h, wd = (int(d) for d in list(x.ty.shape)[1:])
         o, i, kh, kw = (int(d) for d in list(w.ty.shape))
@@ -1509,13 +1499,7 @@ def schedule_depthwise(func, target=None, *, block: str = DW_BLOCK):
     if chunks:
         yc, yo = sch.split(yo, [chunks, None])
         outer = (n, yc, c)
-    sch.reorder(*outer, yo, xo, ry, rx, yi, xi)
-    wb = sch.cache_write(blk, 0, "local")
-    _inline_epilogue(sch, wb)
-    fused = sch.fuse(*outer)
-    if parallel_worth(work, lanes):
-        sch.parallel(fused)
-    sch.reverse_compute_at(wb, xo)
+    wb, fused = _parallel_tile(sch, blk, outer, (yo, xo, ry, rx, yi, xi), xo, work, lanes)
     splits = _block_named(sch, DW_SPLIT_BLOCK)
     # stride > 1: the padded rows and their column phases of one tile of output rows, where the tile reads
     # them (DW_PHASES_PER_TILE); else the channel's (or band's) whole padded plane
@@ -1564,7 +1548,8 @@ def schedule_depthwise_blocked(func, target=None):
     blocks x row tiles (bands of rows outside the blocks on tall planes, :func:`dw_row_bands`); a register tile of rows x output pixels (:func:`depthwise_blocked_tiling`), each a
     vector of the block's channels; the kernel window unrolled outside it; the zero padding read in place
     (a load at the clamped pixel, blended to zero outside the plane: no padded copy); the fused epilogue
-    inlined into the write-back. None when the function has no such block or its height/width/block are symbolic."""
+    inlined into the write-back. None when the function has no such block or its height, width or block
+    are symbolic."""
     sch = _schedule_of(func)
     convs = _block_named(sch, DWB_BLOCK)
     if len(convs) != 1:
@@ -1587,28 +1572,30 @@ def schedule_depthwise_blocked(func, target=None):
     if chunks:              # bands of rows outside the channel blocks, as schedule_depthwise (DW_ROW_CHUNKS)
         yc, yo = sch.split(yo, [chunks, None])
         outer = (n, yc, c, yo)
-    sch.reorder(*outer, xo, ry, rx, yi, xi, ci)
+    wb, _ = _parallel_tile(sch, blk, outer, (xo, ry, rx, yi, xi, ci), xo, work, lanes)
+    for lp in (ry, rx, yi, xi):
+        sch.unroll(lp)
+    return _finish_row_tile(sch, blk, wb, ry, ci, B, lanes)      # the vector: the block's channels
+
+
+def _parallel_tile(sch, blk, outer, inner, at, work, lanes: int):
+    """The loops of ``blk`` ordered ``outer`` then ``inner``, a local accumulator written back under loop
+    ``at`` with the element-wise epilogue inlined into it, the ``outer`` loops fused and parallel where the
+    work is worth a launch: ``(write-back block, fused loop)``."""
+    sch.reorder(*outer, *inner)
     wb = sch.cache_write(blk, 0, "local")
     _inline_epilogue(sch, wb)
     fused = sch.fuse(*outer)
     if parallel_worth(work, lanes):
         sch.parallel(fused)
-    sch.reverse_compute_at(wb, xo)
-    for lp in (ry, rx, yi, xi):
-        sch.unroll(lp)
-    sch.vectorize(ci)
-    init = sch.decompose_reduction(blk, ry)
-    sch.vectorize(sch.get_loops(init)[-1])
-    wl = sch.get_loops(wb)
-    if _static(sch.get(wl[-1]).extent) == B:
-        sch.vectorize(wl[-1])
-    _schedule_leftovers(sch, lanes)
-    return sch
+    sch.reverse_compute_at(wb, at)
+    return wb, fused
 
 
 def _finish_row_tile(sch, blk, wb, red, xi, tw: int, lanes: int):
-    """The common end of the row-tile rules: the width vector ``xi``, the reduction's init split off at
-    ``red`` and vectorized, the write-back vectorized along the width tile, the leftovers scheduled."""
+    """The common end of the row-tile rules: the vector loop ``xi`` (``tw`` long: the width tile; the channel
+    block of :func:`schedule_depthwise_blocked`), the reduction's init split off at ``red`` and vectorized,
+    the write-back vectorized along the same loop, the leftovers scheduled."""
     sch.vectorize(xi)
     init = sch.decompose_reduction(blk, red)
     sch.vectorize(sch.get_loops(init)[-1])

@@ -11,22 +11,14 @@ import numpy as np
 import pytest
 
 import helpers.compile_models as M
-from lower.test_edge_schedules import AVX2, G, act
+from lower.test_edge_schedules import AVX2, TOL, G, _check, act
 
 pytestmark = pytest.mark.tvm
 
-TOL = 1e-4
 
 
 def _run(compiler, model, shape, batches, target):
-    cm = compiler.compile(model, target=target)
-    for b in batches:
-        x = np.random.default_rng(b).standard_normal((b, *shape[1:])).astype(np.float32)
-        got = cm.run({"x": x})["y"]
-        want = M.ort_run(model, {"x": x})[0]
-        assert got.shape == want.shape
-        assert M.rel_err(got, want) < TOL, (M.rel_err(got, want), cm.info["cpu_schedules"])
-    return cm
+    return _check(compiler, model, shape, target=target, batches=batches)
 
 
 def _stack(seed: int):
