@@ -19,23 +19,22 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
    output rows (an even number) and columns is legalized to Winograd's F(2x2, 3x3) instead
    (:func:`~bncompile.lower.kernels.conv2d_packed.conv2d_winograd_te`, weight transformed at compile time):
    2.25x fewer multiply-adds, errors against onnxruntime no larger than the direct conv's.
-   Before that, a network with a depthwise conv whose channels the target's vector lanes B (8 or more)
-   divide is carried in the channel-blocked layout ``NCHW{B}c`` (:func:`channel_blocked`, onnxruntime's
-   NCHWc idea): TVM's ``ConvertLayout`` with a per-call choice (:func:`_blocked_layouts`) gives each conv
-   our legalization handles a blocked input where B divides its input channels and a blocked output where
-   B divides its output channels (depthwise: both or neither), propagates the layout through the
-   element-wise ops, reductions and residual adds between them, and puts layout copies only where a
-   tensor changes hands (the network's input and output, channel counts B does not divide). Depthwise
-   convs on blocks (:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`) read a vector of
-   B channels per input pixel at any stride, the border read at the clamped pixel and blended to zero;
-   the packed conv reads
-   blocks through an inlined index and writes them as whole vectors (its NCHW write-back scattered the
-   channels-last accumulators). Clip is emitted as Relax ``maximum`` / ``minimum`` (the frontend's
-   ``Clip`` converter; ``clip`` from HardSwish / HardSigmoid is rewritten) because ``ConvertLayout`` has
-   no rule for ``clip``. Blocked dense convs stay direct (no Winograd). The layout is kept only when every
-   operator on a blocked tensor is in :data:`BLOCKED_SAFE_OPS` (else the module stays NCHW). A matmul by a constant matrix
-   (ONNX Gemm / MatMul) is legalized to a packed dense (:func:`legalize_matmul`: the weight in contiguous
-   panels of V outputs), after a ``FoldConstant`` that runs before legalization.
+   Before that, a network with a depthwise conv whose channels the target's vector lanes B (8 or more) divide
+   is carried in the channel-blocked layout ``NCHW{B}c`` (:func:`channel_blocked`, onnxruntime's NCHWc idea):
+   TVM's ``ConvertLayout`` with a per-call choice (:func:`_blocked_layouts`) gives each conv our legalization
+   handles a blocked input where B divides its input channels and a blocked output where B divides its output
+   channels (depthwise: both or neither), propagates the layout through the element-wise ops, reductions and
+   residual adds between them, and puts layout copies only where a tensor changes hands (the network's input
+   and output, channel counts B does not divide). Depthwise convs on blocks
+   (:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`) read a vector of B channels per input
+   pixel at any stride, the border read at the clamped pixel and blended to zero; the packed conv reads blocks
+   through an inlined index and writes them as whole vectors (its NCHW write-back scattered the channels-last
+   accumulators). Clip is emitted as Relax ``maximum`` / ``minimum`` (the frontend's ``Clip`` converter;
+   ``clip`` from HardSwish / HardSigmoid is rewritten) because ``ConvertLayout`` has no rule for ``clip``.
+   Blocked dense convs stay direct (no Winograd). The layout is kept only when every operator on a blocked
+   tensor is in :data:`BLOCKED_SAFE_OPS` (else the module stays NCHW). A matmul by a constant matrix (ONNX
+   Gemm / MatMul) is legalized to a packed dense (:func:`legalize_matmul`: the weight in contiguous panels of
+   V outputs), after a ``FoldConstant`` that runs before legalization.
 2. ``AnnotateTIROpPattern`` + ``FoldConstant`` + ``FuseOps`` + ``FuseTIR``, TVM's (conv + bias + relu +
    residual add become one PrimFunc). bncompile's own kernels (functions with a ``global_symbol``) are
    marked opaque first, so they are never fused.
@@ -1545,8 +1544,8 @@ def depthwise_blocked_tiling(out_width: int, out_height: int, regs: int) -> tupl
 
 def schedule_depthwise_blocked(func, target=None):
     """:func:`~bncompile.lower.kernels.conv2d_packed.depthwise_blocked_te`: parallel over batch x channel
-    blocks x row tiles (bands of rows outside the blocks on tall planes, :func:`dw_row_bands`); a register tile of rows x output pixels (:func:`depthwise_blocked_tiling`), each a
-    vector of the block's channels; the kernel window unrolled outside it; the zero padding read in place
+    blocks x row tiles (bands of rows outside the blocks on tall planes, :func:`dw_row_bands`); a register
+    tile of rows x output pixels (:func:`depthwise_blocked_tiling`), each a vector of the block's channels; the kernel window unrolled outside it; the zero padding read in place
     (a load at the clamped pixel, blended to zero outside the plane: no padded copy); the fused epilogue
     inlined into the write-back. None when the function has no such block or its height, width or block
     are symbolic."""

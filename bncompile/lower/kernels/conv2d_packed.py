@@ -8,6 +8,11 @@
   ``xs[.., rx % S, .., z + rx // S]``: consecutive output columns read consecutive addresses for every
   stride (a vector load, not a gather).
 
+* Channel-blocked layout ``NCHW{B}c`` (``[N, C/B, H, W, B]``): :func:`depthwise_blocked_te` (a vector of B
+  channels per input pixel, the border blended to zero in place), :func:`unblock_channels` /
+  :func:`block_channels` (index maps the packed conv's schedule inlines into its reads / write-back).
+* :func:`dense_packed_te`: a matmul by a constant ``[K, N]`` matrix packed as ``[N/V, K, V]`` panels.
+
 * :func:`conv2d_winograd_te`: 3x3 stride-1 conv2d as Winograd's minimal filtering F(2x2, 3x3) (Lavin and
   Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each 2x2 output tile is ``A^T [(G g
   G^T) * (B^T d B)] A`` of the 4x4 input tile ``d`` around it; the 16 element-wise products over the
