@@ -587,9 +587,9 @@ def channel_blocked(mod, target=None):
 
 #: the operators allowed to read or write a channel-blocked tensor (:func:`_unsafe_blocked_uses`): the ones
 #: the layout is measured and tested on. ``ConvertLayout`` also moves Split, Concat, Pad, pools... onto the
-#: blocks; a random differential run found a channel Split at an offset the block does not divide
-#: (TVM 0.27) returning garbage (1.9e36), so a network where any other operator would touch a blocked
-#: tensor compiles in NCHW instead.
+#: blocks; a random differential run found a channel Split moved onto them (8 + 8 channels on blocks of
+#: 8, TVM 0.27) returning garbage (1.9e36 to inf), so a network where any other operator would touch a
+#: blocked tensor compiles in NCHW instead.
 BLOCKED_SAFE_OPS = frozenset({
     "relax.nn.conv2d", "relax.layout_transform", "relax.add", "relax.subtract", "relax.multiply",
     "relax.divide", "relax.maximum", "relax.minimum", "relax.nn.relu", "relax.sigmoid", "relax.tanh",
