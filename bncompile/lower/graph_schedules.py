@@ -1366,7 +1366,7 @@ def _same_size(sch, a, b) -> bool:
     one = tvm.tirx.const(1, "int64")
     size_a = functools.reduce(operator.mul, [tvm.tirx.Cast("int64", d) for d in _region_buffer(wa[0]).shape], one)
     size_b = functools.reduce(operator.mul, [tvm.tirx.Cast("int64", d) for d in _region_buffer(wb[0]).shape], one)
-    return bool(tvm.arith.Analyzer().can_prove_equal(size_a, size_b))
+    return bool(_shim.submodule("tvm.sym").Analyzer().can_prove_equal(size_a, size_b))
 
 
 def _epilogue_on_channel_vectors(sch, wb, at):

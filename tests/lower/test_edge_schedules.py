@@ -577,3 +577,20 @@ def test_slice_fused_after_a_scheduled_reduction(compiler, conv, axis):
     g.inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in zip(names, (starts, ends, axes))]
     y = g.op("Slice", [y, *names])
     _check(compiler, g.model(y, c, 9, 13, "N"), (2, c, 9, 13), batches=(1, 2))
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_epilogues_inlined_into_the_write_back(blocked, monkeypatch):
+    """The bias and activation after a conv run in the conv's write-back: no T_add / T_relu / blocked-layout
+    block is left in the scheduled function (an exception in the inlining's checks once left every
+    epilogue as its own pass over memory: MobileNetV2 7.4 -> 10.7 ms)."""
+    from bncompile.lower import graph_schedules as gs
+
+    monkeypatch.setattr(gs, "CHANNEL_BLOCKED", blocked)
+    g = G(1)
+    y = act(g, g.conv(act(g, g.conv("x", 8, 16, 1), "relu"), 16, 16, 3, group=16), "clip")
+    for name, (rule, text) in _scheduled(g.model(y, 8, 10, 10, 1)).items():
+        if "conv" not in name:
+            continue
+        left = set(re.findall(r'T\.sblock\("(\w+)"', text)) - {"root"}
+        assert all(b.startswith("bnc_") for b in left), (name, rule, left)
