@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 
 from bncompile._version import __version__
-from bncompile.errors import BncompileError, InputError, UnsupportedError
+from bncompile.errors import InputError, UnsupportedError
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.targets import host_arch, runnable_here, target_arch
 
@@ -64,8 +65,9 @@ class CompiledModel:
         self.defaults = dict(defaults or {})
         self.info = dict(info or {})
         self.path = path
-        self._vm = None
         self._device = None
+        self._lock = threading.Lock()      # loading the library (once, shared by the threads)
+        self._local = threading.local()    # per thread: its virtual machine and input tensors
 
     @property
     def input_names(self) -> list[str]:
@@ -87,28 +89,41 @@ class CompiledModel:
         return self
 
     def _machine(self):
-        if self._vm is None:
-            why = runnable_here(self.target)
-            if why:
-                raise UnsupportedError(f"cannot run here: {why}")
-            tvm = _tvm.tvm()
-            self._device = _tvm.device_for(self.target)
-            mod = self._executable if self._executable is not None else self._module
+        """This thread's virtual machine and the device: one per calling thread, since TVM's Relax VM keeps
+        its program counter and registers in the object (two threads calling one VM at once failed with
+        "run into invalid section" or a register index out of range); the library is loaded once."""
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            with self._lock:
+                mod = self._load()
             try:
-                if mod is None:
-                    check_library_file(self.path)
-                    mod = tvm.runtime.load_module(self.path)
-                    self._module = mod
-                self._vm = tvm.relax.VirtualMachine(mod, self._device)
-            except BncompileError:
-                raise
-            except Exception as err:
-                from bncompile.errors import first_line
+                vm = _tvm.tvm().relax.VirtualMachine(mod, self._device)
+            except Exception as err:  # noqa: BLE001 - a module that is not a Relax executable
+                raise self._not_a_library(err) from None
+            self._local.vm = vm
+        return vm, self._device
 
-                raise InputError(f"library {self.path!r} cannot be loaded as a TVM Relax library "
-                                 f"({first_line(err, 200)}): give a library written by bncompile compile "
-                                 "for this machine") from None
-        return self._vm, self._device
+    def _load(self):
+        """The executable, or the library module (loaded on the first call); sets the device."""
+        why = runnable_here(self.target)
+        if why:
+            raise UnsupportedError(f"cannot run here: {why}")
+        self._device = _tvm.device_for(self.target)
+        if self._executable is not None:
+            return self._executable
+        if self._module is None:
+            check_library_file(self.path)
+            try:
+                self._module = _tvm.tvm().runtime.load_module(self.path)
+            except Exception as err:  # noqa: BLE001 - TVM's loader raises several kinds
+                raise self._not_a_library(err) from None
+        return self._module
+
+    def _not_a_library(self, err: Exception) -> InputError:
+        from bncompile.errors import first_line
+
+        return InputError(f"library {self.path!r} cannot be loaded as a TVM Relax library ({first_line(err, 200)}): "
+                          "give a library written by bncompile compile for this machine")
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
         unknown = sorted(set(feeds) - set(self.input_names))
@@ -181,19 +196,42 @@ class CompiledModel:
         """Run on NumPy arrays by input name (inputs with an initializer may be omitted)."""
         arrays = self._check_feeds(feeds)
         vm, dev = self._machine()
-        tvm = _tvm.tvm()
-        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        args = self._stage(arrays, dev)
         try:
             res = vm["main"](*args)
         except (ValueError, TypeError) as err:
             msg = str(err).strip().splitlines()
             raise InputError(f"run: {msg[-1] if msg else type(err).__name__}") from None
-        outs = [res] if isinstance(res, tvm.runtime.Tensor) else list(res)
+        outs = [res] if isinstance(res, _tvm.tvm().runtime.Tensor) else list(res)
         if len(outs) != len(self.outputs):
             raise UnsupportedError(f"run: the library returned {len(outs)} outputs, expected {len(self.outputs)}")
-        return {o["name"]: t.numpy() for o, t in zip(self.outputs, outs)}
+        return {o["name"]: _to_numpy(t) for o, t in zip(self.outputs, outs)}
 
     __call__ = run
+
+    def _stage(self, arrays: list[np.ndarray], dev) -> list:
+        """The inputs copied into device tensors this thread keeps from call to call (one per input, made
+        anew when its shape or dtype changes), through a NumPy view of each where NumPy can see the memory
+        (DLPack: a CPU tensor of a NumPy dtype). Measured in MobileNetV2's calls at batch 1, one thread,
+        right after a call (AMD EPYC VM): a fresh tensor per call faulted in its pages (0.3-0.5 ms for the
+        600 KB input), TVM's ``copyfrom`` took 0.27 ms, ``np.copyto`` into the view 0.10 ms. Safe because
+        :meth:`run` copies the outputs out before it returns, even one that is a view of an input."""
+        tvm = _tvm.tvm()
+        kept = getattr(self._local, "tensors", None)
+        if kept is None or len(kept) != len(arrays):
+            kept = self._local.tensors = [None] * len(arrays)
+        args = []
+        for k, a in enumerate(arrays):
+            if kept[k] is None or tuple(kept[k][0].shape) != a.shape or str(kept[k][0].dtype) != str(a.dtype):
+                t = tvm.runtime.empty(a.shape, str(a.dtype), dev)
+                kept[k] = (t, _numpy_view(t))
+            t, view = kept[k]
+            if view is not None:
+                np.copyto(view, a)
+            elif a.size:
+                t.copyfrom(a)
+            args.append(t)
+        return args
 
     # ---- export / load
     def metadata(self) -> dict:
@@ -247,6 +285,22 @@ class CompiledModel:
                 return AARCH64_CXX
             raise UnsupportedError(f"export: no cross compiler known for {triple}; export to a .tar instead")
         return None
+
+
+def _numpy_view(t):
+    """A NumPy array over a TVM tensor's memory (DLPack, no copy), or None where NumPy cannot see it (a GPU
+    tensor, a dtype NumPy lacks such as bfloat16)."""
+    try:
+        return np.from_dlpack(t)
+    except Exception:  # noqa: BLE001 - BufferError, RuntimeError, TypeError by NumPy version and device
+        return None
+
+
+def _to_numpy(t) -> np.ndarray:
+    """A NumPy copy of an output tensor: through a DLPack view where NumPy can see the memory (right after a
+    call it took a quarter of the time of TVM's ``numpy()``: 0.05 against 0.22 ms), else ``numpy()``."""
+    view = _numpy_view(t)
+    return view.copy() if view is not None else t.numpy()
 
 
 def _link_error(err: Exception) -> str:

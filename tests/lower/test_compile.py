@@ -198,6 +198,63 @@ def test_export_load_roundtrip_with_defaults(compiler, tmp_path):
         assert M.rel_err(a[k], want[i]) < TOL, k
 
 
+def _identity_graph(batch):
+    """y = x reshaped (TVM makes the output a view of the input's memory) and z = 2 x: a model whose output
+    aliases the tensor ``run`` copies its input into."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2, 3])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, 6])
+    shape = helper.make_tensor("s", TensorProto.INT64, [3], [-1, 2, 3])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"]), helper.make_node("Mul", ["x", "two"], ["z"])],
+                          "alias", [x], [y, z], [shape, two])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("batch", [4, None])
+def test_run_reuses_its_input_tensors_safely(compiler, batch):
+    """``run`` keeps one device tensor per input from call to call: every call sees its own input, an
+    output returned earlier never changes (even one that is a view of the input), a new batch size gets a
+    new tensor; threads calling at once each get theirs (TVM's VM object is not safe to share: each thread
+    has its own)."""
+    import threading
+
+    cm = compiler.compile(_identity_graph(batch))
+    rng = np.random.default_rng(3)
+    sizes = [4, 4, 4] if batch else [4, 1, 7, 7, 4]
+    kept = []
+    for n in sizes:
+        x = rng.normal(size=(n, 6)).astype(np.float32)
+        got = cm.run({"x": x})
+        kept.append((n, got))
+        x[:] = 0                                   # the caller's array changing afterwards changes nothing
+    rng = np.random.default_rng(3)                 # the same inputs again, to check against
+    for n, got in kept:
+        x = rng.normal(size=(n, 6)).astype(np.float32)
+        assert got["y"].flags.owndata and got["z"].flags.owndata
+        np.testing.assert_array_equal(got["y"], x.reshape(n, 2, 3))
+        np.testing.assert_array_equal(got["z"], 2 * x)
+
+    errors = []
+
+    def worker(seed):
+        r = np.random.default_rng(seed)
+        try:
+            for _ in range(20):
+                x = r.normal(size=(4, 6)).astype(np.float32)
+                got = cm.run({"x": x})
+                if not (np.array_equal(got["y"], x.reshape(4, 2, 3)) and np.array_equal(got["z"], 2 * x)):
+                    errors.append(f"thread {seed}: wrong output")
+        except Exception as err:  # noqa: BLE001 - reported by the assert below
+            errors.append(f"thread {seed}: {err!r}")
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
 def test_load_needs_metadata(compiler, tmp_path):
     from bncompile.errors import InputError
 
