@@ -12,7 +12,8 @@
 * :func:`prepare_for_lowering`: ``ApplyInputShapesPass``, the fold passes (optional),
   ``InlineFunctionsPass`` (bncompile's custom ops kept as calls, their definitions dropped),
   ``NormalizeConstantsPass``, ``MinusOneReshapesPass``, ``DropSingleDimProductsPass``,
-  ``InputDefaultsPass``: the model the TVM frontend reads.
+  ``InputDefaultsPass``, ``PadChannelsPass`` (a CPU target with a channel-blocked layout): the model
+  the TVM frontend reads.
 """
 
 from __future__ import annotations
@@ -111,8 +112,10 @@ class Prepared:
     results: list[ir.passes.PassResult]
 
 
-def prepare_for_lowering(model: ir.Model, *, fold: bool, input_shapes: Mapping | None) -> Prepared:
+def prepare_for_lowering(model: ir.Model, *, fold: bool, input_shapes: Mapping | None,
+                         pad_channels: int | None = None) -> Prepared:
     """Rewrite ``model`` (in place) into what the TVM frontend reads; see the module docstring.
+    ``pad_channels``: the channel block of a CPU target's blocked layout (``PadChannelsPass``), or None.
 
     Raises :class:`bncompile.errors.InputError` for ``input_shapes`` that do not fit the model.
     """
@@ -121,6 +124,7 @@ def prepare_for_lowering(model: ir.Model, *, fold: bool, input_shapes: Mapping |
     from bncompile.passes.drop_single_dim_products import DropSingleDimProductsPass
     from bncompile.passes.input_defaults import InputDefaultsPass
     from bncompile.passes.minus_one_reshapes import MinusOneReshapesPass
+    from bncompile.passes.pad_channels import PadChannelsPass
 
     custom_ops.register_schemas()
     keep = {(custom_ops.DOMAIN, name): "a bncompile custom op: the lowering implements it"
@@ -132,6 +136,7 @@ def prepare_for_lowering(model: ir.Model, *, fold: bool, input_shapes: Mapping |
         MinusOneReshapesPass(),
         DropSingleDimProductsPass(),
         InputDefaultsPass(pinned=input_shapes or ()),
+        *([PadChannelsPass(pad_channels)] if pad_channels else []),
     ])
     pipeline(model)
     defaults = pipeline.result_of(InputDefaultsPass).detail["defaults"]

@@ -51,7 +51,17 @@ log = logging.getLogger(__name__)
 __all__ = ["compile"]
 
 
-def _prepare(model, *, fold: bool, input_shapes) -> tuple[onnx.ModelProto, dict]:
+def _channel_padding(tdict: dict) -> int | None:
+    """The block compile pads channel regions to for this target (llvm with a channel-blocked layout:
+    :func:`bncompile.lower.graph_schedules.padding_block`), else None."""
+    if tdict.get("kind") != "llvm":
+        return None
+    from bncompile.lower import graph_schedules
+
+    return graph_schedules.padding_block(_tvm.tvm().target.Target(tdict))
+
+
+def _prepare(model, *, fold: bool, input_shapes, pad_channels: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """Steps 1-3 of the module docstring: (the proto TVM's frontend reads, default values of inputs)."""
     import onnx_ir as ir
 
@@ -62,7 +72,8 @@ def _prepare(model, *, fold: bool, input_shapes) -> tuple[onnx.ModelProto, dict]
     proto = onnx_utils.as_model_proto(model, check=False, copy=True)
     from bncompile.lower.shape_values import fold_shape_values
 
-    prep = prepare_for_lowering(ir.serde.deserialize_model(proto), fold=fold, input_shapes=input_shapes)
+    prep = prepare_for_lowering(ir.serde.deserialize_model(proto), fold=fold, input_shapes=input_shapes,
+                                pad_channels=pad_channels)
     proto = onnx_utils.serialize_model(prep.model)
     fold_shape_values(proto)       # shape programs feeding a Reshape (channel shuffle): constants, 0 / -1
     return proto, prep.defaults
@@ -71,7 +82,7 @@ def _prepare(model, *, fold: bool, input_shapes) -> tuple[onnx.ModelProto, dict]
 def relax_module(model, *, tdict: dict, input_shapes: Mapping | None = None, fold: bool = True):
     """Steps 1-5: ``(Relax IRModule, KernelContext, prepared proto, default values of inputs)``; the module
     :func:`compile` builds, and the one ``bncompile tune`` extracts its tasks from."""
-    proto, defaults = _prepare(model, fold=fold, input_shapes=input_shapes)
+    proto, defaults = _prepare(model, fold=fold, input_shapes=input_shapes, pad_channels=_channel_padding(tdict))
     ctx = frontend.KernelContext(tdict)
     extra = frontend.make_converters(ctx)
     frontend.check_supported(proto, extra)
@@ -97,7 +108,7 @@ def compile(model, *, target: Any = "llvm", input_shapes: Mapping | None = None,
         from bncompile.lower.tuning import TunedSchedules
 
         tuned_db = TunedSchedules(db, tdict)
-    proto, defaults = _prepare(model, fold=fold, input_shapes=input_shapes)
+    proto, defaults = _prepare(model, fold=fold, input_shapes=input_shapes, pad_channels=_channel_padding(tdict))
     t_prep = time.perf_counter() - t0
 
     ctx = frontend.KernelContext(tdict)

@@ -491,6 +491,23 @@ CHANNEL_BLOCK = 0
 #: MobileNetV3-Large 6.55 -> 6.59 ms, ShuffleNetV2 4.04 -> 4.40 ms (its 24 and 232 channels then blocked,
 #: with layout copies around its channel shuffles). Off.
 HALF_BLOCKS = False
+#: zero-pad the channels of conv-to-conv regions with a depthwise conv up to a whole block before import
+#: (``bncompile.passes.pad_channels``, as onnxruntime's NCHWc layout does: MobileNetV3's 72 -> 80, 120 ->
+#: 128, 184 -> 192, 200 -> 208 on AVX-512), so those depthwise convs and pools run on blocks too
+PAD_CHANNELS = True
+
+
+def layout_blocks(target=None) -> tuple[int, ...]:
+    """The channel blocks :func:`channel_blocked` may use on ``target`` (largest first; empty: none)."""
+    lanes = vector_lanes(target)[0]
+    blocks = (CHANNEL_BLOCK,) if CHANNEL_BLOCK else (lanes, lanes // 2) if HALF_BLOCKS else (lanes,)
+    return tuple(b for b in blocks if b >= 8) if CHANNEL_BLOCKED else ()
+
+
+def padding_block(target=None) -> int | None:
+    """The block :data:`PAD_CHANNELS` pads channels to on ``target``, or None."""
+    blocks = layout_blocks(target)
+    return blocks[0] if PAD_CHANNELS and blocks else None
 
 
 def layout_block(layout: str) -> int:
@@ -551,10 +568,8 @@ def channel_blocked(mod, target=None):
     ``mod`` unchanged otherwise."""
     tvm = _tvm()
     relax = tvm.relax
-    lanes = vector_lanes(target)[0]
-    blocks = tuple(b for b in ((CHANNEL_BLOCK,) if CHANNEL_BLOCK else (lanes, lanes // 2) if HALF_BLOCKS
-                               else (lanes,)) if b >= 8)
-    if not CHANNEL_BLOCKED or not blocks:
+    blocks = layout_blocks(target)
+    if not blocks:
         return mod
     found = []
 

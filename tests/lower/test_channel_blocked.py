@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import helpers.compile_models as M
+from bncompile.lower import graph_schedules as gs
 from lower.test_edge_schedules import AVX2, TOL, G, _check, act
 
 pytestmark = pytest.mark.tvm
@@ -21,10 +22,10 @@ def _run(compiler, model, shape, batches, target):
     return _check(compiler, model, shape, target=target, batches=batches)
 
 
-def _stack(seed: int):
-    """A random inverted-residual stack: stem conv, then blocks of expand 1x1 -> depthwise k x k / s ->
-    (squeeze-and-excitation) -> project 1x1 (+ residual), random activations. ``(model builder, input
-    channels, height, width, depthwise channel counts)``."""
+def _stack(seed: int, expand=(16, 24, 32, 40, 48, 64, 72, 96)):
+    """A random inverted-residual stack: stem conv, then blocks of expand 1x1 (to one of ``expand``
+    channels) -> depthwise k x k / s -> (squeeze-and-excitation) -> project 1x1 (+ residual), random
+    activations. ``(model builder, input channels, height, width, depthwise channel counts)``."""
     rng = np.random.default_rng(seed)
     g = G(seed)
     cin = int(rng.choice([3, 8, 16]))
@@ -35,7 +36,7 @@ def _stack(seed: int):
     x = act(g, g.conv("x", cin, c0, 3, stride=int(rng.integers(1, 3))), str(rng.choice(acts)))
     c, dws = c0, []
     for _ in range(int(rng.integers(1, 4))):
-        e = int(rng.choice([16, 24, 32, 40, 48, 64, 72, 96]))
+        e = int(rng.choice(expand))
         k, s = int(rng.choice([3, 5])), int(rng.integers(1, 3))
         y = act(g, g.conv(x, c, e, 1), str(rng.choice(acts)))
         y = act(g, g.conv(y, e, e, k, stride=s, group=e), str(rng.choice(acts)))
@@ -66,6 +67,20 @@ def test_random_inverted_residual_stacks(compiler, seed):
     if blocked:   # AVX2: a block of 8 channels
         assert "depthwise_blocked" in rules.values(), rules
     assert "default" not in rules.values(), rules
+
+
+@pytest.mark.parametrize("seed", range(200, 206))
+@pytest.mark.parametrize("pad", [True, False])
+def test_channels_padded_to_whole_blocks(compiler, monkeypatch, seed, pad):
+    """Expansions to channel counts the block (8 on AVX2) does not divide, each padded with at most 1/8
+    zero channels (60 -> 64, 58 -> 64, 116 -> 120, 44 -> 48, 100 -> 104: ``passes/pad_channels.py``): the
+    same result, and their depthwise convs run on blocks; without the padding, per plane."""
+    monkeypatch.setattr(gs, "PAD_CHANNELS", pad)
+    g, y, cin, h, w, dws = _stack(seed, expand=(60, 58, 116, 44, 100))
+    batch = "N" if seed % 2 else 2
+    cm = _run(compiler, g.model(y, cin, h, w, batch), (1, cin, h, w), (1, 3) if batch == "N" else (2,), AVX2)
+    rules = list(cm.info["cpu_schedules"].values())
+    assert rules.count("depthwise_blocked") == (len(dws) if pad else 0), rules
 
 
 @pytest.mark.parametrize("seed", [100, 101, 102])
