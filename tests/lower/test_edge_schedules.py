@@ -376,6 +376,20 @@ def _scheduled(model, target=AVX2):
             if gv.name_hint in report}
 
 
+@pytest.mark.parametrize("co", [8, 16, 32])
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_a_stem_pads_its_rows_in_each_task(compiler, co, batch):
+    """A stem conv (3 channels in, stride 2) whose parallel tasks are bands of output rows of all its
+    channels pads the input rows each task reads inside that task (``PAD_IN_ROW_TASKS``): no serial pass
+    over a padded copy before the parallel loop. Against onnxruntime, static and free batch."""
+    g = G(co)
+    y = act(g, g.conv("x", 3, co, 3, stride=2), "relu")
+    model = g.model(y, 3, 96, 96, batch)
+    _check(compiler, model, (1, 3, 96, 96), target=AVX2, batches=(1, 2) if batch == "N" else (1,))
+    (text,) = [t for name, (rule, t) in _scheduled(model).items() if "conv" in name]
+    assert text.count("T.parallel") == 1 and text.index("T.parallel") < text.index('T.sblock("bnc_pad")'), text
+
+
 @pytest.mark.parametrize("co,k,s", [(58, 1, 1), (116, 3, 2), (29, 5, 1)])
 def test_zero_padded_conv_slices_inside_its_tile(compiler, co, k, s):
     """A zero-padded conv stores its channel slice (with the epilogue) from the accumulator tile inside
