@@ -17,8 +17,8 @@ A *region* is a set of tensors of C channels (axis 1, rank 4) closed under the o
   gets C' - C zero input channels, so whatever the new channels hold is multiplied by 0.
 
 Exact: every operator inside maps finite values to finite values (a sigmoid gate of the zero channels is
-0.5, times 0), so each sink adds 0 x finite = 0 for the new channels and its output is unchanged bit for
-bit but for the order of the (zero) terms. A region that reaches anything else (a graph input or output,
+0.5, times 0), so each sink adds 0 x finite = 0 for the new channels, and its output is the same sum up to
+the order its terms are added in (a backend may block a longer reduction differently). A region that reaches anything else (a graph input or output,
 a Concat, a Reshape, a BatchNormalization, a grouped conv...) is left as it is. Only regions with a
 depthwise conv are padded (that is where blocks pay: a padded 1x1 conv is only more work), and only
 where the new channels are at most :data:`MAX_WASTE` of C.

@@ -1036,14 +1036,16 @@ def schedule_conv(func, target=None):
             oho, ohi = sch.split(oh, [None, TH])
         else:
             oho, ohi = oh, None
-        outer = (n, oho, ocb) if _rows_outer(sch, blk) else (n, ocb, oho)
+        rows_first = _rows_outer(sch, blk)
+        outer = (n, oho, ocb) if rows_first else (n, ocb, oho)
         sch.reorder(*outer, owo, rc, ry, rx, *([ohi] if ohi is not None else []), owi, oci)
         wb = sch.cache_write(blk, 0, "local")
         # accumulator channels-last, so each vector of output channels is contiguous in the local tile
         sch.transform_layout(blk, ("write", 0), lambda b, o, y, z: (b, y, z, o))
         # inline the element-wise epilogue (bias, relu, residual add...) into the write-back
         _inline_epilogue(sch, wb)
-        stem = outer[1] is oho and (_static(sch.get(rc).extent) or PAD_TASK_MAX_CHANNELS + 1) <= PAD_TASK_MAX_CHANNELS
+        cin = _static(sch.get(rc).extent)
+        stem = rows_first and cin is not None and cin <= PAD_TASK_MAX_CHANNELS
         fused = sch.fuse(*outer)
         if parallel_worth(work, vector_lanes(target)[0]):
             sch.parallel(fused)
