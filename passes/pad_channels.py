@@ -14,7 +14,8 @@ A *region* is a set of tensors of C channels (axis 1, rank 4) closed under the o
   C'), Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Tanh, GlobalAveragePool, and Add, Sub, Mul
   of two region tensors or of one and a constant that is a scalar or per channel (padded with zeros);
 * **sinks**: Conv with one group and a constant weight reading a region tensor as its input: the weight
-  gets C' - C zero input channels, so whatever the new channels hold is multiplied by 0.
+  gets C' - C zero input channels, so whatever the new channels hold is multiplied by 0. A C -> C conv
+  whose output is in the region too is both (padded on both weight axes).
 
 Exact: every operator inside maps finite values to finite values (a sigmoid gate of the zero channels is
 0.5, times 0), so each sink adds 0 x finite = 0 for the new channels, and its output is the same sum up to
@@ -139,32 +140,33 @@ class PadChannelsPass(ir.passes.InPlacePass):
                index: int | None = None) -> str | None:
         """Add ``node`` (the producer of ``v``, or with ``index`` a consumer reading it there) to the region,
         queueing the region tensors it touches; the reason it cannot be in one, else None."""
-        if node in region.nodes:
-            return None
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        if op == "Conv":
+        if op == "Conv" and not self._is_depthwise(node, c, consts):
+            # a conv with one group is a source (it writes the region), a sink (it reads it), or both (a
+            # C -> C conv inside the region: padded on both weight axes)
             w = self._conv_weight(node, consts)
             if w is None:
                 return f"{node_label(node)} has a weight computed at run time"
-            if self._is_depthwise(node, c, consts):
-                if index not in (None, 0):
-                    return f"{node_label(node)} reads a region tensor as its weight"
-                region.depthwise.add(node)
-                todo.append(node.inputs[0])
-                todo.append(node.outputs[0])
-            elif attr_int(node, "group", 1) != 1:
+            if attr_int(node, "group", 1) != 1:
                 return f"{node_label(node)} is a grouped conv"
-            elif index is None:                       # a source
+            if index is None:
                 if w.shape[0] != c:
                     return f"{node_label(node)} has {w.shape[0]} filters, not {c}"
                 region.sources.add(node)
-            else:                                      # a sink
+            else:
                 if index != 0 or w.shape[1] != c:
                     return f"{node_label(node)} reads a region tensor as something other than its {c}-channel input"
                 region.sinks.add(node)
-                region.nodes.add(node)
-                return None
+            return None
+        if node in region.nodes:
+            return None
+        if op == "Conv":                              # depthwise
+            if index not in (None, 0):
+                return f"{node_label(node)} reads a region tensor as its weight"
+            region.depthwise.add(node)
             region.nodes.add(node)
+            todo.append(node.inputs[0])
+            todo.append(node.outputs[0])
             return None
         if op in _UNARY:
             if index not in (None, 0):

@@ -162,6 +162,22 @@ def test_a_region_fed_by_a_graph_input_is_left():
     assert e.action == "left" and "'x' is a graph input" in e.reason
 
 
+@pytest.mark.parametrize("reads", ["d", "h"])
+def test_a_c_to_c_conv_inside_the_region_is_source_and_sink(reads):
+    """A 1x1 C -> C conv whose input and output are both in the region (its output added to a region
+    tensor): padded on both weight axes. Found by a random differential run (59 of 2,519 graphs): it was
+    padded as a sink only, and the Add saw 64 and 60 channels."""
+    g = _G(5, cin=8, hw=7)
+    h = g.conv("x", 8, 60)
+    d = g.conv(h, 60, 60, k=3, group=60)
+    p = g.conv(d if reads == "d" else h, 60, 60)
+    y = g.conv(g.node("Add", [d, p] if reads == "d" else [p, d]), 60, 8)
+    out, r = _check(g.model([y]))
+    assert [(e.action, e.detail["convs"]) for e in r.entries] == [("padded", 4)]
+    shapes = sorted(numpy_helper.to_array(i).shape for i in out.graph.initializer if i.dims and len(i.dims) == 4)
+    assert (64, 64, 1, 1) in shapes
+
+
 def test_a_tensor_used_twice_in_the_region_is_padded_once():
     g = _G(1, cin=8, hw=7)
     h = g.conv("x", 8, 60)
