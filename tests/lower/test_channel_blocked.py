@@ -18,14 +18,10 @@ pytestmark = pytest.mark.tvm
 
 
 
-def _run(compiler, model, shape, batches, target):
-    return _check(compiler, model, shape, target=target, batches=batches)
-
-
 def _stack(seed: int, expand=(16, 24, 32, 40, 48, 64, 72, 96)):
     """A random inverted-residual stack: stem conv, then blocks of expand 1x1 (to one of ``expand``
     channels) -> depthwise k x k / s -> (squeeze-and-excitation) -> project 1x1 (+ residual), random
-    activations. ``(model builder, input channels, height, width, depthwise channel counts)``."""
+    activations. ``(model builder, output name, input channels, height, width, depthwise channel counts)``."""
     rng = np.random.default_rng(seed)
     g = G(seed)
     cin = int(rng.choice([3, 8, 16]))
@@ -61,7 +57,7 @@ def test_random_inverted_residual_stacks(compiler, seed):
     batch = "N" if seed % 3 == 0 else (2 if seed % 3 == 1 else 1)
     model = g.model(y, cin, h, w, batch)
     batches = (1, 3) if batch == "N" else (batch,)
-    cm = _run(compiler, model, (1, cin, h, w), batches, AVX2)
+    cm = _check(compiler, model, (1, cin, h, w), target=AVX2, batches=batches)
     rules = cm.info["cpu_schedules"]
     blocked = [c for c in dws if c % 8 == 0]
     if blocked:   # AVX2: a block of 8 channels
@@ -78,7 +74,8 @@ def test_channels_padded_to_whole_blocks(compiler, monkeypatch, seed, pad):
     monkeypatch.setattr(gs, "PAD_CHANNELS", pad)
     g, y, cin, h, w, dws = _stack(seed, expand=(60, 58, 116, 44, 100))
     batch = "N" if seed % 2 else 2
-    cm = _run(compiler, g.model(y, cin, h, w, batch), (1, cin, h, w), (1, 3) if batch == "N" else (2,), AVX2)
+    cm = _check(compiler, g.model(y, cin, h, w, batch), (1, cin, h, w), target=AVX2,
+                batches=(1, 3) if batch == "N" else (2,))
     rules = list(cm.info["cpu_schedules"].values())
     assert rules.count("depthwise_blocked") == (len(dws) if pad else 0), rules
 
@@ -87,7 +84,7 @@ def test_channels_padded_to_whole_blocks(compiler, monkeypatch, seed, pad):
 def test_random_stacks_on_the_host_target(compiler, seed):
     """The host's own target (AVX-512 hosts: a block of 16 channels; 24, 40, 72 stay NCHW there)."""
     g, y, cin, h, w, _ = _stack(seed)
-    _run(compiler, g.model(y, cin, h, w, "N"), (1, cin, h, w), (1, 2), "llvm")
+    _check(compiler, g.model(y, cin, h, w, "N"), (1, cin, h, w), target="llvm", batches=(1, 2))
 
 
 @pytest.mark.parametrize("k,s,hw", [(3, 1, 7), (3, 2, 14), (5, 1, 9), (5, 2, 11), (3, 2, 1), (5, 1, 2), (3, 1, 28)])
@@ -99,7 +96,7 @@ def test_depthwise_blocked_shapes(compiler, k, s, hw, batch):
         g = G(k * 10 + s + hw)
         y = act(g, g.conv("x", 16, 16, k, stride=s, group=16), kind)
         model = g.model(y, 16, hw, hw, batch)
-        cm = _run(compiler, model, (1, 16, hw, hw), (1,) if batch == 1 else (1, 2), AVX2)
+        cm = _check(compiler, model, (1, 16, hw, hw), target=AVX2, batches=(1,) if batch == 1 else (1, 2))
         assert "depthwise_blocked" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
 
 
@@ -120,7 +117,7 @@ def test_blocked_setting_off_keeps_planes(compiler, monkeypatch):
     monkeypatch.setattr(gs, "CHANNEL_BLOCKED", False)
     g = G(4)
     y = act(g, g.conv(act(g, g.conv("x", 8, 16, 1), "relu"), 16, 16, 3, group=16), "relu")
-    cm = _run(compiler, g.model(y, 8, 10, 10, 1), (1, 8, 10, 10), (1,), AVX2)
+    cm = _check(compiler, g.model(y, 8, 10, 10, 1), (1, 8, 10, 10), target=AVX2)
     assert "depthwise_planes" in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
 
 
@@ -202,6 +199,6 @@ def test_operators_outside_the_safe_set_keep_nchw(compiler, split):
     g.inits[-1].raw_data = np.array(split, np.int64).tobytes()
     y = g.op("Concat", [g.op("Relu", [outs[1]]), g.op("Relu", [outs[0]])], axis=1)
     model = g.model(y, 8, 16, 16, "N")
-    cm = _run(compiler, model, (1, 8, 16, 16), (1, 3), AVX2)
+    cm = _check(compiler, model, (1, 8, 16, 16), target=AVX2, batches=(1, 3))
     want = "depthwise_planes" if split == (8, 8) else "depthwise_blocked"
     assert want in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
