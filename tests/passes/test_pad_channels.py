@@ -156,8 +156,7 @@ def test_a_region_reaching_a_concat_is_left():
 def test_a_region_fed_by_a_graph_input_is_left():
     g = _G(1, cin=60, hw=7)
     d = g.conv(g.conv("x", 60, 60), 60, 60, k=3, group=60)
-    _check(g.model([g.conv(g.node("Add", [d, "x"]), 60, 8)]))
-    out, r = run_pass(PadChannelsPass(16), g.model([g.conv(g.node("Add", [d, "x"]), 60, 8)]))
+    _, r = _check(g.model([g.conv(g.node("Add", [d, "x"]), 60, 8)]))
     (e,) = r.entries
     assert e.action == "left" and "'x' is a graph input" in e.reason
 
