@@ -323,6 +323,12 @@ def legalize_conv2d(bb, call):
         wn = np.concatenate([wn, np.zeros((op - o, i, kh, kw), wn.dtype)])
     packed = np.ascontiguousarray(wn.reshape(op // block, block, i, kh, kw).transpose(0, 2, 3, 4, 1))
     wp = relax.const(packed, "float32")
+    pack = _input_pack(i, groups, o)
+    if pack:
+        return bb.call_te(_conv2d_packed_input_te, x, wp, pack=pack, in_block=pack, out_block=0,
+                          strides=_const_int_list(a.strides), padding=_const_int_list(a.padding), out_channels=o,
+                          padded_channels=op, kernel=(kh, kw), out_dtype="float32", block=block, groups=1,
+                          primfunc_name_hint="conv2d_nchw16o")
     return bb.call_te(_conv2d_packed_sliced_te, x, wp, strides=_const_int_list(a.strides),
                       padding=_const_int_list(a.padding), out_channels=o, padded_channels=op, kernel=(kh, kw),
                       out_dtype="float32", block=block, groups=groups, primfunc_name_hint="conv2d_nchw16o")
@@ -491,6 +497,14 @@ CHANNEL_BLOCK = 0
 #: MobileNetV3-Large 6.55 -> 6.59 ms, ShuffleNetV2 4.04 -> 4.40 ms (its 24 and 232 channels then blocked,
 #: with layout copies around its channel shuffles). Off.
 HALF_BLOCKS = False
+#: the vector widths (float32 lanes) of the targets on which networks WITHOUT a depthwise conv get the
+#: layout too (ResNets, RegNets: every one-group conv whose channels a block divides; convs that run
+#: Winograd keep NCHW, :func:`_runs_winograd`). On AVX2 the packed 1x1 convs at 7x7 and 14x14 ran at 22-45
+#: GFLOP/s on NCHW: each input channel's few pixels sit a plane apart, one cache line per channel, where
+#: NCHW8c packs them into whole lines. Measured on AMD EPYC znver3 (AVX2, 1 thread, both builds in one
+#: process): ResNet-50 164 -> 130 ms, RegNetY-400MF 24.8 -> 17.1 ms. Not measured on AVX-512, which keeps
+#: the earlier rule (the layout only for networks with a depthwise conv)
+ALL_NETWORKS_LANES: tuple[int, ...] = (8,)
 #: zero-pad the channels of conv-to-conv regions with a depthwise conv up to a whole block before import
 #: (``bncompile.passes.pad_channels``, as onnxruntime's NCHWc layout does: MobileNetV3's 72 -> 80, 120 ->
 #: 128, 184 -> 192, 200 -> 208 on AVX-512), so those depthwise convs and pools run on blocks too
@@ -556,16 +570,67 @@ def _blocked_layouts(call, blocks) -> dict:
     kernel = f"OIHW{bo}o" if bo else "OIHW"
     if f["groups"] == f["c"] == f["o"] and f["i"] == 1:
         return {"relax.nn.conv2d": [data, kernel, out]} if bi else plain
-    if f["groups"] != 1 or not (bi or bo):
+    if _grouped_in_blocks(f, bi, bo):
+        return {"relax.nn.conv2d": [data, kernel, out]}
+    if f["groups"] != 1 or not (bi or bo) or _runs_winograd(call, f):
         return plain
     return {"relax.nn.conv2d": [data, kernel, out]}
+
+
+#: a grouped conv whose groups of input and output channels are equal and divide the block (RegNet's groups
+#: of 8 channels, on AVX2's blocks of 8) runs on the blocks, each output block reading its own input block
+#: (:func:`_legalize_blocked`), instead of NCHW between layout copies
+GROUPED_BLOCKS = True
+
+
+def _grouped_in_blocks(f: dict, bi: int, bo: int) -> bool:
+    """Whether the grouped conv of facts ``f`` runs on blocks (:data:`GROUPED_BLOCKS`)."""
+    return (GROUPED_BLOCKS and 1 < f["groups"] < f["c"] and f["c"] == f["o"] and bool(bi) and bi == bo
+            and bi % f["i"] == 0)
+
+
+def _runs_winograd(call, f) -> bool:
+    """Whether the NCHW legalization would run this one-group conv through Winograd (:func:`_winograd_plan`):
+    such a conv keeps NCHW (layout copies around it), since on blocks it would run direct (1.3-1.76x slower
+    at 14x14-56x56, see :data:`WINOGRAD_MIN_OUTPUT`)."""
+    a = call.attrs
+    try:
+        pt, pl, pb, pr = (int(p) for p in a.padding)
+        strides = _const_int_list(a.strides)
+        oh = (f["h"] + pt + pb - f["kh"]) // strides[0] + 1
+        ow = (f["w"] + pl + pr - f["kw"]) // strides[1] + 1
+    except Exception:  # noqa: BLE001 - unusual attrs: the direct conv
+        return False
+    return _winograd_plan((f["o"], f["i"], f["kh"], f["kw"]), f["groups"], strides, call.args[0], oh, ow) is not None
+
+
+def _blocked_chain(mod, blocks) -> list:
+    """The one-group convs of ``mod`` that :func:`_blocked_layouts` puts on channel blocks, when at least one
+    of them writes blocks and another reads them (a layout to carry); empty otherwise (a lone conv would only
+    gain a layout copy)."""
+    relax = _tvm().relax
+    convs = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.nn.conv2d":
+            f = _conv_facts(e)
+            if f is not None and f["groups"] == 1 and not _runs_winograd(e, f):
+                convs.append((e, bool(_channel_block(f["c"], blocks)), bool(_channel_block(f["o"], blocks))))
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    reads = [k for k, (_, bi, _) in enumerate(convs) if bi]
+    writes = [k for k, (_, _, bo) in enumerate(convs) if bo]
+    chain = any(r != w for r in reads for w in writes)
+    return [e for e, bi, bo in convs if bi or bo] if chain else []
 
 
 def channel_blocked(mod, target=None):
     """``mod`` with the channel-blocked layout carried between its convs (:data:`CHANNEL_BLOCKED`): TVM's
     ``ConvertLayout`` with :func:`_blocked_layouts`, then ``FoldConstant`` (the weights' layout copies). Only
-    for a module with a depthwise conv that the layout takes and a target with at least 8 float32 lanes;
-    ``mod`` unchanged otherwise."""
+    for a target with at least 8 float32 lanes, and a module with a depthwise conv that the layout takes (on
+    targets of :data:`ALL_NETWORKS_LANES`: any one-group conv it takes); ``mod`` unchanged otherwise."""
     tvm = _tvm()
     relax = tvm.relax
     blocks = layout_blocks(target)
@@ -582,6 +647,8 @@ def channel_blocked(mod, target=None):
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
+    if not found and vector_lanes(target)[0] in ALL_NETWORKS_LANES:
+        found = _blocked_chain(mod, blocks)
     if not found:
         return mod
     try:
@@ -608,7 +675,7 @@ def channel_blocked(mod, target=None):
 BLOCKED_SAFE_OPS = frozenset({
     "relax.nn.conv2d", "relax.layout_transform", "relax.add", "relax.subtract", "relax.multiply",
     "relax.divide", "relax.maximum", "relax.minimum", "relax.nn.relu", "relax.sigmoid", "relax.tanh",
-    "relax.exp", "relax.nn.silu", "relax.mean", "relax.sum", "relax.max"})
+    "relax.exp", "relax.nn.silu", "relax.mean", "relax.sum", "relax.max", "relax.nn.max_pool2d"})
 _SPATIAL_REDUCTIONS = frozenset({"relax.mean", "relax.sum", "relax.max"})
 
 
@@ -686,9 +753,50 @@ def _unpacked_weight(w, kernel_block: int):
 def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
     """:func:`_conv2d_packed_sliced_te` reading an ``NCHW{in_block}c`` input and/or writing
     ``NCHW{out_block}c``."""
+    if in_block and BLOCKED_PAD and any(kw["padding"]):
+        # zero-pad the blocks themselves, so the conv still reads whole lines of B channels per pixel (a pad
+        # of the unblocked view made an NCHW copy, and the conv read planes again)
+        pt, pl, pb, pr = kw["padding"]
+        x = _tvm().topi.nn.pad(x, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], pad_value=0.0, name=PAD_BLOCK)
+        kw = dict(kw, padding=[0, 0, 0, 0])
     xin = unblock_channels(x) if in_block else x
     y = _conv2d_packed_sliced_te(xin, wp, **kw)
     return block_channels(y, out_block) if out_block else y
+
+
+#: a packed conv on an NCHW{B}c input pads the blocked tensor (:func:`_conv2d_blocked_te`) instead of its
+#: unblocked view (an NCHW copy the conv then reads plane by plane). Measured on AMD EPYC znver3 (AVX2, 1
+#: thread, both builds in one process): RegNetY-400MF 15.24 -> 15.02 ms (the noise), ResNet-50 132.9 ->
+#: 142.7 ms (its 3x3 convs at 7x7 and stride 2 slower). Off
+BLOCKED_PAD = False
+
+
+#: the vector widths (float32 lanes) of the targets on which a one-group NCHW conv copies its input into
+#: NCHW{B}c blocks first, inside its function (:func:`_conv2d_packed_input_te`), when B divides the input
+#: channels and the conv has at least PACK_MIN_OUTPUT_CHANNELS outputs (the copy is about 1/O of the conv's
+#: work): the conv then reads whole lines of B channels per pixel and steps through a block at a time
+#: (:data:`UNROLL_INPUT_BLOCK`), as on a carried layout, for convs outside it (ShuffleNet, DenseNet and the
+#: convs next to grouped ones keep NCHW)
+PACK_INPUT_LANES: tuple[int, ...] = (8,)
+PACK_MIN_OUTPUT_CHANNELS = 32
+PACK_IN_BLOCK = "bnc_pack_input"
+
+
+def _input_pack(in_channels: int, groups: int, out_channels: int) -> int:
+    """The block B an NCHW conv packs its input into (:data:`PACK_INPUT_LANES`), 0 for none."""
+    lanes = vector_lanes()[0]
+    if lanes not in PACK_INPUT_LANES or groups != 1 or out_channels < PACK_MIN_OUTPUT_CHANNELS:
+        return 0
+    return lanes if in_channels % lanes == 0 and in_channels > lanes else 0
+
+
+def _conv2d_packed_input_te(x, wp, *, pack: int, **kw):
+    """:func:`_conv2d_blocked_te` on ``x`` (NCHW) copied into ``NCHW{pack}c`` first."""
+    te = _tvm().te
+    n, c, h, w = x.shape
+    xb = te.compute((n, c // pack, h, w, pack), lambda i, cb, y, z, ci: x[i, cb * pack + ci, y, z],
+                    name=PACK_IN_BLOCK)
+    return _conv2d_blocked_te(xb, wp, **kw)
 
 
 def _conv2d_generic_blocked_te(x, w, *, in_block: int, out_block: int, strides, padding, groups: int):
@@ -724,7 +832,11 @@ def _legalize_blocked(bb, call):
         w4 = np.ascontiguousarray(wn.reshape(c // bi, bi, kh, kw).transpose(0, 2, 3, 1))
         return bb.call_te(depthwise_blocked_te, x, relax.const(w4, "float32"), strides=strides,
                           padding=padding, kernel=(kh, kw), primfunc_name_hint="dwconv2d_blocked")
-    if groups != 1 or c != i:
+    if groups > 1 and _grouped_in_blocks({"groups": groups, "c": c, "o": o, "i": i}, bi, bo):
+        # the groups of a block as one group of B channels: a block-diagonal weight (zeros between groups)
+        wn, groups, i = _block_diagonal(wn, bi), c // bi, bi
+        op, tiling = o, conv_tiling(bi, ow, out_height=oh)
+    elif groups != 1 or c != i:
         op, tiling = o, None
     elif bo:    # a blocked output: no zero channels (the block divides them), a tile of whole blocks
         op, tiling = o, conv_tiling(o, ow, out_height=oh)
@@ -739,9 +851,21 @@ def _legalize_blocked(bb, call):
         packed = np.ascontiguousarray(wn.reshape(op // block, block, i, kh, kw).transpose(0, 2, 3, 4, 1))
         return bb.call_te(_conv2d_blocked_te, x, relax.const(packed, "float32"), in_block=bi, out_block=bo,
                           strides=strides, padding=padding, out_channels=o, padded_channels=op, kernel=(kh, kw),
-                          out_dtype="float32", block=block, groups=1, primfunc_name_hint="conv2d_nchw16o")
+                          out_dtype="float32", block=block, groups=groups, primfunc_name_hint="conv2d_nchw16o")
     return bb.call_te(_conv2d_generic_blocked_te, x, relax.const(wn, "float32"), in_block=bi, out_block=bo,
                       strides=strides, padding=padding, groups=groups, primfunc_name_hint="conv2d_blocked")
+
+
+def _block_diagonal(wn, block: int):
+    """An OIHW grouped weight ``[O, I, KH, KW]`` (groups of I channels, I dividing ``block``) as one of
+    groups of ``block`` channels: ``[O, block, KH, KW]``, each output channel's I taps at its group's offset
+    inside the block, zeros elsewhere."""
+    o, i = wn.shape[:2]
+    out = np.zeros((o, block) + wn.shape[2:], wn.dtype)
+    for oc in range(o):
+        start = (oc // i) * i % block          # the group's first input channel, inside its block
+        out[oc, start:start + i] = wn[oc]
+    return out
 
 
 def _conv2d_packed_sliced_te(x, wp, *, out_channels: int, padded_channels: int, **kw):
@@ -965,6 +1089,14 @@ def _packed_block(sch, blk) -> int | None:
     return _static(weights[-1][4]) if weights else None
 
 
+def _input_block(sch, blk) -> int:
+    """The channel block B of the NCHW{B}c input (or its zero-padded copy) a packed conv block reads: the
+    last dim of its first 5-D read when the packed weight (5-D too) follows it; 0 for an NCHW input."""
+    shapes = [getattr(_region_buffer(region), "shape", ()) for region in sch.get(blk).reads]
+    fives = [shape for shape in shapes if len(shape) == 5]
+    return (_static(fives[0][4]) or 0) if len(fives) >= 2 else 0
+
+
 #: the order of the packed conv's parallel loop: ``"auto"`` puts the output rows outside the channel blocks
 #: when the conv reads fewer weight than input elements per sample (:func:`_rows_outer`), True/False always/
 #: never. TVM's pool hands each thread one contiguous range of the fused loop, so rows outside give each
@@ -984,6 +1116,17 @@ ROWS_OUTER: bool | str = "auto"
 #: the network 4.09 -> 4.05 ms, AMD EPYC znver4)
 PAD_IN_ROW_TASKS = True
 PAD_TASK_MAX_CHANNELS = 4
+#: a packed conv that reads an NCHW{B}c input runs its input-channel loop in steps of B, the B channels of
+#: one input block unrolled: each load then sits at a constant offset from the block's base, where the
+#: flat channel loop computed ``rc // B`` and ``rc % B`` into every address (12 integer instructions per
+#: two channels on AVX2, next to 14 FMAs). Measured on AMD EPYC znver3 (AVX2, 1 thread, both builds in one
+#: process): MobileNetV2's pointwise convs at 14x14 and 7x7 0.59-0.98x the time (96 -> 576 at 14x14 481 ->
+#: 339 us, 576 -> 96 537 -> 314), the network 18.7 -> 14.4 ms; MobileNetV3-Large 15.0 -> 12.3, EfficientNet-B0
+#: 21.1 -> 19.6. The step is at most UNROLL_STEP_MAX channels: LLVM spilled accumulators of znver4's code
+#: for a whole 16-channel block (54 stack accesses per 224 FMAs), none for 8 (the assembly read; no
+#: AVX-512 CPU timed it)
+UNROLL_INPUT_BLOCK = True
+UNROLL_STEP_MAX = 8
 
 
 def _rows_outer(sch, blk) -> bool:
@@ -1053,11 +1196,19 @@ def schedule_conv(func, target=None):
             _pad_per_task(sch, blk, fused, vector_lanes(target)[0])
         sch.reverse_compute_at(wb, owo)
         sch.unroll(rx)          # (unrolling ry as well made LLVM spill the accumulators: 4x slower)
+        red = rc
+        step = _input_block(sch, blk) if UNROLL_INPUT_BLOCK else 0
+        while step > UNROLL_STEP_MAX:
+            step //= 2
+        if step and cin is not None and cin % step == 0 and cin >= step:
+            red, rci = sch.split(rc, [None, step])
+            sch.reorder(red, ry, rx, rci)
+            sch.unroll(rci)
         sch.unroll(owi)
         if ohi is not None:
             sch.unroll(ohi)
         sch.vectorize(oci)
-        sch.decompose_reduction(blk, rc)   # last: loop primitives need the reduction block whole
+        sch.decompose_reduction(blk, red)   # last: loop primitives need the reduction block whole
         init = sch.get_sblock(name + "_init")
         il = sch.get_loops(init)
         for lp in il[len(il) - (3 if ohi is not None else 2):-1]:

@@ -202,3 +202,171 @@ def test_operators_outside_the_safe_set_keep_nchw(compiler, split):
     cm = _check(compiler, model, (1, 8, 16, 16), target=AVX2, batches=(1, 3))
     want = "depthwise_planes" if split == (8, 8) else "depthwise_blocked"
     assert want in cm.info["cpu_schedules"].values(), cm.info["cpu_schedules"]
+
+
+# ---------------------------------------------------------------------- networks without depthwise convs
+
+def _residual_stack(seed: int):
+    """A random ResNet/RegNet-shaped stack: a stem conv (stride 1 or 2), maybe a max pool (kernel 2 or 3,
+    stride 1 or 2, pads 0 or 1, floor or ceil mode), then bottleneck blocks: 1x1 -> 3x3 (one group, or
+    groups of 8 channels; stride 1 or 2) -> 1x1 (+ a residual add, or a 1x1 projection shortcut), relu.
+    ``(builder, output, input channels, height, width)``."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    g = G(seed)
+    cin = int(rng.choice([3, 8]))
+    h, w = int(rng.integers(9, 30)), int(rng.integers(9, 30))
+    c = int(rng.choice([16, 24, 32]))
+    x = act(g, g.conv("x", cin, c, 3, stride=int(rng.integers(1, 3))), "relu")
+    if rng.random() < 0.7:
+        k, s = int(rng.choice([2, 3])), int(rng.integers(1, 3))
+        p = int(rng.integers(0, 2)) if k == 3 else 0
+        g.n += 1
+        out = f"maxpool{g.n}"
+        g.nodes.append(helper.make_node("MaxPool", [x], [out], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,
+                                        ceil_mode=int(rng.random() < 0.3)))
+        x = out
+    for _ in range(int(rng.integers(1, 4))):
+        mid = int(rng.choice([16, 24, 32, 40]))
+        s = int(rng.integers(1, 3))
+        grouped = rng.random() < 0.3
+        y = act(g, g.conv(x, c, mid, 1), "relu")
+        y = act(g, g.conv(y, mid, mid, 3, stride=s, group=mid // 8 if grouped else 1), "relu")
+        co = int(rng.choice([c, 32, 48, 64]))
+        y = g.conv(y, mid, co, 1)
+        short = x if (s == 1 and co == c) else g.conv(x, c, co, 1, stride=s)
+        x = act(g, g.op("Add", [y, short]), "relu")
+        c = co
+    return g, x, cin, h, w
+
+
+@pytest.mark.parametrize("seed", range(300, 310))
+def test_residual_stacks_without_depthwise_convs(compiler, seed):
+    """On AVX2 (``ALL_NETWORKS_LANES``) networks with no depthwise conv carry the blocks too: their 1x1 and
+    3x3 convs, residual adds and max pools on NCHW8c, grouped convs and Winograd convs in NCHW between
+    layout copies. Against onnxruntime, static and free batch; on AVX-512 the same graphs keep NCHW."""
+    g, y, cin, h, w = _residual_stack(seed)
+    batch = "N" if seed % 2 else 2
+    model = g.model(y, cin, h, w, batch)
+    cm = _check(compiler, model, (1, cin, h, w), target=AVX2, batches=(1, 3) if batch == "N" else (2,))
+    assert any("layout_transform" in name for name in cm.info["cpu_schedules"]), cm.info["cpu_schedules"]
+    wide = compiler.compile(model, target={"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert not any("layout_transform" in name for name in wide.info["cpu_schedules"]), wide.info["cpu_schedules"]
+
+
+@pytest.mark.parametrize("k,s,p,ceil", [(3, 2, 1, 0), (2, 2, 0, 0), (3, 1, 1, 0), (3, 2, 0, 1), (2, 1, 0, 1), (3, 3, 1, 0)])
+def test_max_pool_on_blocks(compiler, k, s, p, ceil):
+    """A max pool between two blocked convs runs on the blocks (one layout copy, at the graph's output),
+    every window shape against onnxruntime (odd sizes: windows past the border, ceil mode)."""
+    from onnx import helper
+
+    g = G(k * 7 + s + p)
+    x = act(g, g.conv("x", 3, 16, 3, stride=2), "relu")
+    g.nodes.append(helper.make_node("MaxPool", [x], ["mp"], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,
+                                    ceil_mode=ceil))
+    y = act(g, g.conv("mp", 16, 24, 1), "relu")
+    model = g.model(y, 3, 23, 19, "N")
+    cm = _check(compiler, model, (1, 3, 23, 19), target=AVX2, batches=(1, 2))
+    rules = cm.info["cpu_schedules"]
+    assert sum("layout_transform" in n for n in rules) == 1, rules
+    assert "pool_planes" not in rules.values(), rules
+
+
+def test_winograd_convs_keep_nchw(compiler):
+    """A 3x3 stride-1 conv big enough for Winograd keeps NCHW inside a blocked chain (layout copies on both
+    sides) and still runs Winograd; the 1x1 convs around it run on blocks."""
+    g = G(41)
+    y = act(g, g.conv("x", 8, 32, 1), "relu")
+    y = act(g, g.conv(y, 32, 32, 1), "relu")
+    y = act(g, g.conv(y, 32, 32, 3), "relu")
+    y = act(g, g.conv(y, 32, 48, 1), "relu")
+    cm = _check(compiler, g.model(y, 8, 16, 16, 1), (1, 8, 16, 16), target=AVX2)
+    rules = cm.info["cpu_schedules"]
+    assert "conv2d_winograd" in rules.values(), rules
+    assert sum("layout_transform" in n for n in rules) >= 2, rules
+
+
+# ---------------------------------------------------------------------- the input block unrolled
+
+def _broadcast_fma_loops(asm: str) -> list[tuple[int, int]]:
+    """``(FMAs, vector stack accesses)`` of each innermost loop of ``asm`` (AT&T syntax) that multiplies
+    broadcast inputs (a packed conv's; a depthwise conv multiplies vectors) with at least 8 FMAs."""
+    import re
+
+    lines = asm.splitlines()
+    labels = {ln.rstrip(":"): i for i, ln in enumerate(lines) if re.match(r"^\.LBB\w+:", ln)}
+    spans = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"\bj\w+\s+(\.LBB\w+)", ln)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            spans.append((labels[m.group(1)], i))
+    loops = []
+    for a, b in spans:
+        if any(a < c <= b and (c, d) != (a, b) for c, d in spans):
+            continue                                    # an outer loop
+        body = lines[a:b + 1]
+        fmas = sum("vfmadd" in ln for ln in body)
+        if fmas >= 8 and sum("vbroadcastss" in ln for ln in body) >= 4:
+            loops.append((fmas, sum("(%rsp)" in ln and "mm" in ln for ln in body)))
+    return loops
+
+
+@pytest.mark.parametrize("target,lanes", [(AVX2, 8), ({"kind": "llvm", "mcpu": "znver4"}, 16)])
+def test_blocked_input_channels_unrolled_without_spills(compiler, monkeypatch, target, lanes):
+    """A packed conv reading NCHW{B}c steps through its input channels a block (at most
+    ``UNROLL_STEP_MAX``) at a time, unrolled: its FMA loop holds that many channels' FMAs and no vector
+    stack access (on znver4, a whole 16-channel block at a time spilled: 54 stack accesses per 224 FMAs).
+    Compiled only: the assembly is read, nothing runs."""
+    g = G(5)
+    y = act(g, g.conv("x", 16, 64, 1), "relu")
+    y = act(g, g.conv(y, 64, 64, 3, group=64), "relu")
+    y = act(g, g.conv(y, 64, 96, 1), "relu")
+    model = g.model(y, 16, 14, 14, 1)
+
+    def loops(unroll: bool):
+        monkeypatch.setattr(gs, "UNROLL_INPUT_BLOCK", unroll)
+        cm = compiler.compile(model, target=target)
+        return _broadcast_fma_loops(cm._executable.mod.imports[0].inspect_source("s"))
+
+    step = min(lanes, gs.UNROLL_STEP_MAX)
+    on, off = loops(True), loops(False)
+    assert on and all(spills == 0 for _, spills in on), on
+    assert max(f for f, _ in on) >= step * max(f for f, _ in off) // 2, (on, off)
+
+
+@pytest.mark.parametrize("width,stride,k", [(8, 1, 3), (8, 2, 3), (4, 2, 5), (2, 1, 3), (16, 1, 3)])
+def test_grouped_convs_on_blocks(compiler, width, stride, k):
+    """A grouped conv between blocked 1x1 convs (RegNet's bottleneck): groups of ``width`` channels that
+    divide the block (8 on AVX2) run on the blocks with a block-diagonal weight, no layout copy around them;
+    groups of 16 keep NCHW between two copies. Against onnxruntime, static and free batch."""
+    g = G(width * 10 + stride + k)
+    c = 48
+    y = act(g, g.conv("x", 3, 32, 3, stride=2), "relu")
+    y = act(g, g.conv(y, 32, c, 1), "relu")
+    y = act(g, g.conv(y, c, c, k, stride=stride, group=c // width), "relu")
+    y = act(g, g.conv(y, c, 32, 1), "relu")
+    model = g.model(y, 3, 29, 26, "N")
+    cm = _check(compiler, model, (1, 3, 29, 26), target=AVX2, batches=(1, 2))
+    copies = sum("layout_transform" in n for n in cm.info["cpu_schedules"])
+    assert copies == (1 if 8 % width == 0 else 3), cm.info["cpu_schedules"]
+
+
+def test_block_diagonal_weight():
+    from bncompile.lower.graph_schedules import _block_diagonal
+
+    w = np.arange(8 * 2 * 3 * 3, dtype=np.float32).reshape(8, 2, 3, 3) + 1     # 4 groups of 2 channels
+    d = _block_diagonal(w, 4)                                                   # blocks of 4: 2 groups each
+    assert d.shape == (8, 4, 3, 3)
+    for oc in range(8):
+        start = (oc // 2) * 2 % 4
+        np.testing.assert_array_equal(d[oc, start:start + 2], w[oc])
+        assert not np.delete(d[oc], [start, start + 1], axis=0).any()
+
+
+@pytest.mark.parametrize("seed", [301, 304])
+def test_blocked_pad_switch(compiler, monkeypatch, seed):
+    """``BLOCKED_PAD`` (off: measured slower on ResNet-50) pads the blocked tensor itself: still exact."""
+    monkeypatch.setattr(gs, "BLOCKED_PAD", True)
+    g, y, cin, h, w = _residual_stack(seed)
+    _check(compiler, g.model(y, cin, h, w, "N"), (1, cin, h, w), target=AVX2, batches=(1, 2))
