@@ -323,7 +323,7 @@ def legalize_conv2d(bb, call):
         wn = np.concatenate([wn, np.zeros((op - o, i, kh, kw), wn.dtype)])
     packed = np.ascontiguousarray(wn.reshape(op // block, block, i, kh, kw).transpose(0, 2, 3, 4, 1))
     wp = relax.const(packed, "float32")
-    pack = _input_pack(i, groups, o)
+    pack = _input_pack(i, groups, o, _const_int_list(a.padding))
     if pack:
         return bb.call_te(_conv2d_packed_input_te, x, wp, pack=pack, in_block=pack, out_block=0,
                           strides=_const_int_list(a.strides), padding=_const_int_list(a.padding), out_channels=o,
@@ -782,10 +782,12 @@ PACK_MIN_OUTPUT_CHANNELS = 32
 PACK_IN_BLOCK = "bnc_pack_input"
 
 
-def _input_pack(in_channels: int, groups: int, out_channels: int) -> int:
-    """The block B an NCHW conv packs its input into (:data:`PACK_INPUT_LANES`), 0 for none."""
+def _input_pack(in_channels: int, groups: int, out_channels: int, padding) -> int:
+    """The block B an NCHW conv packs its input into (:data:`PACK_INPUT_LANES`), 0 for none. Not for a
+    padded conv unless :data:`BLOCKED_PAD`: the pad of the unblocked view would read the planes again."""
     lanes = vector_lanes()[0]
-    if lanes not in PACK_INPUT_LANES or groups != 1 or out_channels < PACK_MIN_OUTPUT_CHANNELS:
+    if (lanes not in PACK_INPUT_LANES or groups != 1 or out_channels < PACK_MIN_OUTPUT_CHANNELS
+            or (any(padding) and not BLOCKED_PAD)):
         return 0
     return lanes if in_channels % lanes == 0 and in_channels > lanes else 0
 

@@ -370,3 +370,28 @@ def test_blocked_pad_switch(compiler, monkeypatch, seed):
     monkeypatch.setattr(gs, "BLOCKED_PAD", True)
     g, y, cin, h, w = _residual_stack(seed)
     _check(compiler, g.model(y, cin, h, w, "N"), (1, cin, h, w), target=AVX2, batches=(1, 2))
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_nchw_convs_pack_their_input(compiler, monkeypatch, batch):
+    """A DenseNet-shaped graph (a channel Concat keeps it NCHW): on AVX2 its unpadded one-group convs with
+    at least PACK_MIN_OUTPUT_CHANNELS outputs and input channels the block divides copy their input into
+    blocks inside their function; padded ones do not (unless BLOCKED_PAD). Against onnxruntime."""
+    packed = []
+    real = gs._conv2d_packed_input_te
+
+    def spy(x, wp, **kw):
+        packed.append(tuple(int(d) for d in x.shape[1:]))
+        return real(x, wp, **kw)
+
+    monkeypatch.setattr(gs, "_conv2d_packed_input_te", spy)
+    g = G(77)
+    x, c = act(g, g.conv("x", 3, 32, 3, stride=2), "relu"), 32
+    for _ in range(2):                                   # dense blocks: 1x1 -> 3x3 (16), concatenated
+        y = act(g, g.conv(x, c, 64, 1), "relu")
+        y = act(g, g.conv(y, 64, 16, 3), "relu")
+        x, c = g.op("Concat", [x, y], axis=1), c + 16
+    y = act(g, g.conv(x, c, 40, 1), "relu")
+    _check(compiler, g.model(y, 3, 18, 15, batch), (1, 3, 18, 15), target=AVX2,
+           batches=(1,) if batch == 1 else (1, 2))
+    assert sorted(packed) == [(32, 9, 8), (48, 9, 8), (64, 9, 8)], packed
