@@ -244,7 +244,7 @@ def _residual_stack(seed: int):
 @pytest.mark.parametrize("seed", range(300, 310))
 def test_residual_stacks_without_depthwise_convs(compiler, seed):
     """On AVX2 (``ALL_NETWORKS_LANES``) networks with no depthwise conv carry the blocks too: their 1x1 and
-    3x3 convs, residual adds and max pools on NCHW8c, grouped convs and Winograd convs in NCHW between
+    3x3 convs, groups of 8 channels, residual adds and max pools on NCHW8c, Winograd convs in NCHW between
     layout copies. Against onnxruntime, static and free batch; on AVX-512 the same graphs keep NCHW."""
     g, y, cin, h, w = _residual_stack(seed)
     batch = "N" if seed % 2 else 2
