@@ -244,8 +244,8 @@ def _residual_stack(seed: int):
 @pytest.mark.parametrize("seed", range(300, 310))
 def test_residual_stacks_without_depthwise_convs(compiler, seed):
     """On AVX2 (``ALL_NETWORKS_LANES``) networks with no depthwise conv carry the blocks too: their 1x1 and
-    3x3 convs, groups of 8 channels, residual adds and max pools on NCHW8c, Winograd convs in NCHW between
-    layout copies. Against onnxruntime, static and free batch; on AVX-512 the same graphs keep NCHW."""
+    3x3 convs, groups of 8 channels, residual adds, max pools and Winograd convs on NCHW8c, layout copies
+    at the edges. Against onnxruntime, static and free batch; on AVX-512 the same graphs keep NCHW."""
     g, y, cin, h, w = _residual_stack(seed)
     batch = "N" if seed % 2 else 2
     model = g.model(y, cin, h, w, batch)
@@ -255,10 +255,92 @@ def test_residual_stacks_without_depthwise_convs(compiler, seed):
     assert not any("layout_transform" in name for name in wide.info["cpu_schedules"]), wide.info["cpu_schedules"]
 
 
+def _bn(g, x, c):
+    """An inference BatchNormalization over ``c`` channels with random statistics."""
+    r = g.rng
+    return g.op("BatchNormalization", [x, g.c(r.uniform(0.5, 1.5, c)), g.c(r.normal(0, 0.2, c)),
+                                       g.c(r.normal(0, 0.3, c)), g.c(r.uniform(0.5, 2.0, c))], epsilon=1e-5)
+
+
+def _dense_stack(seed: int):
+    """A random DenseNet-shaped stack: a stem conv, maybe a max pool, dense blocks whose layers concatenate
+    every earlier output -> batch norm -> relu -> 1x1 -> relu -> 3x3 (growth 8, 16 or 12: 12 leaves parts
+    the block does not divide), transitions batch norm -> relu -> 1x1 -> average pool 2x2 (or 3x3 / 1,
+    padded, counting the pad), a final batch norm -> relu -> global average pool. ``(builder, output,
+    input channels, height, width, growth)``."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    g = G(seed)
+    cin = int(rng.choice([3, 8]))
+    h, w = int(rng.integers(12, 34)), int(rng.integers(12, 34))
+    growth = int(rng.choice([8, 16, 12]))
+    c = int(rng.choice([16, 24]))
+    x = act(g, g.conv("x", cin, c, 3, stride=int(rng.integers(1, 3))), "relu")
+    if rng.random() < 0.5:
+        x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+    for block in range(int(rng.integers(1, 3))):
+        feats = [x]
+        for _ in range(int(rng.integers(2, 4))):
+            cat = g.op("Concat", feats, axis=1) if len(feats) > 1 else feats[0]
+            y = g.op("Relu", [_bn(g, cat, c)])
+            y = act(g, g.conv(y, c, 2 * growth, 1), "relu")
+            feats.append(g.conv(y, 2 * growth, growth, 3))
+            c += growth
+        x = g.op("Concat", feats, axis=1)
+        if block == 0:
+            co = c // 2 // 8 * 8
+            x = g.conv(g.op("Relu", [_bn(g, x, c)]), c, co, 1)
+            if rng.random() < 0.7:
+                x = g.op("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
+            else:
+                x = g.op("AveragePool", [x], kernel_shape=[3, 3], strides=[1, 1], pads=[1] * 4, count_include_pad=1)
+            c = co
+    x = g.op("Relu", [_bn(g, x, c)])
+    del helper
+    return g, g.op("GlobalAveragePool", [x]), cin, h, w, growth
+
+
+@pytest.mark.parametrize("seed", range(400, 410))
+def test_dense_stacks_on_blocks(compiler, seed):
+    """DenseNet-shaped stacks (``BLOCKED_BATCH_NORM``, concat and average pools on blocks) against
+    onnxruntime, static and free batch: with a growth the block divides they carry NCHW8c on AVX2 (the
+    pools run as bncompile's blocked kernels); with growth 12 only the convs whose channels 8 divides do,
+    concats of parts it does not divide stay NCHW."""
+    g, y, cin, h, w, growth = _dense_stack(seed)
+    batch = "N" if seed % 2 else 2
+    cm = _check(compiler, g.model(y, cin, h, w, batch), (1, cin, h, w), target=AVX2,
+                batches=(1, 3) if batch == "N" else (2,))
+    rules = cm.info["cpu_schedules"]
+    if growth % 8 == 0:
+        assert sum("layout_transform" in n for n in rules) >= 1, rules
+        pools = [r for n, r in rules.items() if "pool2d" in n]
+        assert all(r == "depthwise_blocked" for r in pools), rules
+
+
+@pytest.mark.parametrize("k,s,p,include,ceil", [(2, 2, 0, 0, 0), (3, 1, 1, 1, 0), (3, 2, 1, 1, 0), (3, 2, 1, 0, 0),
+                                                (2, 1, 0, 0, 0), (3, 2, 0, 0, 1)])
+def test_avg_pool_on_blocks(compiler, k, s, p, include, ceil):
+    """An average pool between two blocked convs, odd sizes, against onnxruntime: bncompile's blocked pool
+    where every window is divided by its size (no pad, or the pad counted), TVM's own on the blocks when the
+    pad is not counted or in ceil mode."""
+    g = G(k * 5 + s + p + include)
+    x = act(g, g.conv("x", 3, 16, 3, stride=2), "relu")
+    x = g.op("AveragePool", [x], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, count_include_pad=include,
+             ceil_mode=ceil)
+    y = act(g, g.conv(x, 16, 24, 1), "relu")
+    cm = _check(compiler, g.model(y, 3, 23, 19, "N"), (1, 3, 23, 19), target=AVX2, batches=(1, 2))
+    rules = cm.info["cpu_schedules"]
+    assert sum("layout_transform" in n for n in rules) == 1, rules
+    pools = [r for n, r in rules.items() if "avg_pool2d" in n]
+    assert (pools == ["depthwise_blocked"]) == ((include or not p) and not ceil), rules
+
+
 @pytest.mark.parametrize("k,s,p,ceil", [(3, 2, 1, 0), (2, 2, 0, 0), (3, 1, 1, 0), (3, 2, 0, 1), (2, 1, 0, 1), (3, 3, 1, 0)])
 def test_max_pool_on_blocks(compiler, k, s, p, ceil):
-    """A max pool between two blocked convs runs on the blocks (one layout copy, at the graph's output),
-    every window shape against onnxruntime (odd sizes: windows past the border, ceil mode)."""
+    """A max pool between two blocked convs runs on the blocks (one layout copy, at the graph's output) as
+    bncompile's blocked pool (not TVM's generic one: 10x slower on ResNet's), every window shape against
+    onnxruntime (odd sizes: windows past the border, ceil mode)."""
     from onnx import helper
 
     g = G(k * 7 + s + p)
@@ -271,20 +353,77 @@ def test_max_pool_on_blocks(compiler, k, s, p, ceil):
     rules = cm.info["cpu_schedules"]
     assert sum("layout_transform" in n for n in rules) == 1, rules
     assert "pool_planes" not in rules.values(), rules
+    pools = [r for n, r in rules.items() if "max_pool2d" in n]
+    assert pools == ["depthwise_blocked"], rules
 
 
-def test_winograd_convs_keep_nchw(compiler):
-    """A 3x3 stride-1 conv big enough for Winograd keeps NCHW inside a blocked chain (layout copies on both
-    sides) and still runs Winograd; the 1x1 convs around it run on blocks."""
-    g = G(41)
-    y = act(g, g.conv("x", 8, 32, 1), "relu")
-    y = act(g, g.conv(y, 32, 32, 1), "relu")
-    y = act(g, g.conv(y, 32, 32, 3), "relu")
-    y = act(g, g.conv(y, 32, 48, 1), "relu")
-    cm = _check(compiler, g.model(y, 8, 16, 16, 1), (1, 8, 16, 16), target=AVX2)
+@pytest.mark.parametrize("on_blocks", [True, False])
+@pytest.mark.parametrize("ci,co,h,w,batch", [(32, 32, 16, 16, 1), (16, 24, 14, 15, "N"), (24, 16, 20, 17, 2)])
+def test_winograd_convs_on_blocks(compiler, monkeypatch, on_blocks, ci, co, h, w, batch):
+    """A 3x3 stride-1 conv big enough for Winograd inside a blocked chain still runs Winograd: on the blocks
+    (reading and writing NCHW8c, no layout copy but at the graph's input and output), or with
+    ``WINOGRAD_BLOCKED`` off in NCHW between layout copies. Odd widths (a tile past the last column), free
+    and fixed batch, against onnxruntime."""
+    monkeypatch.setattr(gs, "WINOGRAD_BLOCKED", on_blocks)
+    g = G(41 + h * w)
+    y = act(g, g.conv("x", 8, ci, 1), "relu")
+    y = act(g, g.conv(y, ci, ci, 1), "relu")
+    y = g.op("Add", [act(g, g.conv(y, ci, co, 3), "relu"), g.conv(y, ci, co, 1)])
+    y = act(g, g.conv(y, co, 48, 1), "relu")
+    cm = _check(compiler, g.model(y, 8, h, w, batch), (1, 8, h, w), target=AVX2,
+                batches=(1, 3) if batch == "N" else (batch,))
     rules = cm.info["cpu_schedules"]
     assert "conv2d_winograd" in rules.values(), rules
-    assert sum("layout_transform" in n for n in rules) >= 2, rules
+    copies = sum("layout_transform" in n for n in rules)
+    assert copies == 2 if on_blocks else copies >= 3, rules
+
+
+@pytest.mark.parametrize("stride,h,w,batch", [(2, 14, 14, 1), (2, 15, 9, "N"), (3, 13, 11, 2)])
+def test_strided_pointwise_convs_subsample(compiler, monkeypatch, stride, h, w, batch):
+    """A strided 1x1 conv on blocks (ResNet's projections) copies the pixels it reads, then runs at stride
+    1 (``SUBSAMPLE_STRIDED``): the same result as with the switch off and as onnxruntime's, odd sizes."""
+    results = []
+    for sub in (True, False):
+        monkeypatch.setattr(gs, "SUBSAMPLE_STRIDED", sub)
+        g = G(7 + h)
+        y = act(g, g.conv("x", 16, 32, 1), "relu")
+        wt = g.c(g.rng.standard_normal((40, 32, 1, 1)) * 0.2)
+        y = g.op("Conv", [y, wt], kernel_shape=[1, 1], strides=[stride, stride], pads=[0] * 4)
+        y = act(g, g.conv(y, 40, 24, 1), "relu")
+        cm = _check(compiler, g.model(y, 16, h, w, batch), (1, 16, h, w), target=AVX2,
+                    batches=(1, 3) if batch == "N" else (batch,))
+        assert "layout_transform" in " ".join(cm.info["cpu_schedules"]), cm.info["cpu_schedules"]
+        x = np.random.default_rng(h).standard_normal((batch if batch != "N" else 2, 16, h, w)).astype(np.float32)
+        results.append(cm.run({"x": x})["y"])
+    assert M.rel_err(results[0], results[1]) < TOL
+
+
+def test_subsample_stage():
+    """The strided 1x1 conv's TE: one copy stage of the read pixels, the conv at stride 1 over it; a 3x3
+    strided conv, or a padded one, reads its input in place."""
+    from bncompile.lower.tvm import tvm as _tvm
+
+    te = _tvm().te
+    x = te.placeholder((1, 4, 13, 11, 8), name="x")
+    wp = te.placeholder((5, 32, 1, 1, 8), name="w")
+
+    def stages(kernel, strides, padding):
+        w = wp if kernel == (1, 1) else te.placeholder((5, 32, 3, 3, 8), name="w3")
+        y = gs._conv2d_blocked_te(x, w, in_block=8, out_block=8, strides=strides, padding=padding,
+                                  out_channels=40, padded_channels=40, kernel=kernel, out_dtype="float32", block=8,
+                                  groups=1)
+        seen, todo = set(), [y.op]
+        while todo:
+            op = todo.pop()
+            if op.name not in seen:
+                seen.add(op.name)
+                todo.extend(t.op for t in op.input_tensors)
+        return seen, [int(d) for d in y.shape]
+
+    names, shape = stages((1, 1), [2, 2], [0, 0, 0, 0])
+    assert gs.SUBSAMPLE_BLOCK in names and shape == [1, 5, 7, 6, 8]
+    assert gs.SUBSAMPLE_BLOCK not in stages((3, 3), [2, 2], [1, 1, 1, 1])[0]
+    assert gs.SUBSAMPLE_BLOCK not in stages((1, 1), [1, 1], [0, 0, 0, 0])[0]
 
 
 # ---------------------------------------------------------------------- the input block unrolled
@@ -374,9 +513,11 @@ def test_blocked_pad_switch(compiler, monkeypatch, seed):
 
 @pytest.mark.parametrize("batch", [1, "N"])
 def test_nchw_convs_pack_their_input(compiler, monkeypatch, batch):
-    """A DenseNet-shaped graph (a channel Concat keeps it NCHW): on AVX2 its unpadded one-group convs with
-    at least PACK_MIN_OUTPUT_CHANNELS outputs and input channels the block divides copy their input into
-    blocks inside their function; padded ones do not (unless BLOCKED_PAD). Against onnxruntime."""
+    """A DenseNet-shaped graph kept NCHW (Concat taken off the operators allowed on blocks, as ShuffleNet's
+    channel shuffle keeps it NCHW): on AVX2 its unpadded one-group convs with at least
+    PACK_MIN_OUTPUT_CHANNELS outputs and input channels the block divides copy their input into blocks inside
+    their function; padded ones do not (unless BLOCKED_PAD). Against onnxruntime."""
+    monkeypatch.setattr(gs, "BLOCKED_SAFE_OPS", gs.BLOCKED_SAFE_OPS - {"relax.concat"})
     packed = []
     real = gs._conv2d_packed_input_te
 
@@ -395,3 +536,43 @@ def test_nchw_convs_pack_their_input(compiler, monkeypatch, batch):
     _check(compiler, g.model(y, 3, 18, 15, batch), (1, 3, 18, 15), target=AVX2,
            batches=(1,) if batch == 1 else (1, 2))
     assert sorted(packed) == [(32, 9, 8), (48, 9, 8), (64, 9, 8)], packed
+
+
+@pytest.mark.parametrize("shape,axis,training", [((2, 16, 5, 7), 1, False), ((3, 12), 1, False),
+                                                 ((2, 5, 6, 16), 3, False), ((2, 16, 5, 7), 1, True)])
+def test_batch_norm_as_scale_shift(shape, axis, training):
+    """``_batch_norms_as_scale_shift``: an inference batch norm with constant statistics becomes ``x * s + t``
+    (float64 constants rounded once, broadcast along its axis), the same values as the batch norm formula in
+    float64 on random inputs; one in training mode is left as it is."""
+    from bncompile.lower.tvm import tvm as _tvm
+
+    tvm = _tvm()
+    relax = tvm.relax
+    rng = np.random.default_rng(len(shape) + axis)
+    c = shape[axis]
+    params = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.5, c), rng.uniform(0.2, 2.0, c)]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            bn = bb.emit(relax.op.nn.batch_norm(x, *(relax.const(p.astype(np.float32)) for p in params),
+                                                axis=axis, epsilon=1e-3, training=training))
+            y = bb.emit_output(relax.op.nn.relu(relax.TupleGetItem(bn, 0)))
+        bb.emit_func_output(y)
+    out = gs._batch_norms_as_scale_shift(bb.get())
+    ops = []
+    relax.analysis.post_order_visit(out["main"], lambda e: ops.append(e.op.name) if isinstance(e, relax.Call) else None)
+    if training:
+        assert "relax.nn.batch_norm" in ops, ops
+        return
+    assert "relax.nn.batch_norm" not in ops and "relax.multiply" in ops and "relax.add" in ops, ops
+    ex = tvm.compile(out, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xv = rng.standard_normal(shape).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(xv)).numpy()
+    gamma, beta, mean, var = (p.astype(np.float32).astype(np.float64) for p in params)
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    want = np.maximum((xv - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-3) * gamma.reshape(bshape)
+                      + beta.reshape(bshape), 0)
+    assert M.rel_err(got, want) < 1e-6

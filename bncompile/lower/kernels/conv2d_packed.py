@@ -136,6 +136,8 @@ def _one_phase(xp):
 UNBLOCK_BLOCK = "bnc_unblock"            # NCHW{B}c input read as NCHW (inlined into the conv's reads)
 BLOCK_OUT_BLOCK = "bnc_block_out"        # NCHW output stored as NCHW{B}c (inlined into the write-back)
 DWB_BLOCK = "bnc_dwconv2d_blocked"       # depthwise conv on NCHW{B}c
+POOLB_BLOCK = "bnc_blocked_maxpool2d"    # max pool on NCHW{B}c
+AVGB_BLOCK = "bnc_blocked_avgpool2d"     # average pool on NCHW{B}c
 
 
 def unblock_channels(x):
@@ -159,28 +161,58 @@ def depthwise_blocked_te(x, w, *, strides, padding, kernel: tuple[int, int]):
     """TE: depthwise conv2d on the channel-blocked layout ``NCHW{B}c`` (``x``: ``[N, C/B, H, W, B]``; ``w``:
     ``[C/B, KH, KW, B]``), float32, zero padding read in place (a vector of B channels per input pixel:
     stride S only changes the address, no phase split; the border blended to zero); output ``NCHW{B}c``."""
+    te = _tvm.tvm().te
+    window, out, (ry, rx) = _blocked_window(x, strides, padding, kernel, 0.0)
+    return te.compute(out, lambda i, c, y, z, ci: te.sum(window(i, c, y, z, ci) * w[c, ry, rx, ci], axis=[ry, rx]),
+                      name=DWB_BLOCK)
+
+
+def max_pool_blocked_te(x, *, strides, padding, kernel: tuple[int, int], out_hw: tuple[int, int] | None = None):
+    """TE: max pooling (dilation 1) on ``NCHW{B}c``, as :func:`depthwise_blocked_te` reads its window: a vector
+    of B channels per input pixel, the padding (and, in ceil mode, the windows that run past the plane: give
+    their ``out_hw``) read as the lowest float32; output ``NCHW{B}c``."""
+    tvm = _tvm.tvm()
+    te = tvm.te
+    window, out, (ry, rx) = _blocked_window(x, strides, padding, kernel, tvm.tirx.min_value(x.dtype), out_hw)
+    return te.compute(out, lambda i, c, y, z, ci: te.max(window(i, c, y, z, ci), axis=[ry, rx]), name=POOLB_BLOCK)
+
+
+def avg_pool_blocked_te(x, *, strides, padding, kernel: tuple[int, int]):
+    """TE: average pooling on ``NCHW{B}c`` (floor mode, dilation 1, every window divided by its full size:
+    no padding, or ``count_include_pad``), the window read as :func:`max_pool_blocked_te` reads it, the padding
+    as zeros; output ``NCHW{B}c``."""
+    tvm = _tvm.tvm()
+    te = tvm.te
+    window, out, (ry, rx) = _blocked_window(x, strides, padding, kernel, 0.0)
+    total = te.compute(out, lambda i, c, y, z, ci: te.sum(window(i, c, y, z, ci), axis=[ry, rx]), name=AVGB_BLOCK)
+    inv = tvm.tirx.const(1.0 / (kernel[0] * kernel[1]), x.dtype)
+    return te.compute(out, lambda i, c, y, z, ci: total[i, c, y, z, ci] * inv, name=AVGB_BLOCK + "_scale")
+
+
+def _blocked_window(x, strides, padding, kernel, fill, out_hw=None):
+    """``(window, output shape, (ry, rx))`` of a sliding window over ``NCHW{B}c``: ``window(i, c, y, z, ci)``
+    reads input pixel ``(y * S + ry - top, z * S + rx - left)`` of the block, ``fill`` outside the plane."""
     tvm = _tvm.tvm()
     te, tirx = tvm.te, tvm.tirx
     n, cb, h, wd, b = x.shape
     kh, kw = kernel
     pt, pl, pb, pr = padding
     sh, sw = strides
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (wd + pl + pr - kw) // sw + 1
+    oh, ow = out_hw or ((h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1)
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    zero = tirx.const(0.0, x.dtype)
+    fill = tirx.const(fill, x.dtype) if isinstance(fill, float) else fill
 
-    def body(i, c, y, z, ci):
+    def window(i, c, y, z, ci):
         # the load at the clamped (always in-bounds) pixel, then a Select: LLVM gets one basic block per
-        # tile, reuses a load across the taps that read it and blends the border to zero; if_then_else (a
-        # branch per tap) took 1.36x the time over MobileNetV2's depthwise convs
+        # tile, reuses a load across the taps that read it and blends the border to the fill; if_then_else
+        # (a branch per tap) took 1.36x the time over MobileNetV2's depthwise convs
         yy, zz = y * sh + ry - pt, z * sw + rx - pl
         inside = tirx.all(yy >= 0, yy < h, zz >= 0, zz < wd)
         v = x[i, c, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(zz, wd - 1), 0), ci]
-        return te.sum(tirx.Select(inside, v, zero) * w[c, ry, rx, ci], axis=[ry, rx])
+        return tirx.Select(inside, v, fill)
 
-    return te.compute((n, cb, oh, ow, b), body, name=DWB_BLOCK)
+    return window, (n, cb, oh, ow, b), (ry, rx)
 
 
 DENSE_BLOCK = "bnc_dense_packed"
@@ -225,8 +257,11 @@ def winograd_weight(w, block: int):
     return np.ascontiguousarray(u.astype(np.float32))
 
 
-def conv2d_winograd_te(x, up, *, padding, out_channels: int, block: int, tile: int):
+def conv2d_winograd_te(x, up, *, padding, out_channels: int, block: int, tile: int, in_block: int = 0,
+                       out_block: int = 0):
     """TE: NCHW 3x3 stride-1 conv2d by F(2x2, 3x3) with the weight of :func:`winograd_weight`; output NCHW.
+    With ``in_block`` the input is ``NCHW{in_block}c`` (read through :func:`unblock_channels`), with
+    ``out_block`` the output ``NCHW{out_block}c`` (:func:`block_channels`).
 
     Stages (one block each, named for the schedule rule): the zero-padded input with its columns split by
     parity, ``xs[n, c, j % 2, row, q]`` = padded column ``2q + j % 2`` (so tile ``tx``'s columns ``2tx + j``
@@ -236,6 +271,8 @@ def conv2d_winograd_te(x, up, *, padding, out_channels: int, block: int, tile: i
     output's last row or column (an odd size) reads zeros and its extra outputs are not written."""
     tvm = _tvm.tvm()
     te, tirx = tvm.te, tvm.tirx
+    if in_block:
+        x = unblock_channels(x)
     n, c, h, w = x.shape
     c, h, w = int(c), int(h), int(w)
     pt, pl, pb, pr = (int(v) for v in padding)
@@ -272,9 +309,11 @@ def conv2d_winograd_te(x, up, *, padding, out_channels: int, block: int, tile: i
     def tile_out(b, o, y, z):
         return at(y % 2, lambda a: at(z % 2, lambda bb: m[b, o // block, y // 2, z // 2, a * 4 + bb, o % block]))
 
-    return te.compute((n, out_channels, oh, ow), tile_out, name=WINO_OUTPUT_BLOCK)
+    y = te.compute((n, out_channels, oh, ow), tile_out, name=WINO_OUTPUT_BLOCK)
+    return block_channels(y, out_block) if out_block else y
 
 
 __all__ = ["conv2d_packed_te", "conv2d_winograd_te", "winograd_weight", "winograd_tiles", "depthwise_conv2d_te",
-           "max_pool2d_te", "VEC", "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK", "DW_PAD_BLOCK", "DW_SPLIT_BLOCK",
-           "POOL_BLOCK", "WINO_SPLIT_BLOCK", "WINO_INPUT_BLOCK", "WINO_GEMM_BLOCK", "WINO_OUTPUT_BLOCK"]
+           "max_pool2d_te", "max_pool_blocked_te", "avg_pool_blocked_te", "depthwise_blocked_te", "VEC",
+           "CONV_BLOCK", "PAD_BLOCK", "DW_BLOCK", "DW_PAD_BLOCK", "DW_SPLIT_BLOCK", "POOL_BLOCK", "POOLB_BLOCK",
+           "AVGB_BLOCK", "WINO_SPLIT_BLOCK", "WINO_INPUT_BLOCK", "WINO_GEMM_BLOCK", "WINO_OUTPUT_BLOCK"]
