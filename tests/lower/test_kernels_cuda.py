@@ -7,6 +7,7 @@ pre-compile VerifyMemory check must pass, and nvcc (when on PATH) must turn the 
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -173,3 +174,131 @@ def test_cuda_fast_rules_decline_awkward_channel_counts(cfg, shape):
         assert bname != "bwd_cuda_two_phase"
     else:
         assert name not in ("cuda_blocked", "cuda_two_phase"), name
+
+
+def _kernels(src: str) -> list[str]:
+    """The kernel definitions of a CUDA source, each from its signature to its closing brace."""
+    out = []
+    for m in re.finditer(r'extern "C" __global__ void[^;{]*\{', src):
+        end = src.index("\n}", m.end())
+        out.append(src[m.start():end + 2])
+    return out
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("cfg,shape", [
+    (BatchNormConfig(axis=1), (None, 64, 7, 9)),
+    (BatchNormConfig(axis=1, renorm=True, adjustment="inputs"), (3, 40, 33)),
+    (BatchNormConfig(axis=-1), (None, 5, 7, 30)),
+    (BatchNormConfig(axis=-1, fused=False), (None, 1030)),
+], ids=["nchw", "ncl-renorm-adjust", "nhwc", "nc"])
+def test_cuda_blocked_forward_is_three_kernels_with_register_sums(cfg, shape, monkeypatch):
+    """cuda_blocked's forward: statistics, one per-channel kernel (both combining reductions, merged
+    loops), y. Channels last, each thread's serial block sums accumulate in registers and are stored
+    once; with the two switches off, the previous form (four kernels, sums in their global outputs)."""
+    from bncompile.lower.kernels.schedules import cuda
+
+    def build():
+        spec, (name, sch) = _schedule(cfg, shape)
+        assert name == "cuda_blocked"
+        src = _tvm.cuda_source(_tvm.build(sch.mod, CUDA))
+        check_cuda_source(src)
+        return spec, _kernels(src)
+
+    spec, kernels = build()
+    assert len(kernels) == 3
+    stats = kernels[0]
+    if spec.shape[-1] == 1:                    # channels last: thread-serial sums
+        assert "bsum_v0_local" in stats and "bm2_v0_local" in stats
+        assert not re.search(r"bsum_v0_ptr\[[^\]]+\] = [^;]*bsum_v0_ptr\[", stats)
+    monkeypatch.setattr(cuda, "MERGED_CHANNEL_KERNEL", False)
+    monkeypatch.setattr(cuda, "REGISTER_SUMS", False)
+    monkeypatch.setattr(cuda, "VALUES_PER_THREAD", 0)
+    _, kernels = build()
+    assert len(kernels) == 4
+    assert "_local" not in kernels[0]
+
+
+TUNABLES = [
+    {"MERGED_CHANNEL_KERNEL": False, "REGISTER_SUMS": False, "VALUES_PER_THREAD": 0},
+    {"ROW_UNROLL": 1},
+    {"VALUES_PER_THREAD": 12},
+    {"VALUES_PER_THREAD": 24, "BLOCKED_ROWS": 16},
+    {"BLOCKED_ROWS": 32, "BLOCKED_SAMPLES": 128},
+]
+TUNABLE_IDS = ["previous", "rolled", "threads-12", "threads-24-rows-16", "rows-32-samples-128"]
+TUNED_SHAPES = [
+    (BatchNormConfig(axis=1, renorm=True), (None, 30, 28, 28)),
+    (BatchNormConfig(axis=1), (None, 20, 56, 56)),
+    (BatchNormConfig(axis=-1), (None, 9, 7, 40)),
+    (BatchNormConfig(axis=-1, fused=False), (None, 300)),
+]
+TUNED_IDS = ["nchw-28", "nchw-56", "nhwc", "nc"]
+
+
+@pytest.fixture
+def cuda_tunables(monkeypatch):
+    """Sets cuda_blocked's tunables for one test; the kernel cache is emptied before and after (its key
+    does not hold them)."""
+    from bncompile.lower.kernels import clear_cache
+    from bncompile.lower.kernels.schedules import cuda
+
+    def set_(values):
+        for name, value in values.items():
+            monkeypatch.setattr(cuda, name, value)
+        clear_cache()
+
+    yield set_
+    clear_cache()
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("tunables", TUNABLES, ids=TUNABLE_IDS)
+@pytest.mark.parametrize("cfg,shape", TUNED_SHAPES, ids=TUNED_IDS)
+def test_cuda_blocked_tunables_compile(cfg, shape, tunables, cuda_tunables):
+    """Every form of cuda_blocked's tunables that benchmarks/gpu_check.sh measures compiles to checked
+    CUDA source (and PTX, where nvcc is installed)."""
+    cuda_tunables(tunables)
+    _, (name, sch) = _schedule(cfg, shape)
+    assert name == "cuda_blocked"
+    src = _tvm.cuda_source(_tvm.build(sch.mod, CUDA))
+    check_cuda_source(src)
+    if HAS_NVCC:
+        assert ".target sm_90" in str(_tvm.compile_cuda_source(src, arch="sm_90", fmt="ptx"))
+
+
+@pytest.mark.gpu
+@pytest.mark.tvm
+@needs_gpu
+@pytest.mark.parametrize("tunables", TUNABLES, ids=TUNABLE_IDS)
+@pytest.mark.parametrize("cfg,shape", TUNED_SHAPES, ids=TUNED_IDS)
+def test_cuda_blocked_tunables_numerics(cfg, shape, tunables, cuda_tunables, monkeypatch):
+    """... and gives the float64 reference's results on a GPU, at batches the sample blocks do and do
+    not divide."""
+    from bncompile.reference import batchnorm
+
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    cuda_tunables(tunables)
+    k = compile_batchnorm(cfg, shape, target="cuda")
+    assert k.schedule == "cuda_blocked"
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 16):
+        x = (rng.normal(1e3, 2.0, (n,) + shape[1:])).astype(np.float32)
+        out = k.run({"x": x})
+        ref = batchnorm(cfg, x, None, training=True)
+        np.testing.assert_allclose(out["y"], ref.y, rtol=1e-5, atol=1e-5 * max(1, np.abs(ref.y).max()))
+        for v in cfg.updated_variable_names():
+            r = ref.variables[v]
+            np.testing.assert_allclose(out[v + "_new"], r, rtol=1e-5, atol=1e-5 * max(1, np.abs(r).max()), err_msg=v)
+
+
+def test_statistics_block_threads(monkeypatch):
+    """Channel-first statistics blocks get a power of two of threads, about VALUES_PER_THREAD values
+    each, from a warp to BLOCKED_THREADS; 0 keeps BLOCKED_THREADS."""
+    from bncompile.lower.kernels.schedules import cuda
+
+    monkeypatch.setattr(cuda, "BLOCKED_THREADS", 256)
+    monkeypatch.setattr(cuda, "VALUES_PER_THREAD", 24)
+    assert [cuda._stat_threads(v) for v in (32, 784, 1536, 3136, 12544)] == [32, 32, 64, 128, 256]
+    monkeypatch.setattr(cuda, "VALUES_PER_THREAD", 0)
+    assert cuda._stat_threads(784) == 256

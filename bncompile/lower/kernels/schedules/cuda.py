@@ -62,7 +62,7 @@ def cuda_block_per_channel(spec: KernelSpec, func, *, sms: int = H100_SMS):
 
 
 # cuda_blocked's tunables (measured on an H200: docs/cuda-kernels.md)
-BLOCKED_THREADS = 256        # threads of a channel-first statistics block (one block per sample and channel)
+BLOCKED_THREADS = 256        # most threads of a channel-first statistics block (one block per sample and channel)
 BLOCKED_VALUES = 4096        # channel first: rows of P per statistics block while the block holds at most this
 BLOCKED_ROWS = 64            # channels last: rows of P per statistics block
 BLOCKED_SAMPLES = 32         # channels last with one row per sample ((N, C)): samples per statistics block
@@ -70,6 +70,23 @@ CHANNEL_THREADS = 128        # threads combining one channel's block partials
 CHANNELS_LAST_THREADS = 256  # channels last: threads across the channels of a block (more blocks, fewer serial rows)
 Y_THREADS = 256
 Y_VECTOR = 4                 # float32 values per thread access of the y pass (16-byte loads and stores)
+VALUES_PER_THREAD = 24       # channel first: statistics threads for about this many values each (0: BLOCKED_THREADS)
+REGISTER_SUMS = True         # channels last: a thread's serial sums accumulate in registers, stored once
+ROW_UNROLL = 8               # ... their rows unrolled by (an exact divisor up to) this many
+MERGED_CHANNEL_KERNEL = True  # the two combining reductions share one kernel (Schedule.merge)
+
+
+def _stat_threads(values: int) -> int:
+    """Threads of a channel-first statistics block of ``values`` values: BLOCKED_THREADS, or with
+    VALUES_PER_THREAD set the largest power of two (32 to BLOCKED_THREADS) giving each about that many:
+    a block's two cross-thread reductions cost the same whatever its size, so small planes (28x28: 784
+    values) spend most of their time in them with 256 threads."""
+    if not VALUES_PER_THREAD:
+        return BLOCKED_THREADS
+    t = 32
+    while t * 2 <= BLOCKED_THREADS and t * 2 * VALUES_PER_THREAD <= values:
+        t *= 2
+    return t
 
 
 def _thread_split(sch, loop, threads: int):
@@ -197,6 +214,34 @@ def cuda_blocked(spec: KernelSpec, func):
         return None
 
 
+def _sums_in_registers(sch, block, thread_loop) -> None:
+    """The thread-serial reduction ``block`` (under ``thread_loop``, its rows serial below it) accumulates
+    in local (register) copies of its outputs, each written back once under ``thread_loop``: without
+    this its running sums live in their global output, a load and a store per row (read in the source
+    the H200 ran), and each row's load waits on the last row's store. The rows are then unrolled by up
+    to :data:`ROW_UNROLL` (exactly: TVM 0.27 loses an uneven split's predicate under some primitives),
+    so that many loads are in flight."""
+    blk = sch.get_sblock(block) if isinstance(block, str) else block
+    for k in range(len(sch.get(blk).writes)):
+        wb = sch.cache_write(blk, k, "local")
+        # the first write-back lands at the root, a later one beside the earlier (under thread_loop)
+        if not any(sch.get_sref(lp).same_as(sch.get_sref(thread_loop)) for lp in sch.get_loops(wb)):
+            sch.reverse_compute_at(wb, thread_loop, preserve_unit_loops=True)
+    loops = sch.get_loops(blk)
+    at = [i for i, lp in enumerate(loops) if sch.get_sref(lp).same_as(sch.get_sref(thread_loop))]
+    rows = loops[at[0] + 1:] if at else []
+    if ROW_UNROLL > 1 and rows:
+        r = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        try:
+            ext = int(sch.get(r).extent)
+        except TypeError:
+            return
+        u = _divisor(ext, ROW_UNROLL)
+        if u > 1:
+            _, ri = sch.split(r, [None, u])
+            sch.unroll(ri)
+
+
 def _cuda_blocked(spec: KernelSpec, func):
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
@@ -207,19 +252,24 @@ def _cuda_blocked(spec: KernelSpec, func):
     # (1) the block statistics
     loops = sch.get_loops("bsum")                        # c, n, pb, j | [ri], bi, bq
     if channels_last:
-        # all channels in one block up to 1024 (else exact stripes of up to 512), the rows rolled: on an
-        # H200 the (65536, 1024) forward took 0.41 ms this way, 4.2 ms with 256-channel stripes and the
-        # rows unrolled
+        # all channels in one block up to 1024 (else exact stripes of up to 512): on an H200 the
+        # (65536, 1024) forward took 0.41 ms this way, 4.2 ms with 256-channel stripes (both with the
+        # sums in memory)
         co, ci = sch.split(loops[0], [None, _forward_stripe(C)])     # exact: blocks move under it
         sch.reorder(loops[1], loops[2], loops[3], co, ci)
         bx = sch.fuse(loops[1], loops[2], loops[3], co)
         sch.bind(bx, "blockIdx.x")
         sch.bind(ci, "threadIdx.x")                      # a thread's sums are its own: no sharing
+        if REGISTER_SUMS:
+            _sums_in_registers(sch, "bsum", ci)
         sch.reverse_compute_at(sch.get_sblock("bm2"), bx, preserve_unit_loops=True)
         blk = sch.get(sch.get_sblock("bm2"))
         nsp = sum(1 for iv in blk.iter_vars if int(iv.iter_type) == 0)
         bl = sch.get_loops("bm2")[1:]
-        sch.bind(sch.fuse(*bl[:nsp]), "threadIdx.x")
+        tx = sch.fuse(*bl[:nsp])
+        sch.bind(tx, "threadIdx.x")
+        if REGISTER_SUMS:
+            _sums_in_registers(sch, "bm2", tx)
     else:
         # the channel on blockIdx.y, (sample, row block, lane) on blockIdx.x: decoding a fused index
         # whose extent holds the symbolic batch would divide by it for every element (measured on an
@@ -227,18 +277,20 @@ def _cuda_blocked(spec: KernelSpec, func):
         sch.bind(loops[0], "blockIdx.y")
         bx = sch.fuse(*loops[1:4])
         sch.bind(bx, "blockIdx.x")
-        _thread_split(sch, sch.fuse(*loops[4:]), BLOCKED_THREADS)     # cross-thread (warp shuffles)
+        threads = _stat_threads(spec.stat_block * Q)
+        _thread_split(sch, sch.fuse(*loops[4:]), threads)     # cross-thread (warp shuffles)
         # the block sum is read by every thread of the block (bm2): shared, with a global copy for (2)
         _shared_for_kernel(sch, ["bsum"], bx, ["sum", "sqsum"])
         sch.reverse_compute_at(sch.get_sblock("bm2"), bx, preserve_unit_loops=True)
         blk = sch.get(sch.get_sblock("bm2"))
         nsp = sum(1 for iv in blk.iter_vars if int(iv.iter_type) == 0)
         bl = sch.get_loops("bm2")[1:]
-        _thread_split(sch, sch.fuse(*bl[nsp:]), BLOCKED_THREADS)
-    # (2) per channel: the two combining reductions each own a kernel of one thread block per channel
-    # (cross-thread over the block partials), with every per-channel value their producers allow
+        _thread_split(sch, sch.fuse(*bl[nsp:]), threads)
+    # (2) per channel: one kernel of a thread block per channel (cross-thread over the block partials)
+    # for both combining reductions and every per-channel value
     per_channel_kernels(sch, ["sum", "sqsum"],
-                        [n for n in names if n not in ("bsum", "bm2", "sum", "sqsum", "y") and "_global" not in n], C)
+                        [n for n in names if n not in ("bsum", "bm2", "sum", "sqsum", "y") and "_global" not in n], C,
+                        merge=MERGED_CHANNEL_KERNEL)
     # (3) y
     vec = Y_VECTOR if (C if channels_last else Q) % Y_VECTOR == 0 and spec.dtype == "float32" else 1
     elementwise_kernel(sch, "y", vec)
@@ -271,7 +323,10 @@ def partial_sums(sch, block: str, C: int, P: int, channels_last: bool) -> None:
         sch.reorder(k, co, ci, bi, q)
         sch.bind(sch.fuse(k, co), "blockIdx.x")
         sch.bind(ci, "threadIdx.x")
-        _unroll_static(sch, bi)
+        if REGISTER_SUMS:
+            _sums_in_registers(sch, rf, ci)
+        else:
+            _unroll_static(sch, bi)
     else:
         rf = sch.rfactor(n, factor_axis=1)
         c, n, p, q = sch.get_loops(rf)
@@ -280,19 +335,19 @@ def partial_sums(sch, block: str, C: int, P: int, channels_last: bool) -> None:
         _thread_split(sch, sch.fuse(p, q), CUDA_THREADS)     # cross-thread reduction (warp shuffles)
 
 
-def per_channel_kernels(sch, owners: list[str], blocks: list[str], C: int, threads: int = CHANNEL_THREADS) -> None:
+def per_channel_kernels(sch, owners: list[str], blocks: list[str], C: int, threads: int = CHANNEL_THREADS,
+                        *, merge: bool = False) -> None:
     """Per-channel kernels: each block of ``owners`` (a reduction with loops c, then the reduced ones)
     becomes a kernel of one thread block per channel, reduced across ``threads`` threads; every block of
     ``blocks`` (per-channel values) goes under the first owner whose kernel holds all its producers, else
     is a kernel of its own over the channels. In an owner's kernel every intermediate lives in shared
-    memory (the scalar blocks run on every thread; :func:`_shared_for_kernel`)."""
-    members = {}
-    for b in owners:
-        loops = sch.get_loops(b)
-        sch.bind(loops[0], "blockIdx.x")
-        red = loops[1:]
-        _thread_split(sch, sch.fuse(*red) if len(red) > 1 else red[0], threads)
-        members[b] = [b]
+    memory (the scalar blocks run on every thread; :func:`_shared_for_kernel`).
+
+    ``merge``: the owners' channel loops (siblings of one extent, in dataflow order) become one loop
+    (``Schedule.merge``), so the owners and everything under them are one kernel: one launch instead of
+    one per owner. ``reverse_compute_at`` cannot do this: it moves a block under a loop only with all its
+    producers, and each owner reads the statistics kernel's partials."""
+    members = {b: [b] for b in owners}
     for b in blocks:
         for owner in owners:
             try:
@@ -305,10 +360,19 @@ def per_channel_kernels(sch, owners: list[str], blocks: list[str], C: int, threa
                 continue
         else:
             _bind_elementwise(sch, b, min(CUDA_THREADS, 32 * -(-C // 32)))
+    if merge and len(owners) > 1:
+        groups = {owners[0]: [b for o in owners for b in members[o]]}
+        sch.merge(*[sch.get_loops(o)[0] for o in owners])
+    else:
+        groups = members
+    for owner in groups:
+        sch.bind(sch.get_loops(owner)[0], "blockIdx.x")
+    for b in owners:
+        red = sch.get_loops(b)[1:]
+        _thread_split(sch, sch.fuse(*red) if len(red) > 1 else red[0], threads)
     everything = _blocks(sch)
-    for owner in owners:
-        _shared_for_kernel(sch, members[owner], sch.get_loops(owner)[0],
-                           [b for b in everything if b not in members[owner]])
+    for owner, group in groups.items():
+        _shared_for_kernel(sch, group, sch.get_loops(owner)[0], [b for b in everything if b not in group])
 
 
 def elementwise_kernel(sch, block: str, vector: int) -> None:
