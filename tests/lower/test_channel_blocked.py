@@ -579,3 +579,44 @@ def test_batch_norm_as_scale_shift(shape, axis, training):
     want = np.maximum((xv - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-3) * gamma.reshape(bshape)
                       + beta.reshape(bshape), 0)
     assert M.rel_err(got, want) < 1e-6
+
+
+def test_three_vector_block_tiling():
+    """On AVX2 a blocked-output conv whose channels two registers do not divide (24, 72, 120) takes a
+    block of three registers and 4 pixels (12 accumulators) where the width (or width x rows) allows;
+    not without ``odd`` (the NCHW and Winograd paths), not with 16 or 48 channels, not on AVX-512."""
+    from bncompile.lower.tvm import tvm as _tvm
+
+    tvm = _tvm()
+    avx2, avx512 = tvm.target.Target(AVX2), tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert gs.conv_tiling(24, 56, avx2, out_height=56, odd=True) == (24, 4, 1)
+    assert gs.conv_tiling(72, 28, avx2, out_height=28, odd=True) == (24, 4, 1)
+    assert gs.conv_tiling(120, 14, avx2, out_height=14, odd=True) == (24, 2, 2)
+    assert gs.conv_tiling(24, 7, avx2, out_height=7, odd=True) == (8, 7, 1)       # 24 x 1 is fewer lanes
+    assert gs.conv_tiling(24, 56, avx2, out_height=56)[0] == 8
+    assert gs.conv_tiling(48, 56, avx2, out_height=56, odd=True)[0] == 16
+    assert gs.conv_tiling(24, 56, avx512, out_height=56, odd=True)[0] != 48
+    assert gs.conv_tiling(24, 56, avx2, out_height=56, block=24) == (24, 4, 1)   # the schedule re-derives it
+
+
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("co,h,w,stride", [(24, 28, 28, 1), (72, 14, 12, 1), (24, 9, 7, 1), (120, 15, 13, 2)])
+def test_three_vector_blocks(compiler, monkeypatch, on, co, h, w, stride):
+    """Blocked convs to 24, 72 and 120 channels (three-register blocks on AVX2, ``THREE_VECTOR_BLOCKS``;
+    widths 4 divides and does not) between depthwise convs, with a residual add and a clip epilogue, give
+    onnxruntime's result with the switch on and off, static and free batch; on, the FMA loops of the
+    12-accumulator tile touch no stack slot (no spill). The assembly is read on AVX2 whatever the host."""
+    monkeypatch.setattr(gs, "THREE_VECTOR_BLOCKS", on)
+    g = G(co + h + stride)
+    y = act(g, g.conv("x", 3, 32, 3, stride=stride), "relu")
+    y = act(g, g.conv(y, 32, 32, 3, group=32), "relu")
+    y = g.conv(y, 32, co, 1)
+    z = act(g, g.conv(y, co, co, 3, group=co), "relu")
+    z = act(g, g.conv(z, co, co, 1), "clip")
+    y = g.op("Add", [y, z])
+    y = act(g, g.conv(y, co, co, 3, group=co), "relu")
+    model = g.model(y, 3, h * stride, w * stride, "N")
+    cm = _check(compiler, model, (1, 3, h * stride, w * stride), target=AVX2, batches=(1, 2))
+    if on and w % 4 == 0:
+        loops = _broadcast_fma_loops(cm._executable.mod.imports[0].inspect_source("s"))
+        assert any(f >= 12 for f, _ in loops) and all(s == 0 for _, s in loops), loops
