@@ -118,7 +118,9 @@ log = logging.getLogger(__name__)
 OP_PATTERN_OPAQUE = 8
 #: most accumulator vectors of a conv register tile, by register count. Measured on AVX2 (16 ymm): 10
 #: (16 channels x 5) is the best, 12 already spills (16 x 6: 0.85x of 16 x 5; 8 x 12 worse). The 32-register
-#: value (AVX-512, NEON) leaves room for the weight vectors and a broadcast; it was not measured.
+#: value (AVX-512, NEON) leaves room for the weight vectors and a broadcast; it was not measured. A block of
+#: three registers x 4 pixels (:data:`THREE_VECTOR_BLOCKS`) is the measured exception: 12 accumulators, no
+#: spill (its test reads the assembly).
 ACC_CAP = {16: 10, 32: 14}
 #: A blocked-output conv whose output channels two vector registers do not divide (24, 72, 120 on AVX2:
 #: MobileNetV2/V3's narrow layers) may take a block of three registers with a tile of 4 pixels (12
@@ -249,7 +251,7 @@ def conv_tiling(out_channels: int, out_width: int | None, target=None,
     best = None
     blocks = [(lanes * 2, 2), (lanes, 1)] + ([(lanes // 2, 1)] if lanes // 2 >= 4 else [])
     want = block
-    if THREE_VECTOR_BLOCKS and regs == 16 and (want == lanes * 3 or (odd and out_channels % (lanes * 2))):
+    if THREE_VECTOR_BLOCKS and (lanes, regs) == (8, 16) and (want == lanes * 3 or (odd and out_channels % (lanes * 2))):
         blocks.insert(0, (lanes * 3, 3))
     for block, nv in blocks:
         if out_channels % block or (want is not None and block != want):

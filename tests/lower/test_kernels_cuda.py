@@ -302,3 +302,20 @@ def test_statistics_block_threads(monkeypatch):
     assert [cuda._stat_threads(v) for v in (32, 784, 1536, 3136, 12544)] == [32, 32, 64, 128, 256]
     monkeypatch.setattr(cuda, "VALUES_PER_THREAD", 0)
     assert cuda._stat_threads(784) == 256
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("shape", [(None, 5, 7, 30), (None, 2, 64, 48), (None, 300)], ids=["nhwc", "nhwc-rows", "nc"])
+def test_cuda_two_phase_channels_last_sums_in_registers(shape):
+    """The forward's two-phase rule, forced on channels-last layouts (it serves them when cuda_blocked
+    declines): its partial sums are thread-serial, in registers (``REGISTER_SUMS``), and the source
+    passes the shared-memory checks (and nvcc, where installed)."""
+    cfg = BatchNormConfig(axis=-1)
+    spec = make_spec(cfg, shape)
+    name, sch = schedule(spec, prim_func(spec), target=CUDA, rule="cuda_two_phase")
+    assert name == "cuda_two_phase"
+    src = _tvm.cuda_source(_tvm.build(sch.mod, CUDA))
+    check_cuda_source(src)
+    assert "_local_ptr" in src
+    if HAS_NVCC:
+        assert ".target sm_90" in str(_tvm.compile_cuda_source(src, arch="sm_90", fmt="ptx"))

@@ -348,6 +348,7 @@ def per_channel_kernels(sch, owners: list[str], blocks: list[str], C: int, threa
     one per owner. ``reverse_compute_at`` cannot do this: it moves a block under a loop only with all its
     producers, and each owner reads the statistics kernel's partials."""
     members = {b: [b] for b in owners}
+    alone = []          # blocks no owner's kernel holds: kernels of their own
     for b in blocks:
         for owner in owners:
             try:
@@ -360,7 +361,10 @@ def per_channel_kernels(sch, owners: list[str], blocks: list[str], C: int, threa
                 continue
         else:
             _bind_elementwise(sch, b, min(CUDA_THREADS, 32 * -(-C // 32)))
-    if merge and len(owners) > 1:
+            alone.append(b)
+    # merge puts the joined loop where the last owner's was, checking no dependence: a kernel of its own
+    # between the owners that reads the first would then run before it, so none may exist
+    if merge and len(owners) > 1 and not alone:
         groups = {owners[0]: [b for o in owners for b in members[o]]}
         sch.merge(*[sch.get_loops(o)[0] for o in owners])
     else:
