@@ -76,14 +76,19 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
 Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name (a hypervisor
 may hide AVX-512 from a CPU LLVM names as an AVX-512 one). On AVX2 the channel block is 16 (two ymm) or 8
 and at most 10 accumulators are used: 16 x 4 for widths 112/56/28, 16 x (2 x 2) for 14x14, 8 x 7 for 7x7
-(12 accumulators already spill, see :data:`ACC_CAP`). Zero-pad blocks left at the root are decomposed into
+(12 accumulators already spill, see :data:`ACC_CAP`). 1x1 stride-1 convs on planes of 24-196 pixels between
+channel-blocked tensors instead run over the flattened plane, 16 channels x 6 pixels (12 accumulators, no
+spill: :data:`FLAT_PIXEL_TILES`). Zero-pad blocks left at the root are decomposed into
 zeros plus an in-bounds copy (:func:`_decompose_root_pads`); a packed conv's costly epilogue (a sigmoid)
 runs on channel vectors before the NCHW store (:func:`_epilogue_on_channel_vectors`).
 
-Splits are only ever even (divisible) ones: TVM can drop the ``T.where`` predicate of an uneven split after
+Splits are even (divisible) ones, but for one predicate on an OUTPUT store (below): TVM can drop the ``T.where`` predicate of an uneven split after
 ``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error. (The one predicate
 left is the channel slice of a zero-padded conv moved into the conv's tile, :func:`_slice_in_tile`: it is
-made by that ``reverse_compute_at`` itself, and the tests run it at batch 1 and 3.)
+made by that ``reverse_compute_at`` itself, and the tests run it at batch 1 and 3.) The one uneven split is
+:func:`_schedule_flat_conv`'s, of the OUTPUT store's flattened plane and padded channel blocks: the conv is
+moved under it (``compute_at``) and computes whole tiles of a plane rounded up (reads clamped in bounds), so
+the predicate only skips stores; tested at batch 1 and 3.
 
 Thread-pool launches. Each parallel loop of a function is a launch of TVM's pool (hand the tasks to the
 workers, wait for all of them): a few microseconds with the workers spinning, a scheduler time slice when a
@@ -920,6 +925,80 @@ def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
     return block_channels(y, out_block) if out_block else y
 
 
+
+#: 1x1 stride-1 convs on small planes (at most :data:`FLAT_MAX_PIXELS` output pixels) between NCHW{B}c
+#: tensors run over the FLATTENED plane (:func:`_conv2d_flat_te`, :func:`_schedule_flat_conv`): a register
+#: tile of 16 channels (two AVX2 registers) x 6 consecutive pixels of the ``H * W`` row, 12 accumulators as
+#: MLAS has, where the 2-D tile of :func:`conv_tiling` must divide the width: 7 (prime) left it 8 channels x
+#: 7 pixels (7 accumulators: below the 8 FMAs two pipes keep in flight), 14 x 14 16 x (2 x 2). The plane is
+#: computed rounded up to whole tiles (the last tile's extra pixels read the last pixel again: in bounds)
+#: and the store skips them; the conv is computed under the output's tile (``compute_at``), so that skip is
+#: the output's own predicate and the reduction has none. Output channels padded to 16 (zero weights; RegNet's
+#: 440 -> 448), the store skipping the pad. Measured alone on AMD EPYC znver3 (AVX2, 1 thread, add + relu
+#: epilogue, one process, alternating): 7x7 440 -> 440 285 -> 238 us (0.83), 512 -> 2048 0.86, 2048 -> 512
+#: 0.86, 160 -> 960 0.85, 960 -> 160 0.83; 14x14 208 -> 208 0.95. An 8-channel x 12-pixel tile was slower
+#: (1.15: LLVM spills); a predicate on the reduction's own split, left to TVM's loop partitioning, spilled
+#: or branched per pixel at 14x14. AVX2 only (AVX-512's 32 registers not measured).
+FLAT_PIXEL_TILES = True
+FLAT_MAX_PIXELS = 196
+FLAT_TILE = 6
+#: the fewest tiles of a flattened plane: below, the rounded-up tail is a large share (a squeeze-excitation
+#: conv on a 1x1 plane computed 6 pixels for 1)
+FLAT_MIN_TILES = 4
+FLAT_OUT_BLOCK = "bnc_flat_out"
+
+
+def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, groups: int, in_block: int,
+              out_block: int, target=None) -> tuple[int, int, int] | None:
+    """``(channel block, computed output channels, pixel tile)`` of :data:`FLAT_PIXEL_TILES` for a conv, or
+    None where it does not apply (not 1x1 / stride 1 / unpadded / one group, not NCHW{B}c on both sides,
+    a larger plane or one of fewer than :data:`FLAT_MIN_TILES` tiles, not AVX2, more than
+    :data:`WHOLE_REGISTER_WASTE` zero channels, or a 2-D tile with as many accumulated lanes per computed
+    pixel, the rounded-up tail counted)."""
+    if not FLAT_PIXEL_TILES or not in_block or not out_block or groups != 1:
+        return None
+    if tuple(kernel) != (1, 1) or tuple(strides) != (1, 1) or any(padding):
+        return None
+    lanes, regs = vector_lanes(target)
+    if (lanes, regs) != (8, 16) or oh * ow > FLAT_MAX_PIXELS:
+        return None
+    block = 2 * lanes
+    if block % out_block:
+        return None
+    op = -(-out_channels // block) * block
+    if op - out_channels > WHOLE_REGISTER_WASTE * op:
+        return None
+    pixels = oh * ow
+    if pixels < FLAT_MIN_TILES * FLAT_TILE:
+        return None
+    rounded = -(-pixels // FLAT_TILE) * FLAT_TILE
+    cur = conv_tiling(out_channels, ow, target, out_height=oh, odd=True)
+    if cur is not None and cur[0] * cur[1] * cur[2] * rounded >= block * FLAT_TILE * pixels:
+        return None
+    return block, op, FLAT_TILE
+
+
+def _conv2d_flat_te(x, wp, *, out_block: int, out_channels: int, padded_channels: int, block: int, tile: int):
+    """TE of :data:`FLAT_PIXEL_TILES`: the 1x1 conv of NCHW{B}c ``x`` over its plane flattened and rounded up
+    to whole tiles of ``tile`` pixels (the extra pixels read the last one), ``padded_channels`` computed;
+    then NCHW{out_block}c of the first ``out_channels`` (:data:`FLAT_OUT_BLOCK`)."""
+    tvm = _tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n, cb, h, w, b = x.shape
+    h, w = int(h), int(w)
+    pixels = h * w
+    rounded = -(-pixels // tile) * tile
+
+    def flat(i, c, _y, z):
+        q = tirx.min(z, pixels - 1)
+        return x[i, c // b, q // w, q % w, c % b]
+
+    xf = te.compute((n, cb * b, 1, rounded), flat, name=UNBLOCK_BLOCK)
+    acc = conv2d_packed_te(xf, wp, strides=[1, 1], padding=[0, 0, 0, 0], out_channels=padded_channels,
+                           kernel=(1, 1), out_dtype="float32", block=block)
+    return te.compute((n, out_channels // out_block, h, w, out_block),
+                      lambda i, c, y, z, ci: acc[i, c * out_block + ci, 0, y * w + z], name=FLAT_OUT_BLOCK)
+
 #: a grouped conv on NCHW{B}c (:func:`_grouped_in_blocks`) reads its zero padding in place, a load at the
 #: clamped pixel blended to zero (:func:`_conv2d_blocked_te`), instead of an NCHW copy of the padded
 #: unblocked view: at stride 2 that copy was as large as the input and the conv did a quarter of the work
@@ -1020,6 +1099,14 @@ def _legalize_blocked(bb, call):
         op, tiling = o, conv_tiling(bi, ow, out_height=oh)
     elif groups != 1 or c != i:
         op, tiling = o, None
+    elif bo and (flat := flat_plan(o, oh, ow, kernel=(kh, kw), strides=strides, padding=padding, groups=groups,
+                                   in_block=bi, out_block=bo)):
+        block, op, tile = flat
+        if op != o:
+            wn = np.concatenate([wn, np.zeros((op - o, i, kh, kw), wn.dtype)])
+        packed = np.ascontiguousarray(wn.reshape(op // block, block, i, kh, kw).transpose(0, 2, 3, 4, 1))
+        return bb.call_te(_conv2d_flat_te, x, relax.const(packed, "float32"), out_block=bo, out_channels=o,
+                          padded_channels=op, block=block, tile=tile, primfunc_name_hint="conv2d_flat16o")
     elif bo:    # a blocked output: no zero channels (the block divides them), a tile of whole blocks
         op, tiling = o, conv_tiling(o, ow, out_height=oh, odd=True)
         if tiling is not None and tiling[0] % bo:
@@ -1338,6 +1425,8 @@ def schedule_conv(func, target=None):
         return None
     for ub in _block_named(sch, UNBLOCK_BLOCK):     # an NCHW{B}c input: the conv reads the blocks directly
         sch.compute_inline(ub)
+    if _block_named(sch, FLAT_OUT_BLOCK):
+        return _schedule_flat_conv(sch, convs, target)
     for name in [sch.get(b).name_hint for b in convs]:
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
@@ -1416,6 +1505,78 @@ def schedule_conv(func, target=None):
         _slice_in_tile(sch, wb, owo, T)
     _decompose_root_pads(sch)
     _schedule_leftovers(sch, vector_lanes(target)[0])   # the pad, element-wise blocks not inlined
+    return sch
+
+
+def _schedule_flat_conv(sch, convs, target):
+    """:data:`FLAT_PIXEL_TILES`: every block after the conv inlined into the function's output (the
+    epilogue), whose plane is flattened (``transform_block_layout``) and tiled: parallel over batch x
+    16-channel blocks, then tiles of :data:`FLAT_TILE` pixels; under each tile the conv (``compute_at``)
+    into a local channels-last accumulator, the input channels outside the register tile (unrolled by the
+    input block), the store of 6 x 2 vectors with the epilogue. None when a block does not inline."""
+    if len(convs) != 1:
+        return None
+    conv = convs[0]
+    lanes = vector_lanes(target)[0]
+    work = _loop_work(sch, sch.get_loops(conv))
+    for blk in _all_blocks(sch):
+        if sch.get(blk).same_as(sch.get(conv)) or not sch.get_consumers(blk):
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception as err:  # noqa: BLE001 - TVM raises ScheduleError subclasses
+            log.debug("flat conv: %s does not inline: %s", sch.get(blk).name_hint, err)
+            return None
+    sinks = [b for b in _all_blocks(sch) if not sch.get(b).same_as(sch.get(conv))]
+    if len(sinks) != 1 or len(sch.get_loops(sinks[0])) != 5:
+        return None
+    sink = sinks[0]
+    block = _packed_block(sch, conv)
+    acc_shape = [_static(d) for d in _region_buffer(sch.get(conv).writes[0]).shape]
+    n_, cb_, h_, w_, bo = (_static(sch.get(lp).extent) for lp in sch.get_loops(sink))
+    if block is None or None in (cb_, h_, w_, bo) or block % bo or None in acc_shape[1:]:
+        return None
+    tile = next((t for t in (FLAT_TILE,) if acc_shape[3] % t == 0), None)
+    if tile is None:
+        return None
+    width = w_
+    sch.transform_block_layout(sink, lambda b, c, y, z, ci: (b, c, y * width + z, ci))
+    n, cb, px, ci = sch.get_loops(sink)
+    cbo, cbi = sch.split(cb, [None, block // bo])
+    po, pi = sch.split(px, [None, tile])
+    sch.reorder(n, cbo, po, pi, cbi, ci)
+    fused = sch.fuse(n, cbo)
+    if parallel_worth(work, lanes):
+        sch.parallel(fused)
+    sch.compute_at(conv, po)
+    sch.set_scope(conv, 0, "local")
+    sch.transform_layout(conv, ("write", 0), lambda b, o, y, z: (b, y, z, o))
+    loops = sch.get_loops(conv)
+    depth = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(po)))
+    inner = [lp for lp in loops[depth + 1:] if _static(sch.get(lp).extent) != 1]
+    if [_static(sch.get(lp).extent) for lp in inner[:2]] != [block, tile] or len(inner) != 3:
+        return None
+    oc, pix, rc = inner
+    sch.reorder(rc, pix, oc)
+    red = rc
+    cin = _static(sch.get(rc).extent)
+    step = _input_block(sch, conv) if UNROLL_INPUT_BLOCK else 0
+    while step > UNROLL_STEP_MAX:
+        step //= 2
+    if step and cin is not None and cin % step == 0 and cin >= step:
+        red, rci = sch.split(rc, [None, step])
+        sch.unroll(rci)
+    sch.unroll(pix)
+    sch.vectorize(oc)
+    name = sch.get(conv).name_hint
+    sch.decompose_reduction(conv, red)
+    init = sch.get_sblock(name + "_init")
+    il = sch.get_loops(init)
+    sch.unroll(il[-2])
+    sch.vectorize(il[-1])
+    sch.unroll(pi)
+    sch.unroll(cbi)
+    sch.vectorize(ci)
     return sch
 
 

@@ -621,3 +621,99 @@ def test_three_vector_blocks(compiler, monkeypatch, on, co, h, w, stride):
     if on and w % 4 == 0:
         loops = _broadcast_fma_loops(cm._executable.mod.imports[0].inspect_source("s"))
         assert any(f >= 12 for f, _ in loops) and all(s == 0 for _, s in loops), loops
+
+
+def test_flat_plan():
+    """Which convs run over the flattened plane (``FLAT_PIXEL_TILES``): 1x1, stride 1, unpadded, one group,
+    NCHW{B}c on both sides, at most ``FLAT_MAX_PIXELS`` output pixels, AVX2, at most 1/8 zero channels, and
+    at least ``FLAT_MIN_TILES`` tiles, and only where the 2-D tile has fewer accumulated lanes than 16 x 6 per
+    computed pixel (the rounded-up tail counted)."""
+    from bncompile.lower.tvm import tvm as _tvm
+
+    tvm = _tvm()
+    avx2, avx512 = tvm.target.Target(AVX2), tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    kw = dict(kernel=(1, 1), strides=(1, 1), padding=(0, 0, 0, 0), groups=1, in_block=8, out_block=8)
+
+    def plan(o, oh, ow, target=avx2, **over):
+        return gs.flat_plan(o, oh, ow, **dict(kw, **over), target=target)
+
+    assert plan(440, 7, 7) == (16, 448, 6)            # RegNet's 440: 8 zero channels
+    assert plan(2048, 7, 7) == (16, 2048, 6)
+    assert plan(208, 14, 14) == (16, 208, 6)          # 16 x (2 x 2) before
+    assert plan(960, 7, 7, out_block=16) == (16, 960, 6)
+    assert plan(104, 28, 28) is None                  # a larger plane
+    assert plan(40, 7, 7) is None                     # 8 zero channels of 48
+    assert plan(120, 14, 14) is None                  # three registers x (2 x 2) is as many lanes
+    assert plan(960, 1, 1) is None                    # a squeeze-excitation conv: 6 pixels computed for 1
+    assert plan(64, 3, 3) is None                     # fewer than FLAT_MIN_TILES tiles
+    assert plan(64, 5, 5) is None                     # 16 x 5 has as many lanes per computed pixel
+    assert plan(64, 7, 7, target=avx512) is None
+    assert plan(64, 7, 7, kernel=(3, 3)) is None
+    assert plan(64, 7, 7, strides=(2, 2)) is None
+    assert plan(64, 7, 7, padding=(1, 1, 1, 1)) is None
+    assert plan(64, 7, 7, groups=2) is None
+    assert plan(64, 7, 7, in_block=0) is None
+    assert plan(64, 7, 7, out_block=0) is None
+
+
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("ci,co,h,w,kind", [(32, 440, 7, 7, "relu"), (48, 48, 7, 7, "clip"), (24, 56, 5, 5, "silu"), (16, 64, 1, 1, "sigmoid"),
+                                            (16, 208, 14, 14, "hardswish"), (32, 96, 3, 3, "sigmoid"),
+                                            (16, 16, 9, 11, "relu")])
+def test_flat_pixel_tiles(compiler, monkeypatch, on, ci, co, h, w, kind):
+    """1x1 convs on small planes between depthwise convs (NCHW{B}c both sides), run over the flattened plane
+    in tiles of 6 pixels (``FLAT_PIXEL_TILES``: planes of 9, 25, 49, 99 and 196 pixels, none a multiple of
+    6 but 196's neighbours; 440 and 56 channels padded to 16), with a bias, an activation epilogue and a
+    residual add where the channels allow: onnxruntime's result with the switch on and off, static and free
+    batch (1 and 3). On: the function is scheduled by the packed-conv rule, and its FMA loop keeps the 12
+    accumulators in registers (no stack access), read from the AVX2 assembly whatever the host."""
+    monkeypatch.setattr(gs, "FLAT_PIXEL_TILES", on)
+    g = G(ci + co + h)
+    y = act(g, g.conv("x", 3, ci, 3), "relu")
+    y = act(g, g.conv(y, ci, ci, 3, group=ci), "relu")
+    y = act(g, g.conv(y, ci, co, 1), kind)
+    if co == ci:
+        y = g.op("Add", [y, act(g, g.conv(y, co, co, 1), "relu")])
+    y = act(g, g.conv(y, co, co, 3, group=co), "relu")
+    model = g.model(y, 3, h, w, "N")
+    cm = _check(compiler, model, (1, 3, h, w), target=AVX2, batches=(1, 3))
+    flat = {name: rule for name, rule in cm.info["cpu_schedules"].items() if "flat" in name}
+    if not on:
+        assert not flat
+        return
+    expect = gs.flat_plan(co, h, w, kernel=(1, 1), strides=(1, 1), padding=(0, 0, 0, 0), groups=1, in_block=8,
+                          out_block=8, target=_tvm_target(AVX2))
+    if expect is None:
+        assert not flat
+        return
+    assert flat and set(flat.values()) == {"conv2d_nchw16o"}, cm.info["cpu_schedules"]
+    loops = _broadcast_fma_loops(_functions_asm(cm._executable.mod.imports[0].inspect_source("s"), "flat16o"))
+    assert any(f >= 12 for f, _ in loops) and all(s == 0 for _, s in loops), loops
+
+
+def _functions_asm(asm: str, part: str) -> str:
+    """The assembly of the functions whose symbol contains ``part`` (each from its label to its
+    ``.Lfunc_end``) and of the parallel-loop bodies they launch (``.L__tvm_parallel_lambda...``)."""
+    import re
+
+    sections, name, cur = {}, None, []
+    for line in asm.splitlines():
+        label = re.match(r"^([A-Za-z_.][\w.$]*):", line)
+        if label and (not label.group(1).startswith(".L") or "parallel_lambda" in label.group(1)):
+            name, cur = label.group(1), []
+            sections[name] = cur
+        if name is not None:
+            cur.append(line)
+        if line.startswith(".Lfunc_end"):
+            name = None
+    keep = [k for k in sections if part in k]
+    lambdas = {m for k in keep for m in re.findall(r"\.L__tvm_parallel_lambda[\w.]*", "\n".join(sections[k]))}
+    keep += [k for k in sections if k in lambdas]
+    assert keep, f"no function named like {part!r} in the assembly"
+    return "\n".join(line for k in keep for line in sections[k])
+
+
+def _tvm_target(spec):
+    from bncompile.lower.tvm import tvm as _tvm
+
+    return _tvm().target.Target(spec)

@@ -607,4 +607,10 @@ def test_epilogues_inlined_into_the_write_back(blocked, monkeypatch):
         if "conv" not in name:
             continue
         left = set(re.findall(r'T\.sblock\("(\w+)"', text)) - {"root"}
+        if "flat16o" in name:
+            # FLAT_PIXEL_TILES: the conv is computed under the output's tile, and the epilogue is inlined
+            # forward into that one output store (it keeps TVM's name): one block besides the conv's two
+            stores = {b for b in left if not b.startswith("bnc_")}
+            assert len(stores) == 1 and len(left) == 3 and text.count("T.parallel(") <= 1, (name, rule, left)
+            continue
         assert all(b.startswith("bnc_") for b in left), (name, rule, left)
