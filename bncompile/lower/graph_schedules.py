@@ -938,10 +938,18 @@ def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
 #: epilogue, one process, alternating): 7x7 440 -> 440 285 -> 238 us (0.83), 512 -> 2048 0.86, 2048 -> 512
 #: 0.86, 160 -> 960 0.85, 960 -> 160 0.83; 14x14 208 -> 208 0.95. An 8-channel x 12-pixel tile was slower
 #: (1.15: LLVM spills); a predicate on the reduction's own split, left to TVM's loop partitioning, spilled
-#: or branched per pixel at 14x14. AVX2 only (AVX-512's 32 registers not measured).
+#: or branched per pixel at 14x14. AVX2 only (AVX-512's 32 registers not measured). Whole networks, 1 thread,
+#: both builds in one process: RegNetY-400MF 1.04 -> 1.01 of onnxruntime (a second run 18.0 -> 16.7 ms),
+#: MobileNetV2 1.06 -> 1.02, ResNet-50 0.99 -> 0.97, EfficientNet-B0 1.04 -> 1.02; 2 threads (TVM only):
+#: RegNetY 8.14 -> 7.60 ms, MobileNetV2 6.41 -> 5.96. Planes up to 28x28 (784 pixels: RegNet's 104-channel
+#: 1x1 convs 1162 -> 1079 us summed) were a wash for the network: RegNetY 1 thread -2%, 2 threads +1.7%.
 FLAT_PIXEL_TILES = True
 FLAT_MAX_PIXELS = 196
 FLAT_TILE = 6
+#: the fewest parallel tasks of a flattened conv: with fewer 16-channel blocks (RegNet's 104 channels at
+#: 28x28: 7) the plane is cut into as many chunks of whole tiles as make up this many (7 tasks on 2 threads
+#: left one idle an eighth of the time)
+FLAT_MIN_TASKS = 8
 #: the fewest tiles of a flattened plane: below, the rounded-up tail is a large share (a squeeze-excitation
 #: conv on a 1x1 plane computed 6 pixels for 1)
 FLAT_MIN_TILES = 4
@@ -971,11 +979,21 @@ def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, 
     pixels = oh * ow
     if pixels < FLAT_MIN_TILES * FLAT_TILE:
         return None
-    rounded = -(-pixels // FLAT_TILE) * FLAT_TILE
+    chunks = flat_chunks(op // block, pixels)
+    rounded = -(-pixels // (FLAT_TILE * chunks)) * FLAT_TILE * chunks
     cur = conv_tiling(out_channels, ow, target, out_height=oh, odd=True)
     if cur is not None and cur[0] * cur[1] * cur[2] * rounded >= block * FLAT_TILE * pixels:
         return None
     return block, op, FLAT_TILE
+
+
+def flat_chunks(blocks: int, pixels: int) -> int:
+    """Into how many chunks (of whole tiles) a flattened conv's plane is cut for its parallel loop: enough
+    for :data:`FLAT_MIN_TASKS` tasks with ``blocks`` channel blocks, each chunk at least
+    :data:`FLAT_MIN_TILES` tiles."""
+    want = -(-FLAT_MIN_TASKS // max(blocks, 1))
+    most = max(1, pixels // (FLAT_TILE * FLAT_MIN_TILES))
+    return max(1, min(want, most))
 
 
 def _conv2d_flat_te(x, wp, *, out_block: int, out_channels: int, padded_channels: int, block: int, tile: int):
@@ -987,7 +1005,8 @@ def _conv2d_flat_te(x, wp, *, out_block: int, out_channels: int, padded_channels
     n, cb, h, w, b = x.shape
     h, w = int(h), int(w)
     pixels = h * w
-    rounded = -(-pixels // tile) * tile
+    step = tile * flat_chunks(padded_channels // block, pixels)
+    rounded = -(-pixels // step) * step
 
     def flat(i, c, _y, z):
         q = tirx.min(z, pixels - 1)
@@ -1511,7 +1530,7 @@ def schedule_conv(func, target=None):
 def _schedule_flat_conv(sch, convs, target):
     """:data:`FLAT_PIXEL_TILES`: every block after the conv inlined into the function's output (the
     epilogue), whose plane is flattened (``transform_block_layout``) and tiled: parallel over batch x
-    16-channel blocks, then tiles of :data:`FLAT_TILE` pixels; under each tile the conv (``compute_at``)
+    16-channel blocks x chunks of the plane (:func:`flat_chunks`), then tiles of :data:`FLAT_TILE` pixels; under each tile the conv (``compute_at``)
     into a local channels-last accumulator, the input channels outside the register tile (unrolled by the
     input block), the store of 6 x 2 vectors with the epilogue. None when a block does not inline."""
     if len(convs) != 1:
@@ -1539,13 +1558,16 @@ def _schedule_flat_conv(sch, convs, target):
     tile = next((t for t in (FLAT_TILE,) if acc_shape[3] % t == 0), None)
     if tile is None:
         return None
+    chunks = flat_chunks(acc_shape[1] // block, h_ * w_)
+    if acc_shape[3] % (tile * chunks):
+        return None
     width = w_
     sch.transform_block_layout(sink, lambda b, c, y, z, ci: (b, c, y * width + z, ci))
     n, cb, px, ci = sch.get_loops(sink)
     cbo, cbi = sch.split(cb, [None, block // bo])
-    po, pi = sch.split(px, [None, tile])
-    sch.reorder(n, cbo, po, pi, cbi, ci)
-    fused = sch.fuse(n, cbo)
+    pc, po, pi = sch.split(px, [chunks, acc_shape[3] // (tile * chunks), tile])
+    sch.reorder(n, cbo, pc, po, pi, cbi, ci)
+    fused = sch.fuse(n, cbo, pc)
     if parallel_worth(work, lanes):
         sch.parallel(fused)
     sch.compute_at(conv, po)

@@ -623,7 +623,7 @@ def test_three_vector_blocks(compiler, monkeypatch, on, co, h, w, stride):
         assert any(f >= 12 for f, _ in loops) and all(s == 0 for _, s in loops), loops
 
 
-def test_flat_plan():
+def test_flat_plan(monkeypatch):
     """Which convs run over the flattened plane (``FLAT_PIXEL_TILES``): 1x1, stride 1, unpadded, one group,
     NCHW{B}c on both sides, at most ``FLAT_MAX_PIXELS`` output pixels, AVX2, at most 1/8 zero channels, and
     at least ``FLAT_MIN_TILES`` tiles, and only where the 2-D tile has fewer accumulated lanes than 16 x 6 per
@@ -641,7 +641,7 @@ def test_flat_plan():
     assert plan(2048, 7, 7) == (16, 2048, 6)
     assert plan(208, 14, 14) == (16, 208, 6)          # 16 x (2 x 2) before
     assert plan(960, 7, 7, out_block=16) == (16, 960, 6)
-    assert plan(104, 28, 28) is None                  # a larger plane
+    assert plan(104, 28, 28) is None                  # above FLAT_MAX_PIXELS
     assert plan(40, 7, 7) is None                     # 8 zero channels of 48
     assert plan(120, 14, 14) is None                  # three registers x (2 x 2) is as many lanes
     assert plan(960, 1, 1) is None                    # a squeeze-excitation conv: 6 pixels computed for 1
@@ -654,20 +654,30 @@ def test_flat_plan():
     assert plan(64, 7, 7, groups=2) is None
     assert plan(64, 7, 7, in_block=0) is None
     assert plan(64, 7, 7, out_block=0) is None
+    monkeypatch.setattr(gs, "FLAT_MAX_PIXELS", 784)
+    assert plan(104, 28, 28) == (16, 112, 6)          # 7 blocks: the plane in 2 chunks (flat_chunks)
+    assert plan(104, 56, 56) is None
+    assert gs.flat_chunks(28, 49) == 1
+    assert gs.flat_chunks(7, 784) == 2
+    assert gs.flat_chunks(2, 400) == 4
+    assert gs.flat_chunks(1, 49) == 2                  # each chunk at least FLAT_MIN_TILES tiles
 
 
 @pytest.mark.parametrize("on", [True, False])
 @pytest.mark.parametrize("ci,co,h,w,kind", [(32, 440, 7, 7, "relu"), (48, 48, 7, 7, "clip"), (24, 56, 5, 5, "silu"), (16, 64, 1, 1, "sigmoid"),
                                             (16, 208, 14, 14, "hardswish"), (32, 96, 3, 3, "sigmoid"),
-                                            (16, 16, 9, 11, "relu")])
+                                            (16, 16, 9, 11, "relu"),
+                                            (32, 104, 28, 28, "relu"), (16, 32, 20, 20, "clip")])
 def test_flat_pixel_tiles(compiler, monkeypatch, on, ci, co, h, w, kind):
     """1x1 convs on small planes between depthwise convs (NCHW{B}c both sides), run over the flattened plane
-    in tiles of 6 pixels (``FLAT_PIXEL_TILES``: planes of 9, 25, 49, 99 and 196 pixels, none a multiple of
-    6 but 196's neighbours; 440 and 56 channels padded to 16), with a bias, an activation epilogue and a
+    in tiles of 6 pixels (``FLAT_PIXEL_TILES``: planes of 1 to 784 pixels, most not a multiple of 6; 440, 56
+    and 104 channels padded to 16; 28x28 and 20x20 in chunks of the plane, with ``FLAT_MAX_PIXELS`` raised
+    to 784 for them), with a bias, an activation epilogue and a
     residual add where the channels allow: onnxruntime's result with the switch on and off, static and free
     batch (1 and 3). On: the function is scheduled by the packed-conv rule, and its FMA loop keeps the 12
     accumulators in registers (no stack access), read from the AVX2 assembly whatever the host."""
     monkeypatch.setattr(gs, "FLAT_PIXEL_TILES", on)
+    monkeypatch.setattr(gs, "FLAT_MAX_PIXELS", 784)
     g = G(ci + co + h)
     y = act(g, g.conv("x", 3, ci, 3), "relu")
     y = act(g, g.conv(y, ci, ci, 3, group=ci), "relu")
