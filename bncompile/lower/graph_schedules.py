@@ -51,7 +51,10 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
      products stay in L2 (:func:`winograd_chunk_rows`), the products as the packed conv's register tile;
    * :func:`schedule_conv`: the packed conv. Register tile of B channels (vectorized) x a width tile x a row
      tile, the reduction loops outside it, a local channels-last accumulator, the fused epilogue inlined into
-     the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized;
+     the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized. A
+     flattened-plane conv (:data:`FLAT_PIXEL_TILES`) instead from its output: the epilogue inlined into the
+     output store, parallel over batch x 16-channel blocks x chunks of the plane, the conv computed under
+     each 6-pixel tile of the store (:func:`_schedule_flat_conv`);
    * :func:`schedule_depthwise_blocked` (``depthwise_blocked``): parallel over batch x channel blocks x
      row tiles, a register tile of rows x pixels of B-channel vectors, window unrolled;
    * :func:`schedule_depthwise` (``depthwise_planes``; ``pool_planes`` for the max pool): parallel over
@@ -75,20 +78,23 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
 
 Tile sizes come from the TARGET's features (:func:`vector_lanes`), not from the CPU's name (a hypervisor
 may hide AVX-512 from a CPU LLVM names as an AVX-512 one). On AVX2 the channel block is 16 (two ymm) or 8
-and at most 10 accumulators are used: 16 x 4 for widths 112/56/28, 16 x (2 x 2) for 14x14, 8 x 7 for 7x7
-(12 accumulators already spill, see :data:`ACC_CAP`). 1x1 stride-1 convs on planes of 24-196 pixels between
-channel-blocked tensors instead run over the flattened plane, 16 channels x 6 pixels (12 accumulators, no
-spill: :data:`FLAT_PIXEL_TILES`). Zero-pad blocks left at the root are decomposed into
+and the 2-D tiles use at most 10 accumulators: 16 x 4 for widths 112/56/28, 16 x (2 x 2) for 14x14, 8 x 7
+for 7x7 (12 already spilled there, see :data:`ACC_CAP`). Two exceptions hold 12 without a spill (tests read
+the assembly): three-register blocks x 4 pixels (:data:`THREE_VECTOR_BLOCKS`), and 1x1 stride-1 convs
+between channel-blocked tensors on planes of 24-196 pixels where it beats the 2-D tile (:func:`flat_plan`),
+run over the flattened plane, 16 channels x 6 pixels (:data:`FLAT_PIXEL_TILES`). Zero-pad blocks left at the
+root are decomposed into
 zeros plus an in-bounds copy (:func:`_decompose_root_pads`); a packed conv's costly epilogue (a sigmoid)
 runs on channel vectors before the NCHW store (:func:`_epilogue_on_channel_vectors`).
 
-Splits are even (divisible) ones, but for one predicate on an OUTPUT store (below): TVM can drop the ``T.where`` predicate of an uneven split after
-``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error. (The one predicate
-left is the channel slice of a zero-padded conv moved into the conv's tile, :func:`_slice_in_tile`: it is
-made by that ``reverse_compute_at`` itself, and the tests run it at batch 1 and 3.) The one uneven split is
-:func:`_schedule_flat_conv`'s, of the OUTPUT store's flattened plane and padded channel blocks: the conv is
-moved under it (``compute_at``) and computes whole tiles of a plane rounded up (reads clamped in bounds), so
-the predicate only skips stores; tested at batch 1 and 3.
+Splits of a computed block are even (divisible) ones: TVM can drop the ``T.where`` predicate of an uneven
+split after ``compute_at`` moves (see docs/tvm-0.27.md), which reads out of bounds without an error. Two
+predicates exist, both on stores: the channel slice of a zero-padded conv moved into the conv's tile
+(:func:`_slice_in_tile`: made by that ``reverse_compute_at`` itself), and :func:`_schedule_flat_conv`'s
+uneven splits of the OUTPUT store (its flattened plane and its 16-channel blocks of padded channels): the
+conv is moved under the store's tile (``compute_at`` sizes it from the loop ranges, not the predicate) and
+computes whole tiles of a plane rounded up, reads clamped in bounds, so the predicate only skips stores.
+Both are tested at batch 1 and 3.
 
 Thread-pool launches. Each parallel loop of a function is a launch of TVM's pool (hand the tasks to the
 workers, wait for all of them): a few microseconds with the workers spinning, a scheduler time slice when a
@@ -122,10 +128,11 @@ log = logging.getLogger(__name__)
 
 OP_PATTERN_OPAQUE = 8
 #: most accumulator vectors of a conv register tile, by register count. Measured on AVX2 (16 ymm): 10
-#: (16 channels x 5) is the best, 12 already spills (16 x 6: 0.85x of 16 x 5; 8 x 12 worse). The 32-register
-#: value (AVX-512, NEON) leaves room for the weight vectors and a broadcast; it was not measured. A block of
-#: three registers x 4 pixels (:data:`THREE_VECTOR_BLOCKS`) is the measured exception: 12 accumulators, no
-#: spill (its test reads the assembly).
+#: (16 channels x 5) is the best, 12 already spills in the 2-D tile (16 x 6: 0.85x of 16 x 5; 8 x 12 worse).
+#: The 32-register value (AVX-512, NEON) leaves room for the weight vectors and a broadcast; it was not
+#: measured. The measured exceptions, 12 accumulators without a spill (their tests read the assembly): a block
+#: of three registers x 4 pixels (:data:`THREE_VECTOR_BLOCKS`), and 16 x 6 over a flattened plane
+#: (:data:`FLAT_PIXEL_TILES`, where the conv is computed under its output's tile).
 ACC_CAP = {16: 10, 32: 14}
 #: A blocked-output conv whose output channels two vector registers do not divide (24, 72, 120 on AVX2:
 #: MobileNetV2/V3's narrow layers) may take a block of three registers with a tile of 4 pixels (12
@@ -960,7 +967,8 @@ def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, 
               out_block: int, target=None) -> tuple[int, int, int] | None:
     """``(channel block, computed output channels, pixel tile)`` of :data:`FLAT_PIXEL_TILES` for a conv, or
     None where it does not apply (not 1x1 / stride 1 / unpadded / one group, not NCHW{B}c on both sides,
-    a larger plane or one of fewer than :data:`FLAT_MIN_TILES` tiles, not AVX2, more than
+    a larger plane or one of fewer than :data:`FLAT_MIN_TILES` tiles, a target other than 8 lanes x 16
+    registers (AVX/AVX2), 16 channels not a multiple of the output block, more than
     :data:`WHOLE_REGISTER_WASTE` zero channels, or a 2-D tile with as many accumulated lanes per computed
     pixel, the rounded-up tail counted)."""
     if not FLAT_PIXEL_TILES or not in_block or not out_block or groups != 1:
@@ -988,12 +996,14 @@ def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, 
 
 
 def flat_chunks(blocks: int, pixels: int) -> int:
-    """Into how many chunks (of whole tiles) a flattened conv's plane is cut for its parallel loop: enough
-    for :data:`FLAT_MIN_TASKS` tasks with ``blocks`` channel blocks, each chunk at least
-    :data:`FLAT_MIN_TILES` tiles."""
+    """Into how many chunks (of whole tiles) a flattened conv's plane is cut for its parallel loop: the most
+    up to enough for :data:`FLAT_MIN_TASKS` tasks with ``blocks`` channel blocks, each chunk at least
+    :data:`FLAT_MIN_TILES` tiles, whose rounding of the tile count up to a multiple adds at most an eighth of
+    it (whole tiles computed for nothing; 1 chunk always qualifies)."""
+    tiles = -(-pixels // FLAT_TILE)
     want = -(-FLAT_MIN_TASKS // max(blocks, 1))
-    most = max(1, pixels // (FLAT_TILE * FLAT_MIN_TILES))
-    return max(1, min(want, most))
+    most = max(1, min(want, pixels // (FLAT_TILE * FLAT_MIN_TILES)))
+    return max(c for c in range(1, most + 1) if -(-tiles // c) * c - tiles <= tiles // 8)
 
 
 def _conv2d_flat_te(x, wp, *, out_block: int, out_channels: int, padded_channels: int, block: int, tile: int):
@@ -1012,6 +1022,7 @@ def _conv2d_flat_te(x, wp, *, out_block: int, out_channels: int, padded_channels
         q = tirx.min(z, pixels - 1)
         return x[i, c // b, q // w, q % w, c % b]
 
+    # named as the unblocking view, so that schedule_conv inlines it into the conv's reads like that one
     xf = te.compute((n, cb * b, 1, rounded), flat, name=UNBLOCK_BLOCK)
     acc = conv2d_packed_te(xf, wp, strides=[1, 1], padding=[0, 0, 0, 0], out_channels=padded_channels,
                            kernel=(1, 1), out_dtype="float32", block=block)
@@ -1437,7 +1448,8 @@ def schedule_conv(func, target=None):
     rows, see :func:`conv_tiling`), the reduction loops outside it, a local accumulator written back once
     (with the fused epilogue inlined into the write-back), parallel over batch x channel blocks x row
     tiles (batch x row tiles x channel blocks where the weight is the smaller read: :data:`ROWS_OUTER`).
-    None when the function has no such block (or its tiling does not divide evenly)."""
+    None when the function has no such block (or its tiling does not divide evenly). A flattened-plane conv
+    (:data:`FLAT_PIXEL_TILES`) goes to :func:`_schedule_flat_conv`."""
     sch = _schedule_of(func)
     convs = _block_named(sch, CONV_BLOCK)
     if not convs:
@@ -1528,11 +1540,15 @@ def schedule_conv(func, target=None):
 
 
 def _schedule_flat_conv(sch, convs, target):
-    """:data:`FLAT_PIXEL_TILES`: every block after the conv inlined into the function's output (the
-    epilogue), whose plane is flattened (``transform_block_layout``) and tiled: parallel over batch x
-    16-channel blocks x chunks of the plane (:func:`flat_chunks`), then tiles of :data:`FLAT_TILE` pixels; under each tile the conv (``compute_at``)
+    """:data:`FLAT_PIXEL_TILES`: every block but the conv and the output inlined into the function's output
+    (the epilogue, and the unflattening ``bnc_flat_out``), whose plane is flattened
+    (``transform_block_layout``) and tiled: parallel over batch x 16-channel blocks x chunks of the plane
+    (:func:`flat_chunks`), then tiles of :data:`FLAT_TILE` pixels; under each tile the conv (``compute_at``)
     into a local channels-last accumulator, the input channels outside the register tile (unrolled by the
-    input block), the store of 6 x 2 vectors with the epilogue. None when a block does not inline."""
+    input block), the store of 6 x 2 vectors with the epilogue. None when a block does not inline (a fused
+    function with two outputs), or the function is not the one :func:`_conv2d_flat_te` makes (one conv,
+    one 5-D output, static extents, the conv's tile loops 16 x 6 after ``compute_at``); a schedule
+    primitive that raises also leaves the function to the next rule."""
     if len(convs) != 1:
         return None
     conv = convs[0]
@@ -1541,10 +1557,8 @@ def _schedule_flat_conv(sch, convs, target):
     for blk in _all_blocks(sch):
         if sch.get(blk).same_as(sch.get(conv)) or not sch.get_consumers(blk):
             continue
-        try:
-            sch.compute_inline(blk)
-        except Exception as err:  # noqa: BLE001 - TVM raises ScheduleError subclasses
-            log.debug("flat conv: %s does not inline: %s", sch.get(blk).name_hint, err)
+        if not _compute_inline(sch, blk):       # refused, or its value too large to inline (INLINE_MAX_SIZE)
+            log.debug("flat conv: %s does not inline", sch.get(blk).name_hint)
             return None
     sinks = [b for b in _all_blocks(sch) if not sch.get(b).same_as(sch.get(conv))]
     if len(sinks) != 1 or len(sch.get_loops(sinks[0])) != 5:
@@ -1555,8 +1569,8 @@ def _schedule_flat_conv(sch, convs, target):
     n_, cb_, h_, w_, bo = (_static(sch.get(lp).extent) for lp in sch.get_loops(sink))
     if block is None or None in (cb_, h_, w_, bo) or block % bo or None in acc_shape[1:]:
         return None
-    tile = next((t for t in (FLAT_TILE,) if acc_shape[3] % t == 0), None)
-    if tile is None:
+    tile = FLAT_TILE
+    if acc_shape[3] % tile:
         return None
     chunks = flat_chunks(acc_shape[1] // block, h_ * w_)
     if acc_shape[3] % (tile * chunks):

@@ -654,6 +654,7 @@ def test_flat_plan(monkeypatch):
     assert plan(64, 7, 7, groups=2) is None
     assert plan(64, 7, 7, in_block=0) is None
     assert plan(64, 7, 7, out_block=0) is None
+    assert plan(64, 7, 7, out_block=32) is None       # 16-channel tiles must hold whole output blocks
     monkeypatch.setattr(gs, "FLAT_MAX_PIXELS", 784)
     assert plan(104, 28, 28) == (16, 112, 6)          # 7 blocks: the plane in 2 chunks (flat_chunks)
     assert plan(104, 56, 56) is None
@@ -661,6 +662,8 @@ def test_flat_plan(monkeypatch):
     assert gs.flat_chunks(7, 784) == 2
     assert gs.flat_chunks(2, 400) == 4
     assert gs.flat_chunks(1, 49) == 2                  # each chunk at least FLAT_MIN_TILES tiles
+    assert gs.flat_chunks(1, 196) == 7                 # 8 chunks would round 33 tiles up to 40
+    assert gs.flat_chunks(1, 99) == 3
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -671,8 +674,9 @@ def test_flat_plan(monkeypatch):
 def test_flat_pixel_tiles(compiler, monkeypatch, on, ci, co, h, w, kind):
     """1x1 convs on small planes between depthwise convs (NCHW{B}c both sides), run over the flattened plane
     in tiles of 6 pixels (``FLAT_PIXEL_TILES``: planes of 1 to 784 pixels, most not a multiple of 6; 440, 56
-    and 104 channels padded to 16; 28x28 and 20x20 in chunks of the plane, with ``FLAT_MAX_PIXELS`` raised
-    to 784 for them), with a bias, an activation epilogue and a
+    and 104 channels padded to 16; 28x28 and 20x20 in chunks of the plane; ``FLAT_MAX_PIXELS`` raised to
+    784 for every case, the default limit is checked by ``test_flat_plan``), with a bias, an activation
+    epilogue and a
     residual add where the channels allow: onnxruntime's result with the switch on and off, static and free
     batch (1 and 3). On: the function is scheduled by the packed-conv rule, and its FMA loop keeps the 12
     accumulators in registers (no stack access), read from the AVX2 assembly whatever the host."""
@@ -688,6 +692,7 @@ def test_flat_pixel_tiles(compiler, monkeypatch, on, ci, co, h, w, kind):
     model = g.model(y, 3, h, w, "N")
     cm = _check(compiler, model, (1, 3, h, w), target=AVX2, batches=(1, 3))
     flat = {name: rule for name, rule in cm.info["cpu_schedules"].items() if "flat" in name}
+    assert any("blocked" in name for name in cm.info["cpu_schedules"])     # the chain is channel-blocked
     if not on:
         assert not flat
         return

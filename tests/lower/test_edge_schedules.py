@@ -597,13 +597,20 @@ def test_slice_fused_after_a_scheduled_reduction(compiler, conv, axis):
 def test_epilogues_inlined_into_the_write_back(blocked, monkeypatch):
     """The bias and activation after a conv run in the conv's write-back: no T_add / T_relu / blocked-layout
     block is left in the scheduled function (an exception in the inlining's checks once left every
-    epilogue as its own pass over memory: MobileNetV2 7.4 -> 10.7 ms)."""
+    epilogue as its own pass over memory: MobileNetV2 7.4 -> 10.7 ms); a flattened-plane conv's epilogue
+    runs in its one output store."""
     from bncompile.lower import graph_schedules as gs
 
     monkeypatch.setattr(gs, "CHANNEL_BLOCKED", blocked)
     g = G(1)
     y = act(g, g.conv(act(g, g.conv("x", 8, 16, 1), "relu"), 16, 16, 3, group=16), "clip")
-    for name, (rule, text) in _scheduled(g.model(y, 8, 10, 10, 1)).items():
+    scheduled = dict(_scheduled(g.model(y, 8, 10, 10, 1)))
+    g = G(2)        # at 7x7, the last 1x1 conv runs over the flattened plane on blocks (FLAT_PIXEL_TILES)
+    y = act(g, g.conv(act(g, g.conv("x", 8, 16, 1), "relu"), 16, 16, 3, group=16), "clip")
+    y = act(g, g.conv(y, 16, 32, 1), "relu")
+    scheduled.update({"7x7 " + k: v for k, v in _scheduled(g.model(y, 8, 7, 7, 1)).items()})
+    assert blocked == any("flat16o" in name for name in scheduled), sorted(scheduled)
+    for name, (rule, text) in scheduled.items():
         if "conv" not in name:
             continue
         left = set(re.findall(r'T\.sblock\("(\w+)"', text)) - {"root"}
