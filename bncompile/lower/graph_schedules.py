@@ -1396,6 +1396,16 @@ def _input_block(sch, blk) -> int:
     return (_static(fives[0][4]) or 0) if len(fives) >= 2 else 0
 
 
+def _unroll_step(sch, blk, cin: int | None) -> int:
+    """By how many input channels the packed conv ``blk``'s reduction is unrolled (:data:`UNROLL_INPUT_BLOCK`):
+    its input's channel block, halved down to :data:`UNROLL_STEP_MAX`; 0 when not (no block, or it does not
+    divide the ``cin`` input channels)."""
+    step = _input_block(sch, blk) if UNROLL_INPUT_BLOCK else 0
+    while step > UNROLL_STEP_MAX:
+        step //= 2
+    return step if step and cin is not None and cin % step == 0 else 0
+
+
 #: the order of the packed conv's parallel loop: ``"auto"`` puts the output rows outside the channel blocks
 #: when the conv reads fewer weight than input elements per sample (:func:`_rows_outer`), True/False always/
 #: never. TVM's pool hands each thread one contiguous range of the fused loop, so rows outside give each
@@ -1499,10 +1509,8 @@ def schedule_conv(func, target=None):
         sch.reverse_compute_at(wb, owo)
         sch.unroll(rx)          # (unrolling ry as well made LLVM spill the accumulators: 4x slower)
         red = rc
-        step = _input_block(sch, blk) if UNROLL_INPUT_BLOCK else 0
-        while step > UNROLL_STEP_MAX:
-            step //= 2
-        if step and cin is not None and cin % step == 0 and cin >= step:
+        step = _unroll_step(sch, blk, cin)
+        if step:
             red, rci = sch.split(rc, [None, step])
             sch.reorder(red, ry, rx, rci)
             sch.unroll(rci)
@@ -1595,11 +1603,8 @@ def _schedule_flat_conv(sch, convs, target):
     oc, pix, rc = inner
     sch.reorder(rc, pix, oc)
     red = rc
-    cin = _static(sch.get(rc).extent)
-    step = _input_block(sch, conv) if UNROLL_INPUT_BLOCK else 0
-    while step > UNROLL_STEP_MAX:
-        step //= 2
-    if step and cin is not None and cin % step == 0 and cin >= step:
+    step = _unroll_step(sch, conv, _static(sch.get(rc).extent))
+    if step:
         red, rci = sch.split(rc, [None, step])
         sch.unroll(rci)
     sch.unroll(pix)
