@@ -895,7 +895,8 @@ def _unpacked_weight(w, kernel_block: int):
 def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
     """:func:`_conv2d_packed_sliced_te` reading an ``NCHW{in_block}c`` input and/or writing
     ``NCHW{out_block}c``."""
-    if in_block and any(kw["padding"]) and kw.get("groups", 1) > 1 and GROUPED_INPLACE_PAD:
+    if in_block and any(kw["padding"]) and kw.get("groups", 1) > 1 and GROUPED_INPLACE_PAD \
+            and max(kw["strides"]) >= GROUPED_INPLACE_PAD_MIN_STRIDE:
         # the padding read in place (GROUPED_INPLACE_PAD): the unblocked view of the padded input, a load at
         # the clamped pixel blended to zero outside the plane, inlined into the conv's reads (no padded copy)
         tvm = _tvm()
@@ -1036,6 +1037,15 @@ def _conv2d_flat_te(x, wp, *, out_block: int, out_channels: int, padded_channels
 #: RegNetY-400MF 14.89 -> 14.03 ms (1.11 -> 1.04 of onnxruntime), its stride-2 grouped convs had been
 #: 1.56-2.0x onnxruntime's time. The same for one-group convs made ResNet-50 slower (1.07 -> 1.13): off there
 GROUPED_INPLACE_PAD = True
+
+#: the least stride at which a grouped conv reads its padding in place (:data:`GROUPED_INPLACE_PAD`). At
+#: stride 1 every input pixel is read K x K times, each read a blend of four compares, against one select
+#: per pixel in the padded copy: RegNetY-400MF's 28x28 104-channel 3x3 (13 groups of 8) 594 -> 210 us with
+#: the copy, 14x14 243 -> 169, 7x7 91 -> 82, its stride-2 ones the same either way (551 against 537).
+#: Measured on AMD EPYC znver3 (AVX2, 1 thread, one process, alternating); the network (both builds and
+#: onnxruntime in one process, 30 rounds): 1.07 -> 0.99 of onnxruntime at 1 thread; 2 threads 13.74 ->
+#: 13.04 ms (TVM only)
+GROUPED_INPLACE_PAD_MIN_STRIDE = 2
 
 
 #: a strided 1x1 packed conv on NCHW{B}c copies the pixels it reads first (:func:`_conv2d_blocked_te`):

@@ -474,14 +474,16 @@ def test_blocked_input_channels_unrolled_without_spills(compiler, monkeypatch, t
     assert max(f for f, _ in on) >= step * max(f for f, _ in off) // 2, (on, off)
 
 
-@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("inplace,min_stride", [(True, 2), (True, 1), (False, 2)])
 @pytest.mark.parametrize("width,stride,k", [(8, 1, 3), (8, 2, 3), (4, 2, 5), (2, 1, 3), (16, 1, 3)])
-def test_grouped_convs_on_blocks(compiler, monkeypatch, width, stride, k, inplace):
+def test_grouped_convs_on_blocks(compiler, monkeypatch, width, stride, k, inplace, min_stride):
     """A grouped conv between blocked 1x1 convs (RegNet's bottleneck): groups of ``width`` channels that
     divide the block (8 on AVX2) run on the blocks with a block-diagonal weight, no layout copy around them,
-    their padding read in place (``GROUPED_INPLACE_PAD``; or an NCHW copy when off); groups of 16 keep NCHW
-    between two copies. Against onnxruntime, static and free batch, odd sizes."""
+    their padding read in place (``GROUPED_INPLACE_PAD``, from stride ``GROUPED_INPLACE_PAD_MIN_STRIDE``; or
+    an NCHW copy of the padded view) ; groups of 16 keep NCHW between two copies. Against onnxruntime, static
+    and free batch, odd sizes."""
     monkeypatch.setattr(gs, "GROUPED_INPLACE_PAD", inplace)
+    monkeypatch.setattr(gs, "GROUPED_INPLACE_PAD_MIN_STRIDE", min_stride)
     g = G(width * 10 + stride + k)
     c = 48
     y = act(g, g.conv("x", 3, 32, 3, stride=2), "relu")
