@@ -934,7 +934,7 @@ def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
 
 
 
-#: 1x1 stride-1 convs on small planes (at most :data:`FLAT_MAX_PIXELS` output pixels) between NCHW{B}c
+#: 1x1 stride-1 convs (at most :data:`FLAT_MAX_PIXELS` output pixels) between NCHW{B}c
 #: tensors run over the FLATTENED plane (:func:`_conv2d_flat_te`, :func:`_schedule_flat_conv`): a register
 #: tile of 16 channels (two AVX2 registers) x 6 consecutive pixels of the ``H * W`` row, 12 accumulators as
 #: MLAS has, where the 2-D tile of :func:`conv_tiling` must divide the width: 7 (prime) left it 8 channels x
@@ -949,10 +949,18 @@ def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
 #: or branched per pixel at 14x14. AVX2 only (AVX-512's 32 registers not measured). Whole networks, 1 thread,
 #: both builds in one process: RegNetY-400MF 1.04 -> 1.01 of onnxruntime (a second run 18.0 -> 16.7 ms),
 #: MobileNetV2 1.06 -> 1.02, ResNet-50 0.99 -> 0.97, EfficientNet-B0 1.04 -> 1.02; 2 threads (TVM only):
-#: RegNetY 8.14 -> 7.60 ms, MobileNetV2 6.41 -> 5.96. Planes up to 28x28 (784 pixels: RegNet's 104-channel
-#: 1x1 convs 1162 -> 1079 us summed) were a wash for the network: RegNetY 1 thread -2%, 2 threads +1.7%.
+#: RegNetY 8.14 -> 7.60 ms, MobileNetV2 6.41 -> 5.96.
+#: Larger planes (up to 112x112) pay once the chunks run outside the channel blocks (each task's input
+#: chunk, at most :data:`FLAT_CHUNK_BYTES`, stays in L2 across the blocks): with the blocks outside, 2
+#: threads were 7% slower on ResNet-50 (both threads streaming the whole input from L3 per block). Per conv
+#: in RegNetY-400MF (1 thread): 28x28 104 -> 104 0.85-0.89, 56x56 48 -> 104 0.87; MobileNetV2's expansions
+#: at 112x112 0.91, 56x56 0.93, 28x28 0.89. Networks on the same CPU (AMD EPYC znver3, AVX2, 512 KB L2),
+#: 1 thread, both builds and onnxruntime in one process
+#: (20 rounds; the limit at 196 pixels, then at 12544): ResNet-50 122.4 -> 117.7 ms, RegNetY 17.8 -> 17.0,
+#: MobileNetV2 12.5 -> 12.5 (1.02 -> 0.99 of onnxruntime); 2 threads ResNet-50 69.1 -> 69.2, RegNetY 10.2 ->
+#: 9.6 (TVM only). Planes above 112x112 (the largest measured) keep the 2-D tile.
 FLAT_PIXEL_TILES = True
-FLAT_MAX_PIXELS = 196
+FLAT_MAX_PIXELS = 12544
 FLAT_TILE = 6
 #: the fewest parallel tasks of a flattened conv: with fewer 16-channel blocks (RegNet's 104 channels at
 #: 28x28: 7) the plane is cut into as many chunks of whole tiles as make up this many (7 tasks on 2 threads
@@ -961,11 +969,15 @@ FLAT_MIN_TASKS = 8
 #: the fewest tiles of a flattened plane: below, the rounded-up tail is a large share (a squeeze-excitation
 #: conv on a 1x1 plane computed 6 pixels for 1)
 FLAT_MIN_TILES = 4
+#: the most input one chunk of a flattened plane reads (bytes): the parallel loop runs the chunks outside
+#: the channel blocks, so a task's input chunk stays in L2 (a quarter of 512 KB) for every block after the
+#: first, instead of the whole input streamed again from L3 per block
+FLAT_CHUNK_BYTES = 128 * 1024
 FLAT_OUT_BLOCK = "bnc_flat_out"
 
 
 def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, groups: int, in_block: int,
-              out_block: int, target=None) -> tuple[int, int, int] | None:
+              out_block: int, target=None, in_channels: int = 0) -> tuple[int, int, int] | None:
     """``(channel block, computed output channels, pixel tile)`` of :data:`FLAT_PIXEL_TILES` for a conv, or
     None where it does not apply (not 1x1 / stride 1 / unpadded / one group, not NCHW{B}c on both sides,
     a larger plane or one of fewer than :data:`FLAT_MIN_TILES` tiles, a target other than 8 lanes x 16
@@ -988,7 +1000,7 @@ def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, 
     pixels = oh * ow
     if pixels < FLAT_MIN_TILES * FLAT_TILE:
         return None
-    chunks = flat_chunks(op // block, pixels)
+    chunks = flat_chunks(op // block, pixels, in_channels)
     rounded = -(-pixels // (FLAT_TILE * chunks)) * FLAT_TILE * chunks
     cur = conv_tiling(out_channels, ow, target, out_height=oh, odd=True)
     if cur is not None and cur[0] * cur[1] * cur[2] * rounded >= block * FLAT_TILE * pixels:
@@ -996,13 +1008,14 @@ def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, 
     return block, op, FLAT_TILE
 
 
-def flat_chunks(blocks: int, pixels: int) -> int:
+def flat_chunks(blocks: int, pixels: int, in_channels: int = 0) -> int:
     """Into how many chunks (of whole tiles) a flattened conv's plane is cut for its parallel loop: the most
-    up to enough for :data:`FLAT_MIN_TASKS` tasks with ``blocks`` channel blocks, each chunk at least
+    up to enough for :data:`FLAT_MIN_TASKS` tasks with ``blocks`` channel blocks and for chunks of at most
+    :data:`FLAT_CHUNK_BYTES` of input (``in_channels`` float32 per pixel), each chunk at least
     :data:`FLAT_MIN_TILES` tiles, whose rounding of the tile count up to a multiple adds at most an eighth of
     it (whole tiles computed for nothing; 1 chunk always qualifies)."""
     tiles = -(-pixels // FLAT_TILE)
-    want = -(-FLAT_MIN_TASKS // max(blocks, 1))
+    want = max(-(-FLAT_MIN_TASKS // max(blocks, 1)), -(-in_channels * pixels * 4 // FLAT_CHUNK_BYTES))
     most = max(1, min(want, pixels // (FLAT_TILE * FLAT_MIN_TILES)))
     return max(c for c in range(1, most + 1) if -(-tiles // c) * c - tiles <= tiles // 8)
 
@@ -1016,7 +1029,7 @@ def _conv2d_flat_te(x, wp, *, out_block: int, out_channels: int, padded_channels
     n, cb, h, w, b = x.shape
     h, w = int(h), int(w)
     pixels = h * w
-    step = tile * flat_chunks(padded_channels // block, pixels)
+    step = tile * flat_chunks(padded_channels // block, pixels, int(cb) * int(b))
     rounded = -(-pixels // step) * step
 
     def flat(i, c, _y, z):
@@ -1140,7 +1153,7 @@ def _legalize_blocked(bb, call):
     elif groups != 1 or c != i:
         op, tiling = o, None
     elif bo and (flat := flat_plan(o, oh, ow, kernel=(kh, kw), strides=strides, padding=padding, groups=groups,
-                                   in_block=bi, out_block=bo)):
+                                   in_block=bi, out_block=bo, in_channels=c)):
         block, op, tile = flat
         if op != o:
             wn = np.concatenate([wn, np.zeros((op - o, i, kh, kw), wn.dtype)])
@@ -1560,8 +1573,8 @@ def schedule_conv(func, target=None):
 def _schedule_flat_conv(sch, convs, target):
     """:data:`FLAT_PIXEL_TILES`: every block but the conv and the output inlined into the function's output
     (the epilogue, and the unflattening ``bnc_flat_out``), whose plane is flattened
-    (``transform_block_layout``) and tiled: parallel over batch x 16-channel blocks x chunks of the plane
-    (:func:`flat_chunks`), then tiles of :data:`FLAT_TILE` pixels; under each tile the conv (``compute_at``)
+    (``transform_block_layout``) and tiled: parallel over batch x chunks of the plane (:func:`flat_chunks`)
+    x 16-channel blocks, then tiles of :data:`FLAT_TILE` pixels; under each tile the conv (``compute_at``)
     into a local channels-last accumulator, the input channels outside the register tile (unrolled by the
     input block), the store of 6 x 2 vectors with the epilogue. None when a block does not inline (a fused
     function with two outputs), or the function is not the one :func:`_conv2d_flat_te` makes (one conv,
@@ -1590,7 +1603,11 @@ def _schedule_flat_conv(sch, convs, target):
     tile = FLAT_TILE
     if acc_shape[3] % tile:
         return None
-    chunks = flat_chunks(acc_shape[1] // block, h_ * w_)
+    cin = 1
+    for iv in sch.get(conv).iter_vars:                  # 1x1: the reduction is the input channels
+        if iv.iter_type != 0:
+            cin *= _static(iv.dom.extent) or 0
+    chunks = flat_chunks(acc_shape[1] // block, h_ * w_, cin)
     if acc_shape[3] % (tile * chunks):
         return None
     width = w_
@@ -1598,8 +1615,8 @@ def _schedule_flat_conv(sch, convs, target):
     n, cb, px, ci = sch.get_loops(sink)
     cbo, cbi = sch.split(cb, [None, block // bo])
     pc, po, pi = sch.split(px, [chunks, acc_shape[3] // (tile * chunks), tile])
-    sch.reorder(n, cbo, pc, po, pi, cbi, ci)
-    fused = sch.fuse(n, cbo, pc)
+    sch.reorder(n, pc, cbo, po, pi, cbi, ci)
+    fused = sch.fuse(n, pc, cbo)
     if parallel_worth(work, lanes):
         sch.parallel(fused)
     sch.compute_at(conv, po)

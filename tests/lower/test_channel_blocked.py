@@ -643,7 +643,9 @@ def test_flat_plan(monkeypatch):
     assert plan(2048, 7, 7) == (16, 2048, 6)
     assert plan(208, 14, 14) == (16, 208, 6)          # 16 x (2 x 2) before
     assert plan(960, 7, 7, out_block=16) == (16, 960, 6)
-    assert plan(104, 28, 28) is None                  # above FLAT_MAX_PIXELS
+    assert plan(104, 28, 28) == (16, 112, 6)          # RegNet's 28x28: 16 x (4 x 2) of 8 channels before
+    assert plan(48, 112, 112) == (16, 48, 6)          # 112 has no divisor 5-6: 16 x 4 before
+    assert plan(104, 224, 224) is None                # above FLAT_MAX_PIXELS
     assert plan(40, 7, 7) is None                     # 8 zero channels of 48
     assert plan(120, 14, 14) is None                  # three registers x (2 x 2) is as many lanes
     assert plan(960, 1, 1) is None                    # a squeeze-excitation conv: 6 pixels computed for 1
@@ -666,18 +668,25 @@ def test_flat_plan(monkeypatch):
     assert gs.flat_chunks(1, 49) == 2                  # each chunk at least FLAT_MIN_TILES tiles
     assert gs.flat_chunks(1, 196) == 7                 # 8 chunks would round 33 tiles up to 40
     assert gs.flat_chunks(1, 99) == 3
+    # chunks of at most FLAT_CHUNK_BYTES of input: 256 x 3136 x 4 bytes in 25 (523 tiles rounded up to 525)
+    assert gs.flat_chunks(4, 3136, 256) == 25
+    assert gs.flat_chunks(8, 576, 192) == 4
+    assert gs.flat_chunks(7, 784, 104) == 3
+    assert gs.flat_chunks(28, 49, 440) == 1            # at least FLAT_MIN_TILES tiles a chunk wins
 
 
 @pytest.mark.parametrize("on", [True, False])
 @pytest.mark.parametrize("ci,co,h,w,kind", [(32, 440, 7, 7, "relu"), (48, 48, 7, 7, "clip"), (24, 56, 5, 5, "silu"), (16, 64, 1, 1, "sigmoid"),
                                             (16, 208, 14, 14, "hardswish"), (32, 96, 3, 3, "sigmoid"),
                                             (16, 16, 9, 11, "relu"),
-                                            (32, 104, 28, 28, "relu"), (16, 32, 20, 20, "clip")])
+                                            (32, 104, 28, 28, "relu"), (16, 32, 20, 20, "clip"),
+                                            (192, 128, 24, 24, "relu")])
 def test_flat_pixel_tiles(compiler, monkeypatch, on, ci, co, h, w, kind):
     """1x1 convs on small planes between depthwise convs (NCHW{B}c both sides), run over the flattened plane
     in tiles of 6 pixels (``FLAT_PIXEL_TILES``: planes of 1 to 784 pixels, most not a multiple of 6; 440, 56
-    and 104 channels padded to 16; 28x28 and 20x20 in chunks of the plane; ``FLAT_MAX_PIXELS`` raised to
-    784 for every case, the default limit is checked by ``test_flat_plan``), with a bias, an activation
+    and 104 channels padded to 16; 28x28, 20x20 and 24x24 in chunks of the plane, 24x24's 192 input
+    channels cut by ``FLAT_CHUNK_BYTES``; ``FLAT_MAX_PIXELS`` at 784 for every case, the default limit is
+    checked by ``test_flat_plan``), with a bias, an activation
     epilogue and a
     residual add where the channels allow: onnxruntime's result with the switch on and off, static and free
     batch (1 and 3). On: the function is scheduled by the packed-conv rule, and its FMA loop keeps the 12
