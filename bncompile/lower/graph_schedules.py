@@ -53,7 +53,7 @@ uses for ``llvm`` targets instead: TVM's ``cpu_generic`` pipeline, built from it
      tile, the reduction loops outside it, a local channels-last accumulator, the fused epilogue inlined into
      the write-back, parallel over batch x channel blocks x row tiles, the pad parallel and vectorized. A
      flattened-plane conv (:data:`FLAT_PIXEL_TILES`) instead from its output: the epilogue inlined into the
-     output store, parallel over batch x 16-channel blocks x chunks of the plane, the conv computed under
+     output store, parallel over batch x chunks of the plane x 16-channel blocks, the conv computed under
      each 6-pixel tile of the store (:func:`_schedule_flat_conv`);
    * :func:`schedule_depthwise_blocked` (``depthwise_blocked``): parallel over batch x channel blocks x
      row tiles, a register tile of rows x pixels of B-channel vectors, window unrolled;
