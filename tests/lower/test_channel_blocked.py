@@ -673,6 +673,8 @@ def test_flat_plan(monkeypatch):
     assert gs.flat_chunks(8, 576, 192) == 4
     assert gs.flat_chunks(7, 784, 104) == 3
     assert gs.flat_chunks(28, 49, 440) == 1            # at least FLAT_MIN_TILES tiles a chunk wins
+    assert gs.flat_chunks(32, 49, 2048) == 1           # fewer than FLAT_BYTES_MIN_TILES tiles: not cut by bytes
+    assert gs.flat_chunks(6, 196, 576) == 2
 
 
 @pytest.mark.parametrize("on", [True, False])
