@@ -480,7 +480,7 @@ def test_grouped_convs_on_blocks(compiler, monkeypatch, width, stride, k, inplac
     """A grouped conv between blocked 1x1 convs (RegNet's bottleneck): groups of ``width`` channels that
     divide the block (8 on AVX2) run on the blocks with a block-diagonal weight, no layout copy around them,
     their padding read in place (``GROUPED_INPLACE_PAD``, from stride ``GROUPED_INPLACE_PAD_MIN_STRIDE``; or
-    an NCHW copy of the padded view) ; groups of 16 keep NCHW between two copies. Against onnxruntime, static
+    an NCHW copy of the padded view); groups of 16 keep NCHW between two copies. Against onnxruntime, static
     and free batch, odd sizes."""
     monkeypatch.setattr(gs, "GROUPED_INPLACE_PAD", inplace)
     monkeypatch.setattr(gs, "GROUPED_INPLACE_PAD_MIN_STRIDE", min_stride)
@@ -688,9 +688,8 @@ def test_flat_pixel_tiles(compiler, monkeypatch, on, ci, co, h, w, kind):
     in tiles of 6 pixels (``FLAT_PIXEL_TILES``: planes of 1 to 784 pixels, most not a multiple of 6; 440, 56
     and 104 channels padded to 16; 28x28, 20x20 and 24x24 in chunks of the plane, 24x24's 192 input
     channels cut by ``FLAT_CHUNK_BYTES``; ``FLAT_MAX_PIXELS`` at 784 for every case, the default limit is
-    checked by ``test_flat_plan``), with a bias, an activation
-    epilogue and a
-    residual add where the channels allow: onnxruntime's result with the switch on and off, static and free
+    checked by ``test_flat_plan``), with a bias, an activation epilogue and a residual add where the channels
+    allow: onnxruntime's result with the switch on and off, static and free
     batch (1 and 3). On: the function is scheduled by the packed-conv rule, and its FMA loop keeps the 12
     accumulators in registers (no stack access), read from the AVX2 assembly whatever the host."""
     monkeypatch.setattr(gs, "FLAT_PIXEL_TILES", on)
