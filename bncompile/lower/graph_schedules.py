@@ -81,8 +81,9 @@ may hide AVX-512 from a CPU LLVM names as an AVX-512 one). On AVX2 the channel b
 and the 2-D tiles use at most 10 accumulators: 16 x 4 for widths 112/56/28, 16 x (2 x 2) for 14x14, 8 x 7
 for 7x7 (12 already spilled there, see :data:`ACC_CAP`). Two exceptions hold 12 without a spill (tests read
 the assembly): three-register blocks x 4 pixels (:data:`THREE_VECTOR_BLOCKS`), and 1x1 stride-1 convs
-between channel-blocked tensors on planes of 24-196 pixels where it beats the 2-D tile (:func:`flat_plan`),
-run over the flattened plane, 16 channels x 6 pixels (:data:`FLAT_PIXEL_TILES`). Zero-pad blocks left at the
+between channel-blocked tensors on planes of 24-12544 pixels where it beats the 2-D tile (:func:`flat_plan`),
+run over the flattened plane, 16 channels x 6 pixels, or 5 where that rounds the plane up less
+(:data:`FLAT_PIXEL_TILES`, :func:`flat_tile`). Zero-pad blocks left at the
 root are decomposed into
 zeros plus an in-bounds copy (:func:`_decompose_root_pads`); a packed conv's costly epilogue (a sigmoid)
 runs on channel vectors before the NCHW store (:func:`_epilogue_on_channel_vectors`).
@@ -962,6 +963,12 @@ def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
 FLAT_PIXEL_TILES = True
 FLAT_MAX_PIXELS = 12544
 FLAT_TILE = 6
+#: the pixel tiles a flattened plane may take (:func:`flat_tile`): the one of least modelled cost, so that a
+#: plane whose tail a tile of 6 rounds up far takes 5 (7x7: 49 pixels as 10 x 5 = 50, not 9 x 6 = 54; 5x5
+#: as 5 x 5). 10 accumulators still keep two FMA pipes busy, and each tile costs ``FLAT_TILE_COST`` pixels
+#: more (its stores and loop), which keeps 6 on 14x14 and larger planes.
+FLAT_TILES = (6, 5)
+FLAT_TILE_COST = 0.5
 #: the fewest parallel tasks of a flattened conv: with fewer 16-channel blocks (RegNet's 104 channels at
 #: 28x28: 7) the plane is cut into as many chunks of whole tiles as make up this many (7 tasks on 2 threads
 #: left one idle an eighth of the time)
@@ -979,6 +986,14 @@ FLAT_CHUNK_BYTES = 128 * 1024
 #: onnxruntime, MobileNetV2 1.02-1.03 -> 1.00
 FLAT_BYTES_MIN_TILES = 16
 FLAT_OUT_BLOCK = "bnc_flat_out"
+
+
+def flat_tile(pixels: int) -> int:
+    """The pixel tile of a flattened plane of ``pixels``: of :data:`FLAT_TILES` (``FLAT_TILE`` when that is
+    empty) the one that computes the fewest pixels, each tile counted :data:`FLAT_TILE_COST` pixels more;
+    the larger on a tie."""
+    tiles = FLAT_TILES or (FLAT_TILE,)
+    return min(tiles, key=lambda t: (-(-pixels // t) * (t + FLAT_TILE_COST), -t))
 
 
 def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, groups: int, in_block: int,
@@ -1003,14 +1018,15 @@ def flat_plan(out_channels: int, oh: int, ow: int, *, kernel, strides, padding, 
     if op - out_channels > WHOLE_REGISTER_WASTE * op:
         return None
     pixels = oh * ow
-    if pixels < FLAT_MIN_TILES * FLAT_TILE:
+    tile = flat_tile(pixels)
+    if pixels < FLAT_MIN_TILES * tile:
         return None
     chunks = flat_chunks(op // block, pixels, in_channels)
-    rounded = -(-pixels // (FLAT_TILE * chunks)) * FLAT_TILE * chunks
+    rounded = -(-pixels // (tile * chunks)) * tile * chunks
     cur = conv_tiling(out_channels, ow, target, out_height=oh, odd=True)
-    if cur is not None and cur[0] * cur[1] * cur[2] * rounded >= block * FLAT_TILE * pixels:
+    if cur is not None and cur[0] * cur[1] * cur[2] * rounded >= block * tile * pixels:
         return None
-    return block, op, FLAT_TILE
+    return block, op, tile
 
 
 def flat_chunks(blocks: int, pixels: int, in_channels: int = 0) -> int:
@@ -1019,11 +1035,12 @@ def flat_chunks(blocks: int, pixels: int, in_channels: int = 0) -> int:
     :data:`FLAT_CHUNK_BYTES` of input (``in_channels`` float32 per pixel; only as many chunks as keep
     :data:`FLAT_BYTES_MIN_TILES` tiles each), each chunk at least
     :data:`FLAT_MIN_TILES` tiles, whose rounding of the tile count up to a multiple adds at most an eighth of
-    it (whole tiles computed for nothing; 1 chunk always qualifies)."""
-    tiles = -(-pixels // FLAT_TILE)
+    it (whole tiles computed for nothing; 1 chunk always qualifies). Tiles of :func:`flat_tile` pixels."""
+    tile = flat_tile(pixels)
+    tiles = -(-pixels // tile)
     by_bytes = min(-(-in_channels * pixels * 4 // FLAT_CHUNK_BYTES), tiles // FLAT_BYTES_MIN_TILES)
     want = max(-(-FLAT_MIN_TASKS // max(blocks, 1)), by_bytes)
-    most = max(1, min(want, pixels // (FLAT_TILE * FLAT_MIN_TILES)))
+    most = max(1, min(want, pixels // (tile * FLAT_MIN_TILES)))
     return max(c for c in range(1, most + 1) if -(-tiles // c) * c - tiles <= tiles // 8)
 
 
@@ -1607,7 +1624,7 @@ def _schedule_flat_conv(sch, convs, target):
     n_, cb_, h_, w_, bo = (_static(sch.get(lp).extent) for lp in sch.get_loops(sink))
     if block is None or None in (cb_, h_, w_, bo) or block % bo or None in acc_shape[1:]:
         return None
-    tile = FLAT_TILE
+    tile = flat_tile(h_ * w_)
     if acc_shape[3] % tile:
         return None
     cin = 1

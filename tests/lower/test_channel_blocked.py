@@ -639,10 +639,10 @@ def test_flat_plan(monkeypatch):
     def plan(o, oh, ow, target=avx2, **over):
         return gs.flat_plan(o, oh, ow, **dict(kw, **over), target=target)
 
-    assert plan(440, 7, 7) == (16, 448, 6)            # RegNet's 440: 8 zero channels
-    assert plan(2048, 7, 7) == (16, 2048, 6)
+    assert plan(440, 7, 7) == (16, 448, 5)            # RegNet's 440: 8 zero channels; 49 pixels as 10 x 5
+    assert plan(2048, 7, 7) == (16, 2048, 5)
     assert plan(208, 14, 14) == (16, 208, 6)          # 16 x (2 x 2) before
-    assert plan(960, 7, 7, out_block=16) == (16, 960, 6)
+    assert plan(960, 7, 7, out_block=16) == (16, 960, 5)
     assert plan(104, 28, 28) == (16, 112, 6)          # RegNet's 28x28: 16 x (4 x 2) of 8 channels before
     assert plan(48, 112, 112) == (16, 48, 6)          # 112 has no divisor 5-6: 16 x 4 before
     assert plan(104, 224, 224) is None                # above FLAT_MAX_PIXELS
@@ -667,7 +667,7 @@ def test_flat_plan(monkeypatch):
     assert gs.flat_chunks(2, 400) == 4
     assert gs.flat_chunks(1, 49) == 2                  # each chunk at least FLAT_MIN_TILES tiles
     assert gs.flat_chunks(1, 196) == 7                 # 8 chunks would round 33 tiles up to 40
-    assert gs.flat_chunks(1, 99) == 3
+    assert gs.flat_chunks(1, 99) == 4                  # 20 tiles of 5
     # chunks of at most FLAT_CHUNK_BYTES of input: 256 x 3136 x 4 bytes in 25 (523 tiles rounded up to 525)
     assert gs.flat_chunks(4, 3136, 256) == 25
     assert gs.flat_chunks(8, 576, 192) == 4
@@ -675,6 +675,21 @@ def test_flat_plan(monkeypatch):
     assert gs.flat_chunks(28, 49, 440) == 1            # at least FLAT_MIN_TILES tiles a chunk wins
     assert gs.flat_chunks(32, 49, 2048) == 1           # fewer than FLAT_BYTES_MIN_TILES tiles: not cut by bytes
     assert gs.flat_chunks(6, 196, 576) == 2
+
+
+def test_flat_tile(monkeypatch):
+    """The pixel tile of a flattened plane (``flat_tile``): 6 unless 5 computes enough fewer pixels to pay
+    for its extra tiles (``FLAT_TILE_COST`` each), 6 on a tie and with ``FLAT_TILES`` empty or just 6."""
+    assert [gs.flat_tile(p) for p in (49, 25, 99, 9)] == [5, 5, 5, 5]
+    assert [gs.flat_tile(p) for p in (36, 64, 196, 784, 3136, 12544)] == [6] * 6
+    for pixels in range(1, 800):
+        tile = gs.flat_tile(pixels)
+        cost = {t: -(-pixels // t) * (t + gs.FLAT_TILE_COST) for t in (5, 6)}
+        assert cost[tile] == min(cost.values()) and (tile == 6 or cost[5] < cost[6]), pixels
+    monkeypatch.setattr(gs, "FLAT_TILES", (6,))
+    assert gs.flat_tile(49) == 6
+    monkeypatch.setattr(gs, "FLAT_TILES", ())
+    assert gs.flat_tile(49) == gs.FLAT_TILE
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -685,7 +700,8 @@ def test_flat_plan(monkeypatch):
                                             (192, 128, 24, 24, "relu")])
 def test_flat_pixel_tiles(compiler, monkeypatch, on, ci, co, h, w, kind):
     """1x1 convs on small planes between depthwise convs (NCHW{B}c both sides), run over the flattened plane
-    in tiles of 6 pixels (``FLAT_PIXEL_TILES``: planes of 1 to 784 pixels, most not a multiple of 6; 440, 56
+    in tiles of 6 or 5 pixels (``FLAT_PIXEL_TILES``, ``flat_tile``: planes of 1 to 784 pixels, most not a
+    multiple of the tile; 7x7, 5x5 and 9x11 in tiles of 5; 440, 56
     and 104 channels padded to 16; 28x28, 20x20 and 24x24 in chunks of the plane, 24x24's 192 input
     channels cut by ``FLAT_CHUNK_BYTES``; ``FLAT_MAX_PIXELS`` at 784 for every case, the default limit is
     checked by ``test_flat_plan``), with a bias, an activation epilogue and a residual add where the channels
