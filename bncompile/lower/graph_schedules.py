@@ -124,6 +124,7 @@ from bncompile.lower.kernels.conv2d_packed import (AVGB_BLOCK, CONV_BLOCK, DENSE
                                                    dense_packed_te, depthwise_blocked_te, depthwise_conv2d_te,
                                                    max_pool2d_te, max_pool_blocked_te, unblock_channels,
                                                    winograd_tiles, winograd_weight)
+from bncompile.lower.kernels.masking import keep_where
 
 log = logging.getLogger(__name__)
 
@@ -904,12 +905,11 @@ def _conv2d_blocked_te(x, wp, *, in_block: int, out_block: int, **kw):
         tirx = tvm.tirx
         pt, pl, pb, pr = kw["padding"]
         n, cb, h, w, b = x.shape
-        zero = tirx.const(0.0, x.dtype)
 
         def padded(i, c, yy, zz):
             inside = tirx.all(yy >= pt, yy < h + pt, zz >= pl, zz < w + pl)
             v = x[i, c // b, tirx.max(tirx.min(yy - pt, h - 1), 0), tirx.max(tirx.min(zz - pl, w - 1), 0), c % b]
-            return tirx.Select(inside, v, zero)
+            return keep_where(inside, v)               # not a Select: TVM would drop the clamp under it
 
         xin = tvm.te.compute((n, cb * b, h + pt + pb, w + pl + pr), padded, name=UNBLOCK_BLOCK + "_padded")
         y = _conv2d_packed_sliced_te(xin, wp, **dict(kw, padding=[0, 0, 0, 0]))

@@ -44,6 +44,7 @@ import numpy as np
 
 from bncompile.lower.kernels.compute import (SHIFT_MASK, STAT, WIDE, KernelSpec, _coarse, te_shapes,
                                               widen_to_stat)
+from bncompile.lower.kernels.masking import keep_where
 
 __all__ = ["backward_input_names", "backward_output_names", "backward_te", "backward_prim_func",
            "backward_numpy", "compensated_sums"]
@@ -202,7 +203,7 @@ def backward_te(spec: KernelSpec):
         xk = f32(x[i]) - shift[s]
         d = f32(dy[i])
         if keep is not None:
-            xk, d = tirx.Select(keep, xk, zero), tirx.Select(keep, d, zero)
+            xk, d = keep_where(keep, xk), keep_where(keep, d)     # not Selects: they would drop the clamp
         u = d * adj["adjustment_scale"][i] if full else d
         out = (xk, zero, xk * xk, zero, u, zero, u * xk, zero)
         if full:

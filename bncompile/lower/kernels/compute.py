@@ -49,6 +49,7 @@ import numpy as np
 
 from bncompile.config import BatchNormConfig, RandomAdjustment, training_effective
 from bncompile.errors import ConfigError, UnsupportedError
+from bncompile.lower.kernels.masking import keep_where
 
 SYMBOLIC = "n"          # marks the symbolic (batch) extent in a KernelSpec shape
 DTYPES = ("float32", "float16", "bfloat16")
@@ -535,8 +536,8 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
         def sample(nb, ri):              # clamped: a missing sample reads the last one, masked to 0
             return te.min(nb * R + ri, N - 1)
 
-        def masked(nb, ri, v):
-            return tirx.Select(nb * R + ri < N, v, zero)
+        def masked(nb, ri, v):           # not a Select: TVM would drop the clamp under its condition
+            return keep_where(nb * R + ri < N, v)
     bi = te.reduce_axis((0, B), name="bi")
     bq = te.reduce_axis((0, QL), name="bq")
     r1 = ri_axes[:1]

@@ -26,6 +26,7 @@ rules find the blocks by the names below.
 from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
+from bncompile.lower.kernels.masking import keep_where
 
 VEC = 16                      # default output-channel block of the packed weight (see graph_schedules.conv_tiling)
 CONV_BLOCK = "bnc_conv2d_nchw16o"
@@ -204,13 +205,14 @@ def _blocked_window(x, strides, padding, kernel, fill, out_hw=None):
     fill = tirx.const(fill, x.dtype) if isinstance(fill, float) else fill
 
     def window(i, c, y, z, ci):
-        # the load at the clamped (always in-bounds) pixel, then a Select: LLVM gets one basic block per
-        # tile, reuses a load across the taps that read it and blends the border to the fill; if_then_else
-        # (a branch per tap) took 1.36x the time over MobileNetV2's depthwise convs
+        # the load at the clamped (always in-bounds) pixel, then blended to the fill (keep_where: a bit mask,
+        # not a Select, whose condition TVM would use to drop the clamp): LLVM gets one basic block per tile,
+        # reuses a load across the taps that read it; if_then_else (a branch per tap) took 1.36x the time
+        # over MobileNetV2's depthwise convs
         yy, zz = y * sh + ry - pt, z * sw + rx - pl
         inside = tirx.all(yy >= 0, yy < h, zz >= 0, zz < wd)
         v = x[i, c, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(zz, wd - 1), 0), ci]
-        return tirx.Select(inside, v, fill)
+        return keep_where(inside, v, fill)
 
     return window, (n, cb, oh, ow, b), (ry, rx)
 
