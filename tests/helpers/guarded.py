@@ -41,10 +41,16 @@ def guarded_array(shape, where: str, dtype=np.float32) -> np.ndarray:
     return np.frombuffer(m, dtype=dtype, count=nbytes // itemsize, offset=offset).reshape(shape)
 
 
-def _buffer_shapes(func) -> list[tuple[tuple[int, ...], str]]:
+def _buffer_shapes(func) -> list[tuple[tuple[int, ...], str]] | None:
+    """The static shapes and dtypes of ``func``'s buffer parameters; None when a dim is not a literal."""
     sig = func.script().split("def main(", 1)[1].split("):\n", 1)[0]
-    return [(tuple(int(v) for v in re.findall(r"\d+", dims.replace("T.int64", ""))), dtype)
-            for dims, dtype in re.findall(r'T\.Buffer\(\(([^)]*(?:\)[^)]*)*?)\),\s*"(\w+)"', sig)]
+    shapes = []
+    for dims, dtype in re.findall(r'T\.Buffer\(\(([^)]*(?:\)[^)]*)*?)\),\s*"(\w+)"', sig):
+        parts = [re.sub(r"^T\.int64\((\d+)\)$", r"\1", d.strip()) for d in dims.split(",") if d.strip()]
+        if not all(p.isdigit() for p in parts):
+            return None
+        shapes.append((tuple(int(p) for p in parts), dtype))
+    return shapes
 
 
 def graph_functions(model, target_dict) -> int:
@@ -65,7 +71,7 @@ def graph_functions(model, target_dict) -> int:
             continue
         name = gv.name_hint
         shapes = _buffer_shapes(func)
-        if len(shapes) != len(func.params) or any(d != "float32" for _, d in shapes):
+        if shapes is None or len(shapes) != len(func.params) or any(d != "float32" for _, d in shapes):
             continue
         lib = tvm.compile(tvm.IRModule({name: func.with_attr("global_symbol", name)}), target=target)
         rng = np.random.default_rng(len(name))
@@ -104,6 +110,24 @@ def _edge_model(case: str):
                  count_include_pad=1)
     y = act(g, g.conv(y, 16, 16, 3, group=16), "relu")      # a depthwise conv: the chain goes channel-blocked
     return g.model(y, 3, 20, 24, 1)
+
+
+def _edge_network(name: str, size: int):
+    """``benchmarks/edge_models.py``'s network ``name`` at ``size`` x ``size``, batch 1."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "edge_models.py"
+    spec = importlib.util.spec_from_file_location("edge_models_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.NETWORKS[name](size=size)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dim = vi.type.tensor_type.shape.dim[0]
+        if dim.dim_param:
+            dim.ClearField("dim_param")
+            dim.dim_value = 1
+    return model
 
 
 def batchnorm_tail(gradients: bool) -> int:
@@ -162,7 +186,12 @@ def batchnorm_tail(gradients: bool) -> int:
 
 def main(argv=None) -> int:
     case = (argv or sys.argv[1:])[0]
-    if case.startswith("edge_"):
+    if case.startswith("net:"):             # net:NAME:SIZE:MCPU (host: the host's own target)
+        _, name, size, mcpu = case.split(":")
+        ran = graph_functions(_edge_network(name, int(size)), {} if mcpu == "host" else {"mcpu": mcpu})
+        if not ran:
+            raise AssertionError(f"{case}: no function to run")
+    elif case.startswith("edge_"):
         ran = graph_functions(_edge_model(case), {"mcpu": "haswell"})
         if not ran:
             raise AssertionError(f"{case}: no function to run")

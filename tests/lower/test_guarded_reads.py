@@ -53,3 +53,14 @@ def test_padding_read_in_place_stays_in_bounds(case):
 @pytest.mark.parametrize("case", ["bn_forward", "bn_backward"])
 def test_batchnorm_ragged_sample_block_stays_in_bounds(case):
     _run(case)
+
+
+@pytest.mark.parametrize("case", ["net:mobilenet_v2:64:host", "net:mobilenet_v3_large:64:host",
+                                  "net:efficientnet_b0:64:host", "net:regnety_400mf:64:host",
+                                  "net:shufflenet_v2:64:host", "net:resnet50:64:host", "net:densenet121:64:host",
+                                  "net:mobilenet_v3_large:72:haswell", "net:shufflenet_v2:72:haswell"])
+def test_edge_network_functions_stay_in_bounds(case):
+    """Every function of the benchmark's edge networks (batch 1, small inputs), compiled for this host and,
+    at an odd size, for AVX2 (with the Select back, both AVX2 builds crash; on an AVX-512 host its own
+    builds did not)."""
+    _run(case)
