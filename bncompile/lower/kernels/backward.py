@@ -203,7 +203,7 @@ def backward_te(spec: KernelSpec):
         xk = f32(x[i]) - shift[s]
         d = f32(dy[i])
         if keep is not None:
-            xk, d = keep_where(keep, xk), keep_where(keep, d)     # not Selects: they would drop the clamp
+            xk, d = keep_where(keep, xk), keep_where(keep, d)     # not Selects: see masking.py
         u = d * adj["adjustment_scale"][i] if full else d
         out = (xk, zero, xk * xk, zero, u, zero, u * xk, zero)
         if full:

@@ -536,7 +536,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
         def sample(nb, ri):              # clamped: a missing sample reads the last one, masked to 0
             return te.min(nb * R + ri, N - 1)
 
-        def masked(nb, ri, v):           # not a Select: TVM would drop the clamp under its condition
+        def masked(nb, ri, v):           # not a Select: TVM may drop the clamp under it (masking.py)
             return keep_where(nb * R + ri < N, v)
     bi = te.reduce_axis((0, B), name="bi")
     bq = te.reduce_axis((0, QL), name="bq")

@@ -5,9 +5,10 @@ to zero (or another fill) where the true index falls outside: one basic block, n
 as ``Select(inside, x[clamped], fill)`` that is unsafe in TVM: its simplifier rewrites a Select's true value
 under the Select's condition (``IRMutatorWithAnalyzer``), where the clamp is provably the identity, so the
 clamp is dropped and the load reads outside the buffer (a Select evaluates both values). Found by placing a
-depthwise conv's input right after an unreadable page: the 112x112 stride-2 conv of MobileNetV2 read 3.6 KB
-before its input and crashed (tests/lower/test_guarded_reads.py). :func:`keep_where` blends with a bit mask
-made from the condition by a cast instead: no Select, so nothing is simplified under the condition.
+depthwise conv's input right after an unreadable page: the 112x112 stride-2 conv of MobileNetV2 (AVX2 build)
+read 3.6 KB before its input and crashed (tests/lower/test_guarded_reads.py). :func:`keep_where` blends with a
+bit mask made from the condition by a cast instead: no Select, so nothing is simplified under the condition.
+(Where the Select's lanes were a vector, batch norm's channels, TVM kept the clamp; one blend serves all.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import math
 
 from bncompile.lower import tvm as _tvm
-
 
 
 def keep_where(inside, value, fill=None):
