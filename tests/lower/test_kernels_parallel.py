@@ -45,7 +45,8 @@ def _launches(built) -> tuple[int, int]:
     (BatchNormConfig(axis=-1, fused=False), (None, 32, 32, 64), "cpu_channels_last_rows", 3),
     (BatchNormConfig(axis=-1), (None, 1024), "cpu_channels_last", 3),
     (BatchNormConfig(axis=-1, renorm=True), (None, 1024), "cpu_channels_last", 3),
-    (BatchNormConfig(axis=-1, virtual_batch_size=4), (None, 1024), "cpu_channels_last_ghost", 5),
+    (BatchNormConfig(axis=-1, virtual_batch_size=4), (None, 1024), "cpu_channels_last_ghost", 1),   # stripes
+    (BatchNormConfig(axis=-1, virtual_batch_size=2), (None, 8, 8, 64), "cpu_channels_last_ghost", 5),
 ])
 def test_training_kernels_launch_the_pool_once(cfg, shape, rule, phases):
     """One launch; barriers between its phases (statistics, the serial combine, y...)."""
@@ -206,21 +207,31 @@ def test_ghost_channels_last_prefetches_next_group_rows(shape, prefetch):
 
 
 @pytest.mark.parametrize("kshape,n,v", [((None, 1024), 256, 4), ((None, 40), 34, 2), ((None, 16), 4, 4),
-                                        ((88, 40), 88, 2), ((None, 6, 5, 24), 63, 3)])
+                                        ((88, 40), 88, 2), ((None, 6, 5, 24), 63, 3), ((None, 64), 244, 4),
+                                        ((None, 2, 2, 48), 45, 3), ((None, 24), 40, 8)])
 @pytest.mark.parametrize("renorm", [False, True])
 def test_ghost_channels_last_chunked_averages(kshape, n, v, renorm):
-    """The averages over the groups as partial sums over chunks of GHOST_CHUNK_GROUPS groups, parallel
-    over the chunks (rfactor blocks ``batch_*_rf``), whenever there are more groups than one chunk or
-    the batch is free: exact against the float64 reference for group counts the chunk does not divide
-    (17 groups), a single group (G = 1 at run time), static and free batches."""
-    from bncompile.lower.kernels.schedules.cpu import GHOST_CHUNK_GROUPS
+    """The averages over the groups: short groups without renorm walk every group in a task per stripe
+    of channels (no partial sums); otherwise partial sums over chunks of GHOST_CHUNK_GROUPS groups,
+    parallel over the chunks (rfactor blocks ``batch_*_rf``), whenever there are more groups than one
+    chunk or the batch is free. Exact against the float64 reference for group counts the chunk does not
+    divide (17 and 61 groups: a chunked group loop under a free batch once skipped groups of every
+    chunk), a single group (G = 1 at run time), static and free batches."""
+    from bncompile.lower.kernels.schedules.cpu import GHOST_CHUNK_GROUPS, GHOST_STRIPE_MAX_VALUES
 
     cfg = BatchNormConfig(axis=-1, virtual_batch_size=v, momentum=0.5, renorm=renorm)
     spec = make_spec(cfg, kshape)
     name, sch = schedule(spec, prim_func(spec), target=HASWELL)
     G = kshape[0] // v if kshape[0] else None
+    m = v * int(np.prod(kshape[1:-1]))              # values per channel and group
+    stripes = not renorm and m <= GHOST_STRIPE_MAX_VALUES and kshape[-1] % 8 == 0
     assert name == "cpu_channels_last_ghost"
-    assert ("batch_var_rf" in sch.mod.script()) == (G is None or G > GHOST_CHUNK_GROUPS)
+    script = sch.mod.script()
+    assert ("batch_var_rf" in script) == (not stripes and (G is None or G > GHOST_CHUNK_GROUPS))
+    if stripes:     # one loop nest: the stripe's task (parallel), its group loop, the averages' sums in it
+        outer = _enclosing_loops(script, "batch_var_update")
+        assert "T.parallel" in outer[0] and "T.parallel" not in "".join(outer[1:])
+        assert _enclosing_loops(script, "sum_update")[:2] == outer[:2]
     x = (40.0 + 3.0 * np.random.default_rng(n).standard_normal((n,) + kshape[1:])).astype(np.float32)
     out = compile_batchnorm(cfg, kshape).run({"x": x})
     ref = batchnorm(cfg, x.astype(np.float64), training=True)
@@ -392,3 +403,13 @@ def test_backward_inverse_std_is_a_vector_op():
         want = getattr(ref, name)
         np.testing.assert_allclose(out[name], want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())),
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("C,vec,cpus,want", [(1024, 16, 2, 256), (1024, 16, 16, 32), (64, 16, 2, 16), (40, 8, 2, 8),
+                                              (4096, 32, 2, 256), (96, 16, 1, 48), (16, 16, 4, 16)])
+def test_ghost_stripe_width(C, vec, cpus, want):
+    """The widest stripe (a multiple of the vector dividing C, at most 1 KB of a row) leaving two stripes
+    per CPU; one vector when even that leaves fewer."""
+    from bncompile.lower.kernels.schedules.cpu import ghost_stripe_width
+
+    assert ghost_stripe_width(C, vec, cpus) == want
