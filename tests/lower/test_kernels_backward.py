@@ -53,6 +53,11 @@ CASES = {
                                renorm_clipping={"rmax": 1.2, "rmin": 0.8, "dmax": 0.5}),
                           (None, 2, 2, 48), (6, 2, 2, 48), None, "bwd_cpu_channels_last"),
     "ghost_nc_static": (dict(axis=-1, virtual_batch_size=4), (16, 96), (16, 96), None, "bwd_cpu_channels_last"),
+    # short groups: a task per stripe of channels walking every group (9 groups, a free batch; 5 groups
+    # of 3 samples x 2 rows, no dgamma and dbeta to sum)
+    "ghost_nc_walk": (dict(axis=-1, virtual_batch_size=4), (None, 48), (36, 48), None, "bwd_cpu_channels_last"),
+    "ghost_nc_walk_bare": (dict(axis=-1, virtual_batch_size=3, scale=False, center=False), (None, 2, 32),
+                           (15, 2, 32), None, "bwd_cpu_channels_last"),
     "axis_list": (dict(axis=[1, 3]), (None, 3, 4, 5), (2, 3, 4, 5), None, "bwd_cpu_generic"),
     "axis_list_renorm": (dict(axis=[1, 2], renorm=True), (None, 2, 3, 2), (4, 2, 3, 2), None,
                          "bwd_cpu_channel_first"),
@@ -177,7 +182,7 @@ def test_cpu_backward_schedules_have_no_predicates():
     from bncompile.lower.kernels.compute import make_spec
 
     for name in ("nchw_static_odd", "nchw", "nhwc", "nc_wide", "ghost_nchw", "ghost_channels_last",
-                 "ghost_nhwc_wide", "ghost_nhwc_renorm", "ghost_nc_static"):
+                 "ghost_nhwc_wide", "ghost_nhwc_renorm", "ghost_nc_static", "ghost_nc_walk", "ghost_nc_walk_bare"):
         kw, kshape, *_ = CASES[name]
         spec = make_spec(BatchNormConfig(**kw), kshape)
         rule, sch = schedules.schedule_backward(spec, backward.backward_prim_func(spec), target="llvm")

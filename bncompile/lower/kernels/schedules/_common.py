@@ -79,6 +79,84 @@ def _inline_parameter_only(sch, names: list[str], keep=("shift",)) -> list[str]:
 # --------------------------------------------------------------------------- CPU
 
 
+GHOST_STRIPE_MAX_FLOATS = 256      # a ghost stripe's row segment: at most 1 KB
+
+
+def ghost_stripe_width(C: int, vec: int, cpus: int) -> int:
+    """Channels per ghost stripe: the widest multiple of ``vec`` dividing ``C``, at most
+    :data:`GHOST_STRIPE_MAX_FLOATS`, that still leaves two stripes per CPU (else ``vec``)."""
+    best = vec
+    for w in range(vec, min(C, GHOST_STRIPE_MAX_FLOATS) + 1, vec):
+        if C % w == 0 and C // w >= 2 * cpus:
+            best = w
+    return best
+
+
+def host_cpus() -> int:
+    """The CPUs this process may run on (the parallel tasks a stripe split should at least cover)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def ghost_stripe_walk(sch, spec: KernelSpec, names: list, per_group: list, over_groups: list, out: str,
+                      lanes: int, *, cpus: int | None = None, prefetch: str | None = None,
+                      prefetch_annotation: str = "bncompile_prefetch_x") -> bool:
+    """Ghost BN channels-last (x viewed as (v, G, P, C, Q=1)), short groups: one parallel task per stripe
+    of W contiguous channels walks every group in turn; per vector of the stripe's channels it computes
+    the ``per_group`` blocks (the group's statistics, loops c, g | rows), the output ``out`` (x's loops)
+    and adds the group's terms to the ``over_groups`` sums (loops c, g: reductions over the groups, here
+    bound to the task's group loop: no partial sums to merge); the remaining blocks of ``names`` (the
+    per-channel finish) follow in the task. The rows of a group are unrolled, so LLVM loads each x (and
+    dy) row once and keeps the group's per-channel values in registers. ``prefetch``: a reduction block
+    whose first loop gets the prefetch annotation of the next group's rows. False (nothing changed
+    worth keeping: the caller starts over) when C is not a multiple of the vector.
+
+    Why not a task per chunk of groups (whole rows, partial sums per chunk): with a free batch the
+    chunk split is predicated, and TVM 0.27's reverse_compute_at then bounds the in-chunk index of the
+    partial sums by the *last* chunk's (``g % S <= (G - 1) % S``), dropping groups of every chunk."""
+    C = int(spec.channel_shape[0])
+    vec = 2 * lanes if C % (2 * lanes) == 0 else lanes if C % lanes == 0 else None
+    if vec is None or not all(b in names for b in over_groups):
+        return False
+    W = ghost_stripe_width(C, vec, cpus or host_cpus())
+    c, g = sch.get_loops("shift")
+    cs, cw = sch.split(c, [None, W])
+    cv, ci = sch.split(cw, [None, vec])
+    sch.reorder(cs, g, cv, ci)
+    sch.parallel(cs)
+    for b in list(per_group) + [out] + list(over_groups):
+        sch.reverse_compute_at(sch.get_sblock(b), cv, preserve_unit_loops=True)
+    for b in over_groups:
+        sch.decompose_reduction(sch.get_sblock(b), g)
+    for b in names:
+        if b not in per_group and b not in over_groups and b not in ("shift", out):
+            sch.reverse_compute_at(sch.get_sblock(b), cs, preserve_unit_loops=True)
+    sch.vectorize(ci)
+    cpos = spec.kinds.index("C")
+    for b in list(per_group) + [out]:
+        blk = sch.get_sblock(b)
+        reduction = sch.get(blk).init is not None
+        loops = sch.get_loops(blk)[3:]          # cs, g, cv | the block's own: its channel loop at cpos
+        k = cpos if b == out else 0
+        cl, others = loops[k], loops[:k] + loops[k + 1:]
+        if others:
+            sch.reorder(*others, cl)
+        sch.vectorize(cl)
+        if reduction:
+            sch.decompose_reduction(blk, others[0] if others else cl)
+        for lp in others:
+            if int(sch.get(lp).extent) > 1:
+                sch.unroll(lp)
+    if prefetch:
+        row = int(spec.shape[2]) * C * int(spec.shape[4])
+        sch.annotate(sch.get_loops(prefetch + "_update")[3], prefetch_annotation, row)
+    return True
+
+
 def _channel_vectors_over_groups(sch, blocks, names, cv: int) -> None:
     """Reductions over the groups of a ghost batch (blocks with loops c, g, those of ``blocks`` present in
     ``names``) as parallel tasks of ``cv`` channels walking the groups, the channels innermost

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import os
-
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_GROUP_MAX, PLAIN_M2_MAX, KernelSpec
-from bncompile.lower.kernels.schedules._common import (_channel_vectors_over_groups, _per_sample_partials, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (_channel_vectors_over_groups, _per_sample_partials, ghost_stripe_walk, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -447,83 +445,21 @@ def _channels_last_rfactor(spec: KernelSpec, func, mach: CpuMachine):
 # (N, C) with v = 4): parallel over stripes of channels instead of groups (_ghost_channel_stripes)
 GHOST_STRIPES = True
 GHOST_STRIPE_MAX_VALUES = 32
-GHOST_STRIPE_MAX_FLOATS = 256      # a stripe's row segment: at most 1 KB
-
-
-def ghost_stripe_width(C: int, vec: int, cpus: int) -> int:
-    """Channels per stripe: the widest multiple of ``vec`` dividing ``C``, at most
-    :data:`GHOST_STRIPE_MAX_FLOATS`, that still leaves two stripes per CPU (else ``vec``)."""
-    best = vec
-    for w in range(vec, min(C, GHOST_STRIPE_MAX_FLOATS) + 1, vec):
-        if C % w == 0 and C // w >= 2 * cpus:
-            best = w
-    return best
-
-
-def _host_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _ghost_channel_stripes(spec: KernelSpec, func, mach: CpuMachine, cpus: int | None = None):
-    """Ghost BN, channels last, short groups: one parallel task per stripe of W contiguous channels walks
-    every group in turn and, per vector of channels, computes the group's statistics, normalizes the
-    group's rows and adds the group's terms to the stripe's averages over the groups, then finishes the
-    stripe's batch statistics; no barrier, nothing per group kept past the vector (LLVM keeps it all in
-    registers: each x row is loaded once), and no partial sums to merge.
-
-    Why not a task per chunk of groups (rows read whole, partial sums of the averages per chunk): with
-    a free batch the chunk split is predicated, and TVM 0.27's reverse_compute_at then bounds the
-    in-chunk index of the partial sums by the *last* chunk's (``g % S <= (G - 1) % S``): it skipped
-    groups of every chunk when G % S != 0 (wrong averages; seen at G = 61, S = 8). Measured on 2-core
-    znver3 (AVX2), (256, 1024), v = 4: 0.75-0.80 of the per-group-task schedule's time, 0.55 with x
-    in cache; a stripe's next group's rows prefetched (1 group ahead) was 8-10% of that.
-    Returns None where the shape does not fit (channels not a multiple of the vector)."""
-    lanes = mach.lanes
-    C = int(spec.channel_shape[0])
-    vec = 2 * lanes if C % (2 * lanes) == 0 else lanes if C % lanes == 0 else None
-    if vec is None:
-        return None
-    W = ghost_stripe_width(C, vec, cpus or _host_cpus())
+    """Ghost BN, channels last, short groups: a task per stripe of channels walking every group
+    (:func:`~bncompile.lower.kernels.schedules._common.ghost_stripe_walk`): per vector of channels the
+    group's statistics, its y and its terms of the averages over the groups, then the stripe's batch
+    statistics; one phase, nothing per group kept past the vector. Measured on 2-core znver3 (AVX2),
+    (256, 1024), v = 4: 0.75-0.80 of the task-per-group schedule's time (0.55 with x in cache); the
+    next group's rows prefetched was 8-10% of that. None where C is not a multiple of the vector."""
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
-    over_groups = ("batch_shift", "batch_offset", "batch_var")
     per_group = [b for b in ("sum", "mean64", "mean", "sqsum", "var", "scale_c") if b in names]
-    if not all(b in names for b in over_groups):
+    if not ghost_stripe_walk(sch, spec, names, per_group, ["batch_shift", "batch_offset", "batch_var"], "y",
+                             mach.lanes, cpus=cpus, prefetch="sum", prefetch_annotation=PREFETCH_ANNOTATION):
         return None
-    c, g = sch.get_loops("shift")
-    cs, cw = sch.split(c, [None, W])
-    cv, ci = sch.split(cw, [None, vec])
-    sch.reorder(cs, g, cv, ci)
-    sch.parallel(cs)
-    for b in per_group + ["y"] + list(over_groups):
-        # y or a group term reading what no group loop has (renorm's r and d): None, the caller's rule
-        sch.reverse_compute_at(sch.get_sblock(b), cv, preserve_unit_loops=True)
-    for b in over_groups:
-        sch.decompose_reduction(sch.get_sblock(b), g)
-    for b in names:
-        if b not in per_group and b not in over_groups and b not in ("shift", "y"):
-            sch.reverse_compute_at(sch.get_sblock(b), cs, preserve_unit_loops=True)
-    sch.vectorize(ci)
-    cpos = spec.kinds.index("C")
-    for b in per_group + ["y"]:
-        blk = sch.get_sblock(b)
-        loops = sch.get_loops(blk)[3:]          # cs, g, cv | the block's own: its channel loop at cpos
-        k = cpos if b == "y" else 0
-        cl, others = loops[k], loops[:k] + loops[k + 1:]
-        if others:
-            sch.reorder(*others, cl)
-        sch.vectorize(cl)
-        if b in REDUCTIONS:
-            sch.decompose_reduction(blk, others[0] if others else cl)
-        for lp in others:                       # the group's rows: unrolled, so x's loads are shared
-            if int(sch.get(lp).extent) > 1:
-                sch.unroll(lp)
-    row = int(spec.shape[2]) * C * int(spec.shape[4])
-    # the stripe's segments of the next group's rows (the rows right after, in memory): to L2
-    sch.annotate(sch.get_loops("sum_update")[3], PREFETCH_ANNOTATION, row)
     return sch
 
 
