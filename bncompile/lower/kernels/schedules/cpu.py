@@ -464,7 +464,9 @@ def _ghost_channel_stripes(spec: KernelSpec, func, mach: CpuMachine, cpus: int |
 
 
 def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None = None):
-    """Ghost BN, channels last (x viewed as (v, G, P, C, 1), e.g. NHWC): one parallel task per group g
+    """Ghost BN, channels last (x viewed as (v, G, P, C, 1), e.g. NHWC). Short groups without renorm
+    (at most :data:`GHOST_STRIPE_MAX_VALUES` values per channel and group): :func:`_ghost_channel_stripes`.
+    Otherwise one parallel task per group g
     computes the group's statistics (sum, then centred sum of squares, vectorized across the contiguous
     channels; the group's slab is re-read from L2/L3, not memory, when it fits there) and, when y needs
     nothing from other groups (no renorm), normalizes the group in the same task; else y is its own
