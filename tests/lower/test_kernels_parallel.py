@@ -217,14 +217,15 @@ def test_ghost_channels_last_chunked_averages(kshape, n, v, renorm):
     chunk or the batch is free. Exact against the float64 reference for group counts the chunk does not
     divide (17 and 61 groups: a chunked group loop under a free batch once skipped groups of every
     chunk), a single group (G = 1 at run time), static and free batches."""
-    from bncompile.lower.kernels.schedules.cpu import GHOST_CHUNK_GROUPS, GHOST_STRIPE_MAX_VALUES
+    from bncompile.lower.kernels.schedules._common import GHOST_WALK_MAX_VALUES
+    from bncompile.lower.kernels.schedules.cpu import GHOST_CHUNK_GROUPS
 
     cfg = BatchNormConfig(axis=-1, virtual_batch_size=v, momentum=0.5, renorm=renorm)
     spec = make_spec(cfg, kshape)
     name, sch = schedule(spec, prim_func(spec), target=HASWELL)
     G = kshape[0] // v if kshape[0] else None
     m = v * int(np.prod(kshape[1:-1]))              # values per channel and group
-    stripes = not renorm and m <= GHOST_STRIPE_MAX_VALUES and kshape[-1] % 8 == 0
+    stripes = not renorm and m <= GHOST_WALK_MAX_VALUES and kshape[-1] % 8 == 0
     assert name == "cpu_channels_last_ghost"
     script = sch.mod.script()
     assert ("batch_var_rf" in script) == (not stripes and (G is None or G > GHOST_CHUNK_GROUPS))

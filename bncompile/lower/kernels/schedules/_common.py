@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import KernelSpec
@@ -79,7 +79,9 @@ def _inline_parameter_only(sch, names: list[str], keep=("shift",)) -> list[str]:
 # --------------------------------------------------------------------------- CPU
 
 
+PREFETCH_ANNOTATION = "bncompile_prefetch_x"   # a loop whose x (and dy) loads prefetch (cpu.prefetch_pass)
 GHOST_STRIPE_MAX_FLOATS = 256      # a ghost stripe's row segment: at most 1 KB
+GHOST_WALK_MAX_VALUES = 32         # the stripe walk's short groups: values per channel and group
 
 
 def ghost_stripe_width(C: int, vec: int, cpus: int) -> int:
@@ -102,9 +104,24 @@ def host_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def ghost_stripe_schedule(spec: KernelSpec, func, lanes: int, per_group: Callable, over_groups: Sequence,
+                          out: str, prefetch: str, *, cpus: int | None = None):
+    """The schedule of :func:`ghost_stripe_walk` for ``func`` (``per_group(names)``: the per-group
+    blocks among the remaining block names), or None where it does not apply (C not a multiple of the
+    vector, or a block TVM will not move under the stripe: the caller's other rule then)."""
+    sch = _sched(func)
+    names = _inline_parameter_only(sch, _blocks(sch))
+    try:
+        done = ghost_stripe_walk(sch, spec, names, per_group(names), [b for b in over_groups if b in names],
+                                 out, lanes, cpus=cpus, prefetch=prefetch)
+    except Exception as err:  # noqa: BLE001 - a block that cannot follow the stripe
+        log.debug("ghost stripe walk not applied (%s)", str(err).splitlines()[0] if str(err) else err)
+        return None
+    return sch if done else None
+
+
 def ghost_stripe_walk(sch, spec: KernelSpec, names: list, per_group: list, over_groups: list, out: str,
-                      lanes: int, *, cpus: int | None = None, prefetch: str | None = None,
-                      prefetch_annotation: str = "bncompile_prefetch_x") -> bool:
+                      lanes: int, *, cpus: int | None = None, prefetch: str | None = None) -> bool:
     """Ghost BN channels-last (x viewed as (v, G, P, C, Q=1)), short groups: one parallel task per stripe
     of W contiguous channels walks every group in turn; per vector of the stripe's channels it computes
     the ``per_group`` blocks (the group's statistics, loops c, g | rows), the output ``out`` (x's loops)
@@ -153,7 +170,7 @@ def ghost_stripe_walk(sch, spec: KernelSpec, names: list, per_group: list, over_
                 sch.unroll(lp)
     if prefetch:
         row = int(spec.shape[2]) * C * int(spec.shape[4])
-        sch.annotate(sch.get_loops(prefetch + "_update")[3], prefetch_annotation, row)
+        sch.annotate(sch.get_loops(prefetch + "_update")[3], PREFETCH_ANNOTATION, row)
     return True
 
 

@@ -43,7 +43,7 @@ import os
 from bncompile.lower.kernels.backward import LANE_BLOCK
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.machine import cpu_machine
-from bncompile.lower.kernels.schedules._common import (_channel_vectors_over_groups, _per_sample_partials, ghost_stripe_walk, log, _rows_pass, _blocks, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, _rows_pass, _blocks, _inline_parameter_only, _sched,
                                                       _vector_factor, _vectorize_channels)
 
 Y_TASK_BYTES = 128 * 1024
@@ -253,11 +253,7 @@ def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
 
         func = backward_prim_func(dataclasses.replace(spec, stat_plain_m2=True))
     if GHOST_WALK and v * P * Q <= GHOST_WALK_MAX_VALUES and not spec.renorm:
-        try:
-            sch = _ghost_stripe_walk(spec, func)
-        except Exception as err:  # noqa: BLE001 - a block that cannot follow the stripe: the group tasks
-            log.debug("ghost backward: no stripe walk (%s)", str(err).splitlines()[0] if str(err) else err)
-            sch = None
+        sch = _ghost_stripe_walk(spec, func)
         if sch is not None:
             return sch
     sch = _sched(func)
@@ -302,27 +298,17 @@ def _ghost_channels_last_stripes(spec: KernelSpec, func, stripe: int):
     return sch
 
 
-# short ghost groups without renorm (at most GHOST_WALK_MAX_VALUES values per channel and group, e.g.
-# (N, C) with v = 4): a task per stripe of channels walks every group (_common.ghost_stripe_walk)
-GHOST_WALK = True
-GHOST_WALK_MAX_VALUES = 32
+GHOST_WALK = True      # short ghost groups without renorm: a task per stripe of channels walks every group
 
 
 def _ghost_stripe_walk(spec: KernelSpec, func):
     """Ghost BN backward, channels last, short groups: a task per stripe of channels walks every group;
     per vector of channels the group's sums, its coefficients, its dx and its terms of dgamma and dbeta
-    (:func:`~bncompile.lower.kernels.schedules._common.ghost_stripe_walk`). None where C is not a
-    multiple of the vector."""
-    sch = _sched(func)
-    names = _inline_parameter_only(sch, _blocks(sch))
-    over = [n for n in ("dgamma64", "dbeta64") if n in names]
-    per_group = [n for n in names if n not in ("shift", "dx") and n not in _GROUP_SUMS]
-    from bncompile.lower.kernels.schedules.cpu import PREFETCH_ANNOTATION
+    (:func:`~bncompile.lower.kernels.schedules._common.ghost_stripe_walk`). None where it does not apply."""
+    def per_group(names):
+        return [n for n in names if n not in ("shift", "dx") and n not in _GROUP_SUMS]
 
-    if not ghost_stripe_walk(sch, spec, names, per_group, over, "dx", lanes(), prefetch="red",
-                             prefetch_annotation=PREFETCH_ANNOTATION):
-        return None
-    return sch
+    return ghost_stripe_schedule(spec, func, lanes(), per_group, ("dgamma64", "dbeta64"), "dx", "red")
 
 
 def _group_sums_by_stripe(sch, names, stripe: int) -> None:

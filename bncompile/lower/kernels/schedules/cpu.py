@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_GROUP_MAX, PLAIN_M2_MAX, KernelSpec
-from bncompile.lower.kernels.schedules._common import (_channel_vectors_over_groups, _per_sample_partials, ghost_stripe_walk, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (PREFETCH_ANNOTATION, GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -288,7 +288,6 @@ def cpu_channels_last(spec: KernelSpec, func, machine: CpuMachine | None = None)
     return sch
 
 
-PREFETCH_ANNOTATION = "bncompile_prefetch_x"
 STAT_BLOCK_FLOATS = 65536          # stat_block_floats() of a 1 MB L2 (256 KB blocks: in L2 for the second pass)
 Y_TASK_BYTES = 128 * 1024          # y_task_bytes() of a 1 MB L2
 
@@ -441,10 +440,9 @@ def _channels_last_rfactor(spec: KernelSpec, func, mach: CpuMachine):
     return sch
 
 
-# ghost BN channels-last, short groups (at most GHOST_STRIPE_MAX_VALUES values per channel and group, e.g.
+# ghost BN channels-last, short groups (at most GHOST_WALK_MAX_VALUES values per channel and group, e.g.
 # (N, C) with v = 4): parallel over stripes of channels instead of groups (_ghost_channel_stripes)
 GHOST_STRIPES = True
-GHOST_STRIPE_MAX_VALUES = 32
 
 
 def _ghost_channel_stripes(spec: KernelSpec, func, mach: CpuMachine, cpus: int | None = None):
@@ -453,19 +451,17 @@ def _ghost_channel_stripes(spec: KernelSpec, func, mach: CpuMachine, cpus: int |
     group's statistics, its y and its terms of the averages over the groups, then the stripe's batch
     statistics; one phase, nothing per group kept past the vector. Measured on 2-core znver3 (AVX2),
     (256, 1024), v = 4: 0.75-0.80 of the task-per-group schedule's time (0.55 with x in cache); the
-    next group's rows prefetched was 8-10% of that. None where C is not a multiple of the vector."""
-    sch = _sched(func)
-    names = _inline_parameter_only(sch, _blocks(sch))
-    per_group = [b for b in ("sum", "mean64", "mean", "sqsum", "var", "scale_c") if b in names]
-    if not ghost_stripe_walk(sch, spec, names, per_group, ["batch_shift", "batch_offset", "batch_var"], "y",
-                             mach.lanes, cpus=cpus, prefetch="sum", prefetch_annotation=PREFETCH_ANNOTATION):
-        return None
-    return sch
+    next group's rows prefetched was 8-10% of that. None where it does not apply."""
+    def per_group(names):
+        return [b for b in ("sum", "mean64", "mean", "sqsum", "var", "scale_c") if b in names]
+
+    return ghost_stripe_schedule(spec, func, mach.lanes, per_group, ("batch_shift", "batch_offset", "batch_var"),
+                                 "y", "sum", cpus=cpus)
 
 
 def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None = None):
     """Ghost BN, channels last (x viewed as (v, G, P, C, 1), e.g. NHWC). Short groups without renorm
-    (at most :data:`GHOST_STRIPE_MAX_VALUES` values per channel and group): :func:`_ghost_channel_stripes`.
+    (at most ``GHOST_WALK_MAX_VALUES`` values per channel and group): :func:`_ghost_channel_stripes`.
     Otherwise one parallel task per group g
     computes the group's statistics (sum, then centred sum of squares, vectorized across the contiguous
     channels; the group's slab is re-read from L2/L3, not memory, when it fits there) and, when y needs
@@ -489,12 +485,8 @@ def cpu_channels_last_ghost(spec: KernelSpec, func, machine: CpuMachine | None =
 
         spec = dataclasses.replace(spec, stat_plain_m2=True)
         func = prim_func(spec)
-    if GHOST_STRIPES and m <= GHOST_STRIPE_MAX_VALUES and not spec.renorm:
-        try:
-            sch = _ghost_channel_stripes(spec, func, _machine(machine))
-        except Exception as err:  # noqa: BLE001 - a block that cannot follow the stripe: the group tasks
-            log.debug("ghost channels-last: no channel stripes (%s)", str(err).splitlines()[0] if str(err) else err)
-            sch = None
+    if GHOST_STRIPES and m <= GHOST_WALK_MAX_VALUES and not spec.renorm:
+        sch = _ghost_channel_stripes(spec, func, _machine(machine))
         if sch is not None:
             return sch
     sch = _sched(func)
