@@ -359,7 +359,7 @@ def _run_group(group: list[Case], rng, machine: dict, *, repeat: int, threads: i
         # calls cancel the drift of a shared machine)
         q = _quartiles([a / b for a, b in zip(mine, times["ort_infer"])])
         row = {"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
-               "schedule": kernels[case.variant].schedule, "ms": med,
+               "schedule": kernels[case.variant].schedule_for(case.shape), "ms": med,
                "gbps": {k2: nbytes / (v * 1e-3) / 1e9 for k2, v in med.items()},
                "tvm_vs_ort_infer": med["tvm"] / med["ort_infer"],
                "tvm_vs_ort_infer_iqr": [q[0], q[2]], "copies": ncopy,

@@ -48,7 +48,9 @@ def random_variables(cfg, shape, rng, *, positive_scale=0.3):
 
 
 def check(cfg, shape, *, kshape=None, dtype="float32", seed=0, mean=0.5, std=1.5, variables=None,
-          adjustment=None, training=True, schedule=None):
+          adjustment=None, training=True, schedule=None, rule=None):
+    """Run the kernel of ``cfg`` (compiled for ``kshape`` or ``shape``; ``rule`` forces a schedule rule) on
+    random x and check it against the float64 reference; ``schedule``: the rule (or rules) it must run."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * std + mean)
     x = x.astype(np.float16 if dtype == "float16" else np.float32)
@@ -56,9 +58,9 @@ def check(cfg, shape, *, kshape=None, dtype="float32", seed=0, mean=0.5, std=1.5
         import ml_dtypes
 
         x = x.astype(ml_dtypes.bfloat16)
-    k = compile_batchnorm(cfg, kshape or shape, training=training, dtype=dtype)
+    k = compile_batchnorm(cfg, kshape or shape, training=training, dtype=dtype, schedule=rule)
     if schedule is not None:
-        assert k.schedule == schedule, k
+        assert k.schedule_for(x.shape) in ((schedule,) if isinstance(schedule, str) else schedule), k
     if variables is None:
         variables = random_variables(cfg, shape, rng)
     feeds = {"x": x, **variables}
@@ -82,25 +84,29 @@ def check(cfg, shape, *, kshape=None, dtype="float32", seed=0, mean=0.5, std=1.5
 
 # --------------------------------------------------------------------------- layouts
 
+# channels-last with few rows per sample: sample blocks or channel stripes, as the host's L2, vector width and
+# CPU count choose (schedules.stripe_batch_max); test_channels_last_rules_agree runs both on every host
+NC_RULES = ("cpu_channels_last", "cpu_channel_stripes")
+
 LAYOUTS = [
     # (axis, shape, expected schedule)
     (1, (3, 5, 6, 7), "cpu_channel_first"),          # Q = 42: vector 21, no remainder
     (1, (2, 8, 14, 14), "cpu_channel_first"),        # Q = 196 (196 % 16 != 0)
     (1, (2, 3, 37), "cpu_channel_first"),            # prime Q: unvectorized reduction
-    (-1, (2, 5, 6, 7), "cpu_channels_last"),         # odd C
-    (-1, (4, 3, 3, 80), "cpu_channels_last"),
+    (-1, (2, 5, 6, 7), NC_RULES),                  # odd C
+    (-1, (4, 3, 3, 80), NC_RULES),
     (-1, (3, 4, 5, 70), "cpu_channels_last_rows"),   # per-sample partials; C = 70 split by 14
     (-1, (2, 8, 8, 16), "cpu_channels_last_rows"),
-    (-1, (3, 130), "cpu_channels_last"),             # C > 64, not a multiple of 16
-    (-1, (2, 67), "cpu_channels_last"),              # prime C > 64
+    (-1, (3, 130), NC_RULES),                      # C > 64, not a multiple of 16
+    (-1, (2, 67), NC_RULES),                       # prime C > 64
     (1, (1, 4, 3, 3), "cpu_channel_first"),          # batch 1
-    (-1, (1, 5), "cpu_channels_last"),               # batch 1, one element per channel: var 0
+    (-1, (1, 5), NC_RULES),                        # batch 1, one element per channel: var 0
     (1, (2, 3, 4, 5, 6), "cpu_channel_first"),       # NCDHW
-    (-1, (2, 3, 4, 5, 6), "cpu_channels_last"),      # NDHWC
+    (-1, (2, 3, 4, 5, 6), NC_RULES),               # NDHWC
     (2, (2, 3, 5, 4), "cpu_channel_first"),          # a middle axis: (N, H, C, W)
     ([1, 2], (2, 3, 4, 5), "cpu_channel_first"),     # an axis list that is one run
     ([1, 3], (2, 3, 4, 5), "cpu_generic"),           # an axis list that is not
-    ([-1, -2], (3, 4, 5), "cpu_channels_last"),
+    ([-1, -2], (3, 4, 5), NC_RULES),
     (0, (5, 3), "cpu_generic"),                      # the batch axis normalized (static batch)
     (0, (5,), "cpu_generic"),                        # rank 1: nothing reduced, var 0
     ([0, 2], (5, 3, 2), "cpu_generic"),

@@ -81,7 +81,8 @@ def test_merge_leaves_single_loop_kernels_alone():
 
 def _check(cfg, x, kshape):
     k = compile_batchnorm(cfg, kshape)
-    assert k.schedule == "cpu_channels_last"
+    # a static batch too small for a block of MIN_SAMPLE_BLOCK samples runs the channel stripes
+    assert k.schedule == "cpu_channels_last" or (kshape[0] is not None and k.schedule == "cpu_channel_stripes")
     out = k.run({"x": x})
     ref = batchnorm(cfg, x.astype(np.float64), training=True)
     scale = max(1.0, float(np.abs(ref.y).max()))
@@ -118,6 +119,75 @@ def test_sample_blocks_any_batch(monkeypatch, n, dynamic):
     spec = make_spec(cfg, (None, 40))
     assert sample_block_rows(spec, M.cpu_machine(HASWELL if isinstance(HASWELL, dict) else None)) == 24
     _check(cfg, x, (None, 40) if dynamic else x.shape)
+
+
+def test_stripe_batch_max_follows_l2_lanes_and_cpus(monkeypatch):
+    """The stripes are preferred up to the batch whose stripe (N x P x 128 floats for C = 1024) fills L2/2,
+    with 4-register vectors (AVX-512's 64-channel vectors; AVX2's are 8 registers: never), and only with a
+    stripe per CPU."""
+    from bncompile.lower.kernels.schedules import cpu
+
+    monkeypatch.setattr(cpu, "host_cpus", lambda: 2)
+    avx512 = M.CpuMachine(lanes=16, l1d=48 << 10, l2=1 << 20, l3=32 << 20)
+    spec = make_spec(BatchNormConfig(axis=-1), (None, 1024))
+    assert cpu.channel_stripe_width(1024, avx512) == (128, 64)
+    assert cpu.stripe_batch_max(spec, avx512) == (1 << 20) // 2 // (4 * 128)
+    assert cpu.stripe_batch_max(make_spec(BatchNormConfig(axis=-1), (None, 4, 1024)), avx512) == 256
+    assert cpu.stripe_batch_max(spec, M.CpuMachine(lanes=16, l1d=32 << 10, l2=256 << 10, l3=8 << 20)) == 256
+    assert cpu.stripe_batch_max(spec, M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20)) == 0
+    assert cpu.stripe_batch_max(make_spec(BatchNormConfig(axis=-1), (None, 40)), avx512) == 0   # one stripe
+    assert cpu.stripe_batch_max(make_spec(BatchNormConfig(axis=-1, virtual_batch_size=4), (None, 1024)),
+                                avx512) == 0                                                   # ghost: its own rule
+    monkeypatch.setattr(cpu, "host_cpus", lambda: 16)
+    assert cpu.stripe_batch_max(spec, avx512) == 0                                             # 8 stripes, 16 CPUs
+
+
+NC_RULE_CONFIGS = [{}, {"momentum": 0.0, "center": False}, {"scale": False, "epsilon": 1e-5},
+                   {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}},
+                   {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2.0}}]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_channels_last_rules_agree(seed):
+    """Random (N, [P,] C) shapes and configs, the batch static or symbolic, each few-rows channels-last rule
+    forced by name (so both run on every host): every output matches the float64 reference, on data
+    whose mean dwarfs its spread too."""
+    from bncompile.errors import UnsupportedError
+    from lower.test_kernels import check
+
+    rng = np.random.default_rng(1000 + seed)
+    C = int(rng.choice([7, 40, 130, 256, 384, 1024, 1000]))
+    N = int(rng.integers(1, 70))
+    shape = (N, C) if rng.random() < 0.6 else (N, int(rng.integers(2, 4)), C)
+    cfg = BatchNormConfig(axis=-1, fused=False, **NC_RULE_CONFIGS[seed % len(NC_RULE_CONFIGS)])
+    kshape = (None,) + shape[1:] if rng.random() < 0.5 else shape
+    loc, scale = [(0.5, 1.5), (1e4, 1.0), (-300.0, 20.0)][seed % 3]
+    for rule in ("cpu_channels_last", "cpu_channel_stripes"):
+        try:
+            check(cfg, shape, kshape=kshape, rule=rule, schedule=rule, mean=loc, std=scale, seed=seed)
+        except UnsupportedError:
+            assert rule == "cpu_channels_last", (rule, shape)   # rows too wide for a block of 8 samples
+
+
+def test_symbolic_batch_picks_rule_per_call(monkeypatch):
+    """A (None, 256) kernel runs the stripes for batches up to stripe_batch_max and the sample blocks past
+    it (the limit pinned here: the host's L2 decides it otherwise); both match the reference."""
+    from bncompile.lower.kernels import schedules
+
+    monkeypatch.setattr(schedules, "stripe_batch_max", lambda spec, machine=None: 40)
+    cfg = BatchNormConfig(axis=-1, momentum=0.5, fused=False)
+    k = compile_batchnorm(cfg, (None, 256))
+    assert k.schedule == "cpu_channels_last"
+    for n, rule in ((40, "cpu_channel_stripes"), (41, "cpu_channels_last"), (3, "cpu_channel_stripes")):
+        x = (7.0 + 2.0 * np.random.default_rng(n).standard_normal((n, 256))).astype(np.float32)
+        assert k.schedule_for(x.shape) == rule
+        out = k.run({"x": x})
+        ref = batchnorm(cfg, x.astype(np.float64), training=True)
+        np.testing.assert_allclose(out["y"], ref.y, rtol=2e-6, atol=2e-5)
+        for name, v in ref.variables.items():
+            np.testing.assert_allclose(out[name + "_new"], v, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(v).max())))
+    forced = compile_batchnorm(cfg, (None, 256), schedule="cpu_channels_last")
+    assert forced.schedule_for((40, 256)) == "cpu_channels_last"      # a named rule is kept for every batch
 
 
 @pytest.mark.parametrize("kw", [{}, {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.3}},
@@ -172,7 +242,7 @@ def test_sample_blocks_prefetch_ahead_exact(C):
     of x on the last rows: a hint that cannot fault); results exact against the float64 reference for
     a batch the blocks do not divide."""
     cfg = BatchNormConfig(axis=-1, momentum=0.5)
-    k = compile_batchnorm(cfg, (None, C))
+    k = compile_batchnorm(cfg, (None, C), schedule="cpu_channels_last")    # not the stripes, whatever the L2
     assert k.schedule == "cpu_channels_last"
     assert "prefetcht1" in k.executable.mod.inspect_source("asm")
     x = (50.0 + np.random.default_rng(C).standard_normal((203, C))).astype(np.float32)

@@ -176,7 +176,8 @@ class Kernel:
         self.schedule_rule = schedule
         self.resolved = config.resolve(len(self.input_shape))
         self.param_shape = config.param_shape(self.input_shape)
-        self._variants: dict[str | None, Built] = {}
+        self._variants: dict = {}
+        self._stripe_limits: dict = {}
         base_adj = None
         if self.training and config.adjustment is not None:
             base_adj = "channel"
@@ -224,6 +225,11 @@ class Kernel:
     def schedule(self) -> str:
         return self._built(self.spec.adjustment).schedule
 
+    def schedule_for(self, x_shape: Sequence[int]) -> str:
+        """The rule a call on x of ``x_shape`` runs (a symbolic-batch kernel may pick one per batch)."""
+        self._check_x_shape(x_shape)
+        return self._forward(self.spec.adjustment, tuple(int(d) for d in x_shape)).schedule
+
     @property
     def executable(self):
         return self._built(self.spec.adjustment).executable
@@ -231,16 +237,38 @@ class Kernel:
     def _variable_names(self) -> list[str]:
         return self.spec.variable_names()
 
-    def _built(self, adjustment: str | None, streaming: bool = False) -> Built:
-        key = (adjustment, streaming) if streaming else adjustment
+    def _built(self, adjustment: str | None, streaming: bool = False, rule: str | None = None) -> Built:
+        key = (adjustment, streaming, rule) if streaming or rule else adjustment
         b = self._variants.get(key)
         if b is None:
             spec = self.spec if adjustment == self.spec.adjustment else \
                 make_spec(self.config, self.input_shape, training=self.training, dtype=self.dtype,
                           adjustment=adjustment)
-            b = build_spec(spec, target=self.target, schedule=self.schedule_rule, streaming=streaming)
+            b = build_spec(spec, target=self.target, schedule=rule or self.schedule_rule, streaming=streaming)
             self._variants[key] = b
         return b
+
+    def _forward(self, adjustment: str | None, x_shape: Sequence[int]) -> Built:
+        """The build a call on x of ``x_shape`` runs: streaming stores for a large y (:meth:`_streaming`),
+        and, for a symbolic batch, the rule for this batch (:meth:`_batch_rule`)."""
+        return self._built(adjustment, self._streaming(x_shape), self._batch_rule(adjustment, x_shape))
+
+    def _batch_rule(self, adjustment: str | None, x_shape: Sequence[int]) -> str | None:
+        """``cpu_channel_stripes`` for a batch of at most ``stripe_batch_max`` where the symbolic-batch
+        build took ``cpu_channels_last`` (the sample blocks suit any batch; the stripes, measured faster,
+        only one whose stripe stays in L2); else None (the build's own rule)."""
+        if self.schedule_rule is not None or self.input_shape[0] is not None or self.target.get("kind") != "llvm":
+            return None
+        base = self._built(adjustment)
+        if base.schedule != "cpu_channels_last":
+            return None
+        limit = self._stripe_limits.get(adjustment)
+        if limit is None:
+            from bncompile.lower.kernels import schedules
+
+            limit = schedules.stripe_batch_max(base.spec, schedules.cpu_machine(self.target))
+            self._stripe_limits[adjustment] = limit
+        return "cpu_channel_stripes" if 0 < int(x_shape[0]) <= limit else None
 
     def _streaming(self, x_shape: Sequence[int]) -> bool:
         """Whether a call on x of ``x_shape`` uses the streaming-store variant: float32 y of at least
@@ -302,7 +330,7 @@ class Kernel:
         unknown = sorted(set(feeds) - set(self.config.variable_names()) - {"adjustment_scale", "adjustment_bias"})
         if unknown:
             raise InputError(f"feeds: unknown input(s) {unknown}; expected some of {self.input_names}")
-        built = self._built(mode, self._streaming(x.shape))
+        built = self._forward(mode, x.shape)
         spec = built.spec
         cs = canonical_shape(spec, x.shape)
         dev = self.device
@@ -414,7 +442,7 @@ class Kernel:
         x = feeds["x"]
         xs = tuple(int(d) for d in x.shape)
         self._check_x_shape(xs)
-        built = self._built(mode, self._streaming(xs))
+        built = self._forward(mode, xs)
         spec = built.spec
         cs = canonical_shape(spec, xs)
         args = [_tvm.view(x, cs)]
@@ -449,7 +477,7 @@ class Kernel:
 
         result = self.run_tvm(feeds, out)           # validates, allocates and warms up
         spec = self._built("channel" if self.spec.adjustment else None).spec
-        func = self._built(spec.adjustment, self._streaming(tuple(int(d) for d in feeds["x"].shape))).func
+        func = self._forward(spec.adjustment, tuple(int(d) for d in feeds["x"].shape)).func
         cs = canonical_shape(spec, tuple(int(d) for d in feeds["x"].shape))
         args = [_tvm.view(feeds["x"], cs)] + [_tvm.view(feeds[n], spec.channel_shape) for n in spec.variable_names()]
         if spec.adjustment:

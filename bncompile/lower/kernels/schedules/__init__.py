@@ -28,8 +28,12 @@ with barriers between them (:func:`merge_parallel_pass`): one wake-up of the wor
     two passes per block while it is cached, reduced 4 rows at a time per channel vector (rows of
     4 KB alias in L1), parallel over blocks, the first pass prefetching x 16 KB ahead (a row's streams
     end where the hardware prefetchers stop); a serial exact combine; y parallel over rows with the
-    same split. Very wide rows (fewer than 8 samples per block): parallel over stripes of channels, y
-    in the same task.
+    same split. Declines for very wide rows (fewer than 8 samples per block) and for a static batch
+    whose channel stripe fits in L2/2 (``stripe_batch_max``).
+  * ``cpu_channel_stripes`` (where ``cpu_channels_last`` declines): parallel over stripes of channels,
+    one task per stripe doing both statistics passes and y while the stripe is in L2 (one phase). A
+    kernel with a symbolic batch compiles it too and picks it per call for batches up to
+    ``stripe_batch_max`` (:class:`bncompile.lower.kernels.Kernel`).
   * ``cpu_channels_last_ghost`` (ghost BN with Q == 1, e.g. NHWC): one parallel task per virtual-batch
     group (statistics vectorized across channels; y in the same task unless renorm needs every group;
     short rows prefetch the next group's); the averages over the groups as partial sums over chunks of
@@ -56,12 +60,12 @@ from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules._common import REDUCTIONS, Rule, _sched, log
 from bncompile.lower.kernels.schedules.cpu import (NT_MIN_TASK_BYTES, NT_PIPELINE, PREFETCH_ANNOTATION,
                                                      STAT_BLOCK_FLOATS, STREAMING_RULES, Y_TASK_BYTES,
-                                                     cpu_channel_first, cpu_channels_last, cpu_channels_last_ghost,
-                                                     cpu_channels_last_rows,
+                                                     channel_stripe_width, cpu_channel_first, cpu_channel_stripes,
+                                                     cpu_channels_last, cpu_channels_last_ghost, cpu_channels_last_rows,
                                                      cpu_generic, cpu_inference, cpu_pipeline, merge_parallel_pass,
                                                      nt_store_pass,
                                                      nt_store_pipeline, nt_stores_apply, prefetch_pass,
-                                                     stat_block_floats, y_task_bytes)
+                                                     stat_block_floats, stripe_batch_max, y_task_bytes)
 from bncompile.lower.kernels.schedules.cuda import cuda_block_per_channel, cuda_blocked, cuda_generic, cuda_two_phase
 from bncompile.lower.kernels.schedules import backward_cpu, backward_cuda
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
@@ -71,6 +75,7 @@ from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 RULES: dict[str, list[tuple[str, Rule]]] = {
     "llvm": [("cpu_inference", cpu_inference), ("cpu_channel_first", cpu_channel_first),
              ("cpu_channels_last_rows", cpu_channels_last_rows), ("cpu_channels_last", cpu_channels_last),
+             ("cpu_channel_stripes", cpu_channel_stripes),
              ("cpu_channels_last_ghost", cpu_channels_last_ghost), ("cpu_generic", cpu_generic)],
     "cuda": [("cuda_blocked", cuda_blocked), ("cuda_block_per_channel", cuda_block_per_channel), ("cuda_two_phase", cuda_two_phase),
              ("cuda_generic", cuda_generic)],
@@ -91,6 +96,7 @@ def _takes_machine(fn) -> bool:
 def _apply_first(table: dict, what: str, spec: KernelSpec, func, target, rule: str | None, machine, *,
                  scoped: bool = False):
     """The first rule of ``table[target kind]`` that applies (or the named ``rule``): (name, schedule).
+    A named rule runs as its ``when_named`` variant where it has one (no deferring to a preferred rule).
     CPU rules that take a :class:`CpuMachine` get one (``machine``, default: the target's vector lanes
     and this host's caches); ``scoped`` runs the rules inside the target's scope (rules that read the
     vector width from the current target)."""
@@ -106,6 +112,8 @@ def _apply_first(table: dict, what: str, spec: KernelSpec, func, target, rule: s
         for name, fn in rules:
             if rule is not None and name != rule:
                 continue
+            if rule is not None:                    # asked for by name: no deferring to another rule
+                fn = getattr(fn, "when_named", fn)
             if kind == "llvm" and _takes_machine(fn):
                 if machine is None:
                     from bncompile.lower import targets
@@ -141,5 +149,5 @@ def schedule_backward(spec: KernelSpec, func, *, target="llvm", rule: str | None
 
 
 __all__ = ["CpuMachine", "cpu_machine", "stat_block_floats", "y_task_bytes", "RULES", "BACKWARD_RULES", "schedule_backward", "REDUCTIONS", "NT_MIN_TASK_BYTES", "NT_PIPELINE", "STAT_BLOCK_FLOATS", "STREAMING_RULES",
-           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "merge_parallel_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channels_last", "cpu_channels_last_ghost", "cpu_generic", "cpu_inference",
+           "Y_TASK_BYTES", "PREFETCH_ANNOTATION", "Rule", "cpu_pipeline", "prefetch_pass", "nt_store_pass", "merge_parallel_pass", "nt_store_pipeline", "nt_stores_apply", "schedule", "cpu_channel_first", "cpu_channel_stripes", "channel_stripe_width", "stripe_batch_max", "cpu_channels_last", "cpu_channels_last_ghost", "cpu_generic", "cpu_inference",
            "cuda_blocked", "cuda_block_per_channel", "cuda_two_phase", "cuda_generic"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_GROUP_MAX, PLAIN_M2_MAX, KernelSpec
-from bncompile.lower.kernels.schedules._common import (PREFETCH_ANNOTATION, GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (PREFETCH_ANNOTATION, GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, host_cpus, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -220,20 +220,70 @@ def stats_prefetch_rows(row_floats: int) -> int:
     return -(-STATS_PREFETCH_BYTES // (4 * row_floats)) if STATS_PREFETCH_BYTES > 0 else 0
 
 
+def _channels_last_applies(spec: KernelSpec) -> bool:
+    return spec.training and spec.single_channel_run and spec.shape[-1] == 1 and not spec.ghost
+
+
+def channel_stripe_width(C: int, machine: CpuMachine | None = None) -> tuple[int, int]:
+    """``(ci, vi)`` of :func:`cpu_channel_stripes`: channels per stripe (one parallel task) and per
+    vector of its reductions (vi < ci: the stripe is walked one vector of channels at a time)."""
+    lanes = _row_lanes(_machine(machine))
+    V = 4 * lanes
+    ci = _vector_factor(C, lanes) if C > V else C
+    if C > V and ci < 4:
+        ci = C if C <= 4 * V else max(ci, _divisor(C, V))
+    vi = ci
+    if ci == V and C % (2 * V) == 0 and C >= 4 * V:
+        ci = 2 * V    # stripes of two vectors per row (AVX-512: 128 channels, rows of 512 B; measured: -13%)
+    return ci, vi
+
+
+# the channel stripes beat the sample blocks (cpu_channels_last) while a stripe of the whole batch stays in
+# L2 (its three passes read it from there) and its vectors fit in registers. Measured side by side (same
+# rounds, 2 threads, inputs rotated; AMD EPYC znver5, AVX-512, L2 1 MB): stripes / blocks 0.86-0.97 on NC
+# 256x1024 and 1024x256, 0.70 on 64x4096, about 1 on 2048x1024 (a 1 MB stripe), 1.10 on 8192x1024 and
+# 16384x256 (past L2); AVX2 code on the same CPU (64-channel vectors of 8 registers, spilled): 1.07-1.44
+STRIPE_L2_SHARE = 2              # a stripe of the batch at most L2 / this
+STRIPE_MAX_VECTOR_REGISTERS = 4
+
+
+def stripe_batch_max(spec: KernelSpec, machine: CpuMachine | None = None) -> int:
+    """The largest batch for which :func:`cpu_channel_stripes` is preferred over the sample blocks of
+    :func:`cpu_channels_last` (0: never): the batch's stripe (N x P x ci floats) within
+    L2/:data:`STRIPE_L2_SHARE`, and a vector of the walk within :data:`STRIPE_MAX_VECTOR_REGISTERS`
+    registers of the target, and a stripe per CPU at least. A kernel with a symbolic batch picks its rule per call with it
+    (:class:`bncompile.lower.kernels.Kernel`)."""
+    if not _channels_last_applies(spec) or spec.kinds != "RRCR" or not isinstance(spec.shape[1], int):
+        return 0
+    mach = _machine(machine)
+    ci, vi = channel_stripe_width(int(spec.channel_shape[0]), mach)
+    if vi > STRIPE_MAX_VECTOR_REGISTERS * mach.lanes or int(spec.channel_shape[0]) // ci < host_cpus():
+        return 0        # spilled vectors; or fewer stripes than CPUs (the blocks split the batch instead)
+    return mach.l2 // STRIPE_L2_SHARE // (4 * ci * int(spec.shape[1]))
+
+
 def cpu_channels_last(spec: KernelSpec, func, machine: CpuMachine | None = None):
-    """Channels-last with few rows per sample (e.g. (N, C)).
+    """Channels-last with few rows per sample (e.g. (N, C)), statistics over *sample blocks*.
 
     When a block of at least :data:`MIN_SAMPLE_BLOCK` samples fits in L2/4 (:func:`sample_block_rows`):
-    blocked statistics over *sample blocks* (compute.py, ``stat_rows = R``): each block of R samples
+    blocked statistics over sample blocks (compute.py, ``stat_rows = R``): each block of R samples
     gets its sum and centred sum of squares in two passes while it is in cache, parallel over blocks
     (contiguous memory: a task streams its rows), vectorized across channels; the blocks combine exactly,
     parallel over channel vectors; y is parallel over the rows with the same contiguous split, so a
-    task normalizes the rows it reduced, from its own L2. Else: parallel over stripes of channels, y in
-    the same task while the stripe is cached.
+    task normalizes the rows it reduced, from its own L2. Declines (for :func:`cpu_channel_stripes`)
+    when no block fits, and (unless asked for by name: ``when_named``) for a static batch of at most
+    :func:`stripe_batch_max`.
     """
-    if not spec.training or not spec.single_channel_run or spec.shape[-1] != 1 or spec.ghost:
+    return _sample_blocks_rule(spec, func, machine, prefer_stripes=True)
+
+
+def _sample_blocks_rule(spec: KernelSpec, func, machine: CpuMachine | None, *, prefer_stripes: bool):
+    if not _channels_last_applies(spec):
         return None
     mach = _machine(machine)
+    N = spec.shape[0]
+    if prefer_stripes and isinstance(N, int) and spec.stat_rows <= 1 and N <= stripe_batch_max(spec, mach):
+        return None
     if spec.kinds == "RRCR" and spec.adjustment != "full" and isinstance(spec.shape[1], int):
         R = spec.stat_rows if spec.stat_rows > 1 else sample_block_rows(spec, mach)
         if R > 1:
@@ -244,17 +294,28 @@ def cpu_channels_last(spec: KernelSpec, func, machine: CpuMachine | None = None)
             P = int(spec.shape[1])
             bspec = dataclasses.replace(spec, stat_block=P, stat_rows=R, stat_plain_m2=R * P <= PLAIN_M2_MAX)
             return _channels_last_sample_blocks(bspec, prim_func(bspec), mach)
-    lanes = _row_lanes(mach)
-    V = 4 * lanes
+    return None
+
+
+# asked for by name (schedule="cpu_channels_last"), the rule does not defer to the stripes
+cpu_channels_last.when_named = lambda spec, func, machine=None: _sample_blocks_rule(spec, func, machine,
+                                                                                    prefer_stripes=False)
+
+
+def cpu_channel_stripes(spec: KernelSpec, func, machine: CpuMachine | None = None):
+    """Channels-last with few rows per sample: parallel over stripes of channels
+    (:func:`channel_stripe_width`), one task per stripe doing its shift, both statistics passes, the
+    per-channel values and y, so the stripe comes from memory once and is re-read from L2 (one phase,
+    no barrier). Taken where :func:`cpu_channels_last` declines: rows too wide for sample blocks, a
+    static batch of at most :func:`stripe_batch_max`, or a kernel's per-call choice for such a batch.
+    """
+    if not _channels_last_applies(spec):
+        return None
+    mach = _machine(machine)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     C = int(spec.channel_shape[0])
-    ci = _vector_factor(C, lanes) if C > V else C
-    if C > V and ci < 4:
-        ci = C if C <= 4 * V else max(ci, _divisor(C, V))
-    vi = ci
-    if ci == V and C % (2 * V) == 0 and C >= 4 * V:
-        ci = 2 * V    # stripes of two vectors per row (AVX-512: 128 channels, rows of 512 B; measured: -13%)
+    ci, vi = channel_stripe_width(C, mach)
     co, _ = sch.split(sch.get_loops("shift")[0], [None, ci])
     stats = ("sum", "mean64", "mean", "sqsum")
     # mean64 is not there when nothing reads it (momentum 1: the moving mean keeps its value, and a
