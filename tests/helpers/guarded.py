@@ -130,13 +130,14 @@ def _edge_network(name: str, size: int):
     return model
 
 
-def batchnorm_tail(gradients: bool, ghost: bool = False) -> int:
+def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False) -> int:
     """Batch norm on (N, C) whose last sample block is ragged (a symbolic batch of 25, C = 64: forward
     blocks of 16 under a 16 KB L2; backward row blocks of 32, C being 4 vectors or more on AVX2 and
     AVX-512), forward (and backward) on a guarded x (and dy). These loads are vectors across the channels,
     whose clamp TVM kept even under a Select: the cases guard the tails, not that Select. ``ghost``: ghost
     BN (v = 4, 9 groups of a symbolic batch of 36: the stripes walking the groups, with their prefetch
-    of the next group's rows) instead."""
+    of the next group's rows) instead. ``stripes``: the channel stripes (C = 384: three stripes of 128,
+    two vectors each) instead of the sample blocks."""
     import os
 
     from bncompile.config import BatchNormConfig
@@ -148,19 +149,23 @@ def batchnorm_tail(gradients: bool, ghost: bool = False) -> int:
     os.environ[M.ENV_CACHES] = "l1d=32K,l2=16K,l3=8M"
     tvm = _shim.tvm()
     cfg = BatchNormConfig(axis=-1, momentum=0.5, fused=False, virtual_batch_size=4 if ghost else None)
-    k = compile_batchnorm(cfg, (None, 64), gradients=gradients)
+    C = 384 if stripes else 64
+    k = compile_batchnorm(cfg, (None, C), gradients=gradients,
+                          schedule="cpu_channel_stripes" if stripes else None if ghost else "cpu_channels_last")
     spec = k._built(None).spec
-    if ghost:
+    if stripes:
+        pass
+    elif ghost:
         if k.schedule != "cpu_channels_last_ghost":
             raise AssertionError(f"expected the ghost channels-last rule, got {k.schedule}")
     elif k.schedule != "cpu_channels_last" or sample_block_rows(spec, M.cpu_machine(None)) != 16:
         raise AssertionError(f"expected sample blocks of 16, got {k.schedule}")
     rng = np.random.default_rng(3)
     n = 36 if ghost else 25
-    x = (0.5 + rng.standard_normal((n, 64))).astype(np.float32)
-    dy = rng.standard_normal((n, 64)).astype(np.float32)
-    values = {"gamma": rng.uniform(0.5, 1.5, 64), "beta": rng.normal(0, 0.1, 64),
-              "moving_mean": rng.normal(0, 0.1, 64), "moving_variance": rng.uniform(0.5, 1.5, 64)}
+    x = (0.5 + rng.standard_normal((n, C))).astype(np.float32)
+    dy = rng.standard_normal((n, C)).astype(np.float32)
+    values = {"gamma": rng.uniform(0.5, 1.5, C), "beta": rng.normal(0, 0.1, C),
+              "moving_mean": rng.normal(0, 0.1, C), "moving_variance": rng.uniform(0.5, 1.5, C)}
     variables = {n: tvm.runtime.tensor(v.astype(np.float32)) for n, v in values.items()}
 
     def forward(xt):
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
         if not ran:
             raise AssertionError(f"{case}: no function to run")
     else:
-        batchnorm_tail(case.endswith("backward"), ghost="ghost" in case)
+        batchnorm_tail(case.endswith("backward"), ghost="ghost" in case, stripes="stripes" in case)
     print("ok")
     return 0
 

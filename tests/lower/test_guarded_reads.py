@@ -50,7 +50,8 @@ def test_padding_read_in_place_stays_in_bounds(case):
     _run(case)
 
 
-@pytest.mark.parametrize("case", ["bn_forward", "bn_backward", "bn_ghost_forward", "bn_ghost_backward"])
+@pytest.mark.parametrize("case", ["bn_forward", "bn_backward", "bn_ghost_forward", "bn_ghost_backward",
+                                  "bn_stripes_forward"])
 def test_batchnorm_ragged_sample_block_stays_in_bounds(case):
     _run(case)
 

@@ -100,7 +100,7 @@ def _ulps(a, ref):
 
 
 EXACT_CASES = [  # (config, shape, expected CPU schedule)
-    (BatchNormConfig(axis=-1), (65536, 4), "cpu_channels_last"),
+    (BatchNormConfig(axis=-1), (65536, 4), ("cpu_channels_last", "cpu_channel_stripes")),   # the host's choice
     (BatchNormConfig(axis=-1, fused=False), (16, 28, 28, 32), "cpu_channels_last_rows"),
     (BatchNormConfig(axis=1), (8, 16, 32, 32), "cpu_channel_first"),
     (BatchNormConfig(axis=1), (4096, 3, 5), "cpu_channel_first"),             # rfactor path (Q = 5)
@@ -112,12 +112,12 @@ EXACT_CASES = [  # (config, shape, expected CPU schedule)
 
 
 @pytest.mark.parametrize("loc,scale", [(0.0, 100.0), (1e3, 1.0), (-3e4, 2.0)], ids=["spread", "mean1e3", "mean1e4"])
-@pytest.mark.parametrize("cfg,shape,rule", EXACT_CASES, ids=[f"{c[2]}-{c[1]}" for c in EXACT_CASES])
-def test_batch_mean_exact_to_float32_rounding(cfg, shape, rule, loc, scale):
+@pytest.mark.parametrize("cfg,shape,rule", EXACT_CASES, ids=[f"{c[2] if isinstance(c[2], str) else 'nc'}-{c[1]}" for c in EXACT_CASES])
+def test_batch_mean_exact_to_float32_rounding(cfg, shape, rule, loc, scale, forced=None):
     cfg = BatchNormConfig(**{**cfg.__dict__, "momentum": 0.0})      # moving_mean_new is the batch mean
     x = (loc + scale * np.random.default_rng(11).standard_normal(shape)).astype(np.float32)
-    k = compile_batchnorm(cfg, shape)
-    assert k.schedule == rule
+    k = compile_batchnorm(cfg, shape, schedule=forced)
+    assert k.schedule in ((rule,) if isinstance(rule, str) else rule)
     out = k.run({"x": x})
     ref = batchnorm(cfg, x.astype(np.float64), training=True)
     # the mean: within 1 ulp of the result, plus 2**-28 of the spread for a mean near 0 (x - K rounds
@@ -129,6 +129,14 @@ def test_batch_mean_exact_to_float32_rounding(cfg, shape, rule, loc, scale):
     assert _ulps(out["moving_variance_new"], ref.variables["moving_variance"]).max() <= 8.0
     # y: as exact as float32 normalization allows
     _close(out["y"], ref.y, 2e-6 * max(1.0, float(np.abs(ref.y).max())), "y")
+
+
+@pytest.mark.parametrize("loc,scale", [(0.0, 100.0), (1e3, 1.0), (-3e4, 2.0)], ids=["spread", "mean1e3", "mean1e4"])
+@pytest.mark.parametrize("shape", [(4096, 256), (65536, 4, 32)])
+def test_channel_stripes_exact_to_float32_rounding(shape, loc, scale):
+    """The channel stripes (asked for by name, whatever the host prefers): the same bounds."""
+    test_batch_mean_exact_to_float32_rounding(BatchNormConfig(axis=-1), shape, "cpu_channel_stripes", loc, scale,
+                                              forced="cpu_channel_stripes")
 
 
 @pytest.mark.parametrize("shape,v,plain", [((None, 1024), 4, True), ((64, 2, 5), 2, True), ((None, 40), 1, True),
