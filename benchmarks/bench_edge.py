@@ -41,6 +41,8 @@ sys.path.insert(0, str(HERE))
 
 from edge_models import NETWORKS  # noqa: E402
 
+from bncompile.bench import check_outputs_or_exit, write_json_data  # noqa: E402
+
 DEFAULT = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnety_400mf", "shufflenet_v2",
            "resnet50", "densenet121"]
 
@@ -180,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    check_outputs_or_exit("bench_edge.py", {"--json": args.json})
     networks = [n for n in args.networks.split(",") if n]
     unknown = [n for n in networks if n not in NETWORKS]
     if unknown:
@@ -240,9 +243,8 @@ def main(argv=None) -> int:
                 if results[t][k][name].get("error"):
                     print(f"  {name} @{t}t {k}: {results[t][k][name]['error']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu, "size": args.size, "results": results,
-                                               "load_before": load_before, "load_after": _load_average()},
-                                              indent=2))
+        write_json_data({"cpu": cpu, "size": args.size, "results": results, "load_before": load_before,
+                         "load_after": _load_average()}, args.json)
     return 0
 
 

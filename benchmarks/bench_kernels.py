@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from bncompile.bench import check_outputs_or_exit, write_json_data
 from bncompile.bench.kernels import print_table, run_kernel_benchmark
 
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--schedule", default=None, help="CUDA only: force the forward's schedule rule")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    check_outputs_or_exit("bench_kernels.py", {"--json": args.json_path})
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.target.split(":")[0] == "cuda":
         from bncompile.bench.cuda import format_cuda_table, run_cuda_benchmark
@@ -58,10 +60,7 @@ def main(argv=None) -> int:
         print(format_backward_table(backward))
         result = {**result, "backward": backward} if result else backward
     if args.json_path:
-        import json
-        from pathlib import Path
-
-        Path(args.json_path).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json_data(result, args.json_path)
     return 0
 
 

@@ -26,7 +26,6 @@ smaller ``--repeat`` for it (see the figures in the issue report).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -98,7 +97,8 @@ def resnet18(*, size: int = 224, seed: int = 0, classes: int = 1000) -> onnx.Mod
 
 
 def main(argv=None) -> int:
-    from bncompile.bench import BenchReport, benchmark, parse_batches, plot, write_json
+    from bncompile.bench import (BenchReport, benchmark, check_outputs_or_exit, parse_batches, plot, write_json,
+                                 write_json_data)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--twice", action="store_true", help="run two times and compare the ratios")
     args = ap.parse_args(argv)
+    check_outputs_or_exit("bench_models.py", {"--json": args.json, "--plot": args.plot})
 
     model = resnet18(size=args.size)
     n_params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
@@ -137,8 +138,7 @@ def main(argv=None) -> int:
         if len(reports) == 1:
             write_json(reports[0], args.json)
         else:
-            with open(args.json, "w") as fh:
-                json.dump(data, fh, indent=2)
+            write_json_data(data, args.json)
     if args.plot:
         plot(reports[-1], args.plot)
     if len(reports) == 2:

@@ -79,11 +79,11 @@ Modules, in the order the data flows: ``inputs`` (graph inputs, batches, shapes)
 
 from bncompile.bench.driver import DEFAULT_REPEAT, DEFAULT_THREADS, DEFAULT_WARMUP, benchmark
 from bncompile.bench.inputs import parse_batches, resolve_shapes
-from bncompile.bench.output import load_schema, plot, write_json
+from bncompile.bench.output import check_outputs_or_exit, load_schema, plot, write_json, write_json_data
 from bncompile.bench.report import BASELINE, SCHEMA_VERSION, BenchReport, VariantResult
 from bncompile.bench.variants import ALL_VARIANTS, CPU_VARIANTS, CUDA_VARIANTS, select_variants
 
-__all__ = ["ALL_VARIANTS", "BASELINE", "BenchReport", "CPU_VARIANTS", "CUDA_VARIANTS", "DEFAULT_REPEAT",
+__all__ = ["check_outputs_or_exit", "write_json_data", "ALL_VARIANTS", "BASELINE", "BenchReport", "CPU_VARIANTS", "CUDA_VARIANTS", "DEFAULT_REPEAT",
            "DEFAULT_THREADS", "DEFAULT_WARMUP", "SCHEMA_VERSION", "VariantResult", "benchmark",
            "load_schema", "parse_batches", "plot", "resolve_shapes", "select_variants", "write_json"]
 

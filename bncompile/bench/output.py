@@ -13,6 +13,33 @@ def load_schema() -> dict:
     return json.loads((Path(__file__).parent.parent / "schemas" / "bench.schema.json").read_text())
 
 
+def write_json_data(data, path, *, flag: str = "--json") -> None:
+    """Write ``data`` as indented JSON to ``path``, atomically (nothing half-written on failure)."""
+    from bncompile._io import atomic_output
+
+    with atomic_output(path, what="json", flag=flag) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def check_outputs_or_exit(prog: str, paths: dict) -> None:
+    """For a benchmark script, before its long run: every output path given (``{"--json": path, ...}``,
+    None for an option not given) can be written; else one line ``PROG: error: ...`` naming the problem
+    and the fix, and exit code 2."""
+    import sys
+
+    from bncompile._io import check_output_path
+    from bncompile.errors import BncompileError
+
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        try:
+            check_output_path(path, what=flag.lstrip("-"), flag=flag)
+        except BncompileError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
 def write_json(report: BenchReport, path) -> None:
     """Write the report as JSON, atomically."""
     from bncompile._io import atomic_output

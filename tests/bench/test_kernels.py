@@ -81,3 +81,25 @@ def test_ort_runner_outputs_are_mapped_before_timing():
     for _ in range(3):
         run()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 64
+
+
+@pytest.mark.parametrize("script,args", [("bench_kernels.py", ["--json", "{missing}/out.json"]),
+                                         ("bench_edge.py", ["--json", "{missing}/out.json"]),
+                                         ("bench_models.py", ["--plot", "{folder}"]),
+                                         ("bench_models.py", ["--json", "{missing}/out.json"])])
+def test_benchmark_scripts_refuse_unwritable_outputs_first(tmp_path, script, args):
+    """A --json/--plot that cannot be written is refused before the long run: one line, exit 2, nothing
+    written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    args = [a.format(missing=tmp_path / "missing", folder=tmp_path) for a in args]
+    before = sorted(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and "--" in lines[0], proc.stderr
+    assert sorted(tmp_path.iterdir()) == before
