@@ -207,8 +207,12 @@ def set_num_threads(n: int) -> int:
     configure = t.get_global_func("runtime.config_threadpool")
     import os
 
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(n))
-    configure(-3, n, [str(cpus[i % len(cpus)]) for i in range(n)])       # kSpecifyThreadShareAllCore
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or n))
+    # kSpecifyThreadShareAllCore: every thread of the pool, the calling thread too, may run on every CPU of
+    # the list, so the list holds every CPU this process may use (a list of the first n CPUs pinned the
+    # calling thread, and every thread it starts later, onnxruntime's pool too, to CPU 0 for n = 1); TVM
+    # caps the pool at the list's length, so a list of at least n entries
+    configure(-3, n, [str(cpus[i % len(cpus)]) for i in range(max(n, len(cpus)))])
     used = int(t.get_global_func("runtime.NumThreads")())
     if used != n:
         log.warning("TVM thread pool: %d thread(s) in use, %d asked (the pool was created before; set "
