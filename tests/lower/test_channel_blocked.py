@@ -243,16 +243,29 @@ def _residual_stack(seed: int):
 
 @pytest.mark.parametrize("seed", range(300, 310))
 def test_residual_stacks_without_depthwise_convs(compiler, seed):
-    """On AVX2 (``ALL_NETWORKS_LANES``) networks with no depthwise conv carry the blocks too: their 1x1 and
-    3x3 convs, groups of 8 channels, residual adds, max pools and Winograd convs on NCHW8c, layout copies
-    at the edges. Against onnxruntime, static and free batch; on AVX-512 the same graphs keep NCHW."""
+    """On AVX2 and AVX-512 (``ALL_NETWORKS_LANES``) networks with no depthwise conv carry the blocks too:
+    their 1x1 and 3x3 convs, groups of 8 channels, residual adds, max pools and Winograd convs on NCHW8c
+    (NCHW16c where 16 divides the channels), layout copies at the edges. Against onnxruntime, static and
+    free batch; the AVX-512 build runs where the host has AVX-512, and is compiled everywhere."""
     g, y, cin, h, w = _residual_stack(seed)
     batch = "N" if seed % 2 else 2
     model = g.model(y, cin, h, w, batch)
-    cm = _check(compiler, model, (1, cin, h, w), target=AVX2, batches=(1, 3) if batch == "N" else (2,))
+    batches = (1, 3) if batch == "N" else (2,)
+    cm = _check(compiler, model, (1, cin, h, w), target=AVX2, batches=batches)
     assert any("layout_transform" in name for name in cm.info["cpu_schedules"]), cm.info["cpu_schedules"]
-    wide = compiler.compile(model, target={"kind": "llvm", "mcpu": "skylake-avx512"})
-    assert not any("layout_transform" in name for name in wide.info["cpu_schedules"]), wide.info["cpu_schedules"]
+    wide = {"kind": "llvm", "mcpu": "skylake-avx512"}
+    if _host_has_avx512():
+        _check(compiler, model, (1, cin, h, w), target=wide, batches=batches)
+    else:
+        compiler.compile(model, target=wide)
+
+
+def _host_has_avx512() -> bool:
+    try:
+        return any(line.startswith("flags") and " avx512f" in line and " avx512vl" in line
+                   for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
 
 
 def _bn(g, x, c):
