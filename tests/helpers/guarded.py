@@ -153,12 +153,10 @@ def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False) 
     k = compile_batchnorm(cfg, (None, C), gradients=gradients,
                           schedule="cpu_channel_stripes" if stripes else None if ghost else "cpu_channels_last")
     spec = k._built(None).spec
-    if stripes:
-        pass
-    elif ghost:
-        if k.schedule != "cpu_channels_last_ghost":
-            raise AssertionError(f"expected the ghost channels-last rule, got {k.schedule}")
-    elif k.schedule != "cpu_channels_last" or sample_block_rows(spec, M.cpu_machine(None)) != 16:
+    if ghost and k.schedule != "cpu_channels_last_ghost":
+        raise AssertionError(f"expected the ghost channels-last rule, got {k.schedule}")
+    if not (ghost or stripes) and (k.schedule != "cpu_channels_last"
+                                   or sample_block_rows(spec, M.cpu_machine(None)) != 16):
         raise AssertionError(f"expected sample blocks of 16, got {k.schedule}")
     rng = np.random.default_rng(3)
     n = 36 if ghost else 25

@@ -250,9 +250,9 @@ STRIPE_MAX_VECTOR_REGISTERS = 4
 def stripe_batch_max(spec: KernelSpec, machine: CpuMachine | None = None) -> int:
     """The largest batch for which :func:`cpu_channel_stripes` is preferred over the sample blocks of
     :func:`cpu_channels_last` (0: never): the batch's stripe (N x P x ci floats) within
-    L2/:data:`STRIPE_L2_SHARE`, and a vector of the walk within :data:`STRIPE_MAX_VECTOR_REGISTERS`
-    registers of the target, and a stripe per CPU at least. A kernel with a symbolic batch picks its rule per call with it
-    (:class:`bncompile.lower.kernels.Kernel`)."""
+    L2/:data:`STRIPE_L2_SHARE`, a vector of the walk within :data:`STRIPE_MAX_VECTOR_REGISTERS` registers
+    of the target, and at least a stripe per CPU. A kernel with a symbolic batch picks its rule per call
+    with it (:class:`bncompile.lower.kernels.Kernel`)."""
     if not _channels_last_applies(spec) or spec.kinds != "RRCR" or not isinstance(spec.shape[1], int):
         return 0
     mach = _machine(machine)
