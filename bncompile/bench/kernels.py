@@ -590,7 +590,7 @@ def run_backward_benchmark(shapes: Sequence | None = None, *, repeat: int = 20, 
         q = _quartiles([b / (1.5 * o) for b, o in zip(times["bwd"], times["ort_infer"])])
         cpu_ratios = [b / (1.5 * o) for b, o in zip(cpu["bwd"], cpu["ort_infer"]) if o > 0]
         results.append({"case": case.name, "shape": list(case.shape), "axis": case.axis, "variant": case.variant,
-                        "schedule": k.backward_schedule, "forward_schedule": k.schedule, "ms": med,
+                        "schedule": k.backward_schedule, "forward_schedule": k.schedule_for(case.shape), "ms": med,
                         "floor_ms": floor, "bwd_vs_floor": q[1], "bwd_vs_floor_iqr": [q[0], q[2]],
                         # on a shared machine: the best call of each (what neither lost to other jobs) and
                         # the per-round ratio of process CPU time (all threads; preempted time not counted)

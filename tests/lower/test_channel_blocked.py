@@ -255,9 +255,10 @@ def test_residual_stacks_without_depthwise_convs(compiler, seed):
     assert any("layout_transform" in name for name in cm.info["cpu_schedules"]), cm.info["cpu_schedules"]
     wide = {"kind": "llvm", "mcpu": "skylake-avx512"}
     if _host_has_avx512():
-        _check(compiler, model, (1, cin, h, w), target=wide, batches=batches)
+        wcm = _check(compiler, model, (1, cin, h, w), target=wide, batches=batches)
     else:
-        compiler.compile(model, target=wide)
+        wcm = compiler.compile(model, target=wide)
+    assert any("layout_transform" in name for name in wcm.info["cpu_schedules"]), wcm.info["cpu_schedules"]
 
 
 def _host_has_avx512() -> bool:

@@ -45,13 +45,15 @@ def _launches(built) -> tuple[int, int]:
     (BatchNormConfig(axis=-1, fused=False), (None, 32, 32, 64), "cpu_channels_last_rows", 3),
     (BatchNormConfig(axis=-1), (None, 1024), "cpu_channels_last", 3),
     (BatchNormConfig(axis=-1, renorm=True), (None, 1024), "cpu_channels_last", 3),
+    (BatchNormConfig(axis=-1), (None, 1024), "cpu_channel_stripes", 1),
+    (BatchNormConfig(axis=-1, renorm=True), (None, 3, 384), "cpu_channel_stripes", 1),
     (BatchNormConfig(axis=-1, virtual_batch_size=4), (None, 1024), "cpu_channels_last_ghost", 1),   # stripes
     (BatchNormConfig(axis=-1, virtual_batch_size=2), (None, 8, 8, 64), "cpu_channels_last_ghost", 5),
 ])
 def test_training_kernels_launch_the_pool_once(cfg, shape, rule, phases):
     """One launch; barriers between its phases (statistics, the serial combine, y...)."""
     spec = make_spec(cfg, shape)
-    built = build_spec(spec, target=HASWELL)
+    built = build_spec(spec, target=HASWELL, schedule=rule if rule == "cpu_channel_stripes" else None)
     assert built.schedule == rule
     launches, barriers = _launches(built)
     assert launches == 1 and (barriers > 0) == (phases > 1)
@@ -80,9 +82,10 @@ def test_merge_leaves_single_loop_kernels_alone():
 
 
 def _check(cfg, x, kshape):
-    k = compile_batchnorm(cfg, kshape)
-    # a static batch too small for a block of MIN_SAMPLE_BLOCK samples runs the channel stripes
-    assert k.schedule == "cpu_channels_last" or (kshape[0] is not None and k.schedule == "cpu_channel_stripes")
+    # named: the sample blocks whatever the host would prefer (a static batch too small for a block of
+    # MIN_SAMPLE_BLOCK samples runs the stripes under this name, as before the stripes were a rule)
+    k = compile_batchnorm(cfg, kshape, schedule="cpu_channels_last")
+    assert k.schedule == "cpu_channels_last" and k.schedule_for(x.shape) == "cpu_channels_last"
     out = k.run({"x": x})
     ref = batchnorm(cfg, x.astype(np.float64), training=True)
     scale = max(1.0, float(np.abs(ref.y).max()))
@@ -152,7 +155,6 @@ def test_channels_last_rules_agree(seed):
     """Random (N, [P,] C) shapes and configs, the batch static or symbolic, each few-rows channels-last rule
     forced by name (so both run on every host): every output matches the float64 reference, on data
     whose mean dwarfs its spread too."""
-    from bncompile.errors import UnsupportedError
     from lower.test_kernels import check
 
     rng = np.random.default_rng(1000 + seed)
@@ -163,10 +165,8 @@ def test_channels_last_rules_agree(seed):
     kshape = (None,) + shape[1:] if rng.random() < 0.5 else shape
     loc, scale = [(0.5, 1.5), (1e4, 1.0), (-300.0, 20.0)][seed % 3]
     for rule in ("cpu_channels_last", "cpu_channel_stripes"):
-        try:
-            check(cfg, shape, kshape=kshape, rule=rule, schedule=rule, mean=loc, std=scale, seed=seed)
-        except UnsupportedError:
-            assert rule == "cpu_channels_last", (rule, shape)   # rows too wide for a block of 8 samples
+        # named, cpu_channels_last runs its blocks wherever a block of MIN_SAMPLE_BLOCK samples fits, else the stripes
+        check(cfg, shape, kshape=kshape, rule=rule, schedule=rule, mean=loc, std=scale, seed=seed)
 
 
 def test_symbolic_batch_picks_rule_per_call(monkeypatch):
@@ -178,6 +178,7 @@ def test_symbolic_batch_picks_rule_per_call(monkeypatch):
     cfg = BatchNormConfig(axis=-1, momentum=0.5, fused=False)
     k = compile_batchnorm(cfg, (None, 256))
     assert k.schedule == "cpu_channels_last"
+    assert (None, False, "cpu_channel_stripes") in k._variants        # compiled with the kernel, not on a call
     for n, rule in ((40, "cpu_channel_stripes"), (41, "cpu_channels_last"), (3, "cpu_channel_stripes")):
         x = (7.0 + 2.0 * np.random.default_rng(n).standard_normal((n, 256))).astype(np.float32)
         assert k.schedule_for(x.shape) == rule

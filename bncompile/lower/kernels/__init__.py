@@ -183,6 +183,9 @@ class Kernel:
             base_adj = "channel"
         self.spec = make_spec(config, self.input_shape, training=self.training, dtype=dtype, adjustment=base_adj)
         self._built(base_adj)                          # compile now: errors surface here
+        rule = self._batch_rule(base_adj, (1,) + tuple(self.input_shape[1:]))
+        if rule is not None:                           # and the rule small batches run (not on a first call)
+            self._built(base_adj, False, rule)
         self.gradients = bool(gradients)
         self.backward_schedule_rule = backward_schedule
         self._backward: dict[str | None, Built] = {}

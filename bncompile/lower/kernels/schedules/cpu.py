@@ -297,9 +297,15 @@ def _sample_blocks_rule(spec: KernelSpec, func, machine: CpuMachine | None, *, p
     return None
 
 
-# asked for by name (schedule="cpu_channels_last"), the rule does not defer to the stripes
-cpu_channels_last.when_named = lambda spec, func, machine=None: _sample_blocks_rule(spec, func, machine,
-                                                                                    prefer_stripes=False)
+def _cpu_channels_last_named(spec: KernelSpec, func, machine: CpuMachine | None = None):
+    """``cpu_channels_last`` asked for by name: the sample blocks whatever the batch; where no block
+    applies (rows too wide, a static batch under MIN_SAMPLE_BLOCK, a full-shape adjustment) the stripes, as
+    the rule did before the stripes were a rule of their own."""
+    sch = _sample_blocks_rule(spec, func, machine, prefer_stripes=False)
+    return sch if sch is not None else cpu_channel_stripes(spec, func, machine)
+
+
+cpu_channels_last.when_named = _cpu_channels_last_named
 
 
 def cpu_channel_stripes(spec: KernelSpec, func, machine: CpuMachine | None = None):
