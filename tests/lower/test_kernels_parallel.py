@@ -491,3 +491,32 @@ def test_ghost_stripe_width(C, vec, cpus, want):
     from bncompile.lower.kernels.schedules._common import ghost_stripe_width
 
     assert ghost_stripe_width(C, vec, cpus) == want
+
+
+@pytest.mark.parametrize("shape, axis", [((67, 1000), -1), ((129, 200), -1), ((5, 7, 3, 40), -1), ((9, 4, 120), -1),
+                                         ((3, 56, 5, 7), 1)])
+@pytest.mark.parametrize("variant", [{}, {"virtual_batch_size": None},
+                                     {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}}])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_ragged_channel_vectors(shape, axis, variant, dynamic):
+    """Channel counts with no multiple of 16 but one of 8 (1000, 200, 40, 120; 56 on NCHW's channel axis) walk
+    whole 8-lane vectors (``_vector_factor``; 25- or 20-lane ones before): every rule the host picks agrees
+    with the float64 reference, whatever the batch (ghost: groups of the batch's divisor)."""
+    from bncompile.lower.kernels.schedules._common import _vector_factor
+
+    c = shape[axis]
+    assert _vector_factor(c, 16) % 8 == 0 and _vector_factor(c, 8) % 8 == 0
+    kw = dict(variant)
+    if "virtual_batch_size" in kw:
+        kw["virtual_batch_size"] = next(v for v in (4, 3, 5, 7, 1) if shape[0] % v == 0)
+    cfg = BatchNormConfig(axis=axis, momentum=0.7, fused=False, **kw)
+    rng = np.random.default_rng(shape[0] * c)
+    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+    k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape)
+    out = k.run({"x": x})
+    ref = batchnorm(cfg, x.astype(np.float64), training=True)
+    scale = max(1.0, float(np.abs(ref.y).max()))
+    np.testing.assert_allclose(out["y"], ref.y, rtol=5e-6, atol=5e-6 * scale, err_msg=k.schedule_for(x.shape))
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=5e-6, atol=5e-6 * max(1.0, float(np.abs(v).max())),
+                                   err_msg=n)

@@ -27,15 +27,22 @@ def _divisor(n: int, limit: int) -> int:
     return 1
 
 
+#: the narrowest whole vector register of float32 lanes (AVX2's; half of AVX-512's)
+MIN_REGISTER_LANES = 8
+
+
 def _vector_factor(n: int, lanes: int = 16) -> int:
     """A vector width for a loop of ``n``: a multiple of ``lanes`` dividing n when one exists, else the
-    largest divisor <= 2*lanes."""
+    largest multiple of :data:`MIN_REGISTER_LANES` <= 2*lanes dividing n, else the largest divisor <= 2*lanes.
+    (A ragged width costs a masked register per vector: (N, C) with C = 1000 walked 25-channel vectors at
+    0.75x the speed of 8-channel ones, C = 200 at 0.59x; AMD EPYC znver4, AVX-512, training forward.)"""
     if not isinstance(n, int):
         return 1
     for f in (4 * lanes, 2 * lanes, lanes):
         if n % f == 0 and n >= f:
             return f
-    return _divisor(n, 2 * lanes)
+    whole = [f for f in range(MIN_REGISTER_LANES, 2 * lanes + 1, MIN_REGISTER_LANES) if n % f == 0]
+    return whole[-1] if whole else _divisor(n, 2 * lanes)
 
 
 def _blocks(sch) -> list[str]:

@@ -245,22 +245,25 @@ def channel_stripe_width(C: int, machine: CpuMachine | None = None) -> tuple[int
 # 16384x256 (past L2); AVX2 code on the same CPU (64-channel vectors of 8 registers, spilled): 1.07-1.44
 STRIPE_L2_SHARE = 2              # a stripe of the batch at most L2 / this
 STRIPE_MAX_VECTOR_REGISTERS = 4
+STRIPE_LINE_BYTES = 64         # a stripe's row segment: whole cache lines
 
 
 def stripe_batch_max(spec: KernelSpec, machine: CpuMachine | None = None) -> int:
     """The largest batch for which :func:`cpu_channel_stripes` is preferred over the sample blocks of
     :func:`cpu_channels_last` (0: never): the batch's stripe (N x P x ci floats) within
     L2/:data:`STRIPE_L2_SHARE`, a vector of the walk of whole registers, at most
-    :data:`STRIPE_MAX_VECTOR_REGISTERS` of the target, and at least a stripe per CPU. A kernel with a symbolic batch picks its rule per call
+    :data:`STRIPE_MAX_VECTOR_REGISTERS` of the target, a stripe's row of whole cache lines, and at least a
+    stripe per CPU. A kernel with a symbolic batch picks its rule per call
     with it (:class:`bncompile.lower.kernels.Kernel`)."""
     if not _channels_last_applies(spec) or spec.kinds != "RRCR" or not isinstance(spec.shape[1], int):
         return 0
     mach = _machine(machine)
     ci, vi = channel_stripe_width(int(spec.channel_shape[0]), mach)
-    if vi > STRIPE_MAX_VECTOR_REGISTERS * mach.lanes or vi % mach.lanes or int(spec.channel_shape[0]) // ci < host_cpus():
-        # spilled vectors; a ragged vector (C = 1000 on AVX-512: stripes of 25 channels, a masked register
-        # per 16 lanes, each row's 100 bytes read alone: 1.8x the blocks' time); or fewer stripes than CPUs
-        # (the blocks split the batch instead)
+    if vi > STRIPE_MAX_VECTOR_REGISTERS * mach.lanes or vi % mach.lanes or (4 * ci) % STRIPE_LINE_BYTES \
+            or int(spec.channel_shape[0]) // ci < host_cpus():
+        # spilled vectors; a ragged vector or a stripe of part of a cache line (C = 1000 on AVX-512: stripes
+        # of 25 channels, each row's 100 bytes read alone: 1.8x the blocks' time); or fewer stripes than
+        # CPUs (the blocks split the batch instead)
         return 0
     return mach.l2 // STRIPE_L2_SHARE // (4 * ci * int(spec.shape[1]))
 
