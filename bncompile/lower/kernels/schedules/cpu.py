@@ -242,7 +242,9 @@ def channel_stripe_width(C: int, machine: CpuMachine | None = None) -> tuple[int
 # L2 (its three passes read it from there) and its vectors fit in registers. Measured side by side (same
 # rounds, 2 threads, inputs rotated; AMD EPYC znver5, AVX-512, L2 1 MB): stripes / blocks 0.86-0.97 on NC
 # 256x1024 and 1024x256, 0.70 on 64x4096, about 1 on 2048x1024 (a 1 MB stripe), 1.10 on 8192x1024 and
-# 16384x256 (past L2); AVX2 code on the same CPU (64-channel vectors of 8 registers, spilled): 1.07-1.44
+# 16384x256 (past L2); AVX2 code on the same CPU (64-channel vectors of 8 registers, spilled): 1.07-1.44.
+# On znver4 (L1d 32 KB, the same 1 MB L2) the blocks took 0.85-0.95 of the stripes' time on 256x1024 and
+# 1024x256 and 1.05-1.09 on 512x512 and 64x4096; nothing the OS reports tells the two CPUs apart: left.
 STRIPE_L2_SHARE = 2              # a stripe of the batch at most L2 / this
 STRIPE_MAX_VECTOR_REGISTERS = 4
 STRIPE_LINE_BYTES = 64         # a stripe's row segment: whole cache lines
