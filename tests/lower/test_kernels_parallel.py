@@ -493,7 +493,7 @@ def test_ghost_stripe_width(C, vec, cpus, want):
     assert ghost_stripe_width(C, vec, cpus) == want
 
 
-@pytest.mark.parametrize("shape, axis", [((67, 1000), -1), ((129, 200), -1), ((5, 7, 3, 40), -1), ((9, 4, 120), -1),
+@pytest.mark.parametrize("shape, axis", [((68, 1000), -1), ((129, 200), -1), ((5, 7, 3, 40), -1), ((9, 4, 120), -1),
                                          ((3, 56, 5, 7), 1)])
 @pytest.mark.parametrize("variant", [{}, {"virtual_batch_size": None},
                                      {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}}])
