@@ -130,14 +130,16 @@ def _edge_network(name: str, size: int):
     return model
 
 
-def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False) -> int:
+def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False, ragged: bool = False) -> int:
     """Batch norm on (N, C) whose last sample block is ragged (a symbolic batch of 25, C = 64: forward
     blocks of 16 under a 16 KB L2; backward row blocks of 32, C being 4 vectors or more on AVX2 and
     AVX-512), forward (and backward) on a guarded x (and dy). These loads are vectors across the channels,
     whose clamp TVM kept even under a Select: the cases guard the tails, not that Select. ``ghost``: ghost
     BN (v = 4, 9 groups of a symbolic batch of 36: the stripes walking the groups, with their prefetch
     of the next group's rows) instead. ``stripes``: the channel stripes (C = 384: three stripes of 128,
-    two vectors each) instead of the sample blocks."""
+    two vectors each) instead of the sample blocks. ``ragged``: NCHW (25, 4, 14, 14) on ragged statistics
+    lanes (rows of 196 values, each row's last vector its last L values: ``ragged_stat_lanes``, taken on
+    any host here) instead."""
     import os
 
     from bncompile.config import BatchNormConfig
@@ -148,20 +150,29 @@ def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False) 
 
     os.environ[M.ENV_CACHES] = "l1d=32K,l2=16K,l3=8M"
     tvm = _shim.tvm()
-    cfg = BatchNormConfig(axis=-1, momentum=0.5, fused=False, virtual_batch_size=4 if ghost else None)
-    C = 384 if stripes else 64
-    k = compile_batchnorm(cfg, (None, C), gradients=gradients,
-                          schedule="cpu_channel_stripes" if stripes else None if ghost else "cpu_channels_last")
+    cfg = BatchNormConfig(axis=1 if ragged else -1, momentum=0.5, fused=False,
+                          virtual_batch_size=4 if ghost else None)
+    C = 384 if stripes else 4 if ragged else 64
+    if ragged:
+        from bncompile.lower.kernels.schedules import cpu
+
+        cpu.RAGGED_LANES_MIN = 4                 # this process only: AVX2 hosts take them too
+    k = compile_batchnorm(cfg, (None, C, 14, 14) if ragged else (None, C), gradients=gradients,
+                          schedule="cpu_channel_stripes" if stripes else None if ghost or ragged
+                          else "cpu_channels_last")
     spec = k._built(None).spec
+    if ragged and not (k.schedule == "cpu_channel_first" and cpu.ragged_stat_lanes(196, M.cpu_machine(None))):
+        raise AssertionError(f"expected ragged lanes, got {k.schedule}")
     if ghost and k.schedule != "cpu_channels_last_ghost":
         raise AssertionError(f"expected the ghost channels-last rule, got {k.schedule}")
-    if not (ghost or stripes) and (k.schedule != "cpu_channels_last"
+    if not (ghost or stripes or ragged) and (k.schedule != "cpu_channels_last"
                                    or sample_block_rows(spec, M.cpu_machine(None)) != 16):
         raise AssertionError(f"expected sample blocks of 16, got {k.schedule}")
     rng = np.random.default_rng(3)
     n = 36 if ghost else 25
-    x = (0.5 + rng.standard_normal((n, C))).astype(np.float32)
-    dy = rng.standard_normal((n, C)).astype(np.float32)
+    shape = (n, C, 14, 14) if ragged else (n, C)
+    x = (0.5 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
     values = {"gamma": rng.uniform(0.5, 1.5, C), "beta": rng.normal(0, 0.1, C),
               "moving_mean": rng.normal(0, 0.1, C), "moving_variance": rng.uniform(0.5, 1.5, C)}
     variables = {n: tvm.runtime.tensor(v.astype(np.float32)) for n, v in values.items()}
@@ -205,7 +216,8 @@ def main(argv=None) -> int:
         if not ran:
             raise AssertionError(f"{case}: no function to run")
     else:
-        batchnorm_tail(case.endswith("backward"), ghost="ghost" in case, stripes="stripes" in case)
+        batchnorm_tail(case.endswith("backward"), ghost="ghost" in case, stripes="stripes" in case,
+                       ragged="ragged" in case)
     print("ok")
     return 0
 

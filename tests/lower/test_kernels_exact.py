@@ -218,3 +218,22 @@ def test_rmax_below_rmin_clips_to_rmax(axis, shape):
     plain = batchnorm(BatchNormConfig(axis=axis, renorm=True, renorm_clipping={"rmax": 0.5, "rmin": 0.5}),
                       x.astype(np.float64), training=True)
     np.testing.assert_allclose(ref.y, plain.y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loc,scale", [(0.0, 100.0), (1e3, 1.0), (-3e4, 2.0)], ids=["spread", "mean1e3", "mean1e4"])
+@pytest.mark.parametrize("shape", [(512, 4, 14, 14), (64, 3, 17, 17), (300, 2, 1, 100)])
+def test_ragged_stat_lanes_exact_to_float32_rounding(monkeypatch, shape, loc, scale):
+    """Channel-first rows that no multiple of the lanes divides (196, 289, 100) on whole-register lanes, the
+    last vector of a row its last L values with the lanes counted before masked (compute.py's ragged lanes;
+    AVX-512 hosts take them for such rows, and here every host does: ``RAGGED_LANES_MIN`` lowered): the
+    same bounds as every other rule."""
+    from bncompile.lower.kernels import clear_cache
+    from bncompile.lower.kernels.schedules import cpu
+
+    monkeypatch.setattr(cpu, "RAGGED_LANES_MIN", 4)
+    clear_cache()
+    try:
+        assert cpu.ragged_stat_lanes(shape[-2] * shape[-1], cpu._machine(None)) > 0
+        test_batch_mean_exact_to_float32_rounding(BatchNormConfig(axis=1), shape, "cpu_channel_first", loc, scale)
+    finally:
+        clear_cache()

@@ -41,3 +41,27 @@ def test_keep_where_matches_numpy_bitwise(dtype, fill):
     want = np.where(m > 0, x, np.array(0.0 if fill is None else fill, dtype))
     itype = np.int32 if dtype == "float32" else np.int16
     np.testing.assert_array_equal(y.numpy().view(itype), want.view(itype))
+
+
+@pytest.mark.parametrize("fill", [None, -0.0, 2.5], ids=["none", "negzero", "2.5"])
+def test_keep_where_takes_an_integer_condition_across_vector_lanes(fill):
+    """``inside`` as a 0/1 integer of the value's width (compute.py's ragged lanes: a condition that varies
+    across the lanes of a vectorized loop, which TVM 0.27's host passes cannot bind as a bool vector), in a
+    vectorized loop, bit for bit against NumPy's ``where``."""
+    from bncompile.lower import tvm as _shim
+    from bncompile.lower.kernels.masking import keep_where
+
+    tvm = _shim.tvm()
+    te = tvm.te
+    n, L, q = 64, 16, 53                      # lanes j of vector i kept where i * L + j < q
+    x = te.placeholder((n,), "float32", name="x")
+    y = te.compute((n,), lambda i: keep_where(te.min(te.max(q - i, 0), 1), x[i], fill), name="y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, y]))
+    _, inner = sch.split(sch.get_loops("y")[0], [None, L])
+    sch.vectorize(inner)
+    f = tvm.compile(sch.mod, target="llvm")
+    xv = (np.random.default_rng(5).standard_normal(n) * 10).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros(n, np.float32))
+    f["main"](tvm.runtime.tensor(xv), out)
+    want = np.where(np.arange(n) < q, xv, np.float32(0.0 if fill is None else fill))
+    np.testing.assert_array_equal(out.numpy().view(np.int32), want.view(np.int32))

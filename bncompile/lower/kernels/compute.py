@@ -511,14 +511,34 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     assert spec.kinds == "RRCR" and not spec.ghost
     N, P, C, Q = shape
     B, L, R = int(spec.stat_block), int(spec.stat_lanes), int(spec.stat_rows)
-    if not isinstance(P, int) or P % B or Q % L:
-        raise ValueError(f"stat_block {B} must divide P={P} and stat_lanes {L} must divide Q={Q}")
-    PB, QL = P // B, Q // L
+    if not isinstance(P, int) or P % B or L > Q or (Q % L and R != 1):
+        raise ValueError(f"stat_block {B} must divide P={P} and stat_lanes {L} must divide Q={Q} "
+                         "(or, with one sample per block, be at most Q)")
+    # ragged lanes (Q % L = rag, one sample per block): the last of the QL vectors of a row is the row's
+    # last L values (x[Q-L:Q], contiguous, in bounds), its first L - rag lanes (counted by the vector
+    # before) masked to 0; lanes j >= L - rag hold one value more than the others
+    rag = Q % L
+    PB, QL = P // B, -(-Q // L)
     zero = tirx.const(0.0, "float32")
     f32c = lambda v: tirx.const(float(v), "float32")  # noqa: E731
+
+    def qidx(bq, j):
+        return te.min(bq * L, Q - L) + j if rag else bq * L + j
+
+    def qmask(bq, j, v):          # not a Select (masking.py); 0/1 as integers: j may be a vector lane
+        if not rag:
+            return v
+        before_last = te.min(te.max((QL - 1) - bq, 0), 1)
+        new_lane = te.min(te.max(j - (L - rag - 1), 0), 1)
+        return keep_where(te.max(before_last, new_lane), v)
+
     if R == 1:
         NB = N
-        m_of = lambda nb: f32c(B * QL)  # noqa: E731
+        if rag:
+            def m_of(nb, j):          # integer min/max, not a compare: j may be a vector lane
+                return tirx.Cast("float32", B * (Q // L) + B * te.min(te.max(j - (L - rag - 1), 0), 1))
+        else:
+            m_of = lambda nb, j: f32c(B * QL)  # noqa: E731
         ri_axes = []
 
         def sample(nb, ri):
@@ -530,7 +550,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
         NB = (N + (R - 1)) // R
         ri_axes = [te.reduce_axis((0, R), name="ri"), te.reduce_axis((0, R), name="ci_r")]
 
-        def m_of(nb):
+        def m_of(nb, j):
             return tirx.Cast("float32", te.min(tirx.const(R, "int32"), N - nb * R)) * f32c(B * QL)
 
         def sample(nb, ri):              # clamped: a missing sample reads the last one, masked to 0
@@ -543,7 +563,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     r1 = ri_axes[:1]
     ri1 = r1[0] if r1 else None
     bsum = te.compute((C, NB, PB, L), lambda c, n, pb, j: ksum(
-        (masked(n, ri1, f32(x[sample(n, ri1), pb * B + bi, c, bq * L + j]) - shift[c]), zero),
+        (qmask(bq, j, masked(n, ri1, f32(x[sample(n, ri1), pb * B + bi, c, qidx(bq, j)]) - shift[c])), zero),
         axis=r1 + [bi, bq]), name="bsum")
     ci = te.reduce_axis((0, B), name="ci")
     cq = te.reduce_axis((0, QL), name="cq")
@@ -551,7 +571,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     ri2 = r2[0] if r2 else None
 
     def bmean(c, n, pb, j):
-        return (bsum[0][c, n, pb, j] + bsum[1][c, n, pb, j]) / m_of(n)
+        return (bsum[0][c, n, pb, j] + bsum[1][c, n, pb, j]) / m_of(n, j)
 
     if spec.stat_plain_m2:
         # M2 of a short block (m <= PLAIN_M2_MAX terms, all >= 0: a plain float32 sum is within (m-1)*u
@@ -563,20 +583,21 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
             return tirx.reinterpret("float32", tirx.reinterpret("int32", shift[c] + bmean(c, n, pb, j)))
 
         def bdev(c, n, pb, j):
-            return f32(x[sample(n, ri2), pb * B + ci, c, cq * L + j]) - bcentre(c, n, pb, j)
+            return f32(x[sample(n, ri2), pb * B + ci, c, qidx(cq, j)]) - bcentre(c, n, pb, j)
 
         bsq = te.compute((C, NB, PB, L), lambda c, n, pb, j: te.sum(
-            masked(n, ri2, bdev(c, n, pb, j) * bdev(c, n, pb, j)), axis=r2 + [ci, cq]), name="bm2")
+            qmask(cq, j, masked(n, ri2, bdev(c, n, pb, j) * bdev(c, n, pb, j))), axis=r2 + [ci, cq]), name="bm2")
 
         def m2_parts(c, n, pb, j):
             dl = (bcentre(c, n, pb, j) - shift[c]) - bmean(c, n, pb, j)
-            return bsq[c, n, pb, j] - m_of(n) * (dl * dl), zero
+            return bsq[c, n, pb, j] - m_of(n, j) * (dl * dl), zero
     else:
         def bcent(c, n, pb, j):
-            return (f32(x[sample(n, ri2), pb * B + ci, c, cq * L + j]) - shift[c]) - bmean(c, n, pb, j)
+            return (f32(x[sample(n, ri2), pb * B + ci, c, qidx(cq, j)]) - shift[c]) - bmean(c, n, pb, j)
 
         bm2 = te.compute((C, NB, PB, L), lambda c, n, pb, j: ksum(
-            (masked(n, ri2, bcent(c, n, pb, j) * bcent(c, n, pb, j)), zero), axis=r2 + [ci, cq]), name="bm2")
+            (qmask(cq, j, masked(n, ri2, bcent(c, n, pb, j) * bcent(c, n, pb, j))), zero), axis=r2 + [ci, cq]),
+            name="bm2")
 
         def m2_parts(c, n, pb, j):
             return bm2[0][c, n, pb, j], bm2[1][c, n, pb, j]
@@ -598,7 +619,7 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
 
     def m2_term(c, n, pb, j):
         v, comp = m2_parts(c, n, pb, j)
-        return v + m_of(n) * (dev(c, n, pb, j) * dev(c, n, pb, j)), comp
+        return v + m_of(n, j) * (dev(c, n, pb, j) * dev(c, n, pb, j)), comp
 
     sqsum = te.compute((C,), lambda c: ksum(m2_term(c, sn, sp, sj), axis=[sn, sp, sj]), name="sqsum")
     return ssum, mean64, mean, sqsum

@@ -21,14 +21,18 @@ from bncompile.lower import tvm as _tvm
 def keep_where(inside, value, fill=None):
     """``value`` where ``inside`` holds, else ``fill`` (zero when None), bit for bit, for a float ``value``
     whose loads are in bounds whatever ``inside`` is: the bits of ``value`` and'ed with ``-int(inside)``
-    (all ones or zero), the fill's with its complement. Vectorizes to an and (and an or) per vector."""
+    (all ones or zero), the fill's with its complement. Vectorizes to an and (and an or) per vector.
+    ``inside``: a bool, or an integer of the value's width that is 0 or 1."""
     tvm = _tvm.tvm()
     tirx = tvm.tirx
     dtype = str(value.dtype if hasattr(value, "dtype") else value.ty)     # a TE slice / a PrimExpr (0.27)
     bits = tvm.DataType(dtype).bits
     itype = f"int{bits}"
     one = tirx.const(1, itype)
-    keep = tirx.Cast(itype, inside)                       # 1 or 0
+    # 1 or 0; an integer ``inside`` (0 or 1) is taken as it is: a comparison that varies across the lanes
+    # of a vectorized loop is a bool vector, which TVM 0.27's host passes fail to bind (IntImm of boolx16)
+    idtype = str(inside.dtype if hasattr(inside, "dtype") else inside.ty)
+    keep = inside if idtype == itype else tirx.Cast(itype, inside)
     ones = tirx.const(0, itype) - keep                    # all ones inside, zero outside
     kept = tirx.reinterpret(itype, value) & ones
     if fill is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_GROUP_MAX, PLAIN_M2_MAX, KernelSpec
 from bncompile.lower.kernels.schedules._common import (PREFETCH_ANNOTATION, GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, host_cpus, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
-                                                       _vector_factor, log)
+                                                       _vector_factor, log, MIN_REGISTER_LANES)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
 # Every blocking constant below is derived from a CpuMachine (the target's vector lanes, the host's
@@ -54,19 +54,20 @@ def cpu_channel_first(spec: KernelSpec, func, machine: CpuMachine | None = None)
     mach = _machine(machine)
     q = int(spec.shape[-1])
     vec = _vector_factor(q, mach.lanes)
-    if not spec.ghost and spec.kinds == "RRCR" and vec >= 8:
+    stat = ragged_stat_lanes(q, mach) or vec
+    if not spec.ghost and spec.kinds == "RRCR" and stat >= 8:
         import dataclasses
 
         from bncompile.lower.kernels.compute import prim_func
 
         N, P, C, Q = spec.shape
-        plain = Q // vec <= PLAIN_M2_MAX
-        bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=vec, stat_plain_m2=plain)
+        plain = -(-Q // stat) <= PLAIN_M2_MAX
+        bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=stat, stat_plain_m2=plain)
         slab = 4 * int(P) * int(Q)                  # bytes of one sample of one channel
         if isinstance(N, int) and N * slab > mach.l2:
             log.info("cpu_channel_first: a channel's slab (%d KB) exceeds L2 (%d KB): y re-reads x from L3/memory",
                      N * slab >> 10, mach.l2 >> 10)
-        return _channel_first_lanes(bspec, prim_func(bspec), prefetch=slab >= PREFETCH_MIN_ROW_BYTES)
+        return _channel_first_lanes(bspec, prim_func(bspec), prefetch=slab >= PREFETCH_MIN_ROW_BYTES, y_lanes=vec)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     nstat = 2 if spec.ghost else 1          # stat loops: (c) or (c, g)
@@ -138,7 +139,32 @@ def _ghost_group_passes(sch, names: list, rf: bool) -> None:
         pass
 
 
-def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
+# ragged statistics lanes (ragged_stat_lanes). Measured side by side (2 threads, AMD EPYC znver4, AVX-512,
+# per-round ratios), new / divisor lanes: NCHW 8x256x14x14 in cache 0.81 (28-lane vectors before), from
+# memory 64x256x14x14 0.91-0.92; but 8x512x7x7 (49 = 3 x 16 + 1: a quarter of the vectors masked) 1.33,
+# and AVX2 code (8 lanes, 196 = 24 x 8 + 4) 32x256x14x14 1.17-1.22: the mask costs an 8-lane vector
+# about what the 14-lane divisor lost
+RAGGED_LANES = True
+RAGGED_LANES_MIN = 16                 # the target's lanes, at least
+RAGGED_LANES_MAX_WASTE = 0.125        # masked lanes, at most this fraction of the row's vectors
+
+
+def ragged_stat_lanes(q: int, mach: CpuMachine) -> int:
+    """The target's lanes as the statistics lanes of :func:`_channel_first_lanes` for rows of ``q`` values
+    that no multiple of the lanes divides (14 x 14 = 196, 17 x 17, 35 x 35): whole registers, the row's
+    last vector its last L values with the lanes the vector before counted masked (compute.py's ragged
+    lanes), instead of a divisor (28 for 196: a register and a masked remainder per vector). Only with at
+    least :data:`RAGGED_LANES_MIN` lanes and at most :data:`RAGGED_LANES_MAX_WASTE` of the lanes masked
+    (not 7 x 7 = 49 on 16 lanes), where the divisor is not whole 8-lane registers; 0 otherwise."""
+    lanes = mach.lanes
+    if not RAGGED_LANES or lanes < RAGGED_LANES_MIN or not q % lanes or q < 2 * lanes \
+            or _vector_factor(q, lanes) % MIN_REGISTER_LANES == 0:
+        return 0            # whole registers anyway (120: vectors of 24, a register and a half)
+    padded = -(-q // lanes) * lanes
+    return lanes if padded - q <= RAGGED_LANES_MAX_WASTE * padded else 0
+
+
+def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False, y_lanes: int = 0):
     """cpu_channel_first with statistics from lane blocks (compute.py's blocked statistics, B = 1,
     L = stat_lanes): per channel (one parallel task), each row of Q gets the L lane sums, then the L
     lane sums of squares about the lane means while the row is in L1 (one vector loop each, no
@@ -174,7 +200,7 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False):
         sch.vectorize(loops[-1])
         sch.decompose_reduction(sch.get_sblock(b), loops[2])
     yl = sch.get_loops("y")
-    yo, yi = sch.split(yl[-1], [None, int(spec.stat_lanes)])
+    yo, yi = sch.split(yl[-1], [None, y_lanes or int(spec.stat_lanes)])
     sch.vectorize(yi)
     if prefetch:
         sch.annotate(yo, PREFETCH_ANNOTATION, int(spec.shape[-1]))
