@@ -137,9 +137,9 @@ def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False, 
     whose clamp TVM kept even under a Select: the cases guard the tails, not that Select. ``ghost``: ghost
     BN (v = 4, 9 groups of a symbolic batch of 36: the stripes walking the groups, with their prefetch
     of the next group's rows) instead. ``stripes``: the channel stripes (C = 384: three stripes of 128,
-    two vectors each) instead of the sample blocks. ``ragged``: NCHW (25, 4, 14, 14) on ragged statistics
+    two vectors each) instead of the sample blocks. ``ragged``: NCHW (25, 16, 14, 14) on ragged statistics
     lanes (rows of 196 values, each row's last vector its last L values: ``ragged_stat_lanes``, taken on
-    any host here) instead."""
+    any host here), in tasks of 4 channels on a 2-CPU host (``channel_group``), instead."""
     import os
 
     from bncompile.config import BatchNormConfig
@@ -152,7 +152,7 @@ def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False, 
     tvm = _shim.tvm()
     cfg = BatchNormConfig(axis=1 if ragged else -1, momentum=0.5, fused=False,
                           virtual_batch_size=4 if ghost else None)
-    C = 384 if stripes else 4 if ragged else 64
+    C = 384 if stripes else 16 if ragged else 64
     if ragged:
         from bncompile.lower.kernels.schedules import cpu
 

@@ -494,19 +494,21 @@ def test_ghost_stripe_width(C, vec, cpus, want):
 
 
 @pytest.mark.parametrize("shape, axis", [((68, 1000), -1), ((129, 200), -1), ((5, 7, 3, 40), -1), ((9, 4, 120), -1),
-                                         ((3, 56, 5, 7), 1), ((6, 8, 14, 14), 1), ((4, 5, 17, 17), 1)])
+                                         ((3, 56, 5, 7), 1), ((6, 8, 14, 14), 1), ((4, 5, 17, 17), 1),
+                                         ((5, 64, 14, 14), 1), ((3, 32, 17, 17), 1), ((4, 48, 3, 10, 10), 1)])
 @pytest.mark.parametrize("variant", [{}, {"virtual_batch_size": None},
                                      {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}}])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_ragged_channel_vectors(shape, axis, variant, dynamic):
     """Channel counts with no multiple of 16 but one of 8 (1000, 200, 40, 120; 56 on NCHW's channel axis) walk
-    whole 8-lane vectors (``_vector_factor``; 25- or 20-lane ones before), and NCHW rows of 196 and 289
-    values ragged statistics lanes on AVX-512 hosts (``ragged_stat_lanes``): every rule the host picks
-    agrees with the float64 reference, whatever the batch (ghost: groups of the batch's divisor)."""
+    whole 8-lane vectors (``_vector_factor``; 25- or 20-lane ones before), NCHW rows of 196 and 289 values
+    ragged statistics lanes on AVX-512 hosts (``ragged_stat_lanes``), and with 32-64 channels tasks of
+    several channels (``channel_group``; 48 x 300-value rows too): every rule the host picks agrees with the
+    float64 reference, whatever the batch (ghost: groups of the batch's divisor)."""
     from bncompile.lower.kernels.schedules._common import _vector_factor
 
     c = shape[axis]
-    assert _vector_factor(c, 16) % 8 == 0 and _vector_factor(c, 8) % 8 == 0 or shape[-1] in (14, 17)
+    assert _vector_factor(c, 16) % 8 == 0 and _vector_factor(c, 8) % 8 == 0 or shape[-1] in (10, 14, 17)
     kw = dict(variant)
     if "virtual_batch_size" in kw:
         kw["virtual_batch_size"] = next(v for v in (4, 3, 5, 7, 1) if shape[0] % v == 0)
@@ -521,3 +523,21 @@ def test_ragged_channel_vectors(shape, axis, variant, dynamic):
     for n, v in ref.variables.items():
         np.testing.assert_allclose(out[n + "_new"], v, rtol=5e-6, atol=5e-6 * max(1.0, float(np.abs(v).max())),
                                    err_msg=n)
+
+
+def test_channel_group_follows_row_bytes_cpus_and_l2(monkeypatch):
+    """Tasks of several channels for rows under 3 KB (CHANNEL_GROUP_MIN_BYTES): the fewest channels dividing
+    C that reach it, while there are two tasks per CPU and a static batch's group stays within L2/2."""
+    from bncompile.lower.kernels.schedules import cpu
+
+    monkeypatch.setattr(cpu, "host_cpus", lambda: 2)
+    mach = M.CpuMachine(lanes=16, l1d=32 << 10, l2=1 << 20, l3=32 << 20)
+    assert cpu.channel_group(256, 196, None, mach) == 4          # 14x14: 4 x 784 B
+    assert cpu.channel_group(256, 196, 64, mach) == 4            # 4 x 64 x 784 B = 196 KB <= 512 KB
+    assert cpu.channel_group(256, 196, 256, mach) == 1           # 784 KB past L2/2
+    assert cpu.channel_group(96, 289, None, mach) == 3           # 17x17: 3 x 1156 B
+    assert cpu.channel_group(256, 784, None, mach) == 1          # 28x28: 3136 B already
+    assert cpu.channel_group(12, 196, None, mach) == 1           # groups of 4 leave 3 tasks for 2 CPUs
+    assert cpu.channel_group(7, 196, None, mach) == 1            # no divisor reaches 3 KB with tasks left
+    monkeypatch.setattr(cpu, "CHANNEL_GROUP_MIN_BYTES", 0)
+    assert cpu.channel_group(256, 196, None, mach) == 1
