@@ -141,23 +141,23 @@ def _ghost_group_passes(sch, names: list, rf: bool) -> None:
         pass
 
 
-# ragged statistics lanes (ragged_stat_lanes). Measured side by side (2 threads, AMD EPYC znver4, AVX-512,
-# per-round ratios), new / divisor lanes: NCHW 8x256x14x14 in cache 0.81 (28-lane vectors before), from
-# memory 64x256x14x14 0.91-0.92; but 8x512x7x7 (49 = 3 x 16 + 1: a quarter of the vectors masked) 1.33,
-# and AVX2 code (8 lanes, 196 = 24 x 8 + 4) 32x256x14x14 1.17-1.22: the mask costs an 8-lane vector
-# about what the 14-lane divisor lost
+# ragged statistics lanes (ragged_stat_lanes). Measured side by side (2 threads, inputs rotated, AMD EPYC
+# znver4, AVX-512, per-round ratios), ragged / divisor lanes: NCHW 8x256x14x14 in cache 0.81 (28-lane
+# vectors before), from memory 64x256x14x14 0.91-0.92. With the channel groups (channel_group) too:
+# 64x512x7x7 (49 = 3 x 16 + 1) 0.72-0.73, in cache 0.90 (alone, one channel per task: 1.33); AVX2 code
+# (8 lanes) 64x512x7x7 0.86, 64x256x14x14 0.97, in cache 0.88 on both
 RAGGED_LANES = True
-RAGGED_LANES_MIN = 16                 # the target's lanes, at least
-RAGGED_LANES_MAX_WASTE = 0.125        # masked lanes, at most this fraction of the row's vectors
+RAGGED_LANES_MIN = 8                  # the target's lanes, at least
+RAGGED_LANES_MAX_WASTE = 0.25         # masked lanes, at most this fraction of the row's vectors
 
 
 def ragged_stat_lanes(q: int, mach: CpuMachine) -> int:
     """The target's lanes as the statistics lanes of :func:`_channel_first_lanes` for rows of ``q`` values
-    that no multiple of the lanes divides (14 x 14 = 196, 17 x 17, 35 x 35): whole registers, the row's
+    that no multiple of the lanes divides (14 x 14 = 196, 7 x 7, 17 x 17, 35 x 35): whole registers, the row's
     last vector its last L values with the lanes the vector before counted masked (compute.py's ragged
-    lanes), instead of a divisor (28 for 196: a register and a masked remainder per vector). Only with at
-    least :data:`RAGGED_LANES_MIN` lanes and at most :data:`RAGGED_LANES_MAX_WASTE` of the lanes masked
-    (not 7 x 7 = 49 on 16 lanes), where the divisor is not whole 8-lane registers; 0 otherwise."""
+    lanes), instead of a divisor (28 for 196: a register and a masked remainder per vector; 7 for 49). Only
+    with at least :data:`RAGGED_LANES_MIN` lanes and at most :data:`RAGGED_LANES_MAX_WASTE` of the lanes
+    masked, where the divisor is not whole 8-lane registers; 0 otherwise."""
     lanes = mach.lanes
     if not RAGGED_LANES or lanes < RAGGED_LANES_MIN or not q % lanes or q < 2 * lanes \
             or _vector_factor(q, lanes) % MIN_REGISTER_LANES == 0:
