@@ -370,10 +370,15 @@ def _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs):
     total is then carried exactly, so the sums stay within a few ulps of the one-pass compensated ones
     for any n (the large-mean tests, mean 2e3 x the spread, hold the same tolerance)."""
     Q = int(rshape[-1])
-    if Q % lanes:
-        raise ValueError(f"stat_lanes {lanes} must divide the last reduced extent {Q}")
-    M = lane_block(Q, lanes)
-    QB = Q // (lanes * M)
+    # ragged lanes (Q % L = rag: a schedule's request, as compute.py's): the row's V = ceil(Q / L) vectors,
+    # the last one its last L values with the first L - rag lanes (counted by the vector before) masked
+    # to 0; the sums need no per-lane counts
+    rag = Q % lanes
+    if rag and (lanes > Q or not tuple(rshape[:-1])):
+        raise ValueError(f"stat_lanes {lanes}: at most the last reduced extent {Q}, under a leading reduced axis")
+    V = -(-Q // lanes)
+    M = lane_block(V * lanes, lanes)
+    QB = V // M
     nval = len(sshape)
     lead = tuple(rshape[:-1])
 
@@ -383,7 +388,13 @@ def _blocked_red(te, tirx, spec, sshape, rshape, lanes, vals, ksum, pairs):
     def block(*idx):
         s, rest = idx[:nval], idx[nval:]
         qb, l = rest[-2], rest[-1]
-        v = vals(s, tuple(rest[:-2]) + ((qb * M + bj) * lanes + l,))
+        vi = qb * M + bj
+        if rag:
+            pos = te.min(vi * lanes, Q - lanes) + l                  # contiguous: one vector load
+            keep = te.min(te.max(pos - vi * lanes + 1, 0), 1)        # 0/1 integers: l varies across lanes
+            v = vals(s, tuple(rest[:-2]) + (pos,), keep=keep)
+        else:
+            v = vals(s, tuple(rest[:-2]) + (vi * lanes + l,))
         return psum(tuple(v[2 * k] for k in range(pairs)), axis=[bj])
 
     bs = te.compute(sshape + lead + (QB, lanes), block, name="bsum")

@@ -86,19 +86,21 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
         return None
     q = int(spec.shape[-1])
     vec = _vector_factor(q, lanes())
-    if vec >= 8:
-        import dataclasses
+    from bncompile.lower.kernels.schedules.cpu import channel_group, ragged_stat_lanes
 
+    import dataclasses
+
+    mach = dataclasses.replace(cpu_machine(), lanes=lanes())     # the target's lanes (inside ``with target``)
+    stat = (BWD_RAGGED_LANES and not spec.ghost and ragged_stat_lanes(q, mach)) or vec
+    if stat >= 8:
         from bncompile.lower.kernels.backward import backward_prim_func
 
-        bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=vec)
+        bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=stat)
         group = 1
         if not spec.ghost and BWD_CHANNEL_GROUPS:
-            from bncompile.lower.kernels.schedules.cpu import channel_group
-
             N, P, C, Q = spec.shape
-            group = channel_group(int(C), int(P) * int(Q), N, cpu_machine())
-        return _channel_first_blocked(bspec, backward_prim_func(bspec), group=group)
+            group = channel_group(int(C), int(P) * int(Q), N, mach)
+        return _channel_first_blocked(bspec, backward_prim_func(bspec), group=group, dx_lanes=vec)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     nstat = 2 if spec.ghost else 1
@@ -128,9 +130,12 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
 # EPYC znver4, AVX-512, two runs each): NCHW 64x256x14x14 3.73-4.00 -> 2.08-2.11 ms (2.4 -> 1.34-1.44x
 # the floor), 32x128x17x17 1.34-1.37 -> 1.08-1.11 ms
 BWD_CHANNEL_GROUPS = True
+# ragged statistics lanes as the forward's (cpu.ragged_stat_lanes; backward.py's _blocked_red): 64x512x7x7
+# 1.77 -> 1.20 ms (2.0 -> 1.48x the floor), 64x256x14x14 2.15 -> 1.88 ms (same rounds as above)
+BWD_RAGGED_LANES = True
 
 
-def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1):
+def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: int = 0):
     """bwd_cpu_channel_first on the blocked reduction (backward.py, ``stat_lanes = L``): per channel
     (one parallel task), each row chunk of M*L elements gets its plain lane sums in registers (block
     ``bsum``, vectorized over the L lanes, FMAs), folded into the compensated per-lane totals
@@ -159,7 +164,7 @@ def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1):
     sch.decompose_reduction(sch.get_sblock("bsum"), bl[-2])
     loops = sch.get_loops("red_rf")
     sch.decompose_reduction(sch.get_sblock("red_rf"), loops[nstat])
-    _, di = sch.split(sch.get_loops("dx")[-1], [None, int(spec.stat_lanes)])
+    _, di = sch.split(sch.get_loops("dx")[-1], [None, dx_lanes or int(spec.stat_lanes)])
     sch.vectorize(di)
     return sch
 
