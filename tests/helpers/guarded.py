@@ -156,7 +156,7 @@ def batchnorm_tail(gradients: bool, ghost: bool = False, stripes: bool = False, 
     if ragged:
         from bncompile.lower.kernels.schedules import cpu
 
-        cpu.RAGGED_LANES_MIN = 4                 # this process only: AVX2 hosts take them too
+        cpu.RAGGED_LANES_MIN = 4                 # this process only: a 4-lane NEON host takes them too
     k = compile_batchnorm(cfg, (None, C, 14, 14) if ragged else (None, C), gradients=gradients,
                           schedule="cpu_channel_stripes" if stripes else None if ghost or ragged
                           else "cpu_channels_last")

@@ -225,8 +225,8 @@ def test_rmax_below_rmin_clips_to_rmax(axis, shape):
 def test_ragged_stat_lanes_exact_to_float32_rounding(monkeypatch, shape, loc, scale):
     """Channel-first rows that no multiple of the lanes divides (196, 289, 100) on whole-register lanes, the
     last vector of a row its last L values with the lanes counted before masked (compute.py's ragged lanes;
-    AVX-512 hosts take them for such rows, and here every host does: ``RAGGED_LANES_MIN`` lowered): the
-    same bounds as every other rule."""
+    x86 hosts take them for such rows, and here a 4-lane NEON host does too: ``RAGGED_LANES_MIN`` lowered):
+    the same bounds as every other rule."""
     from bncompile.lower.kernels import clear_cache
     from bncompile.lower.kernels.schedules import cpu
 

@@ -37,6 +37,7 @@ where the cache allows:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -87,8 +88,6 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
     q = int(spec.shape[-1])
     vec = _vector_factor(q, lanes())
     from bncompile.lower.kernels.schedules.cpu import channel_group, ragged_stat_lanes
-
-    import dataclasses
 
     mach = dataclasses.replace(cpu_machine(), lanes=lanes())     # the target's lanes (inside ``with target``)
     stat = (BWD_RAGGED_LANES and not spec.ghost and ragged_stat_lanes(q, mach)) or vec
