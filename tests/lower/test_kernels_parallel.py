@@ -502,7 +502,7 @@ def test_ghost_stripe_width(C, vec, cpus, want):
 def test_ragged_channel_vectors(shape, axis, variant, dynamic):
     """Channel counts with no multiple of 16 but one of 8 (1000, 200, 40, 120; 56 on NCHW's channel axis) walk
     whole 8-lane vectors (``_vector_factor``; 25- or 20-lane ones before), NCHW rows of 196 and 289 values
-    ragged statistics lanes on AVX-512 hosts (``ragged_stat_lanes``), and with 32-64 channels tasks of
+    ragged statistics lanes on x86 hosts (``ragged_stat_lanes``), and with 32-64 channels tasks of
     several channels (``channel_group``; 48 x 300-value rows too): every rule the host picks agrees with the
     float64 reference, whatever the batch (ghost: groups of the batch's divisor)."""
     from bncompile.lower.kernels.schedules._common import _vector_factor
