@@ -51,7 +51,8 @@ def test_padding_read_in_place_stays_in_bounds(case):
 
 
 @pytest.mark.parametrize("case", ["bn_forward", "bn_backward", "bn_ghost_forward", "bn_ghost_backward",
-                                  "bn_stripes_forward", "bn_ragged_lanes_forward", "bn_ragged_lanes_backward"])
+                                  "bn_stripes_forward", "bn_ragged_lanes_forward", "bn_ragged_lanes_backward",
+                                  "bn_ghost_ragged_lanes_forward"])
 def test_batchnorm_ragged_sample_block_stays_in_bounds(case):
     _run(case)
 

@@ -222,11 +222,13 @@ def test_rmax_below_rmin_clips_to_rmax(axis, shape):
 
 @pytest.mark.parametrize("loc,scale", [(0.0, 100.0), (1e3, 1.0), (-3e4, 2.0)], ids=["spread", "mean1e3", "mean1e4"])
 @pytest.mark.parametrize("shape", [(512, 4, 14, 14), (64, 3, 17, 17), (300, 2, 1, 100)])
-def test_ragged_stat_lanes_exact_to_float32_rounding(monkeypatch, shape, loc, scale):
+@pytest.mark.parametrize("ghost", [None, 4], ids=["plain", "ghost"])
+def test_ragged_stat_lanes_exact_to_float32_rounding(monkeypatch, shape, loc, scale, ghost):
     """Channel-first rows that no multiple of the lanes divides (196, 289, 100) on whole-register lanes, the
     last vector of a row its last L values with the lanes counted before masked (compute.py's ragged lanes;
     x86 hosts take them for such rows, and here a 4-lane NEON host does too: ``RAGGED_LANES_MIN`` lowered):
-    the same bounds as every other rule."""
+    the same bounds as every other rule; ghost BN too (the lane blocks of each group's v rows, the batch
+    mean from the groups' shifts and offsets in one float64 sum)."""
     from bncompile.lower.kernels import clear_cache
     from bncompile.lower.kernels.schedules import cpu
 
@@ -234,6 +236,7 @@ def test_ragged_stat_lanes_exact_to_float32_rounding(monkeypatch, shape, loc, sc
     clear_cache()
     try:
         assert cpu.ragged_stat_lanes(shape[-2] * shape[-1], cpu._machine(None)) > 0
-        test_batch_mean_exact_to_float32_rounding(BatchNormConfig(axis=1), shape, "cpu_channel_first", loc, scale)
+        test_batch_mean_exact_to_float32_rounding(BatchNormConfig(axis=1, virtual_batch_size=ghost, fused=False),
+                                                  shape, "cpu_channel_first", loc, scale)
     finally:
         clear_cache()

@@ -356,11 +356,18 @@ def _loop_vars_of(script: str, block: str) -> list[str]:
     return [re.match(r"\s*for (.+?) in ", line).group(1) for line in _enclosing_loops(script, block)]
 
 
+@pytest.mark.parametrize("lanes", [True, False])
 @pytest.mark.parametrize("renorm", [False, True])
-def test_ghost_channel_first_group_passes(renorm):
+def test_ghost_channel_first_group_passes(monkeypatch, renorm, lanes):
     """Ghost BN, channel first: one group's statistics (and its y, without renorm) under the group loop
     of the channel's task, so the second pass re-reads the group's v rows from L1; the second pass and y
-    prefetch the next channel's rows. Exact against the float64 reference either way."""
+    prefetch the next channel's rows. Exact against the float64 reference either way. ``lanes``: the lane
+    blocks of ``_channel_first_lanes`` (what x86 hosts take), else the generic rule (fewer than 8 lanes)."""
+    from bncompile.lower.kernels import clear_cache
+    from bncompile.lower.kernels.schedules import cpu
+
+    monkeypatch.setattr(cpu, "GHOST_LANES", lanes)
+    clear_cache()
     kw = {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}} if renorm else {}
     cfg = BatchNormConfig(axis=1, virtual_batch_size=2, fused=False, **kw)
     spec = make_spec(cfg, (None, 4, 16, 16))          # (v, G, 1, C, Q = 256): rows of 1 KB
@@ -368,16 +375,23 @@ def test_ghost_channel_first_group_passes(renorm):
                          machine=M.CpuMachine(lanes=8, l1d=32 << 10, l2=1 << 20, l3=32 << 20))
     script = sch.mod.script()
     assert name == "cpu_channel_first" and "T.where" not in script
-    group = _loop_vars_of(script, "shift")          # c, g
+    if lanes:       # the task's loop, then the group loop over the lane blocks of the group's rows
+        group = _loop_vars_of(script, "bsum_update")[:2]
+        per_group = ("sum_rf_update", "sqsum_rf_update", "var", "batch_offset", "batch_var")
+    else:
+        group = _loop_vars_of(script, "shift")          # c, g
+        per_group = ("sum_rf_update", "sqsum_rf_update", "var")
     assert len(group) == 2
-    for b in ("sum_rf_update", "sqsum_rf_update", "var") + (() if renorm else ("scale_c", "y")):
+    for b in per_group + (() if renorm else ("scale_c", "y")):
         assert _loop_vars_of(script, b)[:2] == group, b
     if renorm:      # r (every group's variance) scales y: y after the group loop, in the channel's task
         assert _loop_vars_of(script, "y")[:2] != group
     assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2    # y and the second pass
-    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "sqsum_rf_update"))
+    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "sqsum_rf_update"
+                                                                           if not lanes else "bm2_update"))
     x = (5.0 + np.random.default_rng(1).standard_normal((6, 4, 16, 16))).astype(np.float32)
     out = compile_batchnorm(cfg, (None, 4, 16, 16)).run({"x": x})
+    clear_cache()
     ref = batchnorm(cfg, x.astype(np.float64), training=True)
     np.testing.assert_allclose(out["y"], ref.y, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(ref.y).max())))
     for n, v in ref.variables.items():

@@ -355,18 +355,29 @@ def batchnorm_te(spec: KernelSpec):
         gcnt64 = tirx.Cast(WIDE, ng)
         # mean of the group means as (mean of group shifts) + (mean of offsets), in float64: both exact.
         # The group sums are divided once per channel (a division per term would be O(C*G) divisions).
-        g1 = te.reduce_axis((0, ng), name="g1")
-        bshift = te.compute(cshape, lambda *c: te.sum(f64(shift[c + (g1,)]), axis=g1), name="batch_shift")
         g2 = te.reduce_axis((0, ng), name="g2")
-        if pow2:     # the groups' float64 offsets from the sum parts (no per-group float64 buffer)
-            boff = te.compute(cshape, lambda *c: te.sum((f64(ssum[0][c + (g2,)]) + f64(ssum[1][c + (g2,)])) / cnt64,
-                                                        axis=g2), name="batch_offset")
+        bshift = None
+        if spec.stat_block:
+            # blocked statistics: the groups' (shift + offset) in one float64 sum (each term rounded once
+            # at 2**-53: far below float32), a reduction reading mean64, which a schedule can place under
+            # the task of its channels (a sum of the shifts alone reads only x: every task's would be all)
+            boff = te.compute(cshape, lambda *c: te.sum(f64(shift[c + (g2,)]) + mean64[c + (g2,)], axis=g2),
+                              name="batch_offset")
         else:
-            boff = te.compute(cshape, lambda *c: te.sum(mean64[c + (g2,)], axis=g2), name="batch_offset")
+            g1 = te.reduce_axis((0, ng), name="g1")
+            bshift = te.compute(cshape, lambda *c: te.sum(f64(shift[c + (g1,)]), axis=g1), name="batch_shift")
+            if pow2:     # the groups' float64 offsets from the sum parts (no per-group float64 buffer)
+                boff = te.compute(cshape, lambda *c: te.sum((f64(ssum[0][c + (g2,)]) + f64(ssum[1][c + (g2,)]))
+                                                            / cnt64, axis=g2), name="batch_offset")
+            else:
+                boff = te.compute(cshape, lambda *c: te.sum(mean64[c + (g2,)], axis=g2), name="batch_offset")
         g3 = te.reduce_axis((0, ng), name="g3")
         bvar_sum = te.compute(cshape, lambda *c: te.sum(f64(var[c + (g3,)]), axis=g3), name="batch_var")
         bvar = te.compute(cshape, lambda *c: (bvar_sum[c] / gcnt64).astype(STAT), name="batch_var_mean")
-        bmean_parts = lambda c: (bshift[c] / gcnt64, boff[c] / gcnt64)  # noqa: E731
+        if bshift is None:
+            bmean_parts = lambda c: (boff[c] / gcnt64, tirx.const(0.0, WIDE))  # noqa: E731
+        else:
+            bmean_parts = lambda c: (bshift[c] / gcnt64, boff[c] / gcnt64)  # noqa: E731
     else:
         bmean_parts = lambda c: (f64(shift[c]), mean64[c])  # noqa: E731
         bvar = var
@@ -488,14 +499,15 @@ class _Zero:
 
 
 def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum):
-    """Statistics of the (N, P, C, Q) view from small blocks, combined exactly.
+    """Statistics of the (N, P, C, Q) view (ghost BN: (v, G, P, C, Q)) from small blocks, combined exactly.
 
     Rows of P are grouped by ``B = spec.stat_block`` and Q is cut into ``L = spec.stat_lanes``
     interleaved lanes (q = i*L + j). With ``R = spec.stat_rows`` = 1, block ``(n, pb, j)`` is
     ``x[N-1-n, pb*B:(pb+1)*B, c, j::L]`` (m = B*Q/L elements); with R > 1 (sample blocks: a schedule for
     few rows per sample, e.g. (N, C)), block ``(nb, pb, j)`` also spans the R samples
     ``nb*R .. nb*R+R-1`` (the last block of a batch R does not divide is shorter: its missing samples
-    add exact zeros, and its element count is m_b = min(R, N - nb*R)*B*Q/L).
+    add exact zeros, and its element count is m_b = min(R, N - nb*R)*B*Q/L). Ghost BN (R = 1 only): the
+    blocks of statistic (c, g) are the rows of its v samples, ``x[v-1-n, g, pb*B:(pb+1)*B, c, j::L]``.
     Its sum and its sum of squares about its own mean are two passes over data
     that is still in cache for the second one, so x is read from memory once; the blocks combine
     exactly (Chan et al.): ``M2 = sum_b M2_b + m_b * sum_b (mean_b - mean)**2`` (all offsets from the
@@ -508,8 +520,15 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     from bncompile.lower import tvm as _tvm
 
     tirx = _tvm.tirx()
-    assert spec.kinds == "RRCR" and not spec.ghost
-    N, P, C, Q = shape
+    ghost = spec.kinds == "RGRCR"
+    assert spec.kinds == "RRCR" or (ghost and int(spec.stat_rows) == 1)
+    if ghost:
+        N, G, P, C, Q = shape
+        sdims = (C, G)
+    else:
+        N, P, C, Q = shape
+        sdims = (C,)
+    ns = len(sdims)
     B, L, R = int(spec.stat_block), int(spec.stat_lanes), int(spec.stat_rows)
     if not isinstance(P, int) or P % B or L > Q or (Q % L and R != 1):
         raise ValueError(f"stat_block {B} must divide P={P} and stat_lanes {L} must divide Q={Q} "
@@ -521,6 +540,9 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
     PB, QL = P // B, -(-Q // L)
     zero = tirx.const(0.0, "float32")
     f32c = lambda v: tirx.const(float(v), "float32")  # noqa: E731
+
+    def xat(s, sample, p, q):     # s: the statistic's index, (c,) or (c, g)
+        return f32(x[sample, s[1], p, s[0], q] if ghost else x[sample, p, s[0], q])
 
     def qidx(bq, j):
         return te.min(bq * L, Q - L) + j if rag else bq * L + j
@@ -558,20 +580,22 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
 
         def masked(nb, ri, v):           # not a Select: TVM may drop the clamp under it (masking.py)
             return keep_where(nb * R + ri < N, v)
+    bshape = sdims + (NB, PB, L)
     bi = te.reduce_axis((0, B), name="bi")
     bq = te.reduce_axis((0, QL), name="bq")
     r1 = ri_axes[:1]
     ri1 = r1[0] if r1 else None
-    bsum = te.compute((C, NB, PB, L), lambda c, n, pb, j: ksum(
-        (qmask(bq, j, masked(n, ri1, f32(x[sample(n, ri1), pb * B + bi, c, qidx(bq, j)]) - shift[c])), zero),
+    bsum = te.compute(bshape, lambda *a: ksum(
+        (qmask(bq, a[-1], masked(a[ns], ri1, xat(a[:ns], sample(a[ns], ri1), a[ns + 1] * B + bi, qidx(bq, a[-1]))
+                                 - shift[a[:ns]])), zero),
         axis=r1 + [bi, bq]), name="bsum")
     ci = te.reduce_axis((0, B), name="ci")
     cq = te.reduce_axis((0, QL), name="cq")
     r2 = ri_axes[1:]
     ri2 = r2[0] if r2 else None
 
-    def bmean(c, n, pb, j):
-        return (bsum[0][c, n, pb, j] + bsum[1][c, n, pb, j]) / m_of(n, j)
+    def bmean(s, n, pb, j):
+        return (bsum[0][s + (n, pb, j)] + bsum[1][s + (n, pb, j)]) / m_of(n, j)
 
     if spec.stat_plain_m2:
         # M2 of a short block (m <= PLAIN_M2_MAX terms, all >= 0: a plain float32 sum is within (m-1)*u
@@ -579,49 +603,50 @@ def _blocked_statistics(spec: KernelSpec, te, x, shift, f32, cnt64, shape, ksum)
         # by Sterbenz wherever |x| >> |x - z|). z misses K + mean_b by its rounding delta, so the sum is
         # M2 + m*delta**2 - 2*delta*sum(x - K - mean_b); the last sum is the block's rounding residue
         # (~0), and m*delta**2 (delta from exact float32 differences) is taken off when combining.
-        def bcentre(c, n, pb, j):   # opaque: TIR's simplifier would fold (K + b) - K - b to 0
-            return tirx.reinterpret("float32", tirx.reinterpret("int32", shift[c] + bmean(c, n, pb, j)))
+        def bcentre(s, n, pb, j):   # opaque: TIR's simplifier would fold (K + b) - K - b to 0
+            return tirx.reinterpret("float32", tirx.reinterpret("int32", shift[s] + bmean(s, n, pb, j)))
 
-        def bdev(c, n, pb, j):
-            return f32(x[sample(n, ri2), pb * B + ci, c, qidx(cq, j)]) - bcentre(c, n, pb, j)
+        def bdev(s, n, pb, j):
+            return xat(s, sample(n, ri2), pb * B + ci, qidx(cq, j)) - bcentre(s, n, pb, j)
 
-        bsq = te.compute((C, NB, PB, L), lambda c, n, pb, j: te.sum(
-            qmask(cq, j, masked(n, ri2, bdev(c, n, pb, j) * bdev(c, n, pb, j))), axis=r2 + [ci, cq]), name="bm2")
-
-        def m2_parts(c, n, pb, j):
-            dl = (bcentre(c, n, pb, j) - shift[c]) - bmean(c, n, pb, j)
-            return bsq[c, n, pb, j] - m_of(n, j) * (dl * dl), zero
-    else:
-        def bcent(c, n, pb, j):
-            return (f32(x[sample(n, ri2), pb * B + ci, c, qidx(cq, j)]) - shift[c]) - bmean(c, n, pb, j)
-
-        bm2 = te.compute((C, NB, PB, L), lambda c, n, pb, j: ksum(
-            (qmask(cq, j, masked(n, ri2, bcent(c, n, pb, j) * bcent(c, n, pb, j))), zero), axis=r2 + [ci, cq]),
+        bsq = te.compute(bshape, lambda *a: te.sum(
+            qmask(cq, a[-1], masked(a[ns], ri2, bdev(a[:ns], *a[ns:]) * bdev(a[:ns], *a[ns:]))), axis=r2 + [ci, cq]),
             name="bm2")
 
-        def m2_parts(c, n, pb, j):
-            return bm2[0][c, n, pb, j], bm2[1][c, n, pb, j]
+        def m2_parts(s, n, pb, j):
+            dl = (bcentre(s, n, pb, j) - shift[s]) - bmean(s, n, pb, j)
+            return bsq[s + (n, pb, j)] - m_of(n, j) * (dl * dl), zero
+    else:
+        def bcent(s, n, pb, j):
+            return (xat(s, sample(n, ri2), pb * B + ci, qidx(cq, j)) - shift[s]) - bmean(s, n, pb, j)
+
+        bm2 = te.compute(bshape, lambda *a: ksum(
+            (qmask(cq, a[-1], masked(a[ns], ri2, bcent(a[:ns], *a[ns:]) * bcent(a[:ns], *a[ns:]))), zero),
+            axis=r2 + [ci, cq]), name="bm2")
+
+        def m2_parts(s, n, pb, j):
+            return bm2[0][s + (n, pb, j)], bm2[1][s + (n, pb, j)]
     rn = te.reduce_axis((0, NB), name="rn")
     rp = te.reduce_axis((0, PB), name="rp")
     rj = te.reduce_axis((0, L), name="rj")
     # the block sums and their compensations combine as pairs: the total keeps both parts
-    ssum = te.compute((C,), lambda c: ksum((bsum[0][c, rn, rp, rj], bsum[1][c, rn, rp, rj]), axis=[rn, rp, rj]),
-                      name="sum")
-    mean64 = te.compute((C,), lambda c: (ssum[0][c].astype("float64") + ssum[1][c].astype("float64")) / cnt64,
+    ssum = te.compute(sdims, lambda *s: ksum((bsum[0][s + (rn, rp, rj)], bsum[1][s + (rn, rp, rj)]),
+                                             axis=[rn, rp, rj]), name="sum")
+    mean64 = te.compute(sdims, lambda *s: (ssum[0][s].astype("float64") + ssum[1][s].astype("float64")) / cnt64,
                         name="mean64")
-    mean = te.compute((C,), lambda c: mean64[c].astype("float32"), name="mean")
+    mean = te.compute(sdims, lambda *s: mean64[s].astype("float32"), name="mean")
     sn = te.reduce_axis((0, NB), name="sn")
     sp = te.reduce_axis((0, PB), name="sp")
     sj = te.reduce_axis((0, L), name="sj")
 
-    def dev(c, n, pb, j):
-        return bmean(c, n, pb, j) - mean[c]
+    def dev(s, n, pb, j):
+        return bmean(s, n, pb, j) - mean[s]
 
-    def m2_term(c, n, pb, j):
-        v, comp = m2_parts(c, n, pb, j)
-        return v + m_of(n, j) * (dev(c, n, pb, j) * dev(c, n, pb, j)), comp
+    def m2_term(s, n, pb, j):
+        v, comp = m2_parts(s, n, pb, j)
+        return v + m_of(n, j) * (dev(s, n, pb, j) * dev(s, n, pb, j)), comp
 
-    sqsum = te.compute((C,), lambda c: ksum(m2_term(c, sn, sp, sj), axis=[sn, sp, sj]), name="sqsum")
+    sqsum = te.compute(sdims, lambda *s: ksum(m2_term(s, sn, sp, sj), axis=[sn, sp, sj]), name="sqsum")
     return ssum, mean64, mean, sqsum
 
 

@@ -55,12 +55,16 @@ def cpu_channel_first(spec: KernelSpec, func, machine: CpuMachine | None = None)
     q = int(spec.shape[-1])
     vec = _vector_factor(q, mach.lanes)
     stat = ragged_stat_lanes(q, mach) or vec
-    if not spec.ghost and spec.kinds == "RRCR" and stat >= 8:
+    if (spec.kinds == "RRCR" or (spec.kinds == "RGRCR" and GHOST_LANES)) and stat >= 8:
         import dataclasses
 
-        from bncompile.lower.kernels.compute import prim_func
+        from bncompile.lower.kernels.compute import SYMBOLIC, prim_func
 
-        N, P, C, Q = spec.shape
+        if spec.ghost:              # (v, G, P, C, Q): the channel's slab holds the whole batch
+            v, G, P, C, Q = spec.shape
+            N = SYMBOLIC if G == SYMBOLIC else v * G
+        else:
+            N, P, C, Q = spec.shape
         plain = -(-Q // stat) <= PLAIN_M2_MAX
         bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=stat, stat_plain_m2=plain)
         slab = 4 * int(P) * int(Q)                  # bytes of one sample of one channel
@@ -117,6 +121,13 @@ GHOST_GROUP_PASSES = True
 GHOST_PREFETCH = True
 GHOST_STATS_PREFETCH = True
 GHOST_ROW_PREFETCH = True
+# ghost BN channel first on _channel_first_lanes (lane blocks, ragged lanes, channel groups, the group loop
+# outside each group's statistics) wherever it applies to plain BN; else the generic rule below. Measured
+# (2 threads, AMD EPYC znver4, AVX-512, L2 1 MB), ghost (v = 4) / plain: bench_kernels' settled rounds, inputs
+# rotated, NCHW 64x256x14x14 1.58 -> 0.95-0.97, 64x512x7x7 1.67-1.80 -> 0.99-1.20; in-process A/B, x in
+# cache, 16x512x7x7 free batch 1.72 -> 1.04-1.06 (with the group loop inside the task's statistics: 2.0,
+# every per-group buffer a workspace allocation sized by the batch); 32x64x56x56, 64x128x28x28 unchanged
+GHOST_LANES = True
 GHOST_CHUNK_GROUPS = 8     # ghost channels-last: groups per partial sum of the averages (0: one sum over all)
 GHOST_PLAIN_SUMS = True    # ghost channels-last: groups of at most PLAIN_GROUP_MAX (4) values summed in plain float32
 
@@ -204,14 +215,20 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False, y_la
     of channel c, and the footprint stays about two slabs. ``group`` > 1 (:func:`channel_group`): a task
     per ``group`` adjacent channels, the statistics of a sample's rows of the group in one pass over
     them, the prefetch a group ahead. ``y_lanes``: y's vector (default the statistics lanes; ragged
-    statistics lanes do not divide Q)."""
+    statistics lanes do not divide Q). Ghost BN ((v, G, P, C, Q), statistics per (c, g)): under the task, a
+    loop over the groups holds each group's lane blocks (its v samples' rows), statistics, share of the
+    averages over the groups and, without renorm, its y."""
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     sch.compute_inline(sch.get_sblock("shift"))      # one load of x[0, 0, c, 0] where it is used
-    c, n, pb, j, bi, bq = sch.get_loops("bsum")
+    ghost = spec.ghost
+    if ghost:                                        # statistics (c, g): the v rows of group g's samples
+        c, g, n, pb, j, bi, bq = sch.get_loops("bsum")
+    else:
+        c, n, pb, j, bi, bq = sch.get_loops("bsum")
     sch.reorder(bi, bq, j)
     sch.reverse_compute_at(sch.get_sblock("bm2"), pb, preserve_unit_loops=True)
-    loops = sch.get_loops("bm2")                     # c, n, pb | c', n', pb', j, ci, cq
+    loops = sch.get_loops("bm2")                     # c, [g,] n, pb | c', [g',] n', pb', j, ci, cq
     sch.reorder(loops[-2], loops[-1], loops[-3])
     for b in REDUCTIONS:                             # sum / sqsum over (n, p, lane): partials per lane
         sch.rfactor(sch.get_loops(b)[-1], factor_axis=1)
@@ -219,22 +236,42 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False, y_la
         # a task per group of channels (channel_group); its rows' statistics walk the group's channels
         # innermost, so each sample's rows of the group are read as one contiguous run
         c, ci = sch.split(c, [None, group])
-        sch.reorder(n, pb, ci)
+        sch.reorder(g, n, pb, ci) if ghost else sch.reorder(n, pb, ci)
     movers = [b for b in ("sum_rf", "sum", "mean64", "mean", "sqsum_rf", "sqsum") if b in names or b.endswith("_rf")]
     movers += [b for b in names if b not in movers and b not in ("shift", "bsum", "bm2")]
+    # ghost BN: one group's statistics, its share of the averages over the groups and (without renorm,
+    # whose r reads every group's variance) its scale and y under the group loop: every buffer a task
+    # allocates is then sized by the channels (static: on the task's stack, also for a free batch) and the
+    # per-group work runs on vectors across the task's channels
+    per_group = ("sum_rf", "sum", "mean64", "mean", "sqsum_rf", "sqsum", "var", "batch_offset",
+                 "batch_var") + (() if spec.renorm else ("scale_c", "y"))
+    under_g = []
     for b in movers:
-        sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
+        if ghost and b in per_group:
+            sch.reverse_compute_at(sch.get_sblock(b), g, preserve_unit_loops=True)
+            under_g.append(b)
+        else:
+            sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
     sch.parallel(c)
     for b in ("bsum", "bm2"):
         loops = sch.get_loops(b)
         sch.vectorize(loops[-1])
         sch.decompose_reduction(sch.get_sblock(b), loops[-3])
     for b in ("sum_rf", "sqsum_rf"):
-        loops = sch.get_loops(b)                     # c | lane, c', n, p  (block-iter order)
-        sch.reorder(*loops[2:], loops[1])
+        d = 2 if ghost else 1
+        loops = sch.get_loops(b)                     # c, [g] | lane, c', [g',] n, p  (block-iter order)
+        sch.reorder(*loops[d + 1:], loops[d])
         loops = sch.get_loops(b)
         sch.vectorize(loops[-1])
-        sch.decompose_reduction(sch.get_sblock(b), loops[2])
+        sch.decompose_reduction(sch.get_sblock(b), loops[d + 1])
+    if group > 1:
+        # ghost: a group's per-statistic work in vectors across the task's channels (its loop innermost)
+        for b in [b for b in under_g if not b.endswith("_rf") and b != "y"]:
+            lps = sch.get_loops(b)[2:]
+            ext = [int(sch.get(lp).extent) for lp in lps]
+            k = len(ext) - 1 - ext[::-1].index(group)
+            sch.reorder(*[lp for i, lp in enumerate(lps) if i != k], lps[k])
+            sch.vectorize(lps[k])
     yl = sch.get_loops("y")
     yo, yi = sch.split(yl[-1], [None, y_lanes or int(spec.stat_lanes)])
     sch.vectorize(yi)
@@ -242,7 +279,7 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False, y_la
         ahead = group * int(spec.shape[-1])
         sch.annotate(yo, PREFETCH_ANNOTATION, ahead)
         if STATS_PREFETCH:      # and the second statistics pass of each row (from L1) prefetches its row of c+1
-            sch.annotate(sch.get_loops("bm2_update")[3 + (group > 1)], PREFETCH_ANNOTATION, ahead)
+            sch.annotate(sch.get_loops("bm2_update")[3 + (group > 1) + ghost], PREFETCH_ANNOTATION, ahead)
     return sch
 
 
