@@ -90,14 +90,19 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
     from bncompile.lower.kernels.schedules.cpu import channel_group, ragged_stat_lanes
 
     mach = dataclasses.replace(cpu_machine(), lanes=lanes())     # the target's lanes (inside ``with target``)
-    stat = (BWD_RAGGED_LANES and not spec.ghost and ragged_stat_lanes(q, mach)) or vec
+    stat = (BWD_RAGGED_LANES and (BWD_GHOST_LANES or not spec.ghost) and ragged_stat_lanes(q, mach)) or vec
     if stat >= 8:
         from bncompile.lower.kernels.backward import backward_prim_func
+        from bncompile.lower.kernels.compute import SYMBOLIC
 
         bspec = dataclasses.replace(spec, stat_block=1, stat_lanes=stat)
         group = 1
-        if not spec.ghost and BWD_CHANNEL_GROUPS:
-            N, P, C, Q = spec.shape
+        if BWD_CHANNEL_GROUPS and (BWD_GHOST_LANES or not spec.ghost):
+            if spec.ghost:          # (v, G, P, C, Q): a channel's slabs hold the whole batch
+                v, G, P, C, Q = spec.shape
+                N = SYMBOLIC if G == SYMBOLIC else v * G
+            else:
+                N, P, C, Q = spec.shape
             group = channel_group(int(C), int(P) * int(Q), N, mach)
         return _channel_first_blocked(bspec, backward_prim_func(bspec), group=group, dx_lanes=vec)
     sch = _sched(func)
@@ -132,6 +137,12 @@ BWD_CHANNEL_GROUPS = True
 # ragged statistics lanes as the forward's (cpu.ragged_stat_lanes; backward.py's _blocked_red): 64x512x7x7
 # 1.77 -> 1.20 ms (2.0 -> 1.48x the floor), 64x256x14x14 2.15 -> 1.88 ms (same rounds as above)
 BWD_RAGGED_LANES = True
+# ghost BN as plain BN (ragged lanes, channel groups) with the group loop outside each group's statistics
+# and, without renorm, its dx (_channel_first_blocked). Measured (run_backward_benchmark, 15 settled rounds,
+# AMD EPYC znver4, AVX-512), ghost (v = 4) backward / floor, before -> after: NCHW 64x256x14x14 2.68-3.44 ->
+# 1.70 (plain 1.43-1.47), 64x512x7x7 3.38 -> 1.65 (plain 1.50), 32x64x56x56 1.06 -> 1.02, 64x128x28x28
+# 1.19 -> 1.07; without the group loop 14x14 1.87, 7x7 2.78; without the vectors across channels 1.80, 1.88
+BWD_GHOST_LANES = True
 
 
 def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: int = 0):
@@ -140,7 +151,8 @@ def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: 
     ``bsum``, vectorized over the L lanes, FMAs), folded into the compensated per-lane totals
     (``red_rf``, vectorized over the lanes) once per chunk; then the channel's scalars and its dx,
     while the slab is in L2. ``group`` > 1: a task per ``group`` adjacent channels whose statistics
-    walk each sample's rows of the group in one run (``cpu.channel_group``)."""
+    walk each sample's rows of the group in one run (``cpu.channel_group``). Ghost BN: a loop over the
+    groups under the task holds each group's blocks, scalars and (without renorm) dx."""
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     nstat = 2 if spec.ghost else 1
@@ -149,12 +161,38 @@ def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: 
     loops = sch.get_loops("red_rf")       # c, [g], lead..., qb, l  (l spatial)
     sch.compute_at(sch.get_sblock("bsum"), loops[-2], preserve_unit_loops=True)
     c = loops[0]
+    g = loops[1] if spec.ghost else None
     if group > 1:
-        loops = sch.get_loops("red_rf")   # c, lead..., qb, l
+        loops = sch.get_loops("red_rf")   # c, [g], lead..., qb, l
         c, ci = sch.split(c, [None, group])
         sch.reorder(*loops[1:-2], ci)
-    _move_all_under(sch, c, [n for n in names if n not in ("shift", "bsum")])
+    movers = [n for n in names if n not in ("shift", "bsum")]
+    under_g = []
+    if g is not None and BWD_GHOST_LANES:
+        # ghost: a group's statistics, coefficients and, without renorm (r, d from every group), its dx and
+        # share of dgamma / dbeta under the group loop: the task's buffers are sized by its channels
+        per_group = {"red", "mean64", "mean", "var", "inv", "suxc", "batch_mean64", "batch_var"}
+        if not spec.renorm:
+            per_group |= {"coef_a", "coef_b", "coef_c", "dx", "dgamma64", "dbeta64"}
+        else:
+            per_group |= {"dbeta64"}
+        for b in movers:
+            if b in per_group:
+                sch.reverse_compute_at(sch.get_sblock(b), g, preserve_unit_loops=True)
+                under_g.append(b)
+            else:
+                sch.reverse_compute_at(sch.get_sblock(b), c, preserve_unit_loops=True)
+    else:
+        _move_all_under(sch, c, movers)
     sch.parallel(c)
+    if group > 1:
+        # ghost: a group's per-statistic work in vectors across the task's channels (its loop innermost)
+        for b in [b for b in under_g if b != "dx"]:
+            lps = sch.get_loops(b)[2:]
+            ext = [int(sch.get(lp).extent) for lp in lps]
+            k = len(ext) - 1 - ext[::-1].index(group)
+            sch.reorder(*[lp for i, lp in enumerate(lps) if i != k], lps[k])
+            sch.vectorize(lps[k])
     sch.vectorize(sch.get_loops("red_rf")[-1])
     bl = sch.get_loops("bsum")            # ... qb | l, j
     sch.reorder(bl[-1], bl[-2])
