@@ -162,14 +162,18 @@ def test_nc_row_blocks_and_short_ghost_groups_match_reference(target, n, c, vari
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("shape", [(5, 64, 14, 14), (3, 32, 17, 17), (4, 48, 3, 10, 10), (6, 256, 7, 7)])
-@pytest.mark.parametrize("variant", ["plain", "renorm", "adjust"])
+@pytest.mark.parametrize("variant", ["plain", "renorm", "adjust", "ghost", "ghost_renorm"])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_channel_groups_match_reference(target, shape, variant, dynamic):
     """Channel-first rows under 3 KB in tasks of several adjacent channels (``channel_group``, forward and
     backward: 14x14 in groups of 4, 17x17 of 3 or 4, 300-value rows of 3, 7x7 of 16 on a 2-CPU host), means
-    1e3 x the spread, AVX-512 and AVX2, against the float64 reference."""
-    kw = {"renorm": {"renorm": True, "renorm_clipping": {"rmax": 1.4, "rmin": 0.6, "dmax": 0.5}},
-          "adjust": {"adjustment": "inputs"}}.get(variant, {})
+    1e3 x the spread, AVX-512 and AVX2, against the float64 reference. Ghost BN (groups of the batch's
+    divisor; a loop over the groups in each task, each group's dx under it without renorm) too."""
+    clip = {"rmax": 1.4, "rmin": 0.6, "dmax": 0.5}
+    kw = {"renorm": {"renorm": True, "renorm_clipping": clip}, "adjust": {"adjustment": "inputs"},
+          "ghost": {"virtual_batch_size": {5: 5, 3: 3, 4: 2, 6: 3}[shape[0]]},
+          "ghost_renorm": {"virtual_batch_size": {5: 5, 3: 3, 4: 2, 6: 3}[shape[0]], "renorm": True,
+                           "renorm_clipping": clip}}.get(variant, {})
     cfg = BatchNormConfig(axis=1, fused=False, **kw)
     k = compile_batchnorm(cfg, ((None,) + shape[1:]) if dynamic else shape, gradients=True, target=target)
     adj_shapes = None
@@ -177,3 +181,41 @@ def test_channel_groups_match_reference(target, shape, variant, dynamic):
         a = tuple(d if i == 1 else 1 for i, d in enumerate(shape))
         adj_shapes = (a, a)
     _check_kernel(k, cfg, shape, adj_shapes, 1e3, sum(shape))
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_ghost_backward_group_loop(renorm):
+    """Ghost BN backward, channel first on short rows: the blocked reduction of ``_channel_first_blocked``
+    (not the generic rule), the group loop under each task holding the group's scalars and, without
+    renorm (whose r and d read every group), its dx; exact against the float64 reference."""
+    import re
+
+    from bncompile.lower import targets
+    from bncompile.lower.kernels import backward, schedules
+
+    kw = {"renorm": True, "renorm_clipping": {"rmax": 1.4, "dmax": 0.5}} if renorm else {}
+    cfg = BatchNormConfig(axis=1, fused=False, virtual_batch_size=2, **kw)
+    k = compile_batchnorm(cfg, (None, 64, 14, 14), gradients=True)     # blocked on every host (>= 8 lanes)
+    assert k.backward_schedule == "bwd_cpu_channel_first"
+    _, sch = schedules.schedule_backward(k.spec, backward.backward_prim_func(k.spec),
+                                         target=targets.target_dict("llvm"))
+    script = sch.mod.script()
+    assert 'T.sblock("bsum_update")' in script           # the blocked reduction
+
+    def loops(block):
+        lines = script.splitlines()
+        at = next(i for i, line in enumerate(lines) if f'T.sblock("{block}")' in line)
+        indent, out = len(lines[at]) - len(lines[at].lstrip()), []
+        for line in reversed(lines[:at]):
+            ind = len(line) - len(line.lstrip())
+            if ind < indent and line.lstrip().startswith("for "):
+                out.append(re.match(r"\s*for (.+?) in ", line).group(1))
+                indent = ind
+        return out[::-1]
+
+    group = loops("red_rf_update")[:2]
+    for b in ("var", "inv") + (() if renorm else ("coef_a", "dx")):
+        assert loops(b)[:2] == group, b
+    if renorm:
+        assert loops("dx")[:2] != group
+    _check_kernel(k, cfg, (6, 64, 14, 14), None, 1e3, 3)
