@@ -555,3 +555,49 @@ def test_channel_group_follows_row_bytes_cpus_and_l2(monkeypatch):
     assert cpu.channel_group(7, 196, None, mach) == 1            # no divisor reaches 3 KB with tasks left
     monkeypatch.setattr(cpu, "CHANNEL_GROUP_MIN_BYTES", 0)
     assert cpu.channel_group(256, 196, None, mach) == 1
+
+
+@pytest.mark.parametrize("target", ["llvm", "llvm:haswell"] if X86 else ["llvm"])
+@pytest.mark.parametrize("shape", [(6, 64, 7, 7), (5, 32, 14, 14), (3, 48, 10, 10), (4, 96, 6, 6), (2, 48, 17, 17)])
+@pytest.mark.parametrize("variant", ["plain", "renorm", "adjust"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_y_runs_match_reference(monkeypatch, target, shape, variant, dynamic):
+    """y of a task's channel group in runs of whole vectors across its channels' rows (``y_run_lanes``: rows
+    of 49, 196, 100 or 36 values, no multiple of the lanes, in groups whose runs are; 17x17's groups of 3
+    are not, and x-shaped adjustment inputs keep the row vectors too): y and the updated variables against
+    the float64 reference, means 1e3 x the spread (the terms are per-(c, q) copies, y keeps
+    ``((x - K) - mean) * A + B``)."""
+    from bncompile.lower import targets
+    from bncompile.lower.kernels import clear_cache
+    from bncompile.lower.kernels.schedules import cpu
+
+    monkeypatch.setattr(cpu, "host_cpus", lambda: 2)        # the channel groups of a 2-CPU host, on any host
+    clear_cache()
+    kw = {"renorm": {"renorm": True, "renorm_clipping": {"rmax": 1.4, "rmin": 0.6, "dmax": 0.5}},
+          "adjust": {"adjustment": "inputs"}}.get(variant, {})
+    cfg = BatchNormConfig(axis=1, momentum=0.0, fused=False, **kw)
+    kshape = ((None,) + shape[1:]) if dynamic else shape
+    tdict = targets.target_dict(target)
+    mach = M.cpu_machine(tdict)
+    spec = make_spec(cfg, kshape)
+    name, sch = schedule(spec, prim_func(spec), target=tdict, machine=mach)
+    q = shape[2] * shape[3]
+    group = cpu.channel_group(shape[1], q, kshape[0], mach)
+    runs = cpu.y_run_lanes(spec, group, cpu._vector_factor(q, mach.lanes), mach)
+    assert name == "cpu_channel_first" and bool(runs) == (shape[2] != 17 and variant != "adjust")   # x-shaped: rows
+    assert ('T.sblock("y_terms")' in sch.mod.script()) == bool(runs)
+    rng = np.random.default_rng(sum(shape))
+    x = (1e3 + rng.standard_normal(shape)).astype(np.float32)
+    feeds = {"x": x}
+    if variant == "adjust":
+        a = (1, shape[1], 1, 1)
+        feeds.update(adjustment_scale=rng.uniform(0.5, 1.5, a).astype(np.float32),
+                     adjustment_bias=rng.normal(0, 0.5, a).astype(np.float32))
+    out = compile_batchnorm(cfg, kshape, target=target).run(feeds)
+    clear_cache()
+    adj = (feeds["adjustment_scale"], feeds["adjustment_bias"]) if variant == "adjust" else None
+    ref = batchnorm(cfg, x.astype(np.float64), training=True, adjustment=adj)
+    np.testing.assert_allclose(out["y"], ref.y, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(ref.y).max())))
+    for n, v in ref.variables.items():
+        np.testing.assert_allclose(out[n + "_new"], v, rtol=2e-6, atol=2e-6 * max(1.0, float(np.abs(v).max())),
+                                   err_msg=n)

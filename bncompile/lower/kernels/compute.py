@@ -79,6 +79,7 @@ class KernelSpec:
     stat_lanes: int = 1          # ... and interleaved lanes of Q per row
     stat_plain_m2: bool = False  # ... block sums of squares in plain float32 (short blocks: _blocked_statistics)
     stat_rows: int = 1           # ... and samples per block (>1: sample blocks, the batch cut in blocks of R)
+    y_expand: bool = False       # y from per-(c, [g,] q) copies of its per-channel terms (see batchnorm_te)
 
     @property
     def ghost(self) -> bool:
@@ -482,8 +483,30 @@ def batchnorm_te(spec: KernelSpec):
         b = te.compute(cshape, lambda *c: bias_expr(c, adj["adjustment_scale"][c] if chan else None,
                                                     adj["adjustment_bias"][c] if chan else None),
                        name="bias_c")
-        y = te.compute(shape, lambda *i: (((f32(x[i]) - shift[sidx(i)]) - mean[sidx(i)]) * a[sidx(i)]
-                                          + b[cidx(i)]).astype(spec.dtype), name="y")
+        if spec.y_expand:
+            # a schedule's request ((N, P, C, Q) or ghost (v, G, P, C, Q)): y's per-channel (and group)
+            # terms copied along Q, so that y can walk a run of several channels' rows (C x Q contiguous
+            # values) in whole vectors, each lane loading its own channel's terms (rows of 49 or 196 values
+            # are no multiple of a register)
+            if spec.kinds not in ("RRCR", "RGRCR"):
+                raise ValueError(f"y_expand needs a (N, P, C, Q) or (v, G, P, C, Q) view, not {spec.kinds}")
+            Q_ = shape[-1]
+            # one block for the four (a one-term sum of each: 0 + v is v), so that the copy of the shift
+            # (which reads only x) is placed with the statistics it goes with, not over every channel
+            one = te.reduce_axis((0, 1), name="one")
+            copy = te.comm_reducer(lambda u, w: tuple(u[k] + w[k] for k in range(4)),
+                                   lambda *dts: tuple(tirx.const(0, d) for d in dts), name="copy4")
+            terms = te.compute(sshape + (Q_,), lambda *sq: copy((shift[sq[:-1]], mean[sq[:-1]], a[sq[:-1]],
+                                                                 b[sq[:nc]]), axis=one), name="y_terms")
+
+            def y_run(*i):
+                t = sidx(i) + (i[-1],)
+                return (((f32(x[i]) - terms[0][t]) - terms[1][t]) * terms[2][t] + terms[3][t]).astype(spec.dtype)
+
+            y = te.compute(shape, y_run, name="y")
+        else:
+            y = te.compute(shape, lambda *i: (((f32(x[i]) - shift[sidx(i)]) - mean[sidx(i)]) * a[sidx(i)]
+                                              + b[cidx(i)]).astype(spec.dtype), name="y")
     outputs = [y] + [outputs_vars[n] for n in spec.updated_names()]
     return inputs, outputs
 
