@@ -164,11 +164,17 @@ def test_nc_row_blocks_and_short_ghost_groups_match_reference(target, n, c, vari
 @pytest.mark.parametrize("shape", [(5, 64, 14, 14), (3, 32, 17, 17), (4, 48, 3, 10, 10), (6, 256, 7, 7)])
 @pytest.mark.parametrize("variant", ["plain", "renorm", "adjust", "ghost", "ghost_renorm"])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_channel_groups_match_reference(target, shape, variant, dynamic):
+def test_channel_groups_match_reference(monkeypatch, target, shape, variant, dynamic):
     """Channel-first rows under 3 KB in tasks of several adjacent channels (``channel_group``, forward and
     backward: 14x14 in groups of 4, 17x17 of 3 or 4, 300-value rows of 3, 7x7 of 16 on a 2-CPU host), means
     1e3 x the spread, AVX-512 and AVX2, against the float64 reference. Ghost BN (groups of the batch's
-    divisor; a loop over the groups in each task, each group's dx under it without renorm) too."""
+    divisor; a loop over the groups in each task, each group's dx under it without renorm) too. The groups
+    of a 2-CPU host on any host; y and dx of 14x14 and 7x7 in runs across each group's rows."""
+    from bncompile.lower.kernels import clear_cache
+    from bncompile.lower.kernels.schedules import cpu
+
+    monkeypatch.setattr(cpu, "host_cpus", lambda: 2)
+    clear_cache()
     clip = {"rmax": 1.4, "rmin": 0.6, "dmax": 0.5}
     kw = {"renorm": {"renorm": True, "renorm_clipping": clip}, "adjust": {"adjustment": "inputs"},
           "ghost": {"virtual_batch_size": {5: 5, 3: 3, 4: 2, 6: 3}[shape[0]]},
@@ -181,17 +187,23 @@ def test_channel_groups_match_reference(target, shape, variant, dynamic):
         a = tuple(d if i == 1 else 1 for i, d in enumerate(shape))
         adj_shapes = (a, a)
     _check_kernel(k, cfg, shape, adj_shapes, 1e3, sum(shape))
+    clear_cache()
 
 
 @pytest.mark.parametrize("renorm", [False, True])
-def test_ghost_backward_group_loop(renorm):
+def test_ghost_backward_group_loop(monkeypatch, renorm):
     """Ghost BN backward, channel first on short rows: the blocked reduction of ``_channel_first_blocked``
     (not the generic rule), the group loop under each task holding the group's scalars and, without
-    renorm (whose r and d read every group), its dx; exact against the float64 reference."""
+    renorm (whose r and d read every group), its dx, in runs of whole vectors across the task's channel
+    group (``dx_terms``: tasks of 4 channels, as on a 2-CPU host); exact against the float64 reference."""
     import re
 
     from bncompile.lower import targets
-    from bncompile.lower.kernels import backward, schedules
+    from bncompile.lower.kernels import backward, clear_cache, schedules
+    from bncompile.lower.kernels.schedules import cpu
+
+    monkeypatch.setattr(cpu, "host_cpus", lambda: 2)
+    clear_cache()
 
     kw = {"renorm": True, "renorm_clipping": {"rmax": 1.4, "dmax": 0.5}} if renorm else {}
     cfg = BatchNormConfig(axis=1, fused=False, virtual_batch_size=2, **kw)
@@ -201,6 +213,7 @@ def test_ghost_backward_group_loop(renorm):
                                          target=targets.target_dict("llvm"))
     script = sch.mod.script()
     assert 'T.sblock("bsum_update")' in script           # the blocked reduction
+    assert ('T.sblock("dx_terms")' in script) == (not renorm)
 
     def loops(block):
         lines = script.splitlines()
@@ -219,3 +232,4 @@ def test_ghost_backward_group_loop(renorm):
     if renorm:
         assert loops("dx")[:2] != group
     _check_kernel(k, cfg, (6, 64, 14, 14), None, 1e3, 3)
+    clear_cache()

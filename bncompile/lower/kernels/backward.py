@@ -312,7 +312,23 @@ def backward_te(spec: KernelSpec):
         u = d * adj["adjustment_scale"][i] if full else d
         return (xc * cb[s] + (u * ca[s] + cc[s])).astype(spec.dtype)
 
-    dx = te.compute(shape, dx_expr, name="dx")
+    if spec.y_expand and not full:
+        # a schedule's request, as the forward's y (compute.py): dx's per-statistic terms copied along Q in
+        # one block, so that dx walks a run of several channels' rows in whole vectors
+        one = te.reduce_axis((0, 1), name="one")
+        copy = te.comm_reducer(lambda a_, b_: tuple(a_[k] + b_[k] for k in range(5)),
+                               lambda *dts: tuple(tirx.const(0, d) for d in dts), name="copy5")
+        terms = te.compute(sshape + (rshape[-1],), lambda *sq: copy(
+            tuple(t[sq[:-1]] for t in (shift, mean, ca, cb, cc)), axis=one), name="dx_terms")
+
+        def dx_run(*i):
+            t = sidx(i) + (i[-1],)
+            xc = (f32(x[i]) - terms[0][t]) - terms[1][t]
+            return (xc * terms[3][t] + (f32(dy[i]) * terms[2][t] + terms[4][t])).astype(spec.dtype)
+
+        dx = te.compute(shape, dx_run, name="dx")
+    else:
+        dx = te.compute(shape, dx_expr, name="dx")
     outputs = [dx]
 
     def gterm(s):              # the per-group contribution to dgamma

@@ -87,7 +87,7 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
         return None
     q = int(spec.shape[-1])
     vec = _vector_factor(q, lanes())
-    from bncompile.lower.kernels.schedules.cpu import channel_group, ragged_stat_lanes
+    from bncompile.lower.kernels.schedules.cpu import channel_group, ragged_stat_lanes, y_run_lanes
 
     mach = dataclasses.replace(cpu_machine(), lanes=lanes())     # the target's lanes (inside ``with target``)
     stat = (BWD_RAGGED_LANES and (BWD_GHOST_LANES or not spec.ghost) and ragged_stat_lanes(q, mach)) or vec
@@ -104,7 +104,10 @@ def bwd_cpu_channel_first(spec: KernelSpec, func):
             else:
                 N, P, C, Q = spec.shape
             group = channel_group(int(C), int(P) * int(Q), N, mach)
-        return _channel_first_blocked(bspec, backward_prim_func(bspec), group=group, dx_lanes=vec)
+        run = BWD_DX_RUNS and y_run_lanes(spec, group, vec, mach)
+        if run:
+            bspec = dataclasses.replace(bspec, y_expand=True)
+        return _channel_first_blocked(bspec, backward_prim_func(bspec), group=group, dx_lanes=run or vec)
     sch = _sched(func)
     names = _inline_parameter_only(sch, _blocks(sch))
     nstat = 2 if spec.ghost else 1
@@ -143,6 +146,10 @@ BWD_RAGGED_LANES = True
 # 1.70 (plain 1.43-1.47), 64x512x7x7 3.38 -> 1.65 (plain 1.50), 32x64x56x56 1.06 -> 1.02, 64x128x28x28
 # 1.19 -> 1.07; without the group loop 14x14 1.87, 7x7 2.78; without the vectors across channels 1.80, 1.88
 BWD_GHOST_LANES = True
+# dx of channel groups in runs across the group's rows, as the forward's y (cpu.y_run_lanes). Measured
+# (run_backward_benchmark, 15 settled rounds, znver4), backward / floor before -> after: NCHW 64x512x7x7 plain
+# 1.54 -> 1.13, ghost 1.78 -> 1.46; 64x256x14x14 plain 1.32 -> 0.95, ghost 1.31 -> 1.09
+BWD_DX_RUNS = True
 
 
 def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: int = 0):
@@ -173,7 +180,7 @@ def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: 
         # share of dgamma / dbeta under the group loop: the task's buffers are sized by its channels
         per_group = {"red", "mean64", "mean", "var", "inv", "suxc", "batch_mean64", "batch_var"}
         if not spec.renorm:
-            per_group |= {"coef_a", "coef_b", "coef_c", "dx", "dgamma64", "dbeta64"}
+            per_group |= {"coef_a", "coef_b", "coef_c", "dx_terms", "dx", "dgamma64", "dbeta64"}
         else:
             per_group |= {"dbeta64"}
         for b in movers:
@@ -187,7 +194,7 @@ def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: 
     sch.parallel(c)
     if group > 1:
         # ghost: a group's per-statistic work in vectors across the task's channels (its loop innermost)
-        for b in [b for b in under_g if b != "dx"]:
+        for b in [b for b in under_g if b not in ("dx", "dx_terms")]:
             lps = sch.get_loops(b)[2:]
             ext = [int(sch.get(lp).extent) for lp in lps]
             k = len(ext) - 1 - ext[::-1].index(group)
@@ -201,7 +208,11 @@ def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: 
     sch.decompose_reduction(sch.get_sblock("bsum"), bl[-2])
     loops = sch.get_loops("red_rf")
     sch.decompose_reduction(sch.get_sblock("red_rf"), loops[nstat])
-    _, di = sch.split(sch.get_loops("dx")[-1], [None, dx_lanes or int(spec.stat_lanes)])
+    dl = sch.get_loops("dx")
+    if spec.y_expand:       # each sample's run of the task's group x Q values (contiguous), dx_lanes at a time
+        _, di = sch.split(sch.fuse(dl[-2], dl[-1]), [None, dx_lanes])
+    else:
+        _, di = sch.split(dl[-1], [None, dx_lanes or int(spec.stat_lanes)])
     sch.vectorize(di)
     return sch
 
