@@ -19,6 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 from bncompile.config import BatchNormConfig  # noqa: E402
 from bncompile.reference import batchnorm_backward  # noqa: E402
 from helpers.bn_cases import training_step_inputs  # noqa: E402
+from helpers.tir_script import loop_vars_of  # noqa: E402
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -196,8 +197,6 @@ def test_ghost_backward_group_loop(monkeypatch, renorm):
     (not the generic rule), the group loop under each task holding the group's scalars and, without
     renorm (whose r and d read every group), its dx, in runs of whole vectors across the task's channel
     group (``dx_terms``: tasks of 4 channels, as on a 2-CPU host); exact against the float64 reference."""
-    import re
-
     from bncompile.lower import targets
     from bncompile.lower.kernels import backward, clear_cache, schedules
     from bncompile.lower.kernels.schedules import cpu
@@ -215,21 +214,10 @@ def test_ghost_backward_group_loop(monkeypatch, renorm):
     assert 'T.sblock("bsum_update")' in script           # the blocked reduction
     assert ('T.sblock("dx_terms")' in script) == (not renorm)
 
-    def loops(block):
-        lines = script.splitlines()
-        at = next(i for i, line in enumerate(lines) if f'T.sblock("{block}")' in line)
-        indent, out = len(lines[at]) - len(lines[at].lstrip()), []
-        for line in reversed(lines[:at]):
-            ind = len(line) - len(line.lstrip())
-            if ind < indent and line.lstrip().startswith("for "):
-                out.append(re.match(r"\s*for (.+?) in ", line).group(1))
-                indent = ind
-        return out[::-1]
-
-    group = loops("red_rf_update")[:2]
+    group = loop_vars_of(script, "red_rf_update")[:2]
     for b in ("var", "inv") + (() if renorm else ("coef_a", "dx")):
-        assert loops(b)[:2] == group, b
+        assert loop_vars_of(script, b)[:2] == group, b
     if renorm:
-        assert loops("dx")[:2] != group
+        assert loop_vars_of(script, "dx")[:2] != group
     _check_kernel(k, cfg, (6, 64, 14, 14), None, 1e3, 3)
     clear_cache()

@@ -27,6 +27,7 @@ from bncompile.lower.kernels.schedules import machine as M  # noqa: E402
 from bncompile.lower.kernels.schedules import schedule  # noqa: E402
 from bncompile.lower.kernels.schedules.cpu import ROW_GROUP, sample_block_rows  # noqa: E402
 from bncompile.reference import batchnorm  # noqa: E402
+from helpers.tir_script import enclosing_loops, loop_vars_of  # noqa: E402
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 HASWELL = {"kind": "llvm", "mcpu": "haswell"} if X86 else "llvm"
@@ -239,7 +240,7 @@ def test_sample_blocks_wide_rows_use_row_groups():
     assert "T.vectorized(32)" in script
     ahead = STATS_PREFETCH_BYTES // 4
     assert script.count("bncompile_prefetch_x") == 1
-    assert any(f'"bncompile_prefetch_x": {ahead}' in line for line in _enclosing_loops(script, "bsum_update"))
+    assert any(f'"bncompile_prefetch_x": {ahead}' in line for line in enclosing_loops(script, "bsum_update"))
 
 
 @pytest.mark.skipif(not X86, reason="prefetch instructions are checked in x86 assembly")
@@ -273,7 +274,7 @@ def test_ghost_channels_last_prefetches_next_group_rows(shape, prefetch):
     assert name == "cpu_channels_last_ghost"
     row = int(np.prod(shape[1:]))
     assert any(f'"bncompile_prefetch_x": {row}' in line
-               for line in _enclosing_loops(script, "sum_update")) == prefetch
+               for line in enclosing_loops(script, "sum_update")) == prefetch
     full = (12,) + shape[1:]
     x = (20.0 + 3.0 * np.random.default_rng(row).standard_normal(full)).astype(np.float32)
     out = compile_batchnorm(cfg, shape).run({"x": x})
@@ -307,9 +308,9 @@ def test_ghost_channels_last_chunked_averages(kshape, n, v, renorm):
     script = sch.mod.script()
     assert ("batch_var_rf" in script) == (not stripes and (G is None or G > GHOST_CHUNK_GROUPS))
     if stripes:     # one loop nest: the stripe's task (parallel), its group loop, the averages' sums in it
-        outer = _enclosing_loops(script, "batch_var_update")
+        outer = enclosing_loops(script, "batch_var_update")
         assert "T.parallel" in outer[0] and "T.parallel" not in "".join(outer[1:])
-        assert _enclosing_loops(script, "sum_update")[:2] == outer[:2]
+        assert enclosing_loops(script, "sum_update")[:2] == outer[:2]
     x = (40.0 + 3.0 * np.random.default_rng(n).standard_normal((n,) + kshape[1:])).astype(np.float32)
     out = compile_batchnorm(cfg, kshape).run({"x": x})
     ref = batchnorm(cfg, x.astype(np.float64), training=True)
@@ -336,26 +337,6 @@ def test_ghost_channels_last_stats_group_major():
         np.testing.assert_allclose(out[n + "_new"], v, rtol=1e-5, atol=1e-6, err_msg=n)
 
 
-def _enclosing_loops(script: str, block: str) -> list[str]:
-    """The ``for`` lines enclosing the first ``T.sblock(block)`` of a scheduled script, outermost first."""
-    lines = script.splitlines()
-    at = next(i for i, line in enumerate(lines) if f'T.sblock("{block}")' in line)
-    indent, out = len(lines[at]) - len(lines[at].lstrip()), []
-    for line in reversed(lines[:at]):
-        ind = len(line) - len(line.lstrip())
-        if ind < indent and line.lstrip().startswith("for "):
-            out.append(line)
-            indent = ind
-    return out[::-1]
-
-
-def _loop_vars_of(script: str, block: str) -> list[str]:
-    """The loop variables enclosing the first ``T.sblock(block)``, outermost first."""
-    import re
-
-    return [re.match(r"\s*for (.+?) in ", line).group(1) for line in _enclosing_loops(script, block)]
-
-
 @pytest.mark.parametrize("lanes", [True, False])
 @pytest.mark.parametrize("renorm", [False, True])
 def test_ghost_channel_first_group_passes(monkeypatch, renorm, lanes):
@@ -376,18 +357,18 @@ def test_ghost_channel_first_group_passes(monkeypatch, renorm, lanes):
     script = sch.mod.script()
     assert name == "cpu_channel_first" and "T.where" not in script
     if lanes:       # the task's loop, then the group loop over the lane blocks of the group's rows
-        group = _loop_vars_of(script, "bsum_update")[:2]
+        group = loop_vars_of(script, "bsum_update")[:2]
         per_group = ("sum_rf_update", "sqsum_rf_update", "var", "batch_offset", "batch_var")
     else:
-        group = _loop_vars_of(script, "shift")          # c, g
+        group = loop_vars_of(script, "shift")          # c, g
         per_group = ("sum_rf_update", "sqsum_rf_update", "var")
     assert len(group) == 2
     for b in per_group + (() if renorm else ("scale_c", "y")):
-        assert _loop_vars_of(script, b)[:2] == group, b
+        assert loop_vars_of(script, b)[:2] == group, b
     if renorm:      # r (every group's variance) scales y: y after the group loop, in the channel's task
-        assert _loop_vars_of(script, "y")[:2] != group
+        assert loop_vars_of(script, "y")[:2] != group
     assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2    # y and the second pass
-    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "sqsum_rf_update"
+    assert any("bncompile_prefetch_x" in line for line in enclosing_loops(script, "sqsum_rf_update"
                                                                            if not lanes else "bm2_update"))
     x = (5.0 + np.random.default_rng(1).standard_normal((6, 4, 16, 16))).astype(np.float32)
     out = compile_batchnorm(cfg, (None, 4, 16, 16)).run({"x": x})
@@ -409,7 +390,7 @@ def test_channel_first_prefetches_next_channel_in_stats_and_y():
     script = sch.mod.script()
     assert name == "cpu_channel_first"
     assert script.count('annotations={"bncompile_prefetch_x": 256}') == 2
-    assert any("bncompile_prefetch_x" in line for line in _enclosing_loops(script, "bm2_update"))
+    assert any("bncompile_prefetch_x" in line for line in enclosing_loops(script, "bm2_update"))
 
 
 def _lambda_ir(ll: str) -> str:
