@@ -83,6 +83,19 @@ def _inline_parameter_only(sch, names: list[str], keep=("shift",)) -> list[str]:
     return out
 
 
+def vectorize_across_group(sch, blocks, group: int, depth: int = 2) -> None:
+    """Vectorize each of ``blocks`` (per-statistic work under a task's loops: ``depth`` loops, e.g. the
+    task's and ghost BN's group loop) across the task's ``group`` channels, their loop moved innermost.
+    The loops below follow the block's iters, (c, g') or, for a lane reduction, (lane, c, g'): the channel
+    loop is the last one of the group's extent (the lanes may have the same extent)."""
+    for b in blocks:
+        lps = sch.get_loops(b)[depth:]
+        ext = [int(sch.get(lp).extent) for lp in lps]
+        k = len(ext) - 1 - ext[::-1].index(group)
+        sch.reorder(*[lp for i, lp in enumerate(lps) if i != k], lps[k])
+        sch.vectorize(lps[k])
+
+
 # --------------------------------------------------------------------------- CPU
 
 

@@ -45,7 +45,7 @@ from bncompile.lower.kernels.backward import LANE_BLOCK
 from bncompile.lower.kernels.compute import KernelSpec
 from bncompile.lower.kernels.schedules.machine import cpu_machine
 from bncompile.lower.kernels.schedules._common import (GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, _rows_pass, _blocks, _inline_parameter_only, _sched,
-                                                      _vector_factor, _vectorize_channels)
+                                                      _vector_factor, _vectorize_channels, vectorize_across_group)
 
 Y_TASK_BYTES = 128 * 1024
 PARTIALS_MIN_ROWS = 64          # channels-last: below this many rows per sample, stripes beat per-sample partials
@@ -192,14 +192,8 @@ def _channel_first_blocked(spec: KernelSpec, func, *, group: int = 1, dx_lanes: 
     else:
         _move_all_under(sch, c, movers)
     sch.parallel(c)
-    if group > 1:
-        # ghost: a group's per-statistic work in vectors across the task's channels (its loop innermost)
-        for b in [b for b in under_g if b not in ("dx", "dx_terms")]:
-            lps = sch.get_loops(b)[2:]
-            ext = [int(sch.get(lp).extent) for lp in lps]
-            k = len(ext) - 1 - ext[::-1].index(group)
-            sch.reorder(*[lp for i, lp in enumerate(lps) if i != k], lps[k])
-            sch.vectorize(lps[k])
+    if group > 1:   # ghost: a group's per-statistic work in vectors across the task's channels
+        vectorize_across_group(sch, [b for b in under_g if b not in ("dx", "dx_terms")], group)
     sch.vectorize(sch.get_loops("red_rf")[-1])
     bl = sch.get_loops("bsum")            # ... qb | l, j
     sch.reorder(bl[-1], bl[-2])

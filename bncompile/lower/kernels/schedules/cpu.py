@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bncompile.lower import tvm as _tvm
 from bncompile.lower.kernels.compute import PLAIN_GROUP_MAX, PLAIN_M2_MAX, KernelSpec
-from bncompile.lower.kernels.schedules._common import (PREFETCH_ANNOTATION, GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, host_cpus, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
+from bncompile.lower.kernels.schedules._common import (PREFETCH_ANNOTATION, GHOST_WALK_MAX_VALUES, _channel_vectors_over_groups, _per_sample_partials, ghost_stripe_schedule, host_cpus, vectorize_across_group, _rows_pass, _vectorize_channels, REDUCTIONS, _blocks, _divisor, _inline_parameter_only, _sched,
                                                        _vector_factor, log, MIN_REGISTER_LANES)
 from bncompile.lower.kernels.schedules.machine import CpuMachine, cpu_machine
 
@@ -267,14 +267,8 @@ def _channel_first_lanes(spec: KernelSpec, func, *, prefetch: bool = False, y_la
         loops = sch.get_loops(b)
         sch.vectorize(loops[-1])
         sch.decompose_reduction(sch.get_sblock(b), loops[d + 1])
-    if group > 1:
-        # ghost: a group's per-statistic work in vectors across the task's channels (its loop innermost)
-        for b in [b for b in under_g if not b.endswith("_rf") and b not in ("y", "y_terms")]:
-            lps = sch.get_loops(b)[2:]
-            ext = [int(sch.get(lp).extent) for lp in lps]
-            k = len(ext) - 1 - ext[::-1].index(group)
-            sch.reorder(*[lp for i, lp in enumerate(lps) if i != k], lps[k])
-            sch.vectorize(lps[k])
+    if group > 1:   # ghost: a group's per-statistic work in vectors across the task's channels
+        vectorize_across_group(sch, [b for b in under_g if not b.endswith("_rf") and b not in ("y", "y_terms")], group)
     yl = sch.get_loops("y")
     if spec.y_expand:
         # y over each sample's run of the task's group x Q values (contiguous), in vectors of y_lanes
