@@ -42,7 +42,7 @@ import math
 
 import numpy as np
 
-from bncompile.lower.kernels.compute import (SHIFT_MASK, STAT, WIDE, KernelSpec, _coarse, te_shapes,
+from bncompile.lower.kernels.compute import (SHIFT_MASK, STAT, WIDE, KernelSpec, _coarse, plain_sums, te_shapes,
                                               widen_to_stat)
 from bncompile.lower.kernels.masking import keep_where
 
@@ -104,12 +104,6 @@ def compensated_sums(te, tirx, pairs: int):
         register(2 * pairs, *getters)
         _REGISTERED.add(pairs)
     return te.comm_reducer(combine, identity, name=f"ksum{pairs}")
-
-
-def plain_sums(te, tirx, n: int, name: str):
-    """A TE reducer of ``n`` plain float32 sums (for short blocks: see :func:`_blocked_red`)."""
-    return te.comm_reducer(lambda a, b: tuple(a[k] + b[k] for k in range(n)),
-                           lambda *dts: tuple(tirx.const(0, d) for d in dts), name=f"{name}{n}")
 
 
 def backward_te(spec: KernelSpec):
@@ -316,8 +310,7 @@ def backward_te(spec: KernelSpec):
         # a schedule's request, as the forward's y (compute.py): dx's per-statistic terms copied along Q in
         # one block, so that dx walks a run of several channels' rows in whole vectors
         one = te.reduce_axis((0, 1), name="one")
-        copy = te.comm_reducer(lambda a_, b_: tuple(a_[k] + b_[k] for k in range(5)),
-                               lambda *dts: tuple(tirx.const(0, d) for d in dts), name="copy5")
+        copy = plain_sums(te, tirx, 5, "copy")
         terms = te.compute(sshape + (rshape[-1],), lambda *sq: copy(
             tuple(t[sq[:-1]] for t in (shift, mean, ca, cb, cc)), axis=one), name="dx_terms")
 

@@ -494,8 +494,7 @@ def batchnorm_te(spec: KernelSpec):
             # one block for the four (a one-term sum of each: 0 + v is v), so that the copy of the shift
             # (which reads only x) is placed with the statistics it goes with, not over every channel
             one = te.reduce_axis((0, 1), name="one")
-            copy = te.comm_reducer(lambda u, w: tuple(u[k] + w[k] for k in range(4)),
-                                   lambda *dts: tuple(tirx.const(0, d) for d in dts), name="copy4")
+            copy = plain_sums(te, tirx, 4, "copy")
             terms = te.compute(sshape + (Q_,), lambda *sq: copy((shift[sq[:-1]], mean[sq[:-1]], a[sq[:-1]],
                                                                  b[sq[:nc]]), axis=one), name="y_terms")
 
@@ -509,6 +508,13 @@ def batchnorm_te(spec: KernelSpec):
                                               + b[cidx(i)]).astype(spec.dtype), name="y")
     outputs = [y] + [outputs_vars[n] for n in spec.updated_names()]
     return inputs, outputs
+
+
+def plain_sums(te, tirx, n: int, name: str):
+    """A TE reducer of ``n`` plain float32 sums (short blocks: backward.py's ``_blocked_red``; a one-term
+    sum copies its values into one block: ``y_expand``)."""
+    return te.comm_reducer(lambda a, b: tuple(a[k] + b[k] for k in range(n)),
+                           lambda *dts: tuple(tirx.const(0, d) for d in dts), name=f"{name}{n}")
 
 
 class _Zero:
